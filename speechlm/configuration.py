@@ -1,0 +1,101 @@
+"""SpeechLM configuration: the encoder's config + the decoder's config + the few settings that join them."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+
+AUDIO_LAYOUTS = ("prefix", "placeholder")
+
+
+class SpeechLMConfig(PreTrainedConfig):
+    r"""
+    Composition of two registered configs, so any encoder/decoder pair known to `AutoConfig` works.
+
+    Args:
+        audio_config (`dict` or `PreTrainedConfig`): the audio encoder's config (Wav2Vec2, HuBERT, WavLM,
+            Data2VecAudio, Whisper, ...). A Whisper config means "its encoder only".
+        text_config (`dict` or `PreTrainedConfig`): the decoder-only LLM's config. Named `text_config` because
+            transformers' generation utilities look for the text side under that name.
+        projector_hidden_size (`int`): hidden width of the projector MLP.
+        projector_dropout (`float`): dropout on the encoder output before the projector (the seed's
+            `encoder_dropout`).
+        stack_factor (`int`, *optional*): consecutive encoder frames concatenated into one LLM token. `None` picks
+            the smallest factor giving <= 12.5 audio tokens per second for the encoder's frame rate; 1 disables it.
+        audio_layout (`str`): `"prefix"` puts `[audio_start | audio | audio_end | text]`; `"placeholder"` replaces
+            every `audio_token_id` in the text by `[audio_start | audio | audio_end]` (several clips per sample).
+        audio_token_id (`int`): the dedicated `<|audio|>` token (never EOS: peers that reused EOS confused
+            generation).
+        encoder_name_or_path / decoder_name_or_path (`str`): where the base models came from, so a trainable-only
+            checkpoint can be rebuilt on top of them.
+        lora (`dict`, *optional*): LoRA settings applied to the decoder (so loading re-creates the adapters).
+    """
+
+    model_type = "speechlm"
+    sub_configs = {"audio_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        audio_config: dict | PreTrainedConfig | None = None,
+        text_config: dict | PreTrainedConfig | None = None,
+        projector_hidden_size: int = 1024,
+        projector_dropout: float = 0.0,
+        projector_act: str = "gelu",
+        stack_factor: int | None = None,
+        audio_layout: str = "prefix",
+        audio_token_id: int | None = None,
+        encoder_name_or_path: str | None = None,
+        decoder_name_or_path: str | None = None,
+        encoder_loading_kwargs: dict | None = None,
+        decoder_loading_kwargs: dict | None = None,
+        lora: dict | None = None,
+        trainable_only: bool = False,
+        **kwargs,
+    ):
+        audio_config = _as_config(audio_config, "audio_config")
+        text_config = _as_config(text_config, "text_config")
+        if audio_layout not in AUDIO_LAYOUTS:
+            raise ValueError(f"audio_layout must be one of {AUDIO_LAYOUTS}, got {audio_layout!r}")
+        if stack_factor is not None and stack_factor < 1:
+            raise ValueError(f"stack_factor must be >= 1 (1 disables stacking), got {stack_factor}")
+        self.projector_hidden_size = projector_hidden_size
+        self.projector_dropout = projector_dropout
+        self.projector_act = projector_act
+        self.stack_factor = stack_factor
+        self.audio_layout = audio_layout
+        self.audio_token_id = audio_token_id
+        self.encoder_name_or_path = encoder_name_or_path
+        self.decoder_name_or_path = decoder_name_or_path
+        self.encoder_loading_kwargs = encoder_loading_kwargs or {}
+        self.decoder_loading_kwargs = decoder_loading_kwargs or {}
+        self.lora = lora
+        self.trainable_only = trainable_only
+        if text_config is not None:
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                kwargs.setdefault(name, getattr(text_config, name, None))
+            kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        # Assigned after the base init, whose attn_implementation=None would otherwise overwrite the sub-models'.
+        self.audio_config = audio_config
+        self.text_config = text_config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+
+def _as_config(value: dict | PreTrainedConfig | None, name: str) -> PreTrainedConfig | None:
+    if value is None or isinstance(value, PreTrainedConfig):
+        return value
+    if isinstance(value, dict):
+        if "model_type" not in value:
+            raise ValueError(f"{name} needs a 'model_type' to be resolved through AutoConfig, got keys {sorted(value)}")
+        value = dict(value)
+        return AutoConfig.for_model(value.pop("model_type"), **value)
+    raise TypeError(f"{name} must be a dict or a PreTrainedConfig, got {type(value).__name__}")
+
+
+__all__ = ["SpeechLMConfig"]

@@ -1,0 +1,189 @@
+"""Per-family audio encoder adapters: the one home of "any encoder".
+
+Each adapter knows four things about its family: the input kind (`input_values` waveform or `input_features`
+log-mel), its output frame rate, its output lengths (from the encoder's own conv arithmetic, never a guessed
+`len // 320`), and how to run a padded batch so that every clip gets exactly what it would get alone.
+
+Families whose padded batch is exact (padding zeroed and masked everywhere) run batched. Families where padding
+leaks into real frames (group-norm feature encoders normalise over the whole padded length, stacked positional
+convolutions smear padding into the last real frames) run each clip on its real length, grouped by equal length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig
+
+WAVEFORM_SAMPLING_RATE = 16_000
+WHISPER_MEL_FRAMES_PER_SECOND = 100
+
+
+class AudioEncoderAdapter:
+    """Base adapter; subclasses fill in the family specifics."""
+
+    input_name: str = "input_values"
+    exact_batching: bool = True
+
+    def __init__(self, config: PreTrainedConfig):
+        self.config = config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def frame_rate(self) -> float:
+        """Encoder output frames per second of audio."""
+        raise NotImplementedError
+
+    def output_lengths(self, encoder: nn.Module, input_lengths: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def min_input_length(self, encoder: nn.Module) -> int:
+        """Smallest input length (samples or mel frames) that yields one output frame."""
+        length = 1
+        while self.output_lengths(encoder, torch.tensor([length])).item() < 1:
+            length += 1
+        return length
+
+    def max_input_length(self) -> int | None:
+        return None
+
+    def build(self) -> nn.Module:
+        return AutoModel.from_config(self.config)
+
+    def load(self, name_or_path: str, **kwargs) -> nn.Module:
+        return AutoModel.from_pretrained(name_or_path, **kwargs)
+
+    def encode(self, encoder: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, ..., T_in) padded inputs + lengths -> (B, T_out, D); frames past each clip's length are zero."""
+        if self.exact_batching:
+            hidden = self._forward(encoder, inputs, lengths)
+        else:
+            hidden = self._forward_by_length(encoder, inputs, lengths)
+        out_lengths = self.output_lengths(encoder, lengths)
+        frame_mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < out_lengths[:, None]
+        return hidden * frame_mask[..., None].to(hidden.dtype)
+
+    def _forward(self, encoder: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_by_length(self, encoder: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Run clips of equal length together, each trimmed to its real length, then re-pad the outputs."""
+        out_lengths = self.output_lengths(encoder, lengths)
+        outputs = None
+        for length in torch.unique(lengths).tolist():
+            index = (lengths == length).nonzero().squeeze(1)
+            group = inputs.index_select(0, index)[..., :length]
+            hidden = self._forward(encoder, group, lengths.index_select(0, index))
+            if outputs is None:
+                outputs = hidden.new_zeros(inputs.shape[0], int(out_lengths.max()), hidden.shape[-1])
+            outputs[index, : hidden.shape[1]] = hidden
+        return outputs
+
+
+class Wav2Vec2StyleAdapter(AudioEncoderAdapter):
+    """Wav2Vec2 / MMS / HuBERT / WavLM / Data2VecAudio / UniSpeech: raw 16 kHz waveform, conv feature encoder."""
+
+    input_name = "input_values"
+
+    def __init__(self, config: PreTrainedConfig):
+        super().__init__(config)
+        # Group-norm feature encoders (wav2vec2-base) normalise over the padded length and were trained without a
+        # mask; Data2VecAudio's stacked positional convs spread padding into real frames. Both run per length.
+        group_norm = getattr(config, "feat_extract_norm", "layer") == "group"
+        self.uses_attention_mask = not group_norm
+        self.exact_batching = not group_norm and config.model_type != "data2vec-audio"
+
+    @property
+    def frame_rate(self) -> float:
+        stride = 1
+        for s in self.config.conv_stride:
+            stride *= s
+        if getattr(self.config, "add_adapter", False):
+            stride *= self.config.adapter_stride ** self.config.num_adapter_layers
+        return WAVEFORM_SAMPLING_RATE / stride
+
+    def output_lengths(self, encoder: nn.Module, input_lengths: torch.Tensor) -> torch.Tensor:
+        return encoder._get_feat_extract_output_lengths(input_lengths).long()
+
+    def _forward(self, encoder: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = torch.arange(inputs.shape[-1], device=inputs.device)[None, :] < lengths[:, None]
+        inputs = inputs * mask.to(inputs.dtype)
+        attention_mask = mask.long() if self.uses_attention_mask else None
+        return encoder(inputs, attention_mask=attention_mask).last_hidden_state
+
+
+class WhisperStyleAdapter(AudioEncoderAdapter):
+    """Whisper encoder run on the real audio length instead of transformers' mandatory 30 s.
+
+    Padding to 30 s costs 10x compute and 10x audio tokens for a 3 s clip. Here padded mel frames are zeroed
+    before each conv (matching the conv's own zero padding on a single clip) and masked in self-attention, so a
+    padded batch gives each clip exactly its single-clip output.
+    """
+
+    input_name = "input_features"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.d_model
+
+    @property
+    def frame_rate(self) -> float:
+        return WHISPER_MEL_FRAMES_PER_SECOND / 2
+
+    def output_lengths(self, encoder: nn.Module, input_lengths: torch.Tensor) -> torch.Tensor:
+        return torch.div(input_lengths - 1, 2, rounding_mode="floor") + 1
+
+    def max_input_length(self) -> int:
+        return self.config.max_source_positions * 2
+
+    def build(self) -> nn.Module:
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        return WhisperEncoder(self.config)
+
+    def load(self, name_or_path: str, **kwargs) -> nn.Module:
+        from transformers import WhisperModel
+
+        from .converters.ctranslate2 import is_ctranslate2_whisper, load_ctranslate2_whisper
+
+        if is_ctranslate2_whisper(name_or_path):
+            model = load_ctranslate2_whisper(name_or_path, dtype=kwargs.get("dtype") or torch.float32)[2]
+        else:
+            model = WhisperModel.from_pretrained(name_or_path, **kwargs)
+        return model.get_encoder()
+
+    def _forward(self, encoder: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        frames = torch.arange(inputs.shape[-1], device=inputs.device)[None, :] < lengths[:, None]
+        frames = frames[:, None, :].to(inputs.dtype)
+        hidden = nn.functional.gelu(encoder.conv1(inputs * frames)) * frames
+        hidden = nn.functional.gelu(encoder.conv2(hidden)).transpose(1, 2)
+        hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]].to(hidden.dtype)
+        hidden = nn.functional.dropout(hidden, p=encoder.dropout, training=encoder.training)
+
+        valid = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < self.output_lengths(encoder, lengths)[
+            :, None
+        ]
+        attention_mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
+        attention_mask = attention_mask.masked_fill(~valid, torch.finfo(hidden.dtype).min)
+        attention_mask = attention_mask[:, None, None, :].expand(-1, 1, hidden.shape[1], -1)
+        for layer in encoder.layers:
+            if encoder.training and encoder.layerdrop > 0 and torch.rand([]) < encoder.layerdrop:
+                continue
+            hidden = layer(hidden, attention_mask)
+        return encoder.layer_norm(hidden)
+
+
+def encoder_adapter(config: PreTrainedConfig) -> AudioEncoderAdapter:
+    """The adapter for an encoder config; raises a clear error for families we have not verified."""
+    model_type = config.model_type
+    if model_type == "whisper":
+        return WhisperStyleAdapter(config)
+    if hasattr(config, "conv_stride") and hasattr(config, "conv_kernel"):
+        return Wav2Vec2StyleAdapter(config)
+    raise ValueError(
+        f"Unsupported audio encoder family {model_type!r}. Supported: Wav2Vec2/MMS, HuBERT, WavLM, Data2VecAudio, "
+        "UniSpeech(-SAT), SEW and other conv-feature waveform encoders, and Whisper."
+    )

@@ -1,0 +1,142 @@
+"""`create_speech_lm_model`: pretrained encoder + pretrained LLM -> (feature_extractor, tokenizer, SpeechLMModel)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from .configuration import SpeechLMConfig
+from .encoders import encoder_adapter
+from .modeling import SpeechLMModel
+
+AUDIO_TOKEN = "<|audio|>"
+PAD_TOKEN = "<|pad|>"
+_SHARED_LOADING_KEYS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code")
+
+
+def load_encoder(name_or_path: str, **loading_kwargs):
+    """(feature_extractor, encoder module, adapter) for a hub id, a local folder or a CTranslate2 Whisper folder."""
+    from .converters.ctranslate2 import is_ctranslate2_whisper, load_ctranslate2_whisper
+
+    if is_ctranslate2_whisper(name_or_path):
+        feature_extractor, _, whisper = load_ctranslate2_whisper(
+            name_or_path, dtype=loading_kwargs.get("dtype") or torch.float32
+        )
+        encoder = whisper.get_encoder()
+        return feature_extractor, encoder, encoder_adapter(encoder.config)
+    shared = {k: v for k, v in loading_kwargs.items() if k in _SHARED_LOADING_KEYS}
+    config = AutoConfig.from_pretrained(name_or_path, **shared)
+    adapter = encoder_adapter(config)
+    encoder = adapter.load(name_or_path, **loading_kwargs)
+    feature_extractor = AutoFeatureExtractor.from_pretrained(name_or_path, **shared)
+    return feature_extractor, encoder, adapter
+
+
+def load_decoder(name_or_path: str, **loading_kwargs):
+    """(tokenizer, causal LM) for a hub id, a local folder or a GGUF file (`gguf_file=`)."""
+    tokenizer_kwargs = {k: v for k, v in loading_kwargs.items() if k in (*_SHARED_LOADING_KEYS, "gguf_file")}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
+    language_model = AutoModelForCausalLM.from_pretrained(name_or_path, **loading_kwargs)
+    if language_model.config.is_encoder_decoder:
+        raise ValueError(f"{name_or_path} is an encoder-decoder model; SpeechLM needs a decoder-only LLM")
+    return tokenizer, language_model
+
+
+def add_special_tokens(tokenizer, language_model) -> int:
+    """Add `<|audio|>` (and a pad token if missing); resize the embeddings only when the vocab grew past them."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
+        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    language_model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+
+
+def create_speech_lm_model(
+    encoder_name: str,
+    decoder_name: str,
+    projection_hidden_size: int = 1024,
+    encoder_dropout: float = 0.0,
+    stack_factor: int | None = None,
+    audio_layout: str = "prefix",
+    projector_act: str = "gelu",
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    encoder_kwargs: dict | None = None,
+    decoder_kwargs: dict | None = None,
+):
+    """Join a pretrained audio encoder and a pretrained decoder-only LLM with a fresh projector.
+
+    Both names accept hub ids or local folders; the encoder may also be a CTranslate2 / faster-whisper folder.
+    Loading options (dtype, attn_implementation, revision, gguf_file, ...) pass through to `from_pretrained`;
+    `encoder_kwargs` / `decoder_kwargs` reach only one side. Returns `(feature_extractor, tokenizer, model)`.
+    """
+    common = {"dtype": dtype, "attn_implementation": attn_implementation, "revision": revision}
+    common = {k: v for k, v in common.items() if v is not None}
+    encoder_loading = {**common, **(encoder_kwargs or {})}
+    decoder_loading = {**common, **({"gguf_file": gguf_file} if gguf_file else {}), **(decoder_kwargs or {})}
+
+    feature_extractor, audio_tower, _ = load_encoder(encoder_name, **encoder_loading)
+    tokenizer, language_model = load_decoder(decoder_name, **decoder_loading)
+    audio_token_id = add_special_tokens(tokenizer, language_model)
+    config = SpeechLMConfig(
+        audio_config=audio_tower.config,
+        text_config=language_model.config,
+        projector_hidden_size=projection_hidden_size,
+        projector_dropout=encoder_dropout,
+        projector_act=projector_act,
+        stack_factor=stack_factor,
+        audio_layout=audio_layout,
+        audio_token_id=audio_token_id,
+        encoder_name_or_path=str(encoder_name),
+        decoder_name_or_path=str(decoder_name),
+        encoder_loading_kwargs=_serialisable(encoder_loading),
+        decoder_loading_kwargs=_serialisable(decoder_loading),
+    )
+    model = _assemble(config, audio_tower, language_model)
+    return feature_extractor, tokenizer, model
+
+
+def build_from_config(config: SpeechLMConfig, dtype: torch.dtype | str | None = None) -> SpeechLMModel:
+    """Rebuild a SpeechLMModel on its base models (for trainable-only checkpoints); weights of our parts are fresh."""
+    encoder_loading = dict(config.encoder_loading_kwargs or {})
+    decoder_loading = dict(config.decoder_loading_kwargs or {})
+    if dtype is not None:
+        encoder_loading["dtype"] = decoder_loading["dtype"] = dtype
+    _, audio_tower, _ = load_encoder(config.encoder_name_or_path, **encoder_loading)
+    _, language_model = load_decoder(config.decoder_name_or_path, **decoder_loading)
+    vocab = config.text_config.vocab_size
+    if language_model.get_input_embeddings().weight.shape[0] != vocab:
+        language_model.resize_token_embeddings(vocab, mean_resizing=False)
+    language_model.config.pad_token_id = config.text_config.pad_token_id
+    return _assemble(config, audio_tower, language_model)
+
+
+def _assemble(config: SpeechLMConfig, audio_tower, language_model) -> SpeechLMModel:
+    model = SpeechLMModel(config, audio_tower=audio_tower, language_model=language_model)
+    text_dtype = language_model.get_input_embeddings().weight.dtype
+    model.multi_modal_projector.to(text_dtype)
+    model.audio_start.data = model.audio_start.data.to(text_dtype)
+    model.audio_end.data = model.audio_end.data.to(text_dtype)
+    generation_config = getattr(language_model, "generation_config", None) or GenerationConfig()
+    generation_config = GenerationConfig.from_dict(generation_config.to_dict())
+    generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config = generation_config
+    model.config.pad_token_id = config.text_config.pad_token_id
+    return model.eval()
+
+
+def _serialisable(kwargs: dict) -> dict:
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        if isinstance(value, str | int | float | bool) or value is None:
+            out[key] = value
+    return out
+
+
+__all__ = ["create_speech_lm_model", "build_from_config", "load_encoder", "load_decoder", "AUDIO_TOKEN"]

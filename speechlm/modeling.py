@@ -1,0 +1,518 @@
+"""SpeechLMModel: audio encoder -> projector -> [audio embeddings | text embeddings] -> decoder-only LLM.
+
+The whole concept in one place:
+1. `get_audio_features` runs the encoder through its family adapter (real lengths, exact masks) and the projector.
+2. `merge_audio_and_text` splices each clip, framed by learned start/end embeddings, into the text sequence at its
+   placeholder (or in front of the text), compacts every sample and left-pads the batch. Position ids then follow
+   from the mask, so a padded training batch, a left-padded generation batch and a single clip all see the same
+   positions for the same tokens.
+3. `forward` hands the merged embeddings to the LLM (loss on text only); `generate` merges once and lets
+   transformers' `GenerationMixin` do greedy, beam search, sampling and the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration import SpeechLMConfig
+from .encoders import encoder_adapter
+from .projector import SpeechLMProjector, default_stack_factor
+
+IGNORE_INDEX = -100
+TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
+
+
+@dataclass
+class MergedInputs:
+    """The LLM-side view of a batch: what `merge_audio_and_text` produces."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count only attended tokens, so left padding never shifts them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class SpeechLMPreTrainedModel(PreTrainedModel):
+    config_class = SpeechLMConfig
+    config: SpeechLMConfig
+    base_model_prefix = ""
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = None
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only our own pieces: the encoder and LLM are sub-models that initialise (or load) themselves.
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, SpeechLMProjector):
+            for linear in (module.linear_1, module.linear_2):
+                nn.init.normal_(linear.weight, std=std)
+                nn.init.zeros_(linear.bias)
+            nn.init.ones_(module.norm.weight)
+            nn.init.zeros_(module.norm.bias)
+        elif isinstance(module, SpeechLMModel):
+            nn.init.normal_(module.audio_start, std=std)
+            nn.init.normal_(module.audio_end, std=std)
+
+
+class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
+    """Any Hugging Face audio encoder + any decoder-only LLM, as one generating model."""
+
+    def __init__(self, config: SpeechLMConfig, audio_tower: nn.Module | None = None,
+                 language_model: nn.Module | None = None):
+        # Keep the attention implementation each sub-model was loaded with (the base init would reset them).
+        sub_attention = {name: getattr(config, name)._attn_implementation for name in ("audio_config", "text_config")}
+        super().__init__(config)
+        for name, implementation in sub_attention.items():
+            if implementation is not None:
+                getattr(config, name)._attn_implementation = implementation
+        self.adapter = encoder_adapter(config.audio_config)
+        self.audio_tower = audio_tower if audio_tower is not None else self.adapter.build()
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        if config.stack_factor is None:
+            config.stack_factor = default_stack_factor(self.adapter.frame_rate)
+        text_hidden = config.text_config.hidden_size
+        self.multi_modal_projector = SpeechLMProjector(
+            self.adapter.hidden_size, text_hidden, config.projector_hidden_size, config.stack_factor,
+            dropout=config.projector_dropout, act=config.projector_act,
+        )
+        self.audio_start = nn.Parameter(torch.zeros(text_hidden))
+        self.audio_end = nn.Parameter(torch.zeros(text_hidden))
+        if config.lora and not _has_lora(self.language_model):
+            self._inject_lora(config.lora)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- plumbing
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        return self.audio_tower
+
+    @property
+    def audio_input_name(self) -> str:
+        """`input_values` (waveform encoders) or `input_features` (Whisper-style log-mel encoders)."""
+        return self.adapter.input_name
+
+    # ------------------------------------------------------------------------------------------- audio side
+    def audio_output_lengths(self, audio_lengths: torch.Tensor) -> torch.Tensor:
+        """Number of LLM audio tokens for clips of `audio_lengths` input samples (or mel frames)."""
+        frames = self.adapter.output_lengths(self.audio_tower, audio_lengths)
+        return self.multi_modal_projector.output_lengths(frames)
+
+    def get_audio_features(self, audio: torch.Tensor, audio_mask: torch.Tensor | None = None):
+        """Encode and project a padded batch of clips -> ((N, A, D) embeddings, (N,) token counts)."""
+        lengths = self._audio_lengths(audio, audio_mask)
+        audio = audio.to(next(self.audio_tower.parameters()).dtype)
+        frames = self.adapter.encode(self.audio_tower, audio, lengths)
+        embeds = self.multi_modal_projector(frames.to(self.multi_modal_projector.linear_1.weight.dtype))
+        return embeds, self.audio_output_lengths(lengths)
+
+    def _audio_lengths(self, audio: torch.Tensor, audio_mask: torch.Tensor | None) -> torch.Tensor:
+        name = self.audio_input_name
+        expected_dim = 2 if name == "input_values" else 3
+        if audio.dim() != expected_dim:
+            shape = "(batch, samples)" if name == "input_values" else "(batch, mel_bins, frames)"
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(audio.shape)}")
+        if audio.shape[0] == 0 or audio.shape[-1] == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(audio.shape)}): every clip needs audio")
+        if audio_mask is None:
+            lengths = torch.full((audio.shape[0],), audio.shape[-1], device=audio.device, dtype=torch.long)
+        else:
+            if audio_mask.shape != (audio.shape[0], audio.shape[-1]):
+                raise ValueError(
+                    f"attention_mask for {name} must have shape {(audio.shape[0], audio.shape[-1])}, "
+                    f"got {tuple(audio_mask.shape)}"
+                )
+            lengths = audio_mask.long().sum(-1)
+        valid = torch.arange(audio.shape[-1], device=audio.device)[None, :] < lengths[:, None]
+        if name == "input_features":
+            valid = valid[:, None, :].expand_as(audio)
+        finite = torch.isfinite(audio) | ~valid
+        if not bool(finite.all()):
+            bad = sorted({int(i) for i in (~finite).nonzero()[:, 0].tolist()})
+            raise ValueError(f"{name} contains NaN or inf values in clip(s) {bad}")
+        minimum = self.adapter.min_input_length(self.audio_tower)
+        too_short = (lengths < minimum).nonzero().flatten().tolist()
+        if too_short:
+            unit = "samples" if name == "input_values" else "mel frames"
+            got = [int(lengths[i]) for i in too_short]
+            raise ValueError(
+                f"audio clip(s) {too_short} have {got} {unit}, shorter than the encoder's receptive field "
+                f"({minimum} {unit}); empty or too-short audio cannot be encoded"
+            )
+        maximum = self.adapter.max_input_length()
+        if maximum is not None and int(lengths.max()) > maximum:
+            raise ValueError(
+                f"{name} has {int(lengths.max())} frames but this encoder's position table holds at most {maximum} "
+                f"({maximum / 100:.0f} s); split long audio into chunks (speechlm transcribe does this)"
+            )
+        return lengths
+
+    # ------------------------------------------------------------------------------------------------ merge
+    def merge_audio_and_text(
+        self,
+        audio_embeds: torch.Tensor,
+        audio_lengths: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> MergedInputs:
+        """Splice clips into the text, drop padding, left-pad the batch; labels are -100 on audio positions.
+
+        In the placeholder layout each `audio_token_id` in `input_ids` takes the next clip (row-major order). In the
+        prefix layout a placeholder is implied before each sample's text, so both layouts share this code path.
+        """
+        num_clips = audio_embeds.shape[0]
+        if input_ids is None:
+            if self.config.audio_layout == "placeholder":
+                raise ValueError("the placeholder layout needs input_ids containing the audio token")
+            input_ids = torch.empty((num_clips, 0), dtype=torch.long, device=audio_embeds.device)
+        if text_mask is None:
+            text_mask = torch.ones_like(input_ids)
+        if text_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"decoder_attention_mask shape {tuple(text_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        audio_token = self.config.audio_token_id
+        if self.config.audio_layout == "prefix":
+            if input_ids.shape[0] != num_clips:
+                raise ValueError(
+                    f"batch size mismatch: {num_clips} audio clip(s) but {input_ids.shape[0]} text sequence(s)"
+                )
+            if audio_token is not None and bool((input_ids == audio_token).any()):
+                raise ValueError("input_ids contain the audio token but the model uses the prefix audio layout")
+            audio_token = -1 if audio_token is None else audio_token
+            column = torch.full((num_clips, 1), audio_token, dtype=input_ids.dtype, device=input_ids.device)
+            input_ids = torch.cat([column, input_ids], dim=1)
+            text_mask = torch.cat([torch.ones_like(column), text_mask], dim=1)
+            if labels is not None:
+                labels = torch.cat([torch.full_like(column, IGNORE_INDEX), labels], dim=1)
+
+        batch, text_len = input_ids.shape
+        is_audio = (input_ids == audio_token) & text_mask.bool()
+        if int(is_audio.sum()) != num_clips:
+            raise ValueError(f"found {int(is_audio.sum())} audio placeholder(s) in input_ids but {num_clips} clip(s)")
+
+        # How many output slots each input token expands to: 0 (padding), 1 (text), or start + audio + end.
+        flat_audio = is_audio.flatten()
+        counts = text_mask.flatten().long() * (~flat_audio)
+        counts = counts.masked_scatter(flat_audio, audio_lengths.to(counts.device) + 2)
+        seq_lens = counts.view(batch, text_len).sum(1)
+        width = int(seq_lens.max())
+        total = int(counts.sum())
+        device = input_ids.device
+
+        slot = torch.arange(total, device=device)
+        token = torch.repeat_interleave(torch.arange(batch * text_len, device=device), counts)
+        within = slot - (counts.cumsum(0) - counts)[token]
+        sample = token // text_len
+        sample_start = seq_lens.cumsum(0) - seq_lens
+        dest = sample * width + (width - seq_lens)[sample] + (slot - sample_start[sample])
+
+        # Gather every output row from one bank: text embeddings, audio frames, start, end, and a zero row.
+        embed_layer = self.get_input_embeddings()
+        safe_ids = input_ids.masked_fill(is_audio | ~text_mask.bool() | (input_ids < 0), 0)
+        text_embeds = embed_layer(safe_ids)
+        dim = text_embeds.shape[-1]
+        audio_embeds = audio_embeds.to(text_embeds.dtype)
+        n_text, n_audio = batch * text_len, audio_embeds.shape[0] * audio_embeds.shape[1]
+        bank = torch.cat([
+            text_embeds.reshape(n_text, dim),
+            audio_embeds.reshape(n_audio, dim),
+            self.audio_start.to(text_embeds.dtype)[None],
+            self.audio_end.to(text_embeds.dtype)[None],
+            text_embeds.new_zeros(1, dim),
+        ])
+        source = token.clone()
+        audio_slot = flat_audio[token]
+        clip = (flat_audio.long().cumsum(0) - 1)[token[audio_slot]]
+        offset = within[audio_slot]
+        clip_len = audio_lengths.to(device)[clip]
+        audio_source = n_text + clip * audio_embeds.shape[1] + (offset - 1)
+        audio_source = torch.where(offset == 0, n_text + n_audio, audio_source)
+        audio_source = torch.where(offset == clip_len + 1, n_text + n_audio + 1, audio_source)
+        source[audio_slot] = audio_source
+        index = torch.full((batch * width,), n_text + n_audio + 2, device=device, dtype=torch.long)
+        index[dest] = source
+        inputs_embeds = bank.index_select(0, index).view(batch, width, dim)
+
+        attention_mask = torch.zeros(batch * width, device=device, dtype=torch.long)
+        attention_mask[dest] = 1
+        attention_mask = attention_mask.view(batch, width)
+        merged_labels = None
+        if labels is not None:
+            merged_labels = torch.full((batch * width,), IGNORE_INDEX, device=device, dtype=torch.long)
+            text_slot = ~audio_slot
+            merged_labels[dest[text_slot]] = labels.flatten()[token[text_slot]]
+            merged_labels = merged_labels.view(batch, width)
+            no_text = ((merged_labels != IGNORE_INDEX).sum(1) == 0).nonzero().flatten().tolist()
+            if no_text:
+                raise ValueError(
+                    f"labels of sample(s) {no_text} contain no text tokens (all -100): there is nothing to learn"
+                )
+        return MergedInputs(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask), merged_labels)
+
+    def prepare_inputs(
+        self,
+        input_values: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> MergedInputs:
+        """Validate the audio inputs, encode them and merge them with the text."""
+        audio = self._select_audio_input(input_values, input_features)
+        audio_embeds, audio_lengths = self.get_audio_features(audio, attention_mask)
+        return self.merge_audio_and_text(audio_embeds, audio_lengths, input_ids, decoder_attention_mask, labels)
+
+    def _select_audio_input(self, input_values, input_features) -> torch.Tensor:
+        if input_values is not None and input_features is not None:
+            raise ValueError("pass either input_values or input_features, not both")
+        expected = self.audio_input_name
+        given = "input_values" if input_values is not None else "input_features"
+        audio = input_values if input_values is not None else input_features
+        if given != expected:
+            kind = "raw waveforms (input_values)" if expected == "input_values" else "log-mel input_features"
+            raise ValueError(
+                f"this model's {self.config.audio_config.model_type} encoder takes {kind}, but {given} were given; "
+                "use the model's feature extractor / SpeechLMProcessor to prepare audio"
+            )
+        return audio
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_values: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        With audio (`input_values` or `input_features`): `attention_mask` is the audio mask, `input_ids` /
+        `decoder_attention_mask` / `labels` the text (prompt + target; prompt labels set to -100 by the collator).
+        Without audio (generation steps, text-only use): `attention_mask` covers the already merged sequence.
+        """
+        if input_values is not None or input_features is not None:
+            if inputs_embeds is not None:
+                raise ValueError("pass audio + input_ids, or inputs_embeds, not both")
+            merged = self.prepare_inputs(
+                input_values, input_features, attention_mask, input_ids, decoder_attention_mask, labels
+            )
+            inputs_embeds, attention_mask, position_ids, labels = (
+                merged.inputs_embeds, merged.attention_mask, merged.position_ids, merged.labels
+            )
+            input_ids = None
+        elif attention_mask is None and decoder_attention_mask is not None:
+            attention_mask = decoder_attention_mask
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+            position_ids = position_ids_from_mask(attention_mask)[:, -length:]
+        return self.language_model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_values: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Generate text from audio (+ an optional prompt). Returns only the new tokens.
+
+        `max_length` and `max_new_tokens` both count generated tokens. Every `GenerationMixin` option works
+        (num_beams, do_sample, temperature, top_p, repetition_penalty, streamer, ...).
+        """
+        for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            if kwargs.get(total) is not None and kwargs.get(new) is None:
+                kwargs[new] = kwargs.pop(total)
+        if input_values is None and input_features is None:
+            return super().generate(input_ids=input_ids, attention_mask=decoder_attention_mask, **kwargs)
+        merged = self.prepare_inputs(input_values, input_features, attention_mask, input_ids, decoder_attention_mask)
+        return super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- freezing
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the audio encoder; a frozen encoder also stays in eval mode (no dropout/SpecAugment)."""
+        _set_trainable(self.audio_tower, not frozen)
+        self.train(self.training)
+
+    def freeze_decoder(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the LLM; LoRA adapters, if any, stay trainable."""
+        for name, param in self.language_model.named_parameters():
+            param.requires_grad = (not frozen) or "lora_" in name
+        self.train(self.training)
+
+    def freeze_decoder_except_lm_head(self) -> None:
+        """Freeze the LLM but its output head (tied to the input embeddings in some models, which then train too)."""
+        self.freeze_decoder()
+        _set_trainable(self.get_output_embeddings(), True)
+
+    def freeze_projection(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the projector and the learned audio start/end embeddings."""
+        _set_trainable(self.multi_modal_projector, not frozen)
+        self.audio_start.requires_grad = not frozen
+        self.audio_end.requires_grad = not frozen
+
+    def unfreeze_encoder(self) -> None:
+        self.freeze_encoder(False)
+
+    def unfreeze_decoder(self) -> None:
+        self.freeze_decoder(False)
+
+    def unfreeze_projection(self) -> None:
+        self.freeze_projection(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in (self.audio_tower, self.language_model):
+            if mode and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------------ LoRA
+    def add_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05,
+                 target_modules: list[str] | str | None = None) -> None:
+        """Add LoRA adapters to the LLM (peft); the base LLM weights are frozen, the adapters train."""
+        if _has_lora(self.language_model):
+            raise ValueError("the decoder already has LoRA adapters")
+        lora = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                "target_modules": target_modules or "all-linear"}
+        self._inject_lora(lora)
+        self.config.lora = lora
+
+    def _inject_lora(self, lora: dict) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(**lora)
+        if config.target_modules == "all-linear" or config.target_modules == {"all-linear"}:
+            config.target_modules = _linear_module_names(self.language_model)
+        inject_adapter_in_model(config, self.language_model)
+        for name, param in self.language_model.named_parameters():
+            param.requires_grad = "lora_" in name
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the decoder weights (for serving: no adapter overhead, plain checkpoint)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in list(self.language_model.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+                parent_name, _, child = name.rpartition(".")
+                parent = self.language_model.get_submodule(parent_name) if parent_name else self.language_model
+                setattr(parent, child, module.get_base_layer())
+        self.config.lora = None
+
+    # ------------------------------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, trainable_only: bool = False, **kwargs):
+        """Save the model; with `trainable_only=True` save just the trained weights plus the base models' ids.
+
+        A trainable-only folder holds the projector, the audio start/end embeddings, LoRA adapters and whatever
+        else requires grad (MBs instead of GBs); `from_pretrained` rebuilds the base encoder and LLM from
+        `config.encoder_name_or_path` / `config.decoder_name_or_path` and loads these weights on top.
+        """
+        if not trainable_only:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        from safetensors.torch import save_file
+
+        if not (self.config.encoder_name_or_path and self.config.decoder_name_or_path):
+            raise ValueError("trainable_only needs config.encoder_name_or_path and decoder_name_or_path")
+        os.makedirs(save_directory, exist_ok=True)
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names |= {n for n, _ in self.multi_modal_projector.named_parameters(prefix="multi_modal_projector")}
+        names |= {"audio_start", "audio_end"}
+        names |= {n for n, _ in self.named_parameters() if "lora_" in n}
+        state = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters() if n in names}
+        save_file(state, os.path.join(save_directory, TRAINABLE_WEIGHTS_NAME), metadata={"format": "pt"})
+        config = self.config.__class__.from_dict(self.config.to_dict())
+        config.trainable_only = True
+        config.save_pretrained(save_directory)
+        self.generation_config.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a full checkpoint, or a trainable-only one on top of its base models."""
+        path = str(pretrained_model_name_or_path)
+        trainable = os.path.join(path, TRAINABLE_WEIGHTS_NAME)
+        if not os.path.isfile(trainable):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        from safetensors.torch import load_file
+
+        from .factory import build_from_config
+
+        with open(os.path.join(path, "config.json")) as handle:
+            config = SpeechLMConfig.from_dict(json.load(handle))
+        model = build_from_config(config, dtype=kwargs.get("dtype"))
+        state = load_file(trainable)
+        missing = set(state) - set(dict(model.named_parameters()))
+        if missing:
+            raise ValueError(f"{trainable} holds weights the rebuilt model lacks: {sorted(missing)[:5]}")
+        model.load_state_dict(state, strict=False)
+        model.config.trainable_only = False
+        return model.eval()
+
+
+def _set_trainable(module: nn.Module, trainable: bool) -> None:
+    for param in module.parameters():
+        param.requires_grad = trainable
+
+
+def _has_lora(module: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in module.named_parameters())
+
+
+def _linear_module_names(language_model: nn.Module) -> list[str]:
+    """Names of the LLM's linear layers except the output head: the usual 'all-linear' LoRA target."""
+    head = language_model.get_output_embeddings()
+    names = set()
+    for name, module in language_model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            names.add(name.rsplit(".", 1)[-1])
+        elif type(module).__name__ == "Conv1D":  # GPT-2's fused projections
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+__all__ = ["SpeechLMModel", "SpeechLMPreTrainedModel", "MergedInputs", "IGNORE_INDEX"]

@@ -1,0 +1,293 @@
+"""SpeechLMModel behaviour users rely on, for every encoder and decoder family we claim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechlm.modeling import IGNORE_INDEX
+from tests.conftest import make_clips
+from tests.tiny_models import DECODERS, ENCODERS
+
+# Every encoder with one decoder, every decoder with one encoder: each family is exercised end to end.
+PAIRS = [(e, "qwen2") for e in ENCODERS] + [("wav2vec2-layer", d) for d in DECODERS if d != "qwen2"]
+PROMPTS = ["transcribe", "transcribe the audio please now", ""]
+
+
+def _select(batch, index):
+    return {k: v[index : index + 1] for k, v in batch.items()}
+
+
+def _trim(batch):
+    """A single-clip batch cut to its real lengths: what a user gets when processing one clip alone."""
+    audio_len = int(batch["attention_mask"].sum())
+    text_len = int(batch["decoder_attention_mask"].sum())
+    out = {}
+    for key, value in batch.items():
+        limit = audio_len if key in ("input_values", "input_features", "attention_mask") else text_len
+        out[key] = value[..., :limit]
+    return out
+
+
+def _generate_inputs(batch):
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@pytest.mark.parametrize("encoder,decoder", PAIRS)
+def test_batched_forward_equals_one_by_one(build, clips, encoder, decoder):
+    processor, model = build(encoder, decoder)
+    batch = processor(clips, text=["set an alarm", "call mom tomorrow morning", "play"], prompt=PROMPTS)
+    with torch.no_grad():
+        batched = model(**batch)
+        for i in range(len(clips)):
+            single = model(**_trim(processor([clips[i]], text=[["set an alarm", "call mom tomorrow morning",
+                                                                  "play"][i]], prompt=PROMPTS[i])))
+            length = single.logits.shape[1]
+            torch.testing.assert_close(batched.logits[i, -length:], single.logits[0], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("encoder,decoder", PAIRS)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_generate_equals_one_by_one(build, clips, encoder, decoder, num_beams):
+    processor, model = build(encoder, decoder)
+    batch = processor(clips, prompt=PROMPTS)
+    kwargs = dict(max_new_tokens=6, num_beams=num_beams, do_sample=False)
+    batched = model.generate(**_generate_inputs(batch), **kwargs)
+    for i in range(len(clips)):
+        single = model.generate(**_trim(processor([clips[i]], prompt=PROMPTS[i])), **kwargs)
+        pad = processor.tokenizer.pad_token_id
+        expected = single[0].tolist()
+        got = batched[i].tolist()[: len(expected)]
+        assert got == expected, f"clip {i}: batched {got} != alone {expected}"
+        assert all(t == pad for t in batched[i].tolist()[len(expected):])
+
+
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_padded_audio_cannot_change_the_output(build, clips, encoder):
+    processor, model = build(encoder, "llama")
+    batch = processor(clips, text=["a", "b", "c"])
+    name = model.audio_input_name
+    noisy = dict(batch)
+    padding = (batch["attention_mask"] == 0)
+    if name == "input_features":
+        padding = padding[:, None, :].expand_as(batch[name])
+    noisy[name] = batch[name].masked_fill(padding, 0.0) + padding * torch.randn_like(batch[name]) * 100
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, model(**noisy).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_audio_token_count_follows_the_encoders_own_arithmetic(build, encoder):
+    processor, model = build(encoder, "qwen2", stack_factor=1)
+    for seconds in (0.3, 0.51, 1.0):
+        batch = processor(make_clips((seconds,)))
+        audio = batch[model.audio_input_name].double()
+        frames = model.adapter.encode(model.audio_tower, audio, batch["attention_mask"].sum(-1)).shape[1]
+        if encoder == "whisper":
+            assert frames == (audio.shape[-1] - 1) // 2 + 1
+        else:
+            assert frames == model.audio_tower(audio).last_hidden_state.shape[1]
+        assert int(model.audio_output_lengths(batch["attention_mask"].sum(-1))) == frames
+
+
+def test_whisper_real_length_forward_equals_transformers_on_30_seconds(build):
+    """On a full 30 s input our real-length Whisper path must reproduce transformers' own encoder exactly."""
+    _, model = build("whisper", "qwen2")
+    features = torch.randn(2, 16, 3000, dtype=torch.float64)
+    ours = model.adapter.encode(model.audio_tower, features, torch.tensor([3000, 3000]))
+    theirs = model.audio_tower(features).last_hidden_state
+    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-10)
+
+
+def test_default_stack_factor_gives_at_most_12_5_tokens_per_second(build):
+    processor, model = build("whisper", "qwen2")
+    assert model.config.stack_factor == 4
+    batch = processor(make_clips((2.0,)))
+    assert int(model.audio_output_lengths(batch["attention_mask"].sum(-1))) == 25
+
+
+def test_generate_with_cache_equals_without(build, clips):
+    processor, model = build("whisper", "mistral")
+    batch = _generate_inputs(processor(clips, prompt=PROMPTS))
+    with_cache = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=True)
+    without = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert with_cache.tolist() == without.tolist()
+
+
+def test_beam_search_with_one_beam_equals_greedy(build, clips):
+    processor, model = build("hubert", "gpt2")
+    batch = _generate_inputs(processor(clips, prompt=PROMPTS))
+    greedy = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    beam = model.generate(**batch, max_new_tokens=6, num_beams=1, do_sample=False)
+    assert greedy.tolist() == beam.tolist()
+
+
+def test_sampling_is_reproducible_and_max_length_counts_new_tokens(build, clips):
+    processor, model = build("whisper", "qwen3")
+    batch = _generate_inputs(processor(clips))
+    torch.manual_seed(3)
+    first = model.generate(**batch, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=5)
+    torch.manual_seed(3)
+    second = model.generate(**batch, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=5)
+    assert first.tolist() == second.tolist()
+    assert model.generate(**batch, max_length=4, min_length=4, do_sample=False).shape == (3, 4)
+
+
+def test_loss_is_on_text_only(build, clips):
+    processor, model = build("wav2vec2-layer", "llama")
+    batch = processor(clips, text=["set an alarm", "call mom", "play"], prompt=PROMPTS)
+    with torch.no_grad():
+        out = model(**batch)
+        merged = model.prepare_inputs(**{k: v for k, v in batch.items()})
+    # Merged labels are exactly the target tokens; every audio, boundary, prompt and padding position is ignored.
+    targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
+    assert merged.labels[merged.labels != IGNORE_INDEX].tolist() == targets.tolist()
+    shift_logits, shift_labels = out.logits[:, :-1], merged.labels[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    manual = torch.nn.functional.cross_entropy(shift_logits[keep].float(), shift_labels[keep])
+    torch.testing.assert_close(out.loss, manual)
+
+    # Changing what sits under a masked label (the prompt's tokens' labels, text padding) changes nothing...
+    padded = dict(batch)
+    padded["input_ids"] = batch["input_ids"].masked_fill(batch["decoder_attention_mask"] == 0, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**padded).loss, out.loss, atol=0, rtol=0)
+    # ...while changing one text label does.
+    changed = dict(batch)
+    labels = batch["labels"].clone()
+    first_target = (labels[0] != IGNORE_INDEX).nonzero()[0, 0]
+    labels[0, first_target] = (labels[0, first_target] + 1) % model.config.vocab_size
+    changed["labels"] = labels
+    with torch.no_grad():
+        assert not torch.equal(model(**changed).loss, out.loss)
+
+
+def test_labels_without_text_are_rejected(build, clips):
+    processor, model = build("wav2vec2-layer", "llama")
+    batch = processor(clips, text=["a", "b", "c"])
+    batch["labels"][1] = IGNORE_INDEX
+    with pytest.raises(ValueError, match=r"sample\(s\) \[1\] contain no text tokens"):
+        model(**batch)
+
+
+FREEZERS = {
+    "freeze_encoder": lambda m: m.freeze_encoder(),
+    "freeze_decoder": lambda m: m.freeze_decoder(),
+    "freeze_decoder_except_lm_head": lambda m: m.freeze_decoder_except_lm_head(),
+    "freeze_projection": lambda m: m.freeze_projection(),
+    "encoder_and_decoder": lambda m: (m.freeze_encoder(), m.freeze_decoder()),
+}
+
+
+@pytest.mark.parametrize("freezer", list(FREEZERS))
+def test_gradients_reach_exactly_the_unfrozen_parameters(build, clips, freezer):
+    processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
+    FREEZERS[freezer](model)
+    model.train()
+    model(**processor(clips, text=["set an alarm", "call mom", "play"])).loss.backward()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert param.grad is None, name
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    # Everything trainable gets a gradient, except encoder parameters that a forward pass never uses (the
+    # masked_spec_embed for SpecAugment, the LM head/bias rows of unused classes are still used).
+    assert with_grad <= trainable
+    unused = {n for n in trainable - with_grad if "masked_spec_embed" in n or n.endswith("lm_head.bias")}
+    assert trainable - with_grad == unused
+    projector = {n for n in trainable if n.startswith(("multi_modal_projector", "audio_start", "audio_end"))}
+    encoder = {n for n in trainable if n.startswith("audio_tower")}
+    decoder = {n for n in trainable if n.startswith("language_model")}
+    assert bool(projector) == (freezer != "freeze_projection")
+    assert bool(encoder) == (freezer in ("freeze_decoder", "freeze_decoder_except_lm_head", "freeze_projection"))
+    if freezer == "freeze_decoder_except_lm_head":
+        head = model.get_output_embeddings().weight
+        assert {n for n, p in model.language_model.named_parameters() if p.requires_grad} and head.requires_grad
+        assert all(p is head for n, p in model.language_model.named_parameters() if p.requires_grad)
+    else:
+        assert bool(decoder) == (freezer in ("freeze_encoder", "freeze_projection"))
+
+
+def test_unfreeze_restores_training_and_frozen_encoder_stays_in_eval(build):
+    _, model = build("wav2vec2-layer", "qwen2")
+    model.freeze_encoder()
+    model.train()
+    assert not model.audio_tower.training and model.multi_modal_projector.training
+    model.unfreeze_encoder()
+    model.train()
+    assert model.audio_tower.training and all(p.requires_grad for p in model.audio_tower.parameters())
+
+
+@pytest.mark.parametrize("encoder", ["whisper", "wav2vec2-group"])
+def test_gradient_checkpointing_with_a_frozen_encoder(build, clips, encoder):
+    processor, model = build(encoder, "llama", dtype=torch.float32)
+    batch = processor(clips, text=["set an alarm", "call mom", "play"])
+    model.freeze_encoder()
+    model.train()
+    model(**batch).loss.backward()
+    reference = model.multi_modal_projector.linear_1.weight.grad.clone()
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(**batch).loss.backward()
+    torch.testing.assert_close(model.multi_modal_projector.linear_1.weight.grad, reference)
+
+
+def test_placeholder_layout_with_several_clips_per_sample_and_a_chat_template(build, clips):
+    processor, model = build("whisper", "qwen2", layout="placeholder")
+    processor.use_chat_template = True
+    tokenizer = processor.tokenizer
+    audio = "<|audio|>"
+    texts = [f"first {audio} then {audio} compare them", f"{audio} what is said"]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                             add_generation_prompt=True) for t in texts]
+    features = processor.extract_audio(clips)
+    text = processor.encode_text(prompts)
+    with torch.no_grad():
+        batched = model.generate(**features, **text, max_new_tokens=5, do_sample=False)
+        first = model.generate(**{k: v[:2] for k, v in features.items()},
+                               **processor.encode_text(prompts[:1]), max_new_tokens=5, do_sample=False)
+        second = model.generate(**_trim({**{k: v[2:] for k, v in features.items()},
+                                        **processor.encode_text(prompts[1:])}), max_new_tokens=5, do_sample=False)
+    assert batched[0].tolist()[: first.shape[1]] == first[0].tolist()
+    assert batched[1].tolist()[: second.shape[1]] == second[0].tolist()
+    merged = model.prepare_inputs(**features, **text)
+    lengths = model.audio_output_lengths(features["attention_mask"].sum(-1))
+    expected = (text["decoder_attention_mask"].sum(1) - 1 - torch.tensor([1, 0])) + torch.tensor(
+        [lengths[0] + lengths[1] + 4, lengths[2] + 2]
+    )
+    assert merged.attention_mask.sum(1).tolist() == (expected + torch.tensor([0, 0])).tolist()
+    with pytest.raises(ValueError, match="found 3 audio placeholder"):
+        model.generate(**{k: v[:2] for k, v in features.items()}, **text, max_new_tokens=2)
+
+
+BAD_INPUTS = {
+    "empty audio": (lambda p: {"input_values": torch.zeros(1, 0)}, "empty"),
+    "too short": (lambda p: {"input_values": torch.randn(1, 300)}, "shorter than the encoder's receptive field"),
+    "nan": (lambda p: {"input_values": torch.full((1, 8000), float("nan"))}, "NaN or inf"),
+    "inf in one clip": (
+        lambda p: {"input_values": torch.cat([torch.randn(1, 8000), torch.full((1, 8000), float("inf"))])},
+        r"clip\(s\) \[1\]",
+    ),
+    "batch mismatch": (
+        lambda p: {"input_values": torch.randn(2, 8000), **p.encode_text(["a", "b", "c"])},
+        "2 audio clip.* but 3 text",
+    ),
+    "wrong input kind": (lambda p: {"input_features": torch.randn(1, 16, 100)}, "takes raw waveforms"),
+    "wrong rank": (lambda p: {"input_values": torch.randn(8000)}, r"must have shape \(batch, samples\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_get_a_clear_error(build, case):
+    processor, model = build("wav2vec2-layer", "qwen2")
+    make, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=message):
+        model.generate(**make(processor), max_new_tokens=2)
+
+
+def test_whisper_bad_inputs(build):
+    _, model = build("whisper", "qwen2")
+    with pytest.raises(ValueError, match="position table holds at most 3000"):
+        model.generate(input_features=torch.randn(1, 16, 3002), max_new_tokens=2)
+    with pytest.raises(ValueError, match="takes log-mel input_features"):
+        model.generate(input_values=torch.randn(1, 16000), max_new_tokens=2)
