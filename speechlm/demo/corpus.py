@@ -1,0 +1,774 @@
+"""Data for the offline demo: a structured everyday domain spoken by espeak-ng, plus real speech to test transfer.
+
+Why this shape: a Whisper encoder + small LLM can only learn to transcribe in ~15 CPU minutes if the domain is narrow
+(voice commands, numbers, dates, phone menus) but combinatorial, so that the test set is made of *unseen sentences*
+spoken by *unseen voices*. Real human prompts from the Asterisk PBX share that phone-menu vocabulary (transfer), and
+five LibriVox clips show how far the model is from open-domain speech.
+
+Everything comes from Debian packages (no network): espeak-ng, asterisk-core-sounds-en(-wav), pocketsphinx-testdata
+and optionally fortunes. Text is always lower-case words without punctuation (in-word apostrophes kept, as in
+"o'clock"), numbers written as words, so WER is well defined. Manifests are JSONL, one utterance a line:
+`{"audio": <path relative to the manifest>, "text", "id", "duration", "source"}`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from speechlm.cache import cache_dir
+
+SAMPLE_RATE = 16_000
+# Bump when generation changes, so that cached corpora built by older code are rebuilt.
+CORPUS_VERSION = 1
+SOURCES = ("synthetic", "asterisk", "librivox", "fortunes")
+
+# ----------------------------------------------------------------------------------------------------------------
+# System packages
+# ----------------------------------------------------------------------------------------------------------------
+
+ASTERISK_SOUND_DIRS = (
+    Path("/usr/share/asterisk/sounds/en_US_f_Allison"),
+    Path("/usr/share/asterisk/sounds/en_US"),
+    Path("/usr/share/asterisk/sounds/en"),
+)
+ASTERISK_TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+
+
+class MissingSystemPackage(RuntimeError):
+    """A Debian package the demo corpus is made from is not installed; the message says how to install it."""
+
+
+def _asterisk_sound_dir() -> Path | None:
+    return next((d for d in ASTERISK_SOUND_DIRS if (d / "activated.wav").is_file()), None)
+
+
+def _fortune_files() -> list[Path]:
+    if not FORTUNES_DIR.is_dir():
+        return []
+    return sorted(p for p in FORTUNES_DIR.iterdir() if p.is_file() and not p.suffix)
+
+
+def _package_checks(corpus: str) -> dict[str, Callable[[], bool]]:
+    checks: dict[str, Callable[[], bool]] = {
+        "espeak-ng": lambda: shutil.which("espeak-ng") is not None,
+        "asterisk-core-sounds-en-wav": lambda: _asterisk_sound_dir() is not None,
+        "asterisk-core-sounds-en": lambda: ASTERISK_TRANSCRIPTS.is_file(),
+        "pocketsphinx-testdata": lambda: (LIBRIVOX_DIR / "transcription").is_file(),
+    }
+    if corpus in ("fortunes", "mixed"):
+        checks["fortunes"] = lambda: bool(_fortune_files())
+    return checks
+
+
+def missing_system_packages(corpus: str = "structured") -> list[str]:
+    """Debian packages needed for `corpus` that are not installed (checked by their files, not by dpkg)."""
+    return [name for name, present in _package_checks(corpus).items() if not present()]
+
+
+def install_command(packages: Sequence[str]) -> str:
+    """The exact shell command that installs `packages` (with sudo when we are not root)."""
+    sudo = "" if _is_root() else "sudo "
+    return f"{sudo}apt-get update && {sudo}apt-get install -y {' '.join(packages)}"
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def check_system_packages(corpus: str = "structured") -> None:
+    """Fail early, with the install command, rather than halfway through a build."""
+    missing = missing_system_packages(corpus)
+    if missing:
+        raise MissingSystemPackage(
+            f"The demo corpus needs Debian packages that are missing: {', '.join(missing)}. "
+            f"Install them with:\n    {install_command(missing)}"
+        )
+
+
+def ensure_system_packages(install: bool = False, corpus: str = "structured", retries: int = 30) -> None:
+    """Install missing packages with apt-get when allowed (`install` and root); otherwise raise with the command.
+
+    Another process may hold the dpkg lock (e.g. a concurrent apt run), so a failed apt-get is retried for a while.
+    """
+    missing = missing_system_packages(corpus)
+    if not missing:
+        return
+    if not install or not _is_root() or shutil.which("apt-get") is None:
+        check_system_packages(corpus)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update"], ["apt-get", "install", "-y", *missing]):
+        for attempt in range(retries):
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            locked = "lock" in (done.stderr + done.stdout).lower()
+            if done.returncode == 0 or (command[1] == "update" and not locked):
+                break  # a failed update (offline mirror) may still leave usable package lists
+            if not locked or attempt == retries - 1:
+                raise MissingSystemPackage(f"`{' '.join(command)}` failed:\n{done.stderr[-2000:]}")
+            time.sleep(5)
+    check_system_packages(corpus)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers and text normalisation
+# ----------------------------------------------------------------------------------------------------------------
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen".split()
+_ONES += ["seventeen", "eighteen", "nineteen"]
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_SCALES = ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand"))
+_IRREGULAR_ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+                       "nine": "ninth", "twelve": "twelfth"}
+
+
+def _below_thousand(n: int) -> list[str]:
+    words: list[str] = []
+    if n >= 100:
+        words += [_ONES[n // 100], "hundred"]
+        n %= 100
+        if n == 0:
+            return words
+    if n < 20:
+        words.append(_ONES[n])
+    else:
+        words.append(_TENS[n // 10])
+        if n % 10:
+            words.append(_ONES[n % 10])
+    return words
+
+
+def number_to_words(n: int) -> str:
+    """American cardinal without "and": 1234 -> "one thousand two hundred thirty four" (the form our text uses)."""
+    if n < 0:
+        return "minus " + number_to_words(-n)
+    if n < 1000:
+        return " ".join(_below_thousand(n))
+    words: list[str] = []
+    for value, name in _SCALES:
+        if n >= value:
+            words += [number_to_words(n // value), name]
+            n %= value
+    if n:
+        words += _below_thousand(n)
+    return " ".join(words)
+
+
+def ordinal_words(n: int) -> str:
+    """21 -> "twenty first": dates are spoken as ordinals."""
+    *head, last = number_to_words(n).split()
+    if last in _IRREGULAR_ORDINALS:
+        last = _IRREGULAR_ORDINALS[last]
+    elif last.endswith("y"):
+        last = last[:-1] + "ieth"
+    else:
+        last += "th"
+    return " ".join([*head, last])
+
+
+def digits_to_words(digits: str) -> str:
+    """"3472" -> "three four seven two": codes and phone numbers are read digit by digit."""
+    return " ".join(_ONES[int(d)] for d in digits if d.isdigit())
+
+
+def _spell_number(match: re.Match[str]) -> str:
+    token = match.group(0)
+    if "." in token:
+        whole, frac = token.split(".")
+        return f" {number_to_words(int(whole))} point {digits_to_words(frac)} "
+    if len(token) > 1 and token.startswith("0"):
+        return f" {digits_to_words(token)} "
+    return f" {number_to_words(int(token))} "
+
+
+def normalise_text(text: str) -> str:
+    """Any transcript -> the corpus text form: lower case, words only, digits spelled, keypad symbols named."""
+    text = text.lower().replace("\u2019", "'").replace("`", "'")
+    text = text.replace("*", " star ").replace("#", " pound ").replace("&", " and ").replace("%", " percent ")
+    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
+    text = re.sub(r"\d+(?:\.\d+)?", _spell_number, text)
+    text = re.sub(r"\b([a-z])\.", r"\1 ", text)  # a.m. -> a m
+    text = re.sub(r"[^a-z']+", " ", text)
+    words = (w.strip("'") for w in text.split())
+    return " ".join(w for w in words if w)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grammar of the structured domain
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",")]
+
+
+def _numbers(lo: int, hi: int) -> list[str]:
+    return [number_to_words(i) for i in range(lo, hi + 1)]
+
+
+# Slots expand recursively; `{name}` in a filler refers to another slot. Every filler is already normalised text.
+SLOTS: dict[str, list[str]] = {
+    "digit": _numbers(0, 9),
+    "digits3": ["{digit} {digit} {digit}"],
+    "digits4": ["{digit} {digit} {digit} {digit}"],
+    "digits5": ["{digit} {digit} {digit} {digit} {digit}"],
+    "digits6": ["{digit} {digit} {digit} {digit} {digit} {digit}"],
+    "digits8": ["{digits4} {digits4}"],
+    "phone": ["{digits3} {digits4}", "{digits3} {digits3} {digits4}"],
+    "count": _numbers(2, 12),
+    "small": _numbers(1, 59),
+    "ten": _numbers(1, 10),
+    "money": _numbers(1, 999),
+    "cents": _numbers(1, 99),
+    "temp": _numbers(0, 105),
+    "percent": [number_to_words(i) for i in range(10, 101, 5)],
+    "hour": _numbers(1, 12),
+    "minute": ["o'clock", "oh five", "ten", "fifteen", "twenty", "twenty five", "thirty", "thirty five", "forty",
+               "forty five", "fifty", "fifty five", "oh two", "seventeen", "forty two"],
+    "part_of_day": _words("in the morning, in the afternoon, in the evening, at night"),
+    "time": ["{hour} {minute}", "{hour} {minute}", "{hour} {minute} {part_of_day}", "half past {hour}",
+             "quarter past {hour}", "quarter to {hour}", "noon", "midnight", "{hour} {part_of_day}"],
+    "weekday": _words("monday, tuesday, wednesday, thursday, friday, saturday, sunday"),
+    "month": _words("january, february, march, april, may, june, july, august, september, october, november, "
+                    "december"),
+    "ordinal": [ordinal_words(i) for i in range(1, 32)],
+    "date": ["on the {ordinal} of {month}", "on {month} {ordinal}", "on {weekday}", "on {weekday} the {ordinal}",
+             "tomorrow", "today", "next {weekday}", "this {weekday}", "the day after tomorrow", "next week",
+             "on the {ordinal}"],
+    "when": ["{date}", "{date}", "tonight", "this evening", "tomorrow morning", "in {small} minutes", "in an hour",
+             "at {time}", "{date} at {time}", "this weekend"],
+    "when_day": _words("today, tomorrow, tonight, this weekend, this afternoon, next week, {date}, on {weekday}"),
+    "duration": ["{small} minutes", "{count} hours", "an hour and a half", "{small} seconds", "half an hour",
+                 "{count} hours and {small} minutes", "one hour"],
+    "person": _words("alice, bob, carlos, diana, emma, frank, grace, henry, isabel, jack, karen, liam, maria, noah, "
+                     "olivia, peter, rachel, sam, sophia, tom, zoe, james, sarah, david, laura, kevin, nina, ryan, "
+                     "ahmed, priya, chen, mateo, hannah, lucas"),
+    "surname": _words("smith, johnson, garcia, brown, miller, davis, wilson, lopez, taylor, anderson, thomas, moore, "
+                      "martin, lee, walker, young, king, wright, scott, patel, nguyen, kim"),
+    "relation": _words("mom, dad, grandma, grandpa, my sister, my brother, my wife, my husband, my boss, the doctor, "
+                       "the dentist, the office, my neighbor, the babysitter") + ["aunt {person}", "uncle {person}"],
+    "contact": ["{person}", "{relation}", "{person} {surname}", "{relation}"],
+    "city": _words("london, paris, new york, boston, chicago, seattle, denver, dallas, houston, miami, atlanta, "
+                   "phoenix, toronto, vancouver, montreal, berlin, madrid, rome, lisbon, dublin, amsterdam, vienna, "
+                   "tokyo, seoul, sydney, cairo, nairobi, mumbai, singapore, mexico city, san francisco, los angeles, "
+                   "las vegas, washington, portland, oslo, athens"),
+    "poi": _words("gas station, pharmacy, supermarket, coffee shop, train station, airport, hospital, post office, "
+                  "bank, library, gym, park, bakery, hotel, restaurant, parking lot, bus stop, school, museum"),
+    "street": _words("oak, maple, pine, cedar, elm, main, park, lake, hill, river, church, market, spring, sunset, "
+                     "lincoln"),
+    "street_type": _words("street, avenue, road, drive, lane, boulevard, court"),
+    "address": ["{money} {street} {street_type}", "{digits3} {street} {street_type}"],
+    "cuisine": _words("italian, chinese, mexican, indian, thai, japanese, greek, french, korean, vegetarian"),
+    "room": _words("kitchen, living room, bedroom, bathroom, garage, office, hallway, dining room, basement, "
+                   "kids room"),
+    "device": _words("lights, lamp, fan, heater, air conditioner, tv, radio, speaker"),
+    "appliance": _words("dishwasher, washing machine, dryer, oven, coffee maker, vacuum"),
+    "onoff": ["on", "off"],
+    "updown": ["up", "down"],
+    "door": _words("front door, back door, garage door, side gate"),
+    "covering": _words("blinds, curtains, windows"),
+    "color": _words("red, blue, green, warm white, yellow, purple, orange, pink"),
+    "genre": _words("jazz, rock, classical music, country, hip hop, blues, reggae, pop, folk, soul, the news, "
+                    "a podcast, relaxing music, something upbeat"),
+    "playlist": _words("workout, dinner, morning, road trip, sleep, focus"),
+    "item": _words("milk, eggs, bread, butter, coffee, bananas, apples, rice, pasta, cheese, chicken, tomatoes, "
+                   "onions, orange juice, cereal, yogurt, paper towels, dog food, toothpaste, batteries, olive oil, "
+                   "potatoes, carrots, soap"),
+    "bill": _words("electric, water, phone, internet, gas, credit card"),
+    "task": ["buy {item}", "call {contact}", "pay the {bill} bill", "water the plants", "take out the trash",
+             "pick up the kids", "feed the cat", "walk the dog", "book a haircut", "return the library books",
+             "send the report", "take my medicine", "renew my passport", "charge my phone", "check the mail",
+             "pick up {item}"],
+    "message": ["i am running late", "i will be there in {small} minutes", "see you at {time}", "call me back",
+                "dinner is ready", "i am on my way", "happy birthday", "the meeting moved to {time}",
+                "can you pick up {item}", "i am at the {poi}"],
+    "event": ["dentist appointment", "team meeting", "doctor appointment", "lunch with {person}", "yoga class",
+              "haircut", "birthday party", "dinner with {contact}"],
+    "phone_kind": _words("mobile, cell phone, home phone, work phone, speaker"),
+    "wadj": _words("sunny, cloudy, rainy, windy, foggy, cold, hot, warm, snowy, stormy, humid, clear"),
+    "airline": _words("united, delta, american, lufthansa, emirates, qantas, southwest, air france, air canada, "
+                      "alaska"),
+    "flight": ["{digit} {digit} {digit}", "{digit} {digit} {digit} {digit}", "{count}"],
+    "letter": _words("b, c, d, e, f, g, h, j, k, m, p, r, s, t, x, z"),
+    "gate": ["{letter} {small}"],
+    "dept": _words("sales, billing, support, technical support, customer service, accounts, reservations, returns, "
+                   "new orders, the pharmacy, appointments, our hours and location, lost or stolen cards"),
+    "agent": _words("an agent, a representative, the operator, a nurse, a pharmacist, customer service"),
+    "acct": _words("account number, pin, password, phone number, member number, zip code, extension, "
+                   "date of birth, order number, card number, confirmation code, mailbox number"),
+    "company": ["{surname} and sons", "city bank", "the dental office", "{surname} insurance", "{city} airlines",
+                "the {surname} clinic", "{street} street pharmacy"],
+    "action": _words("repeat this message, hear the next message, delete this message, save this message, "
+                     "change your password, record your name, speak to an operator, return to the main menu, "
+                     "confirm your appointment, cancel your appointment, check your balance, make a payment, "
+                     "hear our hours, leave a message"),
+    "amount": ["{money} dollars", "{money} dollars and {cents} cents", "{cents} cents"],
+}
+
+# Top-level templates by category; a category is drawn first so that every kind of sentence is well represented.
+TEMPLATES: dict[str, list[str]] = {
+    "alarms": ["set an alarm for {time}", "set an alarm for {time} {date}", "wake me up at {time}",
+               "wake me up at {time} {date}", "set a timer for {duration}", "cancel my {time} alarm",
+               "snooze for {small} minutes", "turn off all alarms", "what time is my alarm set for",
+               "move my alarm to {time}", "set a {duration} timer"],
+    "calls": ["call {contact}", "call {contact} on {phone_kind}", "phone {contact}", "dial {phone}",
+              "text {contact} that {message}", "send a message to {contact} saying {message}",
+              "read my messages from {contact}", "video call {contact}", "redial the last number",
+              "call the nearest {poi}", "tell {contact} {message}"],
+    "reminders": ["remind me to {task} {when}", "remind me {when} to {task}", "add {item} to my shopping list",
+                  "add {item} and {item} to the list", "what is on my calendar {date}",
+                  "schedule a meeting with {contact} {date} at {time}", "cancel my appointment with {contact}",
+                  "move my {event} to {date}", "create an event called {event} {date}", "remind me to {task}"],
+    "home": ["turn {onoff} the {room} {device}", "turn the {room} {device} {onoff}",
+             "switch {onoff} the {device} in the {room}", "set the thermostat to {temp} degrees",
+             "set the {room} temperature to {temp} degrees", "dim the {room} lights to {percent} percent",
+             "lock the {door}", "unlock the {door}", "is the {door} locked", "open the {covering} in the {room}",
+             "close the {covering} in the {room}", "start the {appliance}", "turn the {room} lights {color}",
+             "turn {onoff} the {appliance}"],
+    "music": ["play some {genre}", "play {genre} in the {room}", "play {genre} on the {room} speaker",
+              "skip this song", "play the next song", "turn the volume {updown}", "set the volume to {ten}",
+              "pause the music", "resume playback", "shuffle my {playlist} playlist", "what song is this",
+              "turn it {updown} a little", "play my {playlist} playlist in the {room}"],
+    "numbers": ["my pin is {digits4}", "the code is {digits6}", "my account number is {digits8}",
+                "my phone number is {phone}", "my zip code is {digits5}",
+                "the confirmation code is {letter} {letter} {digit} {digit} {digit}", "the total comes to {amount}",
+                "transfer {amount} to {contact}", "pay {contact} {amount}", "that will be {amount} please",
+                "i need {count} tickets", "table for {count} please", "my room number is {digits3}",
+                "extension {digits4}", "what is {small} plus {small}", "what is {count} times {count}",
+                "the number is {phone}"],
+    "dates": ["book a table for {count} {date} at {time}", "my appointment is {date} at {time}",
+              "the meeting is {date}", "my birthday is on the {ordinal} of {month}",
+              "we leave on {month} {ordinal} and come back on the {ordinal} of {month}",
+              "the package will arrive {date}", "the rent is due on the {ordinal}",
+              "what day is the {ordinal} of {month}", "the deadline is {date} at {time}",
+              "pay the {bill} bill {date}", "is the store open {date}"],
+    "places": ["navigate to the {poi}", "take me to {address}", "directions to the nearest {poi}",
+               "how far is {city} from {city}", "how long will it take to get to {city}",
+               "find a {cuisine} restaurant near me", "where is the closest {poi}", "my name is {person} {surname}",
+               "this is {person} {surname} calling from {city}", "i live at {address}",
+               "share my location with {contact}", "avoid highways on the way to the {poi}",
+               "meet me at the {poi} on {street} {street_type}"],
+    "weather": ["what is the weather {when_day}", "what is the weather in {city} {when_day}",
+                "will it rain in {city} {when_day}", "do i need an umbrella {when_day}",
+                "how cold will it be {when_day}", "what is the temperature in {city}",
+                "it will be {wadj} in {city} {when_day} with a high of {temp} degrees",
+                "expect {wadj} skies {when_day} with a low of {temp}", "is it going to snow {when_day}",
+                "there is a {percent} percent chance of rain {when_day}",
+                "the wind is blowing at {small} miles per hour", "it is {temp} degrees and {wadj} in {city}"],
+    "flights": ["book a flight from {city} to {city} {date}", "find me a flight to {city} {date}",
+                "is flight {flight} on time", "when does my flight to {city} leave",
+                "{airline} flight {flight} to {city} departs at {time} from gate {gate}",
+                "{airline} flight {flight} from {city} has landed",
+                "flight {flight} to {city} is delayed by {small} minutes", "check me in for my flight to {city}",
+                "i need a window seat on the flight to {city}", "the boarding gate has changed to gate {gate}",
+                "cancel my flight to {city}", "what terminal does {airline} use",
+                "this is the final boarding call for {airline} flight {flight} to {city}"],
+    "phone_menu": ["press {digit} for {dept}", "for {dept} press {digit}",
+                   "for {dept} press {digit} for {dept} press {digit}", "to speak with {agent} press {digit}",
+                   "please enter your {acct} followed by the pound key",
+                   "please enter your {acct} and then press pound",
+                   "please say or enter your {acct}", "please hold while we transfer your call",
+                   "please hold while i connect your call to {dept}",
+                   "your call is important to us please stay on the line", "to repeat these options press star",
+                   "to return to the main menu press star", "you have {count} new messages",
+                   "you have {count} new messages and {count} saved messages",
+                   "the number you have dialed is not in service", "please leave a message after the tone",
+                   "thank you for calling {company}", "thank you for calling {company} your call may be recorded",
+                   "the estimated wait time is {small} minutes", "you are caller number {count} in the queue",
+                   "that is not a valid {acct} please try again", "press {digit} to {action}",
+                   "to {action} press {digit}", "your balance is {amount}",
+                   "your next payment of {amount} is due {date}", "please enter the {acct} you wish to change"],
+}
+
+_SLOT = re.compile(r"\{(\w+)\}")
+
+
+def _expand(template: str, rng: random.Random) -> str:
+    text = _SLOT.sub(lambda m: _expand(rng.choice(SLOTS[m.group(1)]), rng), template)
+    return " ".join(text.split())
+
+
+def vocabulary() -> set[str]:
+    """Every word the grammar can produce (exact, from the templates and slot fillers, not from samples)."""
+    texts = [t for templates in TEMPLATES.values() for t in templates] + [f for v in SLOTS.values() for f in v]
+    return {w for t in texts for w in _SLOT.sub(" ", t).split()}
+
+
+def _sentence_stream(seed: int) -> Iterator[str]:
+    rng = random.Random(seed)
+    categories = sorted(TEMPLATES)
+    while True:
+        yield _expand(rng.choice(TEMPLATES[rng.choice(categories)]), rng)
+
+
+def is_held_out(text: str) -> bool:
+    """Whether a sentence belongs to the test side: a property of the string itself, so train and test are
+    exact-string disjoint whatever the seeds and sizes (about one sentence in eight is held out)."""
+    return zlib.crc32(text.encode()) % 8 == 0
+
+
+def _distinct(stream: Iterator[str], n: int, keep: Callable[[str], bool], max_draws: int) -> list[str]:
+    seen: set[str] = set()
+    out: list[str] = []
+    for draws, text in enumerate(stream):
+        if len(out) >= n:
+            break
+        if draws >= max_draws:
+            raise ValueError(f"only {len(out)} distinct sentences found for the {n} asked")
+        if text not in seen and keep(text):
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def build_sentences(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct grammar sentences, deterministic in `seed` (both train and held-out kinds)."""
+    return _distinct(_sentence_stream(seed), n, lambda _: True, max_draws=100 * n + 1000)
+
+
+def split_sentences(
+    n_train: int, n_test: int, seed: int = 0, exclude: Sequence[str] = ()
+) -> tuple[list[str], list[str]]:
+    """Distinct train and test sentences; no test string can ever be a train string (see `is_held_out`).
+
+    `exclude` removes strings from training (e.g. the real held-out prompts, so their exact text is never trained).
+    """
+    banned = set(exclude)
+    train = _distinct(_sentence_stream(seed), n_train, lambda t: not is_held_out(t) and t not in banned,
+                      max_draws=100 * n_train + 1000)
+    test = _distinct(_sentence_stream(seed + 1_000_003), n_test, is_held_out, max_draws=200 * n_test + 1000)
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Open-domain sentences (fortunes)
+# ----------------------------------------------------------------------------------------------------------------
+
+FORTUNE_FILES = ("fortunes", "literature", "riddles", "wisdom", "platitudes", "people", "work", "education",
+                 "science", "humorists", "food", "pets", "love", "sports", "kids", "magic", "miscellaneous")
+_FORTUNE_OK = re.compile(r"[A-Z][A-Za-z ,;'-]*[a-z][.!?]")
+
+
+def fortune_sentences() -> list[str]:
+    """Clean, normalised, 4-20 word sentences from the fortunes package, sorted and distinct (open-domain text)."""
+    sentences: set[str] = set()
+    for path in _fortune_files():
+        if path.name not in FORTUNE_FILES:
+            continue
+        for cookie in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            lines = [line for line in cookie.splitlines() if not re.match(r"\s*(--|\w+:\s)", line)]
+            flat = " ".join(" ".join(lines).split())
+            for sentence in re.split(r"(?<=[.!?])\s+", flat):
+                if not sentence.isascii() or not _FORTUNE_OK.fullmatch(sentence):
+                    continue
+                text = normalise_text(sentence)
+                if 4 <= len(text.split()) <= 20:
+                    sentences.add(text)
+    return sorted(sentences)
+
+
+def split_fortunes(n_train: int, n_test: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Seeded sample of fortune sentences, split by `is_held_out` like the grammar."""
+    pool = fortune_sentences()
+    random.Random(seed).shuffle(pool)
+    train = [t for t in pool if not is_held_out(t)][:n_train]
+    test = [t for t in pool if is_held_out(t)][:n_test]
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Voices and rendering
+# ----------------------------------------------------------------------------------------------------------------
+
+# en-us-nyc is left out: in espeak-ng 1.51 it speaks exactly like en-us.
+ESPEAK_BASES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029")
+# Intelligible variants only (no whisper, croak, robots or children).
+ESPEAK_VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5", "klatt",
+                   "klatt2", "klatt3", "Andy", "Annie", "Alex", "Alicia", "Andrea", "adam", "anika", "aunty",
+                   "benjamin", "david", "ed", "edward", "linda", "max", "Michael", "paul", "quincy", "rob", "robert",
+                   "steph", "travis", "Denis", "Hugo", "Lee", "Mike", "belinda", "grandpa")
+# Test-only: a whole accent plus a few variants, so that test voices are never heard in training.
+HELD_OUT_BASES = ("en-029",)
+HELD_OUT_VARIANTS = ("f4", "m6", "klatt3", "Annie", "robert", "Hugo")
+
+
+def _voice(base: str, variant: str) -> str:
+    return f"{base}+{variant}" if variant else base
+
+
+def voices(held_out: bool) -> list[str]:
+    """espeak-ng `-v` names for training (`held_out=False`) or for the test set only (`held_out=True`)."""
+    return [
+        _voice(b, v)
+        for b in ESPEAK_BASES
+        for v in ESPEAK_VARIANTS
+        if (b in HELD_OUT_BASES or v in HELD_OUT_VARIANTS) == held_out
+    ]
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """One espeak-ng utterance: what to say, how, where the 16 kHz wav goes and which text source it is from."""
+
+    text: str
+    voice: str
+    speed: int
+    pitch: int
+    path: Path
+    source: str = "synthetic"
+
+
+def _parse_wav(data: bytes) -> tuple[np.ndarray, int]:
+    """16-bit PCM from espeak's --stdout, whose header sizes are placeholders (streamed output)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise RuntimeError("espeak-ng did not return a wav")
+    pos, rate = 12, 22_050
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if chunk == b"fmt ":
+            rate = int.from_bytes(data[pos + 12 : pos + 16], "little")
+        if chunk == b"data":
+            body = data[pos + 8 :]
+            body = body[: len(body) // 2 * 2]
+            return np.frombuffer(body, dtype="<i2").astype(np.float32) / 32768.0, rate
+        pos += 8 + size
+    raise RuntimeError("espeak-ng wav has no data chunk")
+
+
+def _write16k(audio: np.ndarray, rate: int, path: Path) -> float:
+    if audio.ndim > 1:
+        audio = audio.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
+    return len(audio) / SAMPLE_RATE
+
+
+def render(job: RenderJob) -> float:
+    """Speak `job.text` with espeak-ng and write 16 kHz mono PCM; returns the duration in seconds."""
+    command = ["espeak-ng", "-v", job.voice, "-s", str(job.speed), "-p", str(job.pitch), "--stdout"]
+    done = subprocess.run(command, input=job.text.encode(), capture_output=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"espeak-ng failed for {job.voice!r}: {done.stderr.decode(errors='replace')[-500:]}")
+    audio, rate = _parse_wav(done.stdout)
+    return _write16k(audio, rate, job.path)
+
+
+def convert(source: Path, target: Path) -> float:
+    """Any wav -> 16 kHz mono PCM wav; returns the duration in seconds."""
+    audio, rate = sf.read(source, dtype="float32", always_2d=False)
+    return _write16k(audio, rate, target)
+
+
+def _parallel(fn: Callable, items: Sequence, workers: int, desc: str, progress: bool) -> list:
+    """Ordered map over threads: the work is in espeak subprocesses and soxr, both outside the GIL."""
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc=desc, disable=not progress) as bar:
+        results = []
+        for result in pool.map(fn, items):
+            results.append(result)
+            bar.update()
+    return results
+
+
+def render_jobs(
+    items: Sequence[tuple[str, str]], voice_pool: Sequence[str], folder: Path, split: str, seed: int
+) -> list[RenderJob]:
+    """Seeded voice, speed (130-190 wpm) and pitch (30-70) for each (text, source); wavs go to folder/source/split."""
+    rng = random.Random(f"{split}-{seed}")
+    return [
+        RenderJob(text, rng.choice(voice_pool), rng.randint(130, 190), rng.randint(30, 70),
+                  folder / source / split / f"{source}-{split}-{i:06d}.wav", source)
+        for i, (text, source) in enumerate(items)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real speech: Asterisk prompts and LibriVox clips
+# ----------------------------------------------------------------------------------------------------------------
+
+MAX_PROMPT_SECONDS = 15.0
+ASTERISK_TEST_TEXTS = 60
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A real recording and its normalised transcript."""
+
+    name: str
+    path: Path
+    text: str
+
+
+def asterisk_prompts(max_seconds: float = MAX_PROMPT_SECONDS) -> list[Prompt]:
+    """Usable Asterisk prompts: a wav exists, transcript is plain speech, at most `max_seconds` long.
+
+    Skipped: [sound effects], <tones>, (annotations), symbols spoken unpredictably, and numbers of three or more
+    digits or decimals (is "1234" "one two three four" or "twelve thirty four"?).
+    """
+    sound_dir = _asterisk_sound_dir()
+    if sound_dir is None:
+        return []
+    prompts = []
+    with gzip.open(ASTERISK_TRANSCRIPTS, "rt", encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            name, sep, raw = line.strip().partition(":")
+            if not sep or line.startswith(";"):
+                continue
+            raw = raw.strip()
+            if re.search(r"[\[\]<>()@$=+/\"]|\d{3,}|\d\.\d", raw):
+                continue
+            path = sound_dir / f"{name.strip()}.wav"
+            text = normalise_text(raw)
+            if not text or not path.is_file() or sf.info(path).duration > max_seconds:
+                continue
+            prompts.append(Prompt(name.strip(), path, text))
+    return prompts
+
+
+def split_asterisk(
+    prompts: Sequence[Prompt], n_test_texts: int = ASTERISK_TEST_TEXTS, min_words: int = 3
+) -> tuple[list[Prompt], list[Prompt]]:
+    """(train, held-out) prompts. Held-out texts are picked by a hash of the *text* (several prompts share one), so
+    no test transcript is ever a training transcript; only phrases of `min_words`+ words are held out, because WER
+    on single words ("c", "sixty") says little, while those words are useful in training."""
+    candidates = {p.text for p in prompts if len(p.text.split()) >= min_words}
+    texts = sorted(candidates, key=lambda t: (zlib.crc32(t.encode()), t))
+    test_texts = set(texts[:n_test_texts])
+    return [p for p in prompts if p.text not in test_texts], [p for p in prompts if p.text in test_texts]
+
+
+def librivox_prompts() -> list[Prompt]:
+    """The five LibriVox clips of pocketsphinx-testdata; `transcription` lines read `<s> text </s> (id)`."""
+    prompts = []
+    for line in (LIBRIVOX_DIR / "transcription").read_text().splitlines():
+        match = re.fullmatch(r"\s*(?:<s>)?(.*?)(?:</s>)?\s*\(([^)]+)\)\s*", line)
+        if match and (LIBRIVOX_DIR / f"{match.group(2)}.wav").is_file():
+            prompts.append(Prompt(match.group(2), LIBRIVOX_DIR / f"{match.group(2)}.wav", normalise_text(match[1])))
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Manifests and the corpus build
+# ----------------------------------------------------------------------------------------------------------------
+
+MANIFESTS = ("train", "test_synthetic", "test_asterisk", "test_librivox")
+STAMP = "corpus.json"
+
+
+def read_manifest(path: Path | str, absolute: bool = False) -> list[dict]:
+    """Manifest lines as dicts; `absolute` turns audio paths (stored relative to the manifest) into absolute ones."""
+    path = Path(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if absolute:
+        for row in rows:
+            row["audio"] = str((path.parent / row["audio"]).resolve())
+    return rows
+
+
+def _write_manifest(path: Path, rows: Sequence[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    tmp.replace(path)
+
+
+def _row(root: Path, path: Path, text: str, uid: str, duration: float, source: str, **extra: object) -> dict:
+    return {"audio": path.relative_to(root).as_posix(), "text": text, "id": uid, "duration": round(duration, 4),
+            "source": source, **extra}
+
+
+def _synthetic_rows(root: Path, jobs: Sequence[RenderJob], workers: int, desc: str, progress: bool) -> list[dict]:
+    durations = _parallel(render, jobs, workers, desc, progress)
+    return [_row(root, j.path, j.text, j.path.stem, d, j.source, voice=j.voice, speed=j.speed, pitch=j.pitch)
+            for j, d in zip(jobs, durations, strict=True)]
+
+
+def _prompt_rows(root: Path, prompts: Sequence[Prompt], folder: str, source: str, workers: int, desc: str,
+                 progress: bool) -> list[dict]:
+    targets = [root / "audio" / folder / f"{p.name.replace('/', '-')}.wav" for p in prompts]
+    durations = _parallel(lambda pair: convert(*pair), list(zip([p.path for p in prompts], targets, strict=True)),
+                          workers, desc, progress)
+    return [_row(root, t, p.text, f"{source}-{p.name.replace('/', '-')}", d, source)
+            for p, t, d in zip(prompts, targets, durations, strict=True)]
+
+
+def _texts(corpus: str, n_train: int, n_test: int, seed: int, exclude: Sequence[str]) -> tuple[list, list]:
+    """(text, source) pairs for train and test, by corpus kind."""
+    if corpus == "structured":
+        train, test = split_sentences(n_train, n_test, seed, exclude)
+        return [(t, "synthetic") for t in train], [(t, "synthetic") for t in test]
+    if corpus == "fortunes":
+        train, test = split_fortunes(n_train, n_test, seed)
+        return [(t, "fortunes") for t in train], [(t, "fortunes") for t in test]
+    if corpus == "mixed":
+        g_train, g_test = split_sentences(n_train - n_train // 2, n_test - n_test // 2, seed, exclude)
+        f_train, f_test = split_fortunes(n_train // 2, n_test // 2, seed)
+        mix = random.Random(seed)
+        train = [(t, "synthetic") for t in g_train] + [(t, "fortunes") for t in f_train]
+        test = [(t, "synthetic") for t in g_test] + [(t, "fortunes") for t in f_test]
+        mix.shuffle(train)
+        return train, test
+    raise ValueError(f"corpus must be 'structured', 'fortunes' or 'mixed', not {corpus!r}")
+
+
+def build_demo_corpus(
+    root: Path | str | None = None,
+    corpus: str = "structured",
+    n_train: int = 3000,
+    n_test: int = 200,
+    seed: int = 0,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Render and collect the demo corpus; returns manifest paths keyed by `MANIFESTS`.
+
+    `corpus`: "structured" (grammar), "fortunes" (open-domain sentences) or "mixed" (half each); the real-speech
+    sets are the same for all. `train` holds rendered sentences + the Asterisk training prompts. A stamp with the
+    parameters makes a second call with the same ones free; different ones rebuild the folder.
+    """
+    check_system_packages(corpus)
+    root = Path(root) if root is not None else cache_dir("demo", f"corpus-{corpus}")
+    root.mkdir(parents=True, exist_ok=True)
+    params = {"version": CORPUS_VERSION, "corpus": corpus, "n_train": n_train, "n_test": n_test, "seed": seed}
+    manifests = {name: root / f"{name}.jsonl" for name in MANIFESTS}
+    stamp = root / STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()) == params and all(p.is_file() for p in manifests.values()):
+        return manifests
+    # Stale or interrupted build: drop what we wrote (only our own folders) so no orphan wav survives.
+    stamp.unlink(missing_ok=True)
+    for source in SOURCES:
+        shutil.rmtree(root / "audio" / source, ignore_errors=True)
+
+    prompts_train, prompts_test = split_asterisk(asterisk_prompts())
+    train_texts, test_texts = _texts(corpus, n_train, n_test, seed, exclude=[p.text for p in prompts_test])
+    train_jobs = render_jobs(train_texts, voices(held_out=False), root / "audio", "train", seed)
+    test_jobs = render_jobs(test_texts, voices(held_out=True), root / "audio", "test", seed)
+    train_rows = _synthetic_rows(root, train_jobs, workers, "render train", progress)
+    test_rows = _synthetic_rows(root, test_jobs, workers, "render test", progress)
+    train_rows += _prompt_rows(root, prompts_train, "asterisk/train", "asterisk", workers, "asterisk train", progress)
+    asterisk_rows = _prompt_rows(root, prompts_test, "asterisk/test", "asterisk", workers, "asterisk test", progress)
+    librivox_rows = _prompt_rows(root, librivox_prompts(), "librivox", "librivox", workers, "librivox", progress)
+
+    for name, rows in zip(MANIFESTS, (train_rows, test_rows, asterisk_rows, librivox_rows), strict=True):
+        _write_manifest(manifests[name], rows)
+    stamp.write_text(json.dumps(params, indent=2) + "\n")
+    return manifests
+

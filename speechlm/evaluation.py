@@ -1,0 +1,214 @@
+"""Word and character error rates, per-utterance reports and a markdown summary.
+
+Alignment is jiwer's (Levenshtein over words, then over characters). Kept import-light: no torch, and jiwer is
+imported on first use, so that `speechlm --help` and the server's startup do not pay for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import unicodedata
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["format_summary_table", "normalize_text", "per_utterance_rows", "word_error_rate", "write_jsonl"]
+
+# Typographic apostrophes and look-alikes, so "don’t" (as LLMs and word processors write it) matches "don't".
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u00b4": "'", "`": "'"})
+
+
+def normalize_text(text: str) -> str:
+    """A deliberately small English normaliser, so that WER counts recognition errors rather than formatting.
+
+    In order: Unicode NFKC (full-width and ligature forms become plain ones), typographic apostrophes become `'`,
+    lowercase, every punctuation, symbol or control character becomes a space except an apostrophe between two
+    letters or digits ("don't", "o'clock" are kept; the quotes in "'hello'" and the apostrophe of "dogs'" are not),
+    and whitespace runs collapse to one space.
+
+    Nothing else: numbers are not converted ("10" and "ten" differ), contractions are not expanded ("don't" and
+    "do not" differ), spellings are not unified ("colour"/"color"), and a hyphen or decimal point splits a token
+    ("well-known" -> "well known", "3.5" -> "3 5"). Use the same normaliser on both sides; for comparisons with
+    published numbers, check which normaliser they used (Whisper's is much more aggressive).
+    """
+    text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).lower()
+    characters = []
+    for index, character in enumerate(text):
+        if character == "'":
+            inside_word = 0 < index < len(text) - 1 and text[index - 1].isalnum() and text[index + 1].isalnum()
+            characters.append(character if inside_word else " ")
+        elif unicodedata.category(character)[0] in "PSCZ":  # punctuation, symbols, control/format, separators
+            characters.append(" ")
+        else:
+            characters.append(character)
+    return " ".join("".join(characters).split())
+
+
+def _as_list(texts: str | Sequence[str], what: str) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{what}[{index}] must be a string, got {type(text).__name__}")
+    return texts
+
+
+def _prepare(references: str | Sequence[str], hypotheses: str | Sequence[str], normalize: bool):
+    references, hypotheses = _as_list(references, "references"), _as_list(hypotheses, "hypotheses")
+    if len(references) != len(hypotheses):
+        raise ValueError(f"got {len(references)} references but {len(hypotheses)} hypotheses; they must pair up")
+    clean = normalize_text if normalize else (lambda text: " ".join(text.split()))
+    return [clean(text) for text in references], [clean(text) for text in hypotheses]
+
+
+def _rate(errors: int, n_reference: int) -> float:
+    # With no reference words the rate is undefined: 0.0 when nothing was hypothesised either, inf otherwise (any
+    # finite number would hide that a silent clip was "transcribed").
+    if n_reference == 0:
+        return 0.0 if errors == 0 else math.inf
+    return errors / n_reference
+
+
+def _error_counts(references: list[str], hypotheses: list[str]) -> dict[str, Any]:
+    """Corpus-level counts over already-cleaned texts; empty references are counted here, not handed to jiwer.
+
+    jiwer 3 rejects empty references and jiwer 4 reports a raw insertion count as their "WER"; for an empty
+    reference every hypothesis word (character) is simply an insertion.
+    """
+    import jiwer
+
+    pairs = [(ref, hyp) for ref, hyp in zip(references, hypotheses) if ref]
+    counts = dict(substitutions=0, deletions=0, insertions=0, hits=0, char_errors=0, n_ref_chars=0)
+    for ref, hyp in zip(references, hypotheses):
+        if not ref and hyp:
+            counts["insertions"] += len(hyp.split())
+            counts["char_errors"] += len(hyp)
+    if pairs:
+        refs, hyps = [ref for ref, _ in pairs], [hyp for _, hyp in pairs]
+        words = jiwer.process_words(refs, hyps)
+        chars = jiwer.process_characters(refs, hyps)
+        counts["substitutions"] += words.substitutions
+        counts["deletions"] += words.deletions
+        counts["insertions"] += words.insertions
+        counts["hits"] += words.hits
+        counts["char_errors"] += chars.substitutions + chars.deletions + chars.insertions
+        counts["n_ref_chars"] += chars.hits + chars.substitutions + chars.deletions
+    return counts
+
+
+def word_error_rate(
+    references: str | Sequence[str], hypotheses: str | Sequence[str], normalize: bool = True
+) -> dict[str, Any]:
+    """Corpus WER and CER of `hypotheses` against `references` (errors summed over utterances, not averaged).
+
+    Returns `wer`, `cer`, `substitutions`, `deletions`, `insertions`, `hits` (word counts), `n_ref_words`,
+    `n_ref_chars` and `n_utterances`. With `normalize`, both sides go through `normalize_text` first; otherwise only
+    whitespace is collapsed. An empty reference contributes its hypothesis words as insertions; when the whole corpus
+    has no reference words the rates are 0.0 if the hypotheses are empty too, else `inf`.
+    """
+    references, hypotheses = _prepare(references, hypotheses, normalize)
+    counts = _error_counts(references, hypotheses)
+    n_ref_words = counts["hits"] + counts["substitutions"] + counts["deletions"]
+    word_errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
+    return {
+        "wer": _rate(word_errors, n_ref_words),
+        "cer": _rate(counts["char_errors"], counts["n_ref_chars"]),
+        "substitutions": counts["substitutions"],
+        "deletions": counts["deletions"],
+        "insertions": counts["insertions"],
+        "hits": counts["hits"],
+        "n_ref_words": n_ref_words,
+        "n_ref_chars": counts["n_ref_chars"],
+        "n_utterances": len(references),
+    }
+
+
+def per_utterance_rows(
+    ids: Sequence[Any], references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True
+) -> list[dict[str, Any]]:
+    """One row per utterance (`id`, `ref`, `hyp` as given, then its `wer`, `cer` and error counts), for error analysis.
+
+    The rates are computed like `word_error_rate` on that utterance alone.
+    """
+    ids = list(ids)
+    if not (len(ids) == len(references) == len(hypotheses)):
+        raise ValueError(
+            f"got {len(ids)} ids, {len(references)} references and {len(hypotheses)} hypotheses; they must pair up"
+        )
+    rows = []
+    for utterance_id, reference, hypothesis in zip(ids, references, hypotheses):
+        metrics = word_error_rate(reference, hypothesis, normalize=normalize)
+        rows.append(
+            {
+                "id": utterance_id,
+                "ref": reference,
+                "hyp": hypothesis,
+                "wer": metrics["wer"],
+                "cer": metrics["cer"],
+                "substitutions": metrics["substitutions"],
+                "deletions": metrics["deletions"],
+                "insertions": metrics["insertions"],
+                "n_ref_words": metrics["n_ref_words"],
+            }
+        )
+    return rows
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become null: Python's json would write `Infinity`, which strict JSON readers (jq, browsers) reject."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Write `rows` as UTF-8 JSON Lines (non-finite numbers as null), creating parent folders; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(_json_safe(row), ensure_ascii=False, allow_nan=False) + "\n")
+    return path
+
+
+_LABELS = {
+    "wer": "WER",
+    "cer": "CER",
+    "substitutions": "Substitutions",
+    "deletions": "Deletions",
+    "insertions": "Insertions",
+    "hits": "Correct words",
+    "n_ref_words": "Reference words",
+    "n_ref_chars": "Reference characters",
+    "n_utterances": "Utterances",
+}
+_RATES = {"wer", "cer"}
+
+
+def _format_value(key: str, value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "n/a" if math.isnan(value) else "inf"
+    if key in _RATES and isinstance(value, (int, float)):
+        return f"{100 * value:.2f}%"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def format_summary_table(metrics: dict[str, Any], title: str) -> str:
+    """`metrics` as a two-column markdown table under a `### title` heading; WER/CER in percent, known keys first."""
+    keys = [key for key in _LABELS if key in metrics] + [key for key in metrics if key not in _LABELS]
+    lines = [f"### {title}", "", "| Metric | Value |", "| --- | ---: |"]
+    for key in keys:
+        lines.append(f"| {_cell(_LABELS.get(key, str(key)))} | {_cell(_format_value(key, metrics[key]))} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,198 @@
+"""The demo corpus: grammar, text form, held-out splits, rendered audio, cache reuse and the missing-package error."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from speechlm.demo import corpus as c
+
+WORDS = re.compile(r"[a-z']+( [a-z']+)*")
+MISSING = c.missing_system_packages("structured")
+needs_packages = pytest.mark.skipif(
+    bool(MISSING), reason=f"Debian packages missing: {' '.join(MISSING)} (apt-get install -y {' '.join(MISSING)})"
+)
+
+
+@pytest.mark.parametrize(
+    ("n", "words"),
+    [
+        (0, "zero"),
+        (7, "seven"),
+        (13, "thirteen"),
+        (20, "twenty"),
+        (42, "forty two"),
+        (100, "one hundred"),
+        (305, "three hundred five"),
+        (1000, "one thousand"),
+        (1234, "one thousand two hundred thirty four"),
+        (2_000_017, "two million seventeen"),
+        (-5, "minus five"),
+    ],
+)
+def test_number_to_words(n: int, words: str) -> None:
+    assert c.number_to_words(n) == words
+
+
+def test_ordinals_and_digits() -> None:
+    assert [c.ordinal_words(i) for i in (1, 2, 3, 5, 12, 20, 21, 30, 31)] == [
+        "first", "second", "third", "fifth", "twelfth", "twentieth", "twenty first", "thirtieth", "thirty first",
+    ]  # fmt: skip
+    assert c.digits_to_words("3472") == "three four seven two"
+
+
+def test_normalise_text() -> None:
+    assert c.normalise_text("Please press 1 for sales, or # to exit.") == "please press one for sales or pound to exit"
+    assert c.normalise_text("Call-Forward on No Answer.") == "call forward on no answer"
+    assert c.normalise_text("The time is 7 o'clock A.M.") == "the time is seven o'clock a m"
+    assert c.normalise_text("3D audio... press *") == "three d audio press star"
+    assert c.normalise_text("Room 007, 2.5 miles") == "room zero zero seven two point five miles"
+
+
+def test_sentences_are_deterministic_and_clean() -> None:
+    first = c.build_sentences(300, seed=0)
+    assert first == c.build_sentences(300, seed=0)
+    assert first != c.build_sentences(300, seed=1)
+    assert len(set(first)) == 300
+    assert all(WORDS.fullmatch(s) for s in first)
+    assert not any(ch.isdigit() for s in first for ch in s)
+
+
+def test_train_test_sentences_are_disjoint() -> None:
+    train, test = c.split_sentences(3000, 200, seed=0)
+    assert len(train) == 3000 and len(test) == 200
+    assert not set(train) & set(test)
+    other_train, _ = c.split_sentences(3000, 10, seed=7)  # held-out is a property of the string, not of the seed
+    assert not set(other_train) & set(test)
+    assert all(c.is_held_out(s) for s in test)
+
+
+def test_vocabulary_is_a_few_hundred_words() -> None:
+    vocab = c.vocabulary()
+    assert 300 <= len(vocab) <= 800
+    used = {w for s in c.build_sentences(5000, seed=3) for w in s.split()}
+    assert used <= vocab
+
+
+def test_held_out_voices() -> None:
+    train, test = c.voices(held_out=False), c.voices(held_out=True)
+    assert len(train) > 100 and len(test) > 20
+    assert not set(train) & set(test)
+
+
+def test_missing_packages_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(c.shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(c, "ASTERISK_TRANSCRIPTS", tmp_path / "nowhere.txt.gz")
+    with pytest.raises(c.MissingSystemPackage, match=r"apt-get install -y espeak-ng asterisk-core-sounds-en\b"):
+        c.build_demo_corpus(tmp_path / "corpus", n_train=2, n_test=1, progress=False)
+    with pytest.raises(c.MissingSystemPackage, match="apt-get install -y espeak-ng"):
+        c.ensure_system_packages(install=False)
+    assert not (tmp_path / "corpus").exists() or not any((tmp_path / "corpus").iterdir())
+
+
+def test_ensure_system_packages_installs_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = [["espeak-ng", "fortunes"], []]  # before, then after installing
+    calls: list[list[str]] = []
+
+    def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        calls.append(command)
+        locked = command[1] == "install" and len(calls) == 2  # the first install meets a held dpkg lock
+        return subprocess.CompletedProcess(command, 100 if locked else 0, "", "Could not get lock" if locked else "")
+
+    monkeypatch.setattr(c, "missing_system_packages", lambda corpus="structured": missing.pop(0))
+    monkeypatch.setattr(c, "_is_root", lambda: True)
+    monkeypatch.setattr(c.subprocess, "run", fake_run)
+    monkeypatch.setattr(c.time, "sleep", lambda seconds: None)
+    c.ensure_system_packages(install=True, corpus="mixed")
+    install = ["apt-get", "install", "-y", "espeak-ng", "fortunes"]
+    assert calls == [["apt-get", "update"], install, install]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if MISSING:
+        pytest.skip(f"Debian packages missing: {' '.join(MISSING)}")
+    return c.build_demo_corpus(tmp_path_factory.mktemp("corpus"), n_train=20, n_test=5, progress=False)
+
+
+@needs_packages
+def test_tiny_corpus_audio_matches_manifests(tiny: dict[str, Path]) -> None:
+    assert set(tiny) == {"train", "test_synthetic", "test_asterisk", "test_librivox"}
+    for manifest in tiny.values():
+        rows = c.read_manifest(manifest)
+        assert rows and len({r["id"] for r in rows}) == len(rows)
+        for row in rows:
+            assert not Path(row["audio"]).is_absolute()
+            info = sf.info(manifest.parent / row["audio"])
+            assert (info.samplerate, info.channels, info.subtype) == (16_000, 1, "PCM_16")
+            assert info.duration == pytest.approx(row["duration"], abs=1e-3)
+            assert row["source"] in c.SOURCES and WORDS.fullmatch(row["text"])
+    train = c.read_manifest(tiny["train"])
+    assert sum(r["source"] == "synthetic" for r in train) == 20
+    assert sum(r["source"] == "asterisk" for r in train) > 300
+    assert len(c.read_manifest(tiny["test_synthetic"])) == 5
+    assert 50 <= len(c.read_manifest(tiny["test_asterisk"])) <= 80
+    assert len(c.read_manifest(tiny["test_librivox"])) == 5
+    assert all(Path(r["audio"]).is_file() for r in c.read_manifest(tiny["test_librivox"], absolute=True))
+
+
+@needs_packages
+def test_tiny_corpus_held_out(tiny: dict[str, Path]) -> None:
+    train = c.read_manifest(tiny["train"])
+    test = c.read_manifest(tiny["test_synthetic"])
+    train_voices = {r["voice"] for r in train if r["source"] == "synthetic"}
+    test_voices = {r["voice"] for r in test}
+    assert not train_voices & test_voices and test_voices <= set(c.voices(held_out=True))
+    for name in ("test_synthetic", "test_asterisk"):
+        assert not {r["text"] for r in train} & {r["text"] for r in c.read_manifest(tiny[name])}
+
+
+@needs_packages
+def test_real_transcripts_are_normalised(tiny: dict[str, Path]) -> None:
+    rows = [r for r in c.read_manifest(tiny["train"]) if r["source"] == "asterisk"]
+    rows += c.read_manifest(tiny["test_asterisk"])
+    assert all(r["text"] == c.normalise_text(r["text"]) and r["duration"] <= c.MAX_PROMPT_SECONDS for r in rows)
+    texts = {r["text"] for r in rows}
+    assert "please enter your password followed by the pound key" in texts
+    librivox = c.read_manifest(tiny["test_librivox"])
+    assert "he was not an ill disposed young man" in {r["text"] for r in librivox}
+
+
+@needs_packages
+def test_cache_is_reused(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tiny["train"].parent
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+    def no_render(*args: object, **kwargs: object) -> None:
+        raise AssertionError("re-rendered a cached corpus")
+
+    monkeypatch.setattr(c, "render", no_render)
+    monkeypatch.setattr(c, "convert", no_render)
+    assert c.build_demo_corpus(root, n_train=20, n_test=5, progress=False) == tiny
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
+
+
+@needs_packages
+def test_changed_parameters_rebuild(tmp_path: Path) -> None:
+    c.build_demo_corpus(tmp_path, n_train=3, n_test=2, progress=False)
+    manifests = c.build_demo_corpus(tmp_path, n_train=3, n_test=3, progress=False)
+    assert len(c.read_manifest(manifests["test_synthetic"])) == 3
+    assert len(list((tmp_path / "audio" / "synthetic" / "test").iterdir())) == 3
+    (tmp_path / c.STAMP).unlink()  # an interrupted build leaves no stamp: it is rebuilt, orphans removed
+    orphan = tmp_path / "audio" / "synthetic" / "test" / "orphan.wav"
+    orphan.write_bytes(b"")
+    c.build_demo_corpus(tmp_path, n_train=3, n_test=3, progress=False)
+    assert not orphan.exists() and (tmp_path / c.STAMP).is_file()
+
+
+@pytest.mark.skipif(not c._fortune_files(), reason="Debian package fortunes missing (apt-get install -y fortunes)")
+def test_fortune_sentences() -> None:
+    sentences = c.fortune_sentences()
+    assert len(sentences) > 500
+    assert all(4 <= len(s.split()) <= 20 and WORDS.fullmatch(s) for s in sentences)
+    train, test = c.split_fortunes(100, 20, seed=0)
+    assert len(train) == 100 and len(test) == 20 and not set(train) & set(test)
