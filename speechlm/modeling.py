@@ -123,13 +123,33 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         frames = self.adapter.output_lengths(self.audio_tower, audio_lengths)
         return self.multi_modal_projector.output_lengths(frames)
 
-    def get_audio_features(self, audio: torch.Tensor, audio_mask: torch.Tensor | None = None):
-        """Encode and project a padded batch of clips -> ((N, A, D) embeddings, (N,) token counts)."""
+    def encode_audio(self, audio: torch.Tensor, audio_mask: torch.Tensor | None = None):
+        """Validated encoder pass -> ((N, T, D) frames, zero past each clip's end; (N,) frame counts).
+
+        The encoder half of `get_audio_features`, public so a frozen encoder's output can be cached once and fed
+        back as `encoder_frames` every epoch.
+        """
         lengths = self._audio_lengths(audio, audio_mask)
         audio = audio.to(next(self.audio_tower.parameters()).dtype)
         frames = self.adapter.encode(self.audio_tower, audio, lengths)
-        embeds = self.multi_modal_projector(frames.to(self.multi_modal_projector.linear_1.weight.dtype))
-        return embeds, self.audio_output_lengths(lengths)
+        return frames, self.adapter.output_lengths(self.audio_tower, lengths)
+
+    def get_audio_features(self, audio: torch.Tensor | None = None, audio_mask: torch.Tensor | None = None, *,
+                           encoder_frames: torch.Tensor | None = None,
+                           encoder_frame_lengths: torch.Tensor | None = None):
+        """Encode (or take cached encoder frames) and project -> ((N, A, D) embeddings, (N,) token counts)."""
+        if encoder_frames is None:
+            encoder_frames, encoder_frame_lengths = self.encode_audio(audio, audio_mask)
+        elif encoder_frame_lengths is None:
+            raise ValueError("encoder_frames need encoder_frame_lengths (frames per clip)")
+        else:
+            valid = torch.arange(encoder_frames.shape[1], device=encoder_frames.device)[None] < encoder_frame_lengths[
+                :, None
+            ].to(encoder_frames.device)
+            encoder_frames = encoder_frames * valid[..., None].to(encoder_frames.dtype)
+        projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
+        embeds = self.multi_modal_projector(encoder_frames.to(projector_dtype))
+        return embeds, self.multi_modal_projector.output_lengths(encoder_frame_lengths.to(embeds.device))
 
     def _audio_lengths(self, audio: torch.Tensor, audio_mask: torch.Tensor | None) -> torch.Tensor:
         name = self.audio_input_name
@@ -286,10 +306,14 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        encoder_frames: torch.Tensor | None = None,
+        encoder_frame_lengths: torch.Tensor | None = None,
     ) -> MergedInputs:
-        """Validate the audio inputs, encode them and merge them with the text."""
-        audio = self._select_audio_input(input_values, input_features)
-        audio_embeds, audio_lengths = self.get_audio_features(audio, attention_mask)
+        """Validate the audio inputs (or take cached encoder frames), encode them and merge them with the text."""
+        audio = None if encoder_frames is not None else self._select_audio_input(input_values, input_features)
+        audio_embeds, audio_lengths = self.get_audio_features(
+            audio, attention_mask, encoder_frames=encoder_frames, encoder_frame_lengths=encoder_frame_lengths
+        )
         return self.merge_audio_and_text(audio_embeds, audio_lengths, input_ids, decoder_attention_mask, labels)
 
     def _select_audio_input(self, input_values, input_features) -> torch.Tensor:
@@ -318,18 +342,22 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        encoder_frames: torch.Tensor | None = None,
+        encoder_frame_lengths: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         With audio (`input_values` or `input_features`): `attention_mask` is the audio mask, `input_ids` /
         `decoder_attention_mask` / `labels` the text (prompt + target; prompt labels set to -100 by the collator).
+        `encoder_frames` / `encoder_frame_lengths` (from `encode_audio`) replace the audio for a cached frozen encoder.
         Without audio (generation steps, text-only use): `attention_mask` covers the already merged sequence.
         """
-        if input_values is not None or input_features is not None:
+        if input_values is not None or input_features is not None or encoder_frames is not None:
             if inputs_embeds is not None:
                 raise ValueError("pass audio + input_ids, or inputs_embeds, not both")
             merged = self.prepare_inputs(
-                input_values, input_features, attention_mask, input_ids, decoder_attention_mask, labels
+                input_values, input_features, attention_mask, input_ids, decoder_attention_mask, labels,
+                encoder_frames, encoder_frame_lengths,
             )
             inputs_embeds, attention_mask, position_ids, labels = (
                 merged.inputs_embeds, merged.attention_mask, merged.position_ids, merged.labels
@@ -358,6 +386,8 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        encoder_frames: torch.Tensor | None = None,
+        encoder_frame_lengths: torch.Tensor | None = None,
         **kwargs,
     ):
         """Generate text from audio (+ an optional prompt). Returns only the new tokens.
@@ -368,9 +398,10 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
             if kwargs.get(total) is not None and kwargs.get(new) is None:
                 kwargs[new] = kwargs.pop(total)
-        if input_values is None and input_features is None:
+        if input_values is None and input_features is None and encoder_frames is None:
             return super().generate(input_ids=input_ids, attention_mask=decoder_attention_mask, **kwargs)
-        merged = self.prepare_inputs(input_values, input_features, attention_mask, input_ids, decoder_attention_mask)
+        merged = self.prepare_inputs(input_values, input_features, attention_mask, input_ids, decoder_attention_mask,
+                                     encoder_frames=encoder_frames, encoder_frame_lengths=encoder_frame_lengths)
         return super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
 
     # ------------------------------------------------------------------------------------------- freezing

@@ -291,3 +291,19 @@ def test_whisper_bad_inputs(build):
         model.generate(input_features=torch.randn(1, 16, 3002), max_new_tokens=2)
     with pytest.raises(ValueError, match="takes log-mel input_features"):
         model.generate(input_values=torch.randn(1, 16000), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("encoder", ["whisper", "wav2vec2-group"])
+def test_cached_encoder_frames_give_the_same_loss_and_generation(build, clips, encoder):
+    processor, model = build(encoder, "qwen2")
+    batch = processor(clips, text=["set an alarm", "call mom", "play"], prompt=PROMPTS)
+    frames, frame_lengths = model.encode_audio(batch[model.audio_input_name], batch["attention_mask"])
+    text = {k: batch[k] for k in ("input_ids", "decoder_attention_mask", "labels")}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**text, encoder_frames=frames, encoder_frame_lengths=frame_lengths).loss, model(**batch).loss
+        )
+    generated = model.generate(**_generate_inputs(batch), max_new_tokens=4)
+    cached = model.generate(input_ids=text["input_ids"], decoder_attention_mask=text["decoder_attention_mask"],
+                            encoder_frames=frames, encoder_frame_lengths=frame_lengths, max_new_tokens=4)
+    assert generated.tolist() == cached.tolist()
