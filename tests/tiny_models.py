@@ -93,7 +93,8 @@ def save_encoder(family: str, folder: Path) -> Path:
     if family == "whisper":
         WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(folder)
     else:
-        Wav2Vec2FeatureExtractor(return_attention_mask=getattr(config, "feat_extract_norm", "layer") == "layer").save_pretrained(folder)
+        wants_mask = getattr(config, "feat_extract_norm", "layer") == "layer"
+        Wav2Vec2FeatureExtractor(return_attention_mask=wants_mask).save_pretrained(folder)
     return folder
 
 
