@@ -147,13 +147,11 @@ class WhisperStyleAdapter(AudioEncoderAdapter):
     def load(self, name_or_path: str, **kwargs) -> nn.Module:
         from transformers import WhisperModel
 
-        from .converters.ctranslate2 import is_ctranslate2_whisper, load_ctranslate2_whisper
+        from .converters.ctranslate2 import is_ctranslate2_whisper, load_ctranslate2_whisper_encoder
 
         if is_ctranslate2_whisper(name_or_path):
-            model = load_ctranslate2_whisper(name_or_path, dtype=kwargs.get("dtype") or torch.float32)[2]
-        else:
-            model = WhisperModel.from_pretrained(name_or_path, **kwargs)
-        return model.get_encoder()
+            return load_ctranslate2_whisper_encoder(name_or_path, dtype=_as_dtype(kwargs.get("dtype")))
+        return WhisperModel.from_pretrained(name_or_path, **kwargs).get_encoder()
 
     def _forward(self, encoder: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         frames = torch.arange(inputs.shape[-1], device=inputs.device)[None, :] < lengths[:, None]
@@ -174,6 +172,12 @@ class WhisperStyleAdapter(AudioEncoderAdapter):
                 continue
             hidden = layer(hidden, attention_mask)
         return encoder.layer_norm(hidden)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def encoder_adapter(config: PreTrainedConfig) -> AudioEncoderAdapter:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -16,13 +18,12 @@ _SHARED_LOADING_KEYS = ("revision", "cache_dir", "token", "local_files_only", "t
 
 def load_encoder(name_or_path: str, **loading_kwargs):
     """(feature_extractor, encoder module, adapter) for a hub id, a local folder or a CTranslate2 Whisper folder."""
-    from .converters.ctranslate2 import is_ctranslate2_whisper, load_ctranslate2_whisper
+    from .converters.ctranslate2 import ctranslate2_feature_extractor, is_ctranslate2_whisper
 
     if is_ctranslate2_whisper(name_or_path):
-        feature_extractor, _, whisper = load_ctranslate2_whisper(
-            name_or_path, dtype=loading_kwargs.get("dtype") or torch.float32
-        )
-        encoder = whisper.get_encoder()
+        config = AutoConfig.for_model("whisper")  # the adapter's loader reads the real config from model.bin
+        encoder = encoder_adapter(config).load(name_or_path, **loading_kwargs)
+        feature_extractor = ctranslate2_feature_extractor(Path(name_or_path), encoder.config.num_mel_bins)
         return feature_extractor, encoder, encoder_adapter(encoder.config)
     shared = {k: v for k, v in loading_kwargs.items() if k in _SHARED_LOADING_KEYS}
     config = AutoConfig.from_pretrained(name_or_path, **shared)
