@@ -368,6 +368,11 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
             position_ids = position_ids_from_mask(attention_mask)[:, -length:]
+        if self.training and labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            # Training only needs logits where a label follows: skip the LM head over audio and prompt positions.
+            labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+            first = max(int(labelled[0]) - 1, 0) if len(labelled) else 0
+            logits_to_keep, labels = labels.shape[1] - first, labels[:, first:]
         return self.language_model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,

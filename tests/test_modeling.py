@@ -307,3 +307,15 @@ def test_cached_encoder_frames_give_the_same_loss_and_generation(build, clips, e
     cached = model.generate(input_ids=text["input_ids"], decoder_attention_mask=text["decoder_attention_mask"],
                             encoder_frames=frames, encoder_frame_lengths=frame_lengths, max_new_tokens=4)
     assert generated.tolist() == cached.tolist()
+
+
+def test_training_mode_loss_equals_eval_mode_loss(build, clips):
+    """In training mode the LM head skips unlabelled positions; the loss must not change (no dropout in Llama)."""
+    processor, model = build("whisper", "llama")
+    batch = processor(clips, text=["set an alarm", "call mom tomorrow morning", "play"], prompt=PROMPTS)
+    with torch.no_grad():
+        eval_loss = model(**batch).loss
+        model.train()
+        train_out = model(**batch)
+    torch.testing.assert_close(train_out.loss, eval_loss)
+    assert train_out.logits.shape[1] < model.eval()(**batch).logits.shape[1]
