@@ -68,12 +68,15 @@ def create_speech_lm_model(
     gguf_file: str | None = None,
     encoder_kwargs: dict | None = None,
     decoder_kwargs: dict | None = None,
+    projector_dtype: torch.dtype | None = None,
 ):
     """Join a pretrained audio encoder and a pretrained decoder-only LLM with a fresh projector.
 
     Both names accept hub ids or local folders; the encoder may also be a CTranslate2 / faster-whisper folder.
     Loading options (dtype, attn_implementation, revision, gguf_file, ...) pass through to `from_pretrained`;
-    `encoder_kwargs` / `decoder_kwargs` reach only one side. Returns `(feature_extractor, tokenizer, model)`.
+    `encoder_kwargs` / `decoder_kwargs` reach only one side. The projector takes the LLM's dtype unless
+    `projector_dtype` says otherwise (float32 master weights beside a bf16 LLM train more stably).
+    Returns `(feature_extractor, tokenizer, model)`.
     """
     common = {"dtype": dtype, "attn_implementation": attn_implementation, "revision": revision}
     common = {k: v for k, v in common.items() if v is not None}
@@ -97,7 +100,7 @@ def create_speech_lm_model(
         encoder_loading_kwargs=_serialisable(encoder_loading),
         decoder_loading_kwargs=_serialisable(decoder_loading),
     )
-    model = _assemble(config, audio_tower, language_model)
+    model = _assemble(config, audio_tower, language_model, projector_dtype)
     return feature_extractor, tokenizer, model
 
 
@@ -116,12 +119,12 @@ def build_from_config(config: SpeechLMConfig, dtype: torch.dtype | str | None = 
     return _assemble(config, audio_tower, language_model)
 
 
-def _assemble(config: SpeechLMConfig, audio_tower, language_model) -> SpeechLMModel:
+def _assemble(config: SpeechLMConfig, audio_tower, language_model, projector_dtype=None) -> SpeechLMModel:
     model = SpeechLMModel(config, audio_tower=audio_tower, language_model=language_model)
-    text_dtype = language_model.get_input_embeddings().weight.dtype
-    model.multi_modal_projector.to(text_dtype)
-    model.audio_start.data = model.audio_start.data.to(text_dtype)
-    model.audio_end.data = model.audio_end.data.to(text_dtype)
+    dtype = projector_dtype or language_model.get_input_embeddings().weight.dtype
+    model.multi_modal_projector.to(dtype)
+    model.audio_start.data = model.audio_start.data.to(dtype)
+    model.audio_end.data = model.audio_end.data.to(dtype)
     generation_config = getattr(language_model, "generation_config", None) or GenerationConfig()
     generation_config = GenerationConfig.from_dict(generation_config.to_dict())
     generation_config.pad_token_id = config.text_config.pad_token_id
