@@ -1,19 +1,31 @@
-"""Word and character error rates, per-utterance reports and a markdown summary.
+"""Word and character error rates, per-utterance reports, a markdown summary, and model evaluation.
 
 Alignment is jiwer's (Levenshtein over words, then over characters). Kept import-light: no torch, and jiwer is
-imported on first use, so that `speechlm --help` and the server's startup do not pay for it.
+imported on first use, so that `speechlm --help` and the server's startup do not pay for it. `evaluate_model` and
+the `speechlm evaluate` subcommand import the model code inside the functions for the same reason.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
+import time
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_summary_table", "normalize_text", "per_utterance_rows", "word_error_rate", "write_jsonl"]
+__all__ = [
+    "evaluate_model",
+    "format_summary_table",
+    "normalize_text",
+    "per_utterance_rows",
+    "transcribe_records",
+    "word_error_rate",
+    "write_jsonl",
+]
 
 # Typographic apostrophes and look-alikes, so "don’t" (as LLMs and word processors write it) matches "don't".
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u00b4": "'", "`": "'"})
@@ -212,3 +224,143 @@ def format_summary_table(metrics: dict[str, Any], title: str) -> str:
     for key in keys:
         lines.append(f"| {_cell(_LABELS.get(key, str(key)))} | {_cell(_format_value(key, metrics[key]))} |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model evaluation
+
+# Records are decoded and transcribed in groups of this many batches, so a long evaluation set never sits in memory
+# as decoded audio all at once while batches stay length-sorted within each group.
+_BATCHES_PER_GROUP = 32
+
+
+def transcribe_records(
+    model,
+    processor,
+    records: Sequence[dict[str, Any]],
+    batch_size: int = 8,
+    prompt: str | None = None,
+    task_prompts: dict[str, str] | None = None,
+    progress: bool = False,
+    **generate_kwargs,
+) -> list[str]:
+    """Hypotheses for manifest records (see `speechlm.data`), in record order, through `transcribe_arrays`.
+
+    A record's own `prompt` wins, then its `task`'s prompt from `task_prompts`, then `prompt`, then the processor's
+    default.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import load_record_audio, resolve_prompt
+    from .inference import transcribe_arrays
+
+    hypotheses: list[str] = []
+    group = max(1, batch_size) * _BATCHES_PER_GROUP
+    with tqdm(total=len(records), desc="evaluating", unit="utt", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(records), group):
+            chunk = records[start : start + group]
+            audios = [load_record_audio(record, processor.sampling_rate) for record in chunk]
+            prompts = []
+            for record in chunk:
+                own = resolve_prompt(record, task_prompts)
+                prompts.append(own if own is not None else prompt if prompt is not None else processor.prompt)
+            hypotheses += transcribe_arrays(model, processor, audios, prompt=prompts, batch_size=batch_size,
+                                            **generate_kwargs)
+            bar.update(len(chunk))
+    return hypotheses
+
+
+def evaluate_model(
+    model,
+    processor,
+    manifest_or_records,
+    batch_size: int = 8,
+    prompt: str | None = None,
+    output_dir: str | Path | None = None,
+    *,
+    on_error: str = "raise",
+    limit: int | None = None,
+    task_prompts: dict[str, str] | None = None,
+    normalize: bool = True,
+    progress: bool = False,
+    **generate_kwargs,
+) -> dict[str, Any]:
+    """Transcribe a manifest (path, `speechlm.data.Manifest`, `datasets.Dataset` or list of record dicts) and score it.
+
+    Returns `word_error_rate`'s metrics plus `n_skipped` (manifest entries dropped with `on_error="skip"`),
+    `elapsed_seconds`, `audio_seconds` and `real_time_factor`. With `output_dir`, also writes `predictions.jsonl` (one
+    row per utterance, for error analysis), `metrics.json` and `summary.md` there.
+    `generate_kwargs` reach `model.generate` (max_new_tokens, num_beams, ...).
+    """
+    from .data import load_records
+
+    manifest = load_records(manifest_or_records, on_error=on_error).select(limit)
+    records = list(manifest)
+    started = time.perf_counter()
+    hypotheses = transcribe_records(model, processor, records, batch_size, prompt, task_prompts, progress,
+                                    **generate_kwargs)
+    elapsed = time.perf_counter() - started
+    references = [record["text"] for record in records]
+    metrics = word_error_rate(references, hypotheses, normalize=normalize)
+    audio_seconds = sum(record["duration"] or 0.0 for record in records)
+    metrics.update(
+        n_skipped=len(manifest.skipped),
+        elapsed_seconds=elapsed,
+        audio_seconds=audio_seconds,
+        real_time_factor=elapsed / audio_seconds if audio_seconds else math.nan,
+    )
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        rows = per_utterance_rows([r["id"] for r in records], references, hypotheses, normalize=normalize)
+        write_jsonl(rows, output_dir / "predictions.jsonl")
+        with open(output_dir / "metrics.json", "w", encoding="utf-8") as handle:
+            json.dump(_json_safe(metrics), handle, indent=2)
+        title = f"Evaluation on {manifest.source}"
+        (output_dir / "summary.md").write_text(format_summary_table(metrics, title), encoding="utf-8")
+    return metrics
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", help="JSONL manifest: {\"audio\": path, \"text\": reference, \"prompt\"?: ...}")
+    parser.add_argument("--model", required=True, help="model folder (model + processor, as saved by training)")
+    parser.add_argument("--prompt", default=None, help="instruction for records without their own prompt")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens per clip (default 128)")
+    parser.add_argument("--num-beams", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N utterances")
+    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                        help="bad manifest lines: stop with a list of them, or skip them (counted and reported)")
+    parser.add_argument("--output-dir", default=None, help="write predictions.jsonl, metrics.json and summary.md here")
+    parser.add_argument("--no-normalize", action="store_true", help="score raw text (only whitespace collapsed)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import ManifestError, read_manifest
+    from .inference import load_pretrained
+
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
+    try:  # read (and check) the manifest before spending time on loading the model
+        manifest = read_manifest(args.manifest, on_error=args.on_error)
+    except (ManifestError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    processor, model = load_pretrained(args.model, dtype=args.dtype, device=device)
+    metrics = evaluate_model(
+        model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
+        limit=args.limit, normalize=not args.no_normalize, progress=not args.quiet,
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+    )  # fmt: skip
+    print(format_summary_table(metrics, f"{args.model} on {args.manifest}"))
+    print(f"WER: {_format_value('wer', metrics['wer'])}  CER: {_format_value('cer', metrics['cer'])}")
+    return 0
+
+
+add_arguments = add_evaluate_arguments
+run = run_evaluate

