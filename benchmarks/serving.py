@@ -1,0 +1,241 @@
+"""Load test of `speechlm serve`: throughput and latency with and without dynamic batching, in one run.
+
+Builds a small random SpeechLM (Whisper-style encoder + Qwen2-style decoder, big enough that the model rather than
+HTTP dominates), saves it like a trained checkpoint, starts `speechlm serve` on 127.0.0.1 twice (`--max-batch-size
+16` and `--max-batch-size 1`) and sends the same bounded load to each: REQUESTS uploads, CONCURRENCY at a time.
+Any failed request fails the benchmark. A random model never emits end-of-sequence, so every request generates
+exactly `--max-new-tokens` tokens and both runs do the same work.
+
+    PYTHONPATH=. python benchmarks/serving.py [--requests 200] [--concurrency 16] [--device cpu] [--threads 1]
+
+The table goes to stdout and to benchmarks/results/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile as sf
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, Qwen2Config, WhisperConfig, WhisperFeatureExtractor
+
+from speechlm import SpeechLMProcessor, create_speech_lm_model
+from tests.tiny_models import make_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "serving.md"
+SR = 16000
+
+
+def build_model(folder: Path) -> int:
+    """Save a random encoder and decoder, join them with `create_speech_lm_model`, save the result; returns #params."""
+    torch.manual_seed(0)
+    encoder_config = WhisperConfig(
+        d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=1024, decoder_layers=1,
+        decoder_attention_heads=4, decoder_ffn_dim=256, num_mel_bins=80, max_source_positions=1500,
+        vocab_size=64, decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    AutoModel.from_config(encoder_config).save_pretrained(folder / "encoder")
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(folder / "encoder")
+    tokenizer = make_tokenizer()
+    decoder_config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(decoder_config).save_pretrained(folder / "decoder")
+    tokenizer.save_pretrained(folder / "decoder")
+    feature_extractor, tokenizer, model = create_speech_lm_model(
+        str(folder / "encoder"), str(folder / "decoder"), projection_hidden_size=512
+    )
+    processor = SpeechLMProcessor(feature_extractor, tokenizer, prompt="Transcribe the audio.")
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_uploads(count: int, seed: int = 0) -> list[bytes]:
+    """`count` distinct 2-5 s speech-like clips (modulated tones + noise) as WAV bytes."""
+    rng = np.random.default_rng(seed)
+    uploads = []
+    for _ in range(count):
+        t = np.arange(int(rng.uniform(2.0, 5.0) * SR)) / SR
+        tone = np.sin(2 * np.pi * rng.uniform(120, 300) * t) * (0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 5) * t))
+        audio = (0.3 * tone + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+        buffer = io.BytesIO()
+        sf.write(buffer, audio, SR, format="WAV", subtype="PCM_16")
+        uploads.append(buffer.getvalue())
+    return uploads
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model_dir: Path, port: int, max_batch_size: int, args) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "speechlm.cli", "serve", "--model", str(model_dir), "--port", str(port),
+        "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
+        "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
+    ] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # The log goes to a file: an undrained pipe would fill up and stall the server.
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read().decode(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.25)
+    process.kill()
+    raise RuntimeError("server did not start within 180 s")
+
+
+async def load(url: str, uploads: list[bytes], requests: int, concurrency: int) -> tuple[list[float], int, float]:
+    """Send `requests` uploads with at most `concurrency` in flight; (latencies in s, errors, wall seconds)."""
+    latencies: list[float] = []
+    errors = 0
+    queue: asyncio.Queue = asyncio.Queue()
+    for index in range(requests):
+        queue.put_nowait(index)
+
+    async def worker(client: httpx.AsyncClient):
+        nonlocal errors
+        while True:
+            try:
+                index = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            started = time.perf_counter()
+            try:
+                response = await client.post(
+                    url, files={"file": (f"{index}.wav", uploads[index % len(uploads)])}, data={"model": "bench"}
+                )
+                ok = response.status_code == 200 and isinstance(response.json().get("text"), str)
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - started)
+            errors += not ok
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return latencies, errors, wall
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def run_mode(model_dir: Path, uploads: list[bytes], max_batch_size: int, args) -> dict:
+    port = free_port()
+    server = start_server(model_dir, port, max_batch_size, args)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(load(base + "/v1/audio/transcriptions", uploads, args.concurrency, args.concurrency))  # warm-up
+        before = httpx.get(base + "/health").json()["batching"]
+        latencies, errors, wall = asyncio.run(
+            load(base + "/v1/audio/transcriptions", uploads, args.requests, args.concurrency)
+        )
+        after = httpx.get(base + "/health").json()["batching"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    batches = after["batches"] - before["batches"]
+    return {
+        "max_batch_size": max_batch_size,
+        "errors": errors,
+        "rps": args.requests / wall,
+        "p50": percentile(latencies, 50) * 1000,
+        "p95": percentile(latencies, 95) * 1000,
+        "mean": float(np.mean(latencies)) * 1000,
+        "mean_batch": (after["clips"] - before["clips"]) / batches if batches else 0.0,
+        "wall": wall,
+    }
+
+
+def table(rows: list[dict], args, params: int) -> str:
+    batched, single = rows
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        "# Serving benchmark (`benchmarks/serving.py`)",
+        "",
+        f"{args.requests} requests, {args.concurrency} concurrent, against `speechlm serve` on 127.0.0.1; random "
+        f"SpeechLM of {params / 1e6:.1f} M parameters (Whisper-style encoder 4x256 + Qwen2-style decoder 4x256), "
+        f"2-5 s clips, {args.max_new_tokens} generated tokens per request, device `{args.device}` "
+        f"({os.cpu_count()} CPU cores, {cpu}, torch {torch.__version__}, server threads "
+        f"{args.threads or 'default'}), batch window {args.batch_wait_ms:g} ms.",
+        "",
+        "| Dynamic batching | Max batch | Errors | Requests/s | p50 latency (ms) | p95 latency (ms) | Mean latency (ms)"
+        " | Mean batch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in (("on", batched), ("off", single)):
+        lines.append(
+            f"| {name} | {row['max_batch_size']} | {row['errors']} | {row['rps']:.2f} | {row['p50']:.0f} | "
+            f"{row['p95']:.0f} | {row['mean']:.0f} | {row['mean_batch']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Batching on/off, same run: throughput x{batched['rps'] / single['rps']:.2f}, "
+        f"p50 latency x{batched['p50'] / single['p50']:.2f}, p95 latency x{batched['p95'] / single['p95']:.2f}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="the server's torch threads; 0 = torch's default. 1 keeps CPU runs reproducible on a shared machine, "
+        "where idle-spinning OpenMP threads made 2-thread runs vary 20x between runs",
+    )  # fmt: skip
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        params = build_model(folder)
+        uploads = make_uploads(50)
+        rows = [run_mode(folder / "model", uploads, size, args) for size in (16, 1)]
+    text = table(rows, args, params)
+    print(text)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(text)
+    failed = sum(row["errors"] for row in rows)
+    if failed:
+        print(f"error: {failed} request(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Dynamic batching: concurrent requests that arrive within a few milliseconds are decoded as one batch.
+
+One worker thread owns the model (generation is not thread-safe, and one big batch beats several small ones on any
+device). It takes the oldest waiting clip, waits until `max_wait_ms` after that clip arrived for more clips with the
+same generation options, and hands up to `max_batch_size` of them to `transcribe_arrays`. Since batched output equals
+one-by-one output, batching changes latency and throughput, never a transcript.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..inference import transcribe_arrays
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass
+class _Job:
+    audio: np.ndarray
+    prompt: str | None
+    options: tuple  # generation kwargs as sorted items: clips are only batched with identical options
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatcher:
+    """Queue clips from any thread or event loop; a worker thread decodes them in batches.
+
+    Args:
+        max_batch_size: most clips per `transcribe_arrays` call; 1 turns batching off (clips decoded one at a time).
+        max_wait_ms: how long the oldest waiting clip may wait for others to join its batch.
+    """
+
+    def __init__(self, model, processor, max_batch_size: int = 16, max_wait_ms: float = 10.0):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.processor = processor
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self._queue: queue.Queue = queue.Queue()
+        self._held: deque[_Job] = deque()  # jobs taken from the queue whose options differ from the current batch's
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.batches = 0
+        self.clips = 0
+        self.largest_batch = 0
+
+    # ------------------------------------------------------------------------------------------------ client side
+    def submit(self, audio: np.ndarray, prompt: str | None = None, **generate_kwargs) -> Future:
+        """Queue one clip; the future resolves to its text (or to the exception that decoding it raised)."""
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        self._ensure_worker()
+        options = tuple(sorted((k, v) for k, v in generate_kwargs.items() if v is not None))
+        job = _Job(audio, prompt, options)
+        self._queue.put(job)
+        return job.future
+
+    async def transcribe(self, audio: np.ndarray, prompt: str | None = None, **generate_kwargs) -> str:
+        """`submit` for an event loop; cancelling the await drops the clip if it is still waiting."""
+        return await asyncio.wrap_future(self.submit(audio, prompt, **generate_kwargs))
+
+    def pending(self) -> int:
+        return self._queue.qsize() + len(self._held)
+
+    def stats(self) -> dict:
+        return {
+            "batches": self.batches,
+            "clips": self.clips,
+            "mean_batch_size": round(self.clips / self.batches, 2) if self.batches else 0.0,
+            "largest_batch": self.largest_batch,
+            "pending": self.pending(),
+        }
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Finish the queued clips, then stop the worker."""
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    def _ensure_worker(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="speechlm-batcher", daemon=True)
+                self._thread.start()
+
+    # ------------------------------------------------------------------------------------------------ worker side
+    def _run(self) -> None:
+        while True:
+            batch, stop = self._collect()
+            if batch:
+                self._decode(batch)
+            if stop:
+                while self._held:  # jobs of other options that were waiting behind the stop marker
+                    self._decode([self._held.popleft()])
+                return
+
+    def _collect(self) -> tuple[list[_Job], bool]:
+        first = self._held.popleft() if self._held else self._queue.get()
+        if first is _STOP:
+            return [], True
+        batch = [first]
+        for job in list(self._held):
+            if len(batch) < self.max_batch_size and job.options == first.options:
+                self._held.remove(job)
+                batch.append(job)
+        deadline = first.arrived + self.max_wait
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                # Past the deadline, still take what is already queued (it arrived while the last batch decoded).
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                return batch, True
+            if job.options == first.options:
+                batch.append(job)
+            else:
+                self._held.append(job)
+        return batch, False
+
+    def _decode(self, batch: list[_Job]) -> None:
+        jobs = [job for job in batch if job.future.set_running_or_notify_cancel()]  # skip timed-out requests
+        if not jobs:
+            return
+        self.batches += 1
+        self.clips += len(jobs)
+        self.largest_batch = max(self.largest_batch, len(jobs))
+        try:
+            texts = self._transcribe(jobs)
+        except Exception as error:  # noqa: BLE001 - isolate the clip that failed from the others
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(error)
+                return
+            logger.warning("batch of %d failed (%s); decoding its clips one by one", len(jobs), error)
+            for job in jobs:
+                try:
+                    job.future.set_result(self._transcribe([job])[0])
+                except Exception as single_error:  # noqa: BLE001
+                    job.future.set_exception(single_error)
+            return
+        for job, text in zip(jobs, texts):
+            job.future.set_result(text)
+
+    def _transcribe(self, jobs: list[_Job]) -> list[str]:
+        options = dict(jobs[0].options)
+        prompts = [job.prompt for job in jobs]
+        return transcribe_arrays(self.model, self.processor, [job.audio for job in jobs], prompts, len(jobs), **options)
+
+
+__all__ = ["DynamicBatcher"]

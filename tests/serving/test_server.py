@@ -1,0 +1,285 @@
+"""The OpenAI-compatible server, live on 127.0.0.1 with a tiny model, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+import uvicorn
+
+import speechlm.serving.batcher as batcher_module
+from speechlm.audio import load_audio
+from speechlm.inference import transcribe_arrays
+from speechlm.serving import ServerSettings, create_app
+from speechlm.serving.app import add_serve_arguments, settings_from_args
+from tests.conftest import make_clips
+
+SR = 16000
+TOKENS = 6
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """Run `app` with uvicorn in a thread on a free loopback port; yields the base URL, stops on exit."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(build):
+    return build("whisper", "qwen2")
+
+
+def settings(**overrides) -> ServerSettings:
+    values = dict(model_name="tiny-speechlm", max_new_tokens=TOKENS, batch_wait_ms=50.0, max_upload_bytes=2_000_000,
+                  max_audio_seconds=60.0, max_chunk_seconds=4.0)  # fmt: skip
+    return ServerSettings(**(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    processor, model = tiny
+    app = create_app(model, processor, settings())
+    with live_server(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        yield client
+
+
+def wav_bytes(audio: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, SR, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+def expected_texts(tiny, wavs: list[bytes]) -> list[str]:
+    """What the model says for each upload decoded alone, the reference for every server answer."""
+    processor, model = tiny
+    return [transcribe_arrays(model, processor, [load_audio(data, SR)], max_new_tokens=TOKENS)[0] for data in wavs]
+
+
+# ------------------------------------------------------------------------------------------------ happy paths
+def test_health_and_models(server, client):
+    url, _ = server
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny-speechlm" and health["auth_required"] is False
+    assert [model.id for model in client.models.list().data] == ["tiny-speechlm"]
+    assert client.models.retrieve("tiny-speechlm").id == "tiny-speechlm"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("whisper-1")
+
+
+def test_every_response_format(tiny, client):
+    audio = make_clips((0.8,))[0]
+    data = wav_bytes(audio)
+    (text,) = expected_texts(tiny, [data])
+    assert text
+
+    def create(fmt, **kwargs):
+        return client.audio.transcriptions.create(
+            model="whisper-1", file=("clip.wav", data), response_format=fmt, **kwargs
+        )
+
+    assert create("json").text == text
+    assert create("text") == text + "\n"
+    assert create("srt") == f"1\n00:00:00,000 --> 00:00:00,800\n{text}\n\n"
+    assert create("vtt") == f"WEBVTT\n\n00:00:00.000 --> 00:00:00.800\n{text}\n\n"
+    verbose = create("verbose_json", language="en", temperature=0.0)
+    assert verbose.text == text and verbose.language == "en" and verbose.duration == pytest.approx(0.8)
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == [(0.0, 0.8, text)]
+    assert verbose.segments[0].tokens and verbose.segments[0].id == 0
+    # Sampling is accepted too (its text is random, so only the shape is checked).
+    assert isinstance(create("json", temperature=0.7).text, str)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (speech TTS)")
+def test_long_upload_is_split_on_silence(tiny, client, tmp_path):
+    from tests.test_inference import espeak_recording
+
+    path, intervals = espeak_recording(tmp_path, seconds=12.0)
+    verbose = client.audio.transcriptions.create(model="tiny-speechlm", file=path, response_format="verbose_json")
+    assert verbose.duration > 12.0
+    assert len(verbose.segments) == len(intervals)  # max_chunk_seconds=4: each sentence is its own chunk
+    for segment, (start, end) in zip(verbose.segments, intervals):
+        assert segment.end - segment.start <= 4.0
+        assert segment.start <= start + 0.05 and segment.end >= end - 0.25
+
+
+def test_concurrent_requests_equal_one_by_one(tiny, server, client):
+    _, app = server
+    clips = make_clips(tuple(0.3 + 0.05 * i for i in range(16)), seed=3)
+    wavs = [wav_bytes(clip) for clip in clips]
+    expected = expected_texts(tiny, wavs)
+    before = app.state.batcher.stats()
+
+    def send(index):
+        return client.audio.transcriptions.create(model="tiny-speechlm", file=(f"{index}.wav", wavs[index])).text
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, range(16)))
+    after = app.state.batcher.stats()
+    assert answers == expected
+    assert after["clips"] - before["clips"] == 16
+    assert after["batches"] - before["batches"] < 16  # requests really were decoded together
+    assert after["largest_batch"] > 1
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_api_key(tiny, monkeypatch):
+    processor, model = tiny
+    data = wav_bytes(make_clips((0.5,))[0])
+    with live_server(create_app(model, processor, settings(api_key="s3cret"))) as url:
+        missing = httpx.post(url + "/v1/audio/transcriptions", files={"file": ("a.wav", data)})
+        assert missing.status_code == 401
+        assert missing.json()["error"]["code"] == "missing_api_key"
+        with openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0) as wrong:
+            with pytest.raises(openai.AuthenticationError) as error:
+                wrong.audio.transcriptions.create(model="m", file=("a.wav", data))
+            assert error.value.status_code == 401 and error.value.code == "invalid_api_key"
+            with pytest.raises(openai.AuthenticationError):
+                wrong.models.list()
+        with openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0) as right:
+            assert isinstance(right.audio.transcriptions.create(model="m", file=("a.wav", data)).text, str)
+        assert httpx.get(url + "/health").status_code == 200  # health and the page stay open
+        assert httpx.get(url + "/").status_code == 200
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    monkeypatch.setenv("SPEECHLM_API_KEY", "from-env")
+    parsed = settings_from_args(parser.parse_args(["--model", "/models/my-model", "--max-upload-mb", "1"]))
+    assert parsed.api_key == "from-env" and parsed.model_name == "my-model" and parsed.max_upload_bytes == 2**20
+
+
+def test_bad_uploads_are_4xx_and_the_server_keeps_serving(server, client):
+    url, _ = server
+    endpoint = url + "/v1/audio/transcriptions"
+
+    def post(name, data, **form):
+        return httpx.post(endpoint, files={"file": (name, data)}, data=form, timeout=60)
+
+    cases = {
+        "notes.txt": b"hello, I am not audio",
+        "empty.wav": b"",
+        "cut.wav": wav_bytes(make_clips()[0])[:3000],
+        "click.wav": wav_bytes(np.full(5, 0.1, dtype=np.float32)),  # too short for any encoder
+    }
+    for name, data in cases.items():
+        response = post(name, data)
+        assert response.status_code == 400, (name, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "invalid_audio" and error["type"] == "invalid_request_error"
+        assert name in error["message"]
+
+    too_long = io.BytesIO()
+    sf.write(too_long, np.zeros(61 * 1000, dtype=np.int16), 1000, format="WAV", subtype="PCM_16")  # 61 s, small
+    response = post("long.wav", too_long.getvalue())
+    assert response.status_code == 400 and response.json()["error"]["code"] == "audio_too_long"
+
+    response = post("huge.wav", b"\0" * 3_000_000)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "file_too_large"
+
+    response = post("a.wav", wav_bytes(make_clips((0.5,))[0]), response_format="mp3")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+    response = httpx.post(endpoint, data={"model": "m"})
+    assert response.status_code == 400 and "file" in response.json()["error"]["message"]
+
+    with pytest.raises(openai.BadRequestError, match="notes.txt"):
+        client.audio.transcriptions.create(model="m", file=("notes.txt", b"plain text"))
+    assert isinstance(client.audio.transcriptions.create(model="m", file=("ok.wav", wav_bytes(make_clips()[0]))).text,
+                      str)  # fmt: skip
+    assert httpx.get(url + "/v1/nope").status_code == 404
+
+
+def test_request_timeout_is_504(tiny, monkeypatch):
+    processor, model = tiny
+    real = batcher_module.transcribe_arrays
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "transcribe_arrays", slow)
+    with live_server(create_app(model, processor, settings(request_timeout=0.2))) as url:
+        response = httpx.post(url + "/v1/audio/transcriptions",
+                              files={"file": ("slow.wav", wav_bytes(make_clips()[0]))}, timeout=30)  # fmt: skip
+        assert response.status_code == 504
+        assert response.json()["error"] == {
+            "message": "Transcribing slow.wav took longer than the 0.2 s request timeout.",
+            "type": "timeout", "param": None, "code": "request_timeout",
+        }  # fmt: skip
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------------------------ web page
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_web_page_upload_and_record(tiny, server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    url, _ = server
+    audio = make_clips((0.7,), seed=5)[0]
+    path = tmp_path / "page.wav"
+    path.write_bytes(wav_bytes(audio))
+    (text,) = expected_texts(tiny, [path.read_bytes()])
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
+             "--use-fake-device-for-media-stream"]  # fmt: skip
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            assert page.title() == "SpeechLM transcription"
+            page.set_input_files("#file", str(path))
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=30000)
+            assert page.inner_text("#transcript") == text
+
+            page.click("summary")  # the options are folded away
+            page.select_option("#format", "verbose_json")
+            page.click("#again")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=30000)
+            assert page.inner_text("#transcript") == f"[0.00 → 0.70] {text}"
+
+            # Record a second from Chromium's fake microphone; the webm upload goes through ffmpeg on the server.
+            page.click("#record")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('Recording')")
+            page.wait_for_timeout(1200)
+            page.click("#stop")
+            page.wait_for_function(
+                "document.getElementById('status').textContent.startsWith('Done: recording')", timeout=30000
+            )
+            assert page.inner_text("#transcript").startswith("[0.00 → ")
+        finally:
+            browser.close()
