@@ -36,15 +36,15 @@ class DemoSettings:
     encoder: str = BUNDLED
     decoder: str = BUNDLED
     gguf_file: str | None = None
-    batch_size: int = 16
+    batch_size: int = 8
     learning_rate: float = 1.5e-3
     stack_factor: int = 4
     projector_hidden_size: int = 1024
-    lora_rank: int = 0
+    lora_rank: int = 8
     seed: int = 0
-    eval_every_minutes: float = 3.0
+    eval_every_minutes: float = 4.0
     eval_limit: int | None = None
-    curve_clips: int = 40
+    curve_clips: int = 24
     extra: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
@@ -110,8 +110,11 @@ def encode_frames(model, processor, rows: list[dict], cache_file: Path, batch_si
 
 
 class FrameDataset(torch.utils.data.Dataset):
+    """Cached frames + transcripts; `lengths` lets the trainer batch clips of similar length together."""
+
     def __init__(self, frames: list[torch.Tensor], texts: list[str]):
         self.frames, self.texts = frames, texts
+        self.lengths = [int(f.shape[0]) for f in frames]
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -152,10 +155,11 @@ def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 2
 def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_audio, eval_texts, output: Path):
     """transformers' Trainer on cached frames, stopped by the clock; returns the loss and WER history."""
     from tqdm.auto import tqdm
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
 
     from ..evaluation import word_error_rate
     from ..inference import transcribe_arrays
+    from ..training import SpeechLMTrainer
 
     budget = settings.minutes * 60
     history = {"loss": [], "wer": []}
@@ -182,7 +186,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
             elif elapsed >= self.next_eval and eval_audio:
                 self.next_eval += settings.eval_every_minutes * 60
                 model.eval()
-                hyps = transcribe_arrays(model, processor, eval_audio, batch_size=20, max_new_tokens=40)
+                hyps = transcribe_arrays(model, processor, eval_audio, batch_size=24, max_new_tokens=32)
                 model.train()
                 wer = word_error_rate(eval_texts, hyps)["wer"]
                 history["wer"].append((elapsed / 60, state.global_step, wer))
@@ -198,9 +202,9 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
         output_dir=str(output / "trainer"), per_device_train_batch_size=settings.batch_size, max_steps=10**7,
         logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
         remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, seed=settings.seed,
-        log_level="warning",
+        log_level="warning", train_sampling_strategy="group_by_length",
     )
-    trainer = Trainer(
+    trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=FrameCollator(processor),
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget)), callbacks=[Budget()],
     )
@@ -346,7 +350,8 @@ def run(args) -> int:
         del model
 
     print("[demo] 4/5 evaluating the saved model (reloaded with SpeechLMModel.from_pretrained)", flush=True)
-    processor, model = load_pretrained(str(model_dir))
+    # float32 for decoding: bfloat16 halves training time on this CPU, but its one-token decode steps are slower.
+    processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
     results = evaluate_sets(model, processor, manifests, settings.eval_limit)
     report = write_report(output, settings, history, results)
     losses = [loss for _, _, loss in history.get("loss", [])]
