@@ -70,6 +70,16 @@ class SpeechLMPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.audio_end, std=std)
 
 
+def _mark_initialized(module: nn.Module) -> None:
+    """Keep a given sub-model's weights through `post_init`.
+
+    transformers re-runs each sub-model's own random init on every module not flagged as initialised; modules that
+    did not come from `from_pretrained` (a converted checkpoint, a model built by hand) carry no flag.
+    """
+    for submodule in module.modules():
+        submodule._is_hf_initialized = True
+
+
 class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
     """Any Hugging Face audio encoder + any decoder-only LLM, as one generating model."""
 
@@ -81,6 +91,9 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         for name, implementation in sub_attention.items():
             if implementation is not None:
                 getattr(config, name)._attn_implementation = implementation
+        for given in (audio_tower, language_model):
+            if given is not None:
+                _mark_initialized(given)
         self.adapter = encoder_adapter(config.audio_config)
         self.audio_tower = audio_tower if audio_tower is not None else self.adapter.build()
         self.language_model = (

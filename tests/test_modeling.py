@@ -34,6 +34,25 @@ def _generate_inputs(batch):
 
 
 @pytest.mark.parametrize("encoder,decoder", PAIRS)
+def test_create_keeps_pretrained_weights(model_dirs, encoder, decoder):
+    """The assembled model holds exactly the loaded encoder and LLM weights (post_init must not re-randomise them)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from speechlm import create_speech_lm_model
+
+    _, _, model = create_speech_lm_model(str(model_dirs("encoder", encoder)), str(model_dirs("decoder", decoder)))
+    reference_encoder = AutoModel.from_pretrained(model_dirs("encoder", encoder))
+    if encoder == "whisper":  # saved as a whole WhisperModel; the audio tower is its encoder
+        reference_encoder = reference_encoder.get_encoder()
+    for name, tensor in model.audio_tower.state_dict().items():
+        assert torch.equal(tensor, reference_encoder.state_dict()[name]), name
+    reference_decoder = AutoModelForCausalLM.from_pretrained(model_dirs("decoder", decoder)).state_dict()
+    for name, tensor in model.language_model.state_dict().items():
+        expected = reference_decoder[name]
+        assert torch.equal(tensor[: expected.shape[0]], expected), name  # new token rows are appended
+
+
+@pytest.mark.parametrize("encoder,decoder", PAIRS)
 def test_batched_forward_equals_one_by_one(build, clips, encoder, decoder):
     processor, model = build(encoder, decoder)
     batch = processor(clips, text=["set an alarm", "call mom tomorrow morning", "play"], prompt=PROMPTS)

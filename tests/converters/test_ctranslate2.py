@@ -299,3 +299,13 @@ def test_not_a_ctranslate2_whisper_folder(whisper_dir, tmp_path, ct2_variables):
     (no_tokenizer / "tokenizer.json").unlink()
     shutil.copy(whisper_dir / "model.bin", no_tokenizer / "model.bin")
     _expect_error(no_tokenizer, r"tokenizer\.json not found")
+
+
+def test_speech_lm_keeps_converted_encoder_weights(whisper_dir, loaded, model_dirs):
+    """A converted encoder carries no from_pretrained flags; assembling the speech LM must not re-randomise it."""
+    from speechlm import create_speech_lm_model
+
+    _, _, model = create_speech_lm_model(str(whisper_dir), str(model_dirs("decoder", "qwen2")))
+    reference = loaded[2].model.encoder.state_dict()
+    for name, tensor in model.audio_tower.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
