@@ -355,11 +355,31 @@ class SpeechLMTrainer(Trainer):
     """`Trainer` with duration-grouped batches and a WER/CER pass added to every evaluation."""
 
     def __init__(self, *args, wer_records=None, evaluation: EvaluationConfig | None = None, task_prompts=None,
-                 **kwargs):
+                 ctc_head=None, ctc_weight: float = 0.0, ctc_only: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.wer_records = list(wer_records or [])
         self.evaluation_config = evaluation or EvaluationConfig()
         self.task_prompts = task_prompts
+        # CTC alignment (speechlm.alignment): `ctc_only` skips the LLM pass (pre-alignment), else weight x CTC is added.
+        self.ctc_head, self.ctc_weight, self.ctc_only = ctc_head, ctc_weight, ctc_only
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.ctc_head is not None and not any(
+            p is self.ctc_head.blank for group in optimizer.param_groups for p in group["params"]
+        ):
+            optimizer.add_param_group({"params": list(self.ctc_head.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.ctc_head is None or not (self.ctc_only or self.ctc_weight):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        ctc = self.ctc_head(self.accelerator.unwrap_model(model), inputs)
+        if self.ctc_only:
+            return (ctc, None) if return_outputs else ctc
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        loss = loss + self.ctc_weight * ctc
+        return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -30,7 +30,7 @@ PROMPT = "Transcribe:"
 class DemoSettings:
     """Everything that changes the trained model; a re-run with equal settings reuses it."""
 
-    minutes: float = 15.0
+    minutes: float = 20.0
     corpus: str = "structured"
     n_train: int = 3000
     n_test: int = 200
@@ -38,12 +38,15 @@ class DemoSettings:
     decoder: str = BUNDLED
     gguf_file: str | None = None
     batch_size: int = 8
-    learning_rate: float = 1.5e-3
+    learning_rate: float = 3e-3
+    lora_learning_rate: float = 2e-3
     stack_factor: int = 4
     projector_hidden_size: int = 1024
     lora_rank: int = 8
+    ctc_minutes: float = 0.0
+    ctc_weight: float = 0.0
     seed: int = 0
-    eval_every_minutes: float = 4.0
+    eval_every_minutes: float = 5.0
     eval_limit: int | None = None
     curve_clips: int = 24
     extra: dict = field(default_factory=dict)
@@ -184,6 +187,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
     from tqdm.auto import tqdm
     from transformers import TrainerCallback, TrainingArguments
 
+    from ..alignment import CTCAlignmentHead
     from ..evaluation import word_error_rate
     from ..inference import transcribe_arrays
     from ..training import SpeechLMTrainer
@@ -201,12 +205,16 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
             return time.monotonic() - self.start
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
+            if logs and "loss" in logs and not trainer.ctc_only:
                 history["loss"].append((self._elapsed() / 60, state.global_step, float(logs["loss"])))
                 self.bar.set_postfix(step=state.global_step, loss=f"{logs['loss']:.3f}")
 
         def on_step_end(self, args, state, control, **kwargs):
             elapsed = self._elapsed()
+            if trainer.ctc_only and elapsed >= settings.ctc_minutes * 60:
+                trainer.ctc_only = False
+                self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: CTC pre-alignment done, "
+                               "training through the LLM")
             self.bar.update(min(round(elapsed), round(budget)) - self.bar.n)
             if elapsed >= budget:
                 control.should_training_stop = True
@@ -224,8 +232,15 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    use_ctc = settings.ctc_minutes > 0 or settings.ctc_weight > 0
+    ctc_head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    trainable += list(ctc_head.named_parameters(prefix="ctc_head")) if use_ctc else []
+    groups = [
+        {"params": [p for name, p in trainable if "lora_" not in name], "lr": settings.learning_rate},
+        {"params": [p for name, p in trainable if "lora_" in name], "lr": settings.lora_learning_rate},
+    ]
+    optimizer = torch.optim.AdamW([group for group in groups if group["params"]], weight_decay=0.0)
     arguments = TrainingArguments(
         output_dir=str(output / "trainer"), per_device_train_batch_size=settings.batch_size, max_steps=10**7,
         logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
@@ -235,6 +250,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=FrameCollator(processor),
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget)), callbacks=[Budget()],
+        ctc_head=ctc_head if use_ctc else None, ctc_weight=settings.ctc_weight, ctc_only=settings.ctc_minutes > 0,
     )
     result = trainer.train()
     history["steps"] = result.global_step
@@ -323,8 +339,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decoder", default=defaults.decoder, help="'bundled' SmolLM2-135M, a hub id or folder")
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --decoder")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="projector")
+    parser.add_argument("--lora-learning-rate", type=float, default=defaults.lora_learning_rate)
     parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0: projector only")
+    parser.add_argument("--ctc-minutes", type=float, default=defaults.ctc_minutes,
+                        help="first train the projector alone with CTC against the LLM's embeddings (no LLM pass)")
+    parser.add_argument("--ctc-weight", type=float, default=defaults.ctc_weight,
+                        help="afterwards, add this weight x the CTC loss to the LLM loss")
     parser.add_argument("--eval-every-minutes", type=float, default=defaults.eval_every_minutes)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N clips per set")
     parser.add_argument("--output", type=Path, default=None, help="run folder (default: in the cache)")
@@ -340,7 +361,8 @@ def run(args) -> int:
     settings = DemoSettings(
         minutes=args.minutes, corpus=args.corpus, n_train=args.n_train, n_test=args.n_test, encoder=args.encoder,
         decoder=args.decoder, gguf_file=args.gguf_file, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lora_rank=args.lora_rank, eval_every_minutes=args.eval_every_minutes,
+        learning_rate=args.learning_rate, lora_learning_rate=args.lora_learning_rate, lora_rank=args.lora_rank,
+        ctc_minutes=args.ctc_minutes, ctc_weight=args.ctc_weight, eval_every_minutes=args.eval_every_minutes,
         eval_limit=args.eval_limit,
     )
     torch.manual_seed(settings.seed)

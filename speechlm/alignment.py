@@ -1,0 +1,59 @@
+"""CTC alignment of the projector against the LLM's own embedding matrix: a cheap training signal for the projector.
+
+The LLM loss only tells the projector, through a full LLM pass, how the whole answer came out. Scoring each projected
+audio token against every row of the (frozen) input embedding matrix and aligning the sequence to the transcript with
+CTC gives a dense per-token signal that pulls audio tokens toward the text embeddings the LLM already reads, at the
+cost of one matmul per token and no LLM pass. Used alone before the LLM loss (pre-alignment) or added to it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .modeling import IGNORE_INDEX
+
+
+class CTCAlignmentHead(nn.Module):
+    """Cosine scores against the vocabulary with a learned temperature, plus a learned blank direction.
+
+    Cosine rather than raw dot products: embedding rows differ in norm, and a fixed scale left the loss near 6 nats
+    per token after 900 steps on the demo, where cosine with a learned scale reached 3.6 in 250 (see the README).
+    """
+
+    def __init__(self, hidden_size: int, ignore_token_ids: list[int] | tuple[int, ...] = (), scale: float = 10.0):
+        super().__init__()
+        self.blank = nn.Parameter(torch.randn(hidden_size) / hidden_size**0.5)
+        self.blank_bias = nn.Parameter(torch.zeros(()))
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.ignore_token_ids = sorted(set(ignore_token_ids))
+
+    def targets(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transcript tokens per row (labelled positions minus special tokens such as EOS) and their counts."""
+        keep = labels != IGNORE_INDEX
+        if self.ignore_token_ids:
+            keep &= ~torch.isin(labels, torch.tensor(self.ignore_token_ids, device=labels.device))
+        return labels[keep], keep.sum(-1)
+
+    def forward(self, model, batch: dict) -> torch.Tensor:
+        """Mean CTC loss per target token of `batch` (the model's usual training inputs, labels included)."""
+        if batch.get("labels") is None:
+            raise ValueError("CTC alignment needs labels: the transcript tokens to align the audio with")
+        audio = batch.get(model.audio_input_name)
+        embeds, lengths = model.get_audio_features(
+            audio, batch.get("attention_mask"), encoder_frames=batch.get("encoder_frames"),
+            encoder_frame_lengths=batch.get("encoder_frame_lengths"),
+        )  # fmt: skip
+        vocabulary = nn.functional.normalize(model.get_input_embeddings().weight.detach(), dim=-1)
+        directions = nn.functional.normalize(embeds, dim=-1)
+        token_logits = self.scale * (directions.to(vocabulary.dtype) @ vocabulary.T).float()
+        blank_logits = self.scale * (directions.float() @ nn.functional.normalize(self.blank, dim=0)) + self.blank_bias
+        logits = torch.cat([blank_logits[..., None], token_logits], dim=-1)  # blank = class 0
+        log_probs = logits.log_softmax(-1).transpose(0, 1)  # (A, B, V + 1)
+        targets, target_lengths = self.targets(batch["labels"].to(logits.device))
+        loss = nn.functional.ctc_loss(log_probs, targets + 1, lengths, target_lengths, blank=0,
+                                      reduction="sum", zero_infinity=True)
+        return loss / target_lengths.sum().clamp(min=1)
+
+
+__all__ = ["CTCAlignmentHead"]

@@ -1,0 +1,48 @@
+"""CTC alignment of the projector against the LLM's embedding matrix."""
+
+from __future__ import annotations
+
+import torch
+
+from speechlm.alignment import CTCAlignmentHead
+from tests.conftest import make_clips
+
+
+def test_targets_drop_prompt_and_special_tokens():
+    head = CTCAlignmentHead(8, ignore_token_ids=[2])
+    labels = torch.tensor([[-100, -100, 5, 6, 2], [-100, 7, 2, -100, -100]])
+    targets, lengths = head.targets(labels)
+    assert targets.tolist() == [5, 6, 7] and lengths.tolist() == [2, 1]
+
+
+def test_ctc_trains_only_the_projector_and_goes_down(build):
+    processor, model = build("whisper", "llama", dtype=torch.float32)
+    model.freeze_encoder()
+    model.freeze_decoder()
+    batch = processor(make_clips((1.0, 0.7)), text=["hello world", "good day"])
+    head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids)
+    trainable = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = head(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert model.multi_modal_projector.linear_1.weight.grad is not None and head.blank.grad is not None
+    assert all(p.grad is None for p in model.language_model.parameters())
+    assert all(p.grad is None for p in model.audio_tower.parameters())
+
+
+def test_ctc_needs_labels(build):
+    processor, model = build("whisper", "llama", dtype=torch.float32)
+    head = CTCAlignmentHead(model.config.text_config.hidden_size)
+    try:
+        head(model, processor(make_clips((1.0,))))
+    except ValueError as error:
+        assert "labels" in str(error)
+    else:
+        raise AssertionError("no error without labels")
