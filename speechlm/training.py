@@ -361,7 +361,10 @@ class SpeechLMTrainer(Trainer):
         self.evaluation_config = evaluation or EvaluationConfig()
         self.task_prompts = task_prompts
         # CTC alignment (speechlm.alignment): `ctc_only` skips the LLM pass (pre-alignment), else weight x CTC is added.
-        self.ctc_head, self.ctc_weight, self.ctc_only = ctc_head, ctc_weight, ctc_only
+        if ctc_head is not None and self.args.world_size > 1:
+            raise ValueError("CTC alignment (ctc_head) runs in a single process; drop it for distributed training")
+        self.ctc_head = ctc_head.to(self.args.device) if ctc_head is not None else None
+        self.ctc_weight, self.ctc_only = ctc_weight, ctc_only
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

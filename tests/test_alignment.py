@@ -46,3 +46,35 @@ def test_ctc_needs_labels(build):
         assert "labels" in str(error)
     else:
         raise AssertionError("no error without labels")
+
+
+def test_trainer_ctc_only_phase_then_joint_loss(build, tmp_path):
+    """SpeechLMTrainer: CTC-only steps train projector and head; the joint phase adds weight x CTC to the LM loss."""
+    from transformers import TrainingArguments
+
+    from speechlm.training import SpeechLMTrainer
+
+    processor, model = build("whisper", "llama", dtype=torch.float32)
+    model.freeze_encoder()
+    model.freeze_decoder()
+    batch = processor(make_clips((1.0, 0.7)), text=["hello world", "good day"])
+    head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids)
+    arguments = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=5,
+                                  learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                  remove_unused_columns=False, disable_tqdm=True)
+    trainer = SpeechLMTrainer(model=model, args=arguments, train_dataset=[0, 1], data_collator=lambda _: batch,
+                              ctc_head=head, ctc_only=True)
+    blank, projector = head.blank.detach().clone(), model.multi_modal_projector.linear_1.weight.detach().clone()
+    model.train()
+    trainer.train()
+    assert not torch.equal(head.blank, blank)
+    assert not torch.equal(model.multi_modal_projector.linear_1.weight, projector)
+
+    model.eval()
+    with torch.no_grad():
+        lm_loss = model(**batch).loss
+        ctc_loss = head(model, batch)
+    trainer.ctc_only, trainer.ctc_weight = False, 0.5
+    with torch.no_grad():
+        joint = trainer.compute_loss(model, batch)
+    torch.testing.assert_close(joint, lm_loss + 0.5 * ctc_loss)
