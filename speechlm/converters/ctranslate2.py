@@ -367,6 +367,18 @@ def _layer_count(ct2: CTranslate2ModelFile, stack: str) -> int:
     return len(indices)
 
 
+def _self_attention_state(builder: _StateDictBuilder, target: str, source: str, width: int) -> None:
+    """One layer's self-attention: CTranslate2 fuses q, k, v (k has no bias in Whisper) into linear_0."""
+    builder.fused_linear(
+        [f"{target}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")],
+        f"{source}/self_attention/linear_0",
+        width,
+        biased=[True, False, True],
+    )
+    builder.linear(f"{target}.self_attn.out_proj", f"{source}/self_attention/linear_1")
+    builder.layer_norm(f"{target}.self_attn_layer_norm", f"{source}/self_attention/layer_norm")
+
+
 def _encoder_state(builder: _StateDictBuilder, config: WhisperConfig, prefix: str) -> None:
     width = config.d_model
     for conv in ("conv1", "conv2"):
@@ -374,14 +386,7 @@ def _encoder_state(builder: _StateDictBuilder, config: WhisperConfig, prefix: st
     builder.copy(f"{prefix}embed_positions.weight", "encoder/position_encodings/encodings")
     for i in range(config.encoder_layers):
         source, target = f"encoder/layer_{i}", f"{prefix}layers.{i}"
-        builder.fused_linear(
-            [f"{target}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")],
-            f"{source}/self_attention/linear_0",
-            width,
-            biased=[True, False, True],
-        )
-        builder.linear(f"{target}.self_attn.out_proj", f"{source}/self_attention/linear_1")
-        builder.layer_norm(f"{target}.self_attn_layer_norm", f"{source}/self_attention/layer_norm")
+        _self_attention_state(builder, target, source, width)
         builder.linear(f"{target}.fc1", f"{source}/ffn/linear_0")
         builder.linear(f"{target}.fc2", f"{source}/ffn/linear_1")
         builder.layer_norm(f"{target}.final_layer_norm", f"{source}/ffn/layer_norm")
@@ -395,14 +400,7 @@ def _decoder_state(builder: _StateDictBuilder, config: WhisperConfig, prefix: st
     builder.copy(f"{prefix}embed_positions.weight", "decoder/position_encodings/encodings")
     for i in range(config.decoder_layers):
         source, target = f"decoder/layer_{i}", f"{prefix}layers.{i}"
-        builder.fused_linear(
-            [f"{target}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")],
-            f"{source}/self_attention/linear_0",
-            width,
-            biased=[True, False, True],
-        )
-        builder.linear(f"{target}.self_attn.out_proj", f"{source}/self_attention/linear_1")
-        builder.layer_norm(f"{target}.self_attn_layer_norm", f"{source}/self_attention/layer_norm")
+        _self_attention_state(builder, target, source, width)
         # Cross-attention: linear_0 = q (from the decoder), linear_1 = fused [k; v] (from the encoder), linear_2 = out.
         builder.linear(f"{target}.encoder_attn.q_proj", f"{source}/attention/linear_0")
         builder.fused_linear(
