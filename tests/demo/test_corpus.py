@@ -196,3 +196,34 @@ def test_fortune_sentences() -> None:
     assert all(4 <= len(s.split()) <= 20 and WORDS.fullmatch(s) for s in sentences)
     train, test = c.split_fortunes(100, 20, seed=0)
     assert len(train) == 100 and len(test) == 20 and not set(train) & set(test)
+
+
+def test_frame_cache_key_follows_the_encoder_weights(build):
+    """Cached frames are keyed on the encoder's weights: equal weights, equal key; any change, a new key."""
+    import torch
+
+    from speechlm.demo.run import encoder_fingerprint
+
+    _, first = build("whisper", "llama")
+    _, second = build("whisper", "llama")
+    assert encoder_fingerprint(first) == encoder_fingerprint(second)
+    with torch.no_grad():
+        second.audio_tower.conv1.weight[0, 0, 0] += 1e-3
+    assert encoder_fingerprint(first) != encoder_fingerprint(second)
+
+
+def test_float32_decoding_restores_bfloat16_weights_exactly(build):
+    import torch
+
+    from speechlm.demo.run import float32_frozen_weights
+
+    _, model = build("whisper", "llama", dtype=torch.bfloat16)
+    model.freeze_encoder()
+    model.freeze_decoder()
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    with float32_frozen_weights(model):
+        assert all(p.dtype == torch.float32 for p in model.parameters() if not p.requires_grad)
+        assert model.multi_modal_projector.linear_1.weight.dtype == torch.bfloat16  # trainable: left alone
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert parameter.dtype == torch.bfloat16 and torch.equal(parameter, frozen[name]), name
