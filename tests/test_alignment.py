@@ -37,6 +37,32 @@ def test_ctc_trains_only_the_projector_and_goes_down(build):
     assert all(p.grad is None for p in model.audio_tower.parameters())
 
 
+def test_restricted_vocabulary(build):
+    """`vocabulary_ids` keeps only those classes: the whole vocabulary gives the full head's loss, a subset that holds
+    every label a lower one (fewer competing classes), and a label outside it a ValueError naming the token id."""
+    processor, model = build("whisper", "llama", dtype=torch.float32)
+    batch = processor(make_clips((1.0, 0.7)), text=["hello world", "good day"])
+    hidden, special = model.config.text_config.hidden_size, processor.tokenizer.all_special_ids
+    full = CTCAlignmentHead(hidden, special)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    labels = batch["labels"][batch["labels"] >= 0].tolist()
+    used = sorted(set(labels) - set(special))
+    with torch.no_grad():
+        reference = full(model, batch)
+        whole = CTCAlignmentHead(hidden, special, vocabulary_ids=range(vocab_size))
+        whole.load_state_dict(full.state_dict())
+        torch.testing.assert_close(whole(model, batch), reference)
+        subset = CTCAlignmentHead(hidden, special, vocabulary_ids=used)
+        subset.load_state_dict(full.state_dict())
+        assert subset(model, batch) < reference
+    try:
+        CTCAlignmentHead(hidden, special, vocabulary_ids=used[1:])(model, batch)
+    except ValueError as error:
+        assert str(used[0]) in str(error) and "vocabulary_ids" in str(error)
+    else:
+        raise AssertionError("a label outside vocabulary_ids gave no error")
+
+
 def test_ctc_needs_labels(build):
     processor, model = build("whisper", "llama", dtype=torch.float32)
     head = CTCAlignmentHead(model.config.text_config.hidden_size)

@@ -26,6 +26,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Transcribe:"
 
 
+EVALUATION_ONLY = ("eval_limit", "eval_every_minutes", "curve_clips", "num_beams")  # not part of the model's key
+
+
 @dataclass
 class DemoSettings:
     """Everything that changes the trained model; a re-run with equal settings reuses it."""
@@ -43,16 +46,18 @@ class DemoSettings:
     stack_factor: int = 4
     projector_hidden_size: int = 1024
     lora_rank: int = 8
+    lora_targets: str = "q_proj,v_proj"
     ctc_minutes: float = 0.0
-    ctc_weight: float = 0.0
+    ctc_weight: float = 0.5
     seed: int = 0
     eval_every_minutes: float = 5.0
     eval_limit: int | None = None
+    num_beams: int = 1
     curve_clips: int = 24
     extra: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        keys = {k: v for k, v in asdict(self).items() if k not in ("eval_limit", "eval_every_minutes", "curve_clips")}
+        keys = {k: v for k, v in asdict(self).items() if k not in EVALUATION_ONLY}
         return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -86,7 +91,7 @@ def load_parts(settings: DemoSettings):
     model.freeze_decoder()
     if settings.lora_rank:
         model.add_lora(r=settings.lora_rank, alpha=2 * settings.lora_rank, dropout=0.0,
-                       target_modules=["q_proj", "v_proj"])
+                       target_modules=settings.lora_targets.split(","))
     return SpeechLMProcessor(feature_extractor, tokenizer, prompt=PROMPT), model
 
 
@@ -153,6 +158,16 @@ class FrameCollator:
 
 
 # ---------------------------------------------------------------------------------------------------- training
+def corpus_token_ids(processor: SpeechLMProcessor, texts: list[str]) -> list[int]:
+    """Every token id the training transcripts use (as labels): the CTC head's classes, ~1k instead of 49k."""
+    ids: set[int] = set()
+    for start in range(0, len(texts), 256):
+        chunk = texts[start : start + 256]
+        labels = processor.encode_text([processor.build_prompt()] * len(chunk), chunk)["labels"]
+        ids.update(labels[labels >= 0].tolist())
+    return sorted(ids)
+
+
 @contextmanager
 def float32_frozen_weights(model):
     """Upcast the frozen bfloat16 weights while decoding, then restore them bit-exactly.
@@ -233,7 +248,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
             self.bar.close()
 
     use_ctc = settings.ctc_minutes > 0 or settings.ctc_weight > 0
-    ctc_head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids)
+    ctc_head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids,
+                                vocabulary_ids=corpus_token_ids(processor, dataset.texts) if use_ctc else None)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     trainable += list(ctc_head.named_parameters(prefix="ctc_head")) if use_ctc else []
     groups = [
@@ -259,7 +275,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
-def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None) -> dict[str, dict]:
+def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None, num_beams: int = 1
+                  ) -> dict[str, dict]:
     """WER/CER and hypotheses on every held-out set, through the same path users take (audio in, text out)."""
     from ..audio import load_audio
     from ..evaluation import per_utterance_rows, word_error_rate
@@ -271,7 +288,7 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
         rows = read_manifest(manifests[name], absolute=True)[:limit]
         audio = [load_audio(row["audio"]) for row in rows]
         start = time.monotonic()
-        hyps = transcribe_arrays(model, processor, audio, batch_size=16, max_new_tokens=48)
+        hyps = transcribe_arrays(model, processor, audio, batch_size=16, max_new_tokens=48, num_beams=num_beams)
         refs = [row["text"] for row in rows]
         metrics = word_error_rate(refs, hyps)
         metrics["seconds"] = time.monotonic() - start
@@ -307,7 +324,11 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         f"Encoder `{settings.encoder}`, decoder `{settings.decoder}`, corpus `{settings.corpus}`; "
         f"{history.get('steps', '?')} steps of batch {settings.batch_size} in {history.get('minutes', 0):.1f} "
         f"minutes (projector{' + LoRA r=' + str(settings.lora_rank) if settings.lora_rank else ''} trained, "
-        "encoder and LLM frozen).", "",
+        "encoder and LLM frozen"
+        + (f"; loss = LLM loss + {settings.ctc_weight:g} x CTC alignment loss" if settings.ctc_weight else "")
+        + "). Held-out sets decoded "
+        + (f"with beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily")
+        + "; the curve during training is greedy.", "",
         "| held-out set | clips | WER | CER | decode s |", "|---|---|---|---|---|",
     ]
     for name, metrics in results.items():
@@ -342,12 +363,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="projector")
     parser.add_argument("--lora-learning-rate", type=float, default=defaults.lora_learning_rate)
     parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0: projector only")
+    parser.add_argument("--lora-targets", default=defaults.lora_targets,
+                        help="comma-separated LLM module names that get LoRA adapters")
+    parser.add_argument("--stack-factor", type=int, default=defaults.stack_factor,
+                        help="encoder frames stacked into one audio token (Whisper: 50 frames/s)")
     parser.add_argument("--ctc-minutes", type=float, default=defaults.ctc_minutes,
                         help="first train the projector alone with CTC against the LLM's embeddings (no LLM pass)")
     parser.add_argument("--ctc-weight", type=float, default=defaults.ctc_weight,
                         help="afterwards, add this weight x the CTC loss to the LLM loss")
     parser.add_argument("--eval-every-minutes", type=float, default=defaults.eval_every_minutes)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N clips per set")
+    parser.add_argument("--num-beams", type=int, default=defaults.num_beams,
+                        help="beam width of the final evaluation (1: greedy; the in-training curve is greedy)")
     parser.add_argument("--output", type=Path, default=None, help="run folder (default: in the cache)")
     parser.add_argument("--fresh", action="store_true", help="retrain even if a model with these settings exists")
     parser.add_argument("--install-system-packages", action="store_true",
@@ -362,8 +389,9 @@ def run(args) -> int:
         minutes=args.minutes, corpus=args.corpus, n_train=args.n_train, n_test=args.n_test, encoder=args.encoder,
         decoder=args.decoder, gguf_file=args.gguf_file, batch_size=args.batch_size,
         learning_rate=args.learning_rate, lora_learning_rate=args.lora_learning_rate, lora_rank=args.lora_rank,
+        lora_targets=args.lora_targets, stack_factor=args.stack_factor,
         ctc_minutes=args.ctc_minutes, ctc_weight=args.ctc_weight, eval_every_minutes=args.eval_every_minutes,
-        eval_limit=args.eval_limit,
+        eval_limit=args.eval_limit, num_beams=args.num_beams,
     )
     torch.manual_seed(settings.seed)
     corpus = "fortunes" if settings.corpus == "open" else settings.corpus
@@ -402,7 +430,7 @@ def run(args) -> int:
     print("[demo] 4/5 evaluating the saved model (reloaded with SpeechLMModel.from_pretrained)", flush=True)
     # float32 for decoding: bfloat16 halves training time on this CPU, but its one-token decode steps are slower.
     processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
-    results = evaluate_sets(model, processor, manifests, settings.eval_limit)
+    results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams)
     report = write_report(output, settings, history, results)
     losses = [loss for _, _, loss in history.get("loss", [])]
     if len(losses) >= 2:
@@ -416,6 +444,7 @@ def run(args) -> int:
     clip = read_manifest(manifests["test_librivox"], absolute=True)[0]
     from ..audio import load_audio
 
-    text = transcribe_arrays(model, processor, [load_audio(clip["audio"])], max_new_tokens=48)[0]
+    text = transcribe_arrays(model, processor, [load_audio(clip["audio"])], max_new_tokens=48,
+                             num_beams=settings.num_beams)[0]
     print(f"[demo] 5/5 transcribing {Path(clip['audio']).name}:\n  reference : {clip['text']}\n  hypothesis: {text}")
     return 0
