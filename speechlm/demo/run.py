@@ -13,7 +13,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -247,11 +247,12 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
-    use_ctc = settings.ctc_minutes > 0 or settings.ctc_weight > 0
-    ctc_head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids,
-                                vocabulary_ids=corpus_token_ids(processor, dataset.texts) if use_ctc else None)
+    ctc_head = None
+    if settings.ctc_minutes > 0 or settings.ctc_weight > 0:
+        ctc_head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids,
+                                    vocabulary_ids=corpus_token_ids(processor, dataset.texts))
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    trainable += list(ctc_head.named_parameters(prefix="ctc_head")) if use_ctc else []
+    trainable += list(ctc_head.named_parameters(prefix="ctc_head")) if ctc_head is not None else []
     groups = [
         {"params": [p for name, p in trainable if "lora_" not in name], "lr": settings.learning_rate},
         {"params": [p for name, p in trainable if "lora_" in name], "lr": settings.lora_learning_rate},
@@ -266,7 +267,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=FrameCollator(processor),
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget)), callbacks=[Budget()],
-        ctc_head=ctc_head if use_ctc else None, ctc_weight=settings.ctc_weight, ctc_only=settings.ctc_minutes > 0,
+        ctc_head=ctc_head, ctc_weight=settings.ctc_weight, ctc_only=settings.ctc_minutes > 0,
     )
     result = trainer.train()
     history["steps"] = result.global_step
@@ -381,18 +382,16 @@ def add_arguments(parser) -> None:
                         help="apt-get install missing Debian packages (needs root)")
 
 
+def settings_from_args(args) -> DemoSettings:
+    """Every command-line option named like a DemoSettings field sets that field (no hand-kept list to forget one)."""
+    return DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings) if hasattr(args, f.name)})
+
+
 def run(args) -> int:
     from ..inference import load_pretrained, transcribe_arrays
     from .corpus import build_demo_corpus, ensure_system_packages, read_manifest
 
-    settings = DemoSettings(
-        minutes=args.minutes, corpus=args.corpus, n_train=args.n_train, n_test=args.n_test, encoder=args.encoder,
-        decoder=args.decoder, gguf_file=args.gguf_file, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lora_learning_rate=args.lora_learning_rate, lora_rank=args.lora_rank,
-        lora_targets=args.lora_targets, stack_factor=args.stack_factor,
-        ctc_minutes=args.ctc_minutes, ctc_weight=args.ctc_weight, eval_every_minutes=args.eval_every_minutes,
-        eval_limit=args.eval_limit, num_beams=args.num_beams,
-    )
+    settings = settings_from_args(args)
     torch.manual_seed(settings.seed)
     corpus = "fortunes" if settings.corpus == "open" else settings.corpus
     ensure_system_packages(install=args.install_system_packages, corpus=corpus)
