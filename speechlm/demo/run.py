@@ -47,14 +47,22 @@ class DemoSettings:
     projector_hidden_size: int = 1024
     lora_rank: int = 8
     lora_targets: str = "q_proj,v_proj"
-    ctc_minutes: float = 0.0
+    ctc_fraction: float = 0.15  # share of the budget spent on CTC pre-alignment of the projector alone
     ctc_weight: float = 0.5
+    frame_masking: float = 0.0
     seed: int = 0
     eval_every_minutes: float = 5.0
     eval_limit: int | None = None
     num_beams: int = 1
     curve_clips: int = 24
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("ctc_fraction", "frame_masking"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.minutes <= 0:
+            raise ValueError(f"minutes must be positive, got {self.minutes}")
 
     def fingerprint(self) -> str:
         keys = {k: v for k, v in asdict(self).items() if k not in EVALUATION_ONLY}
@@ -142,16 +150,23 @@ class FrameDataset(torch.utils.data.Dataset):
 
 
 class FrameCollator:
-    """Pads cached frames and builds prompt + target ids with the processor (labels -100 on the prompt)."""
+    """Pads cached frames and builds prompt + target ids with the processor (labels -100 on the prompt).
 
-    def __init__(self, processor: SpeechLMProcessor):
-        self.processor = processor
+    `masking` > 0 zeroes that fraction of whole frames and of feature channels (SpecAugment on the cached encoder
+    output): the CTC pre-alignment runs several epochs in minutes and otherwise learns the training voices by heart.
+    """
+
+    def __init__(self, processor: SpeechLMProcessor, masking: float = 0.0):
+        self.processor, self.masking = processor, masking
 
     def __call__(self, items: list[dict]) -> dict:
         lengths = torch.tensor([item["frames"].shape[0] for item in items])
         frames = torch.zeros(len(items), int(lengths.max()), items[0]["frames"].shape[1])
         for i, item in enumerate(items):
             frames[i, : lengths[i]] = item["frames"].float()
+        if self.masking > 0:
+            frames *= torch.rand(frames.shape[0], frames.shape[1], 1) >= self.masking
+            frames *= torch.rand(frames.shape[0], 1, frames.shape[2]) >= self.masking
         prompts = [self.processor.build_prompt()] * len(items)
         batch = self.processor.encode_text(prompts, [item["text"] for item in items])
         return {"encoder_frames": frames, "encoder_frame_lengths": lengths, **batch}
@@ -200,7 +215,7 @@ def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 2
 def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_audio, eval_texts, output: Path):
     """transformers' Trainer on cached frames, stopped by the clock; returns the loss and WER history."""
     from tqdm.auto import tqdm
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
     from ..alignment import CTCAlignmentHead
     from ..evaluation import word_error_rate
@@ -208,7 +223,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
     from ..training import SpeechLMTrainer
 
     budget = settings.minutes * 60
-    history = {"loss": [], "wer": []}
+    history = {"ctc_loss": [], "loss": [], "wer": []}
 
     class Budget(TrainerCallback):
         def __init__(self):
@@ -220,14 +235,15 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
             return time.monotonic() - self.start
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs and not trainer.ctc_only:
-                history["loss"].append((self._elapsed() / 60, state.global_step, float(logs["loss"])))
-                self.bar.set_postfix(step=state.global_step, loss=f"{logs['loss']:.3f}")
+            if logs and "loss" in logs:
+                curve = "ctc_loss" if trainer.ctc_only else "loss"
+                history[curve].append((self._elapsed() / 60, state.global_step, float(logs["loss"])))
+                self.bar.set_postfix(step=state.global_step, **{curve: f"{logs['loss']:.3f}"})
 
         def on_step_end(self, args, state, control, **kwargs):
             elapsed = self._elapsed()
-            if trainer.ctc_only and elapsed >= settings.ctc_minutes * 60:
-                trainer.ctc_only = False
+            if trainer.ctc_only and elapsed >= settings.ctc_fraction * budget:
+                trainer.ctc_only, collator.masking = False, 0.0
                 self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: CTC pre-alignment done, "
                                "training through the LLM")
             self.bar.update(min(round(elapsed), round(budget)) - self.bar.n)
@@ -248,7 +264,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
             self.bar.close()
 
     ctc_head = None
-    if settings.ctc_minutes > 0 or settings.ctc_weight > 0:
+    if settings.ctc_fraction > 0 or settings.ctc_weight > 0:
         ctc_head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids,
                                     vocabulary_ids=corpus_token_ids(processor, dataset.texts))
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -264,11 +280,13 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
         remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, seed=settings.seed,
         log_level="warning", train_sampling_strategy="group_by_length",
     )
+    collator = FrameCollator(processor, masking=settings.frame_masking if settings.ctc_fraction > 0 else 0.0)
     trainer = SpeechLMTrainer(
-        model=model, args=arguments, train_dataset=dataset, data_collator=FrameCollator(processor),
+        model=model, args=arguments, train_dataset=dataset, data_collator=collator,
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget)), callbacks=[Budget()],
-        ctc_head=ctc_head, ctc_weight=settings.ctc_weight, ctc_only=settings.ctc_minutes > 0,
+        ctc_head=ctc_head, ctc_weight=settings.ctc_weight, ctc_only=settings.ctc_fraction > 0,
     )
+    trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no log dict every 10 steps
     result = trainer.train()
     history["steps"] = result.global_step
     history["minutes"] = budget / 60
@@ -308,10 +326,13 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
     from ..evaluation import write_jsonl
 
     figure, (loss_axis, wer_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
-    if history.get("loss"):
-        minutes, _, losses = zip(*history["loss"])
-        loss_axis.plot(minutes, losses)
+    for curve, label in (("ctc_loss", "CTC pre-alignment"), ("loss", "training")):
+        if history.get(curve):
+            minutes, _, losses = zip(*history[curve])
+            loss_axis.plot(minutes, losses, label=label)
     loss_axis.set(xlabel="training minutes", ylabel="loss", title="training loss")
+    if history.get("ctc_loss"):
+        loss_axis.legend()
     if history.get("wer"):
         minutes, _, wers = zip(*history["wer"])
         wer_axis.plot(minutes, [100 * w for w in wers], marker="o")
@@ -326,6 +347,8 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         f"{history.get('steps', '?')} steps of batch {settings.batch_size} in {history.get('minutes', 0):.1f} "
         f"minutes (projector{' + LoRA r=' + str(settings.lora_rank) if settings.lora_rank else ''} trained, "
         "encoder and LLM frozen"
+        + (f"; the first {settings.ctc_fraction:.0%} of the budget: CTC pre-alignment of the projector alone"
+           if settings.ctc_fraction else "")
         + (f"; loss = LLM loss + {settings.ctc_weight:g} x CTC alignment loss" if settings.ctc_weight else "")
         + "). Held-out sets decoded "
         + (f"with beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily")
@@ -368,10 +391,13 @@ def add_arguments(parser) -> None:
                         help="comma-separated LLM module names that get LoRA adapters")
     parser.add_argument("--stack-factor", type=int, default=defaults.stack_factor,
                         help="encoder frames stacked into one audio token (Whisper: 50 frames/s)")
-    parser.add_argument("--ctc-minutes", type=float, default=defaults.ctc_minutes,
-                        help="first train the projector alone with CTC against the LLM's embeddings (no LLM pass)")
+    parser.add_argument("--ctc-fraction", type=float, default=defaults.ctc_fraction,
+                        help="share of the budget that first trains the projector alone with CTC against the LLM's "
+                        "embeddings (no LLM pass: ~20x more steps per second)")
     parser.add_argument("--ctc-weight", type=float, default=defaults.ctc_weight,
                         help="afterwards, add this weight x the CTC loss to the LLM loss")
+    parser.add_argument("--frame-masking", type=float, default=defaults.frame_masking,
+                        help="fraction of encoder frames and channels zeroed during the CTC pre-alignment")
     parser.add_argument("--eval-every-minutes", type=float, default=defaults.eval_every_minutes)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N clips per set")
     parser.add_argument("--num-beams", type=int, default=defaults.num_beams,
@@ -391,7 +417,10 @@ def run(args) -> int:
     from ..inference import load_pretrained, transcribe_arrays
     from .corpus import build_demo_corpus, ensure_system_packages, read_manifest
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as error:
+        raise SystemExit(f"speechlm demo: {error}") from None
     torch.manual_seed(settings.seed)
     corpus = "fortunes" if settings.corpus == "open" else settings.corpus
     ensure_system_packages(install=args.install_system_packages, corpus=corpus)
@@ -415,8 +444,8 @@ def run(args) -> int:
         from ..audio import load_audio
 
         eval_audio = [load_audio(row["audio"]) for row in eval_rows]
-        print(f"[demo] 3/5 training the projector for {settings.minutes:g} minutes on {len(train_rows)} clips",
-              flush=True)
+        print(f"[demo] 3/5 training for {settings.minutes:g} minutes on {len(train_rows)} clips (the first "
+              f"{settings.ctc_fraction * settings.minutes:.1f}: CTC pre-alignment of the projector alone)", flush=True)
         model.train()
         history = train_within_budget(model, processor, FrameDataset(frames, [r["text"] for r in train_rows]),
                                       settings, eval_audio, [r["text"] for r in eval_rows], output)
@@ -431,9 +460,10 @@ def run(args) -> int:
     processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
     results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams)
     report = write_report(output, settings, history, results)
-    losses = [loss for _, _, loss in history.get("loss", [])]
-    if len(losses) >= 2:
-        print(f"[demo] loss {losses[0]:.3f} -> {losses[-1]:.3f} over {history.get('steps')} steps")
+    for curve, what in (("ctc_loss", "CTC pre-alignment loss"), ("loss", "training loss")):
+        points = history.get(curve, [])
+        if len(points) >= 2:
+            print(f"[demo] {what} {points[0][2]:.3f} -> {points[-1][2]:.3f} (steps {points[0][1]}-{points[-1][1]})")
     for name, metrics in results.items():
         label = name.removeprefix("test_")
         print(f"WER {label}: {100 * metrics['wer']:.1f}%  (CER {100 * metrics['cer']:.1f}%, "

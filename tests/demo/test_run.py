@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from speechlm.demo.run import DemoSettings, add_arguments, settings_from_args, write_report
 
 
@@ -16,9 +18,10 @@ def parse(*argv: str) -> DemoSettings:
 def test_every_option_reaches_the_settings():
     assert parse() == DemoSettings()
     settings = parse("--lora-targets", "q_proj,k_proj", "--stack-factor", "8", "--num-beams", "3", "--ctc-weight", "0",
-                     "--ctc-minutes", "2", "--lora-learning-rate", "1e-4", "--n-train", "50")
+                     "--ctc-fraction", "0.25", "--frame-masking", "0.2", "--lora-learning-rate", "1e-4",
+                     "--n-train", "50")
     assert (settings.lora_targets, settings.stack_factor, settings.num_beams) == ("q_proj,k_proj", 8, 3)
-    assert (settings.ctc_weight, settings.ctc_minutes) == (0, 2)
+    assert (settings.ctc_weight, settings.ctc_fraction, settings.frame_masking) == (0, 0.25, 0.2)
     assert (settings.lora_learning_rate, settings.n_train) == (1e-4, 50)
 
 
@@ -35,6 +38,36 @@ def test_report_states_loss_and_decoding(tmp_path):
     history = {"loss": [(0.1, 10, 3.0), (1.0, 20, 1.0)], "wer": [(0.5, 15, 0.8)], "steps": 20, "minutes": 1.0}
     text = write_report(tmp_path, DemoSettings(ctc_weight=0.5, num_beams=3), history, results).read_text()
     assert "LLM loss + 0.5 x CTC alignment loss" in text and "beam width 3" in text
+    assert "the first 15% of the budget: CTC pre-alignment" in text
     assert "| test_synthetic | 1 | 50.0% | 25.0% | 1 |" in text
-    text = write_report(tmp_path, DemoSettings(ctc_weight=0.0), history, results).read_text()
+    text = write_report(tmp_path, DemoSettings(ctc_weight=0.0, ctc_fraction=0.0), history, results).read_text()
     assert "CTC" not in text and "greedily" in text
+
+
+def test_frame_masking_zeroes_whole_frames_and_channels_only(build):
+    """SpecAugment on cached frames: masked frames/channels are all zero, the rest is the input, labels untouched."""
+    import torch
+
+    from speechlm.demo.run import FrameCollator
+
+    processor, _ = build("whisper", "llama")
+    torch.manual_seed(0)
+    items = [{"frames": torch.randn(n, 16).add(5).half(), "text": "turn on the lights"} for n in (40, 25)]
+    plain = FrameCollator(processor)(items)
+    assert torch.equal(plain["encoder_frames"][0], items[0]["frames"].float())
+    masked = FrameCollator(processor, masking=0.3)(items)
+    frames, original = masked["encoder_frames"], plain["encoder_frames"]
+    zero = frames == 0
+    dropped_frames, dropped_channels = zero.all(-1), zero.all(-2)
+    assert dropped_frames[0].any() and dropped_channels[0].any()
+    assert not dropped_frames[0].all() and not dropped_channels[0].all()
+    kept = ~dropped_frames[..., None] & ~dropped_channels[:, None, :]
+    assert torch.equal(frames[kept], original[kept])  # whatever is not masked is the input, bit for bit
+    assert torch.equal(masked["labels"], plain["labels"]) and torch.equal(masked["encoder_frame_lengths"],
+                                                                          plain["encoder_frame_lengths"])
+
+
+@pytest.mark.parametrize(("option", "value"), [("ctc_fraction", 1.0), ("frame_masking", -0.1), ("minutes", 0)])
+def test_out_of_range_settings_are_refused_by_name(option, value):
+    with pytest.raises(ValueError, match=option):
+        DemoSettings(**{option: value})
