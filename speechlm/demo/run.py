@@ -48,7 +48,7 @@ class DemoSettings:
     lora_rank: int = 8
     lora_targets: str = "q_proj,v_proj"
     ctc_fraction: float = 0.15  # share of the budget spent on CTC pre-alignment of the projector alone
-    ctc_weight: float = 0.5
+    ctc_weight: float = 1.0
     frame_masking: float = 0.0
     seed: int = 0
     eval_every_minutes: float = 5.0

@@ -1,0 +1,108 @@
+"""How well do the projector + CTC head alone transcribe (greedy CTC, no LLM) after a CTC-only pre-alignment?
+
+Separates the acoustic side (what the projector reads out of the frozen encoder) from the LLM side: the demo's
+pre-alignment, run for SECONDS on the cached training frames of a default `speechlm demo` run, then greedy CTC
+decoding of the training clips, the held-out synthetic set (WER per espeak-ng accent) and the held-out Asterisk set.
+
+    python scripts/ctc_head_wer.py 180 [--n-train 3000] [--masking 0.1] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import time
+
+import torch
+
+from speechlm.alignment import CTCAlignmentHead
+from speechlm.cache import cache_dir
+from speechlm.demo import run as demo
+from speechlm.demo.corpus import build_demo_corpus, read_manifest
+from speechlm.evaluation import word_error_rate
+
+
+@torch.no_grad()
+def greedy_ctc(model, head: CTCAlignmentHead, collator: demo.FrameCollator, frames: list[torch.Tensor]) -> list[str]:
+    """Best class per audio token, repeats merged, blanks dropped, classes mapped back to token ids."""
+    vocabulary = torch.nn.functional.normalize(model.get_input_embeddings().weight[head.vocabulary_ids].float(), dim=-1)
+    blank = torch.nn.functional.normalize(head.blank, dim=0)
+    texts = []
+    for start in range(0, len(frames), 32):
+        batch = collator([{"frames": f, "text": "x"} for f in frames[start : start + 32]])
+        embeds, lengths = model.get_audio_features(encoder_frames=batch["encoder_frames"],
+                                                   encoder_frame_lengths=batch["encoder_frame_lengths"])
+        directions = torch.nn.functional.normalize(embeds.float(), dim=-1)
+        blank_scores = directions @ blank + head.blank_bias / head.scale
+        scores = torch.cat([blank_scores[..., None], directions @ vocabulary.T], -1)
+        for row, length in zip(scores.argmax(-1), lengths):
+            ids, previous = [], -1
+            for label in row[:length].tolist():
+                if label not in (previous, 0):
+                    ids.append(int(head.vocabulary_ids[label - 1]))
+                previous = label
+            texts.append(collator.processor.tokenizer.decode(ids).strip())
+    return texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("seconds", type=float)
+    parser.add_argument("--n-train", type=int, default=demo.DemoSettings.n_train)
+    parser.add_argument("--masking", type=float, default=0.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    random.seed(0)
+    settings = demo.DemoSettings(n_train=args.n_train, lora_rank=0)
+    root = cache_dir("demo", f"corpus-structured-{settings.n_train}-{settings.n_test}-{settings.seed}")
+    manifests = build_demo_corpus(root, corpus="structured", n_train=settings.n_train, n_test=settings.n_test,
+                                  seed=settings.seed)
+    processor, model = demo.load_parts(settings)
+    frames_dir = cache_dir("demo", "ctc-head-wer")
+    key = demo.encoder_fingerprint(model)
+    sets = {}
+    for name in ("train", "test_synthetic", "test_asterisk"):
+        rows = read_manifest(manifests[name], absolute=True)
+        cache_file = frames_dir / f"{name}-{settings.n_train}-{key}.pt"
+        sets[name] = rows, demo.encode_frames(model, processor, rows, cache_file)
+
+    rows, frames = sets["train"]
+    texts = [row["text"] for row in rows]
+    collator = demo.FrameCollator(processor, masking=args.masking)
+    head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids,
+                            vocabulary_ids=demo.corpus_token_ids(processor, texts))
+    parameters = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
+    start, step = time.monotonic(), 0
+    while time.monotonic() - start < args.seconds:
+        index = random.sample(range(len(rows)), args.batch_size)
+        loss = head(model, collator([{"frames": frames[i], "text": texts[i]} for i in index]))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        step += 1
+        if step % 500 == 0:
+            print(f"step {step}: CTC loss {loss.item():.3f} ({time.monotonic() - start:.0f} s)", flush=True)
+
+    model.eval()
+    collator.masking = 0.0
+    evaluated = {"train (first 500)": (rows[:500], frames[:500]), "synthetic": sets["test_synthetic"],
+                 "asterisk": sets["test_asterisk"]}
+    for name, (eval_rows, eval_frames) in evaluated.items():
+        hypotheses = greedy_ctc(model, head, collator, eval_frames)
+        metrics = word_error_rate([row["text"] for row in eval_rows], hypotheses)
+        print(f"CTC head alone, {name}: WER {metrics['wer']:.1%}  CER {metrics['cer']:.1%}  ({len(eval_rows)} clips)")
+        if name == "synthetic":
+            by_accent = collections.defaultdict(list)
+            for row, hypothesis in zip(eval_rows, hypotheses):
+                by_accent[row.get("voice", "?").split("+")[0]].append((row["text"], hypothesis))
+            for accent, pairs in sorted(by_accent.items()):
+                wer = word_error_rate([r for r, _ in pairs], [h for _, h in pairs])["wer"]
+                print(f"    {accent}: {wer:.1%} ({len(pairs)} clips)")
+
+
+if __name__ == "__main__":
+    main()
