@@ -229,13 +229,16 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
         def __init__(self):
             self.start = time.monotonic()
             self.next_eval = settings.eval_every_minutes * 60
+            self.phase_changed = False
             self.bar = tqdm(total=round(budget), desc="training (seconds of budget)", unit="s")
 
         def _elapsed(self) -> float:
             return time.monotonic() - self.start
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
+            if self.phase_changed:  # this logged mean still covers CTC-only steps: on neither curve
+                self.phase_changed = False
+            elif logs and "loss" in logs:
                 curve = "ctc_loss" if trainer.ctc_only else "loss"
                 history[curve].append((self._elapsed() / 60, state.global_step, float(logs["loss"])))
                 self.bar.set_postfix(step=state.global_step, **{curve: f"{logs['loss']:.3f}"})
@@ -243,7 +246,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
         def on_step_end(self, args, state, control, **kwargs):
             elapsed = self._elapsed()
             if trainer.ctc_only and elapsed >= settings.ctc_fraction * budget:
-                trainer.ctc_only, collator.masking = False, 0.0
+                trainer.ctc_only, collator.masking, self.phase_changed = False, 0.0, True
                 self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: CTC pre-alignment done, "
                                "training through the LLM")
             self.bar.update(min(round(elapsed), round(budget)) - self.bar.n)
