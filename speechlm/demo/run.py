@@ -236,9 +236,11 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
             return time.monotonic() - self.start
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
             if self.phase_changed:  # this logged mean still covers CTC-only steps: on neither curve
                 self.phase_changed = False
-            elif logs and "loss" in logs:
+            else:
                 curve = "ctc_loss" if trainer.ctc_only else "loss"
                 history[curve].append((self._elapsed() / 60, state.global_step, float(logs["loss"])))
                 self.bar.set_postfix(step=state.global_step, **{curve: f"{logs['loss']:.3f}"})
