@@ -25,24 +25,12 @@ from speechlm.evaluation import word_error_rate
 
 @torch.no_grad()
 def greedy_ctc(model, head: CTCAlignmentHead, collator: demo.FrameCollator, frames: list[torch.Tensor]) -> list[str]:
-    """Best class per audio token, repeats merged, blanks dropped, classes mapped back to token ids."""
-    vocabulary = torch.nn.functional.normalize(model.get_input_embeddings().weight[head.vocabulary_ids].float(), dim=-1)
-    blank = torch.nn.functional.normalize(head.blank, dim=0)
+    """The head's greedy CTC transcripts of cached frames, 32 clips at a time."""
     texts = []
     for start in range(0, len(frames), 32):
-        batch = collator([{"frames": f, "text": "x"} for f in frames[start : start + 32]])
-        embeds, lengths = model.get_audio_features(encoder_frames=batch["encoder_frames"],
-                                                   encoder_frame_lengths=batch["encoder_frame_lengths"])
-        directions = torch.nn.functional.normalize(embeds.float(), dim=-1)
-        blank_scores = directions @ blank + head.blank_bias / head.scale
-        scores = torch.cat([blank_scores[..., None], directions @ vocabulary.T], -1)
-        for row, length in zip(scores.argmax(-1), lengths):
-            ids, previous = [], -1
-            for label in row[:length].tolist():
-                if label not in (previous, 0):
-                    ids.append(int(head.vocabulary_ids[label - 1]))
-                previous = label
-            texts.append(collator.processor.tokenizer.decode(ids).strip())
+        batch = collator([{"frames": f, "text": ""} for f in frames[start : start + 32]])
+        token_ids = head.greedy_token_ids(*head.logits(model, batch))
+        texts += [text.strip() for text in collator.processor.tokenizer.batch_decode(token_ids)]
     return texts
 
 

@@ -39,33 +39,48 @@ class CTCAlignmentHead(nn.Module):
             keep &= ~torch.isin(labels, torch.tensor(self.ignore_token_ids, device=labels.device))
         return labels[keep], keep.sum(-1)
 
+    def logits(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of every projected audio token of `batch`, (B, A, 1 + classes) with blank = class 0, and the
+        audio token counts per row."""
+        embeds, lengths = model.get_audio_features(
+            batch.get(model.audio_input_name), batch.get("attention_mask"),
+            encoder_frames=batch.get("encoder_frames"), encoder_frame_lengths=batch.get("encoder_frame_lengths"),
+        )  # fmt: skip
+        vocabulary = model.get_input_embeddings().weight.detach()
+        if self.vocabulary_ids is not None:
+            vocabulary = vocabulary[self.vocabulary_ids].float()
+        vocabulary = nn.functional.normalize(vocabulary, dim=-1)
+        directions = nn.functional.normalize(embeds, dim=-1)
+        token_logits = self.scale * (directions.to(vocabulary.dtype) @ vocabulary.T).float()
+        blank_logits = self.scale * (directions.float() @ nn.functional.normalize(self.blank, dim=0)) + self.blank_bias
+        return torch.cat([blank_logits[..., None], token_logits], dim=-1), lengths
+
     def forward(self, model, batch: dict) -> torch.Tensor:
         """Mean CTC loss per target token of `batch` (the model's usual training inputs, labels included)."""
         if batch.get("labels") is None:
             raise ValueError("CTC alignment needs labels: the transcript tokens to align the audio with")
-        audio = batch.get(model.audio_input_name)
-        embeds, lengths = model.get_audio_features(
-            audio, batch.get("attention_mask"), encoder_frames=batch.get("encoder_frames"),
-            encoder_frame_lengths=batch.get("encoder_frame_lengths"),
-        )  # fmt: skip
-        vocabulary = model.get_input_embeddings().weight.detach()
-        targets, target_lengths = self.targets(batch["labels"].to(embeds.device))
+        logits, lengths = self.logits(model, batch)
+        targets, target_lengths = self.targets(batch["labels"].to(logits.device))
         if self.vocabulary_ids is not None:
-            vocabulary = vocabulary[self.vocabulary_ids].float()
             classes = torch.searchsorted(self.vocabulary_ids, targets).clamp(max=len(self.vocabulary_ids) - 1)
             if (self.vocabulary_ids[classes] != targets).any():
                 missing = sorted(set(targets.tolist()) - set(self.vocabulary_ids.tolist()))
                 raise ValueError(f"label token ids {missing[:10]} are not in the CTC head's vocabulary_ids")
             targets = classes
-        vocabulary = nn.functional.normalize(vocabulary, dim=-1)
-        directions = nn.functional.normalize(embeds, dim=-1)
-        token_logits = self.scale * (directions.to(vocabulary.dtype) @ vocabulary.T).float()
-        blank_logits = self.scale * (directions.float() @ nn.functional.normalize(self.blank, dim=0)) + self.blank_bias
-        logits = torch.cat([blank_logits[..., None], token_logits], dim=-1)  # blank = class 0
         log_probs = logits.log_softmax(-1).transpose(0, 1)  # (A, B, V + 1)
         loss = nn.functional.ctc_loss(log_probs, targets + 1, lengths, target_lengths, blank=0,
                                       reduction="sum", zero_infinity=True)
         return loss / target_lengths.sum().clamp(min=1)
+
+    def greedy_token_ids(self, logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        """Greedy CTC decoding of `logits()`: best class per audio token, repeats merged, blanks dropped, classes
+        mapped back to the LLM's token ids. Shows what the projector alone carries, without the LLM."""
+        decoded = []
+        for best, length in zip(logits.argmax(-1).tolist(), lengths.tolist()):
+            classes = [c for i, c in enumerate(best[:length]) if c != 0 and (i == 0 or c != best[i - 1])]
+            ids = [c - 1 for c in classes]
+            decoded.append(self.vocabulary_ids[ids].tolist() if self.vocabulary_ids is not None else ids)
+        return decoded
 
 
 __all__ = ["CTCAlignmentHead"]

@@ -104,3 +104,12 @@ def test_trainer_ctc_only_phase_then_joint_loss(build, tmp_path):
     with torch.no_grad():
         joint = trainer.compute_loss(model, batch)
     torch.testing.assert_close(joint, lm_loss + 0.5 * ctc_loss)
+
+
+def test_greedy_decoding_merges_repeats_drops_blanks_and_maps_classes():
+    """Class 0 is the blank; a repeat counts once unless a blank separates it; padding past the length is ignored."""
+    head = CTCAlignmentHead(8, vocabulary_ids=[11, 22, 33])
+    best = torch.tensor([[0, 1, 1, 0, 1, 3, 3, 2], [2, 2, 0, 0, 3, 1, 1, 1]])  # classes per audio token
+    logits = torch.nn.functional.one_hot(best, 4).float()
+    assert head.greedy_token_ids(logits, torch.tensor([8, 5])) == [[11, 11, 33, 22], [22, 33]]
+    assert CTCAlignmentHead(8).greedy_token_ids(logits, torch.tensor([8, 5])) == [[0, 0, 2, 1], [1, 2]]

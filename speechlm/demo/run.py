@@ -398,7 +398,7 @@ def add_arguments(parser) -> None:
                         help="encoder frames stacked into one audio token (Whisper: 50 frames/s)")
     parser.add_argument("--ctc-fraction", type=float, default=defaults.ctc_fraction,
                         help="share of the budget that first trains the projector alone with CTC against the LLM's "
-                        "embeddings (no LLM pass: ~20x more steps per second)")
+                        "embeddings (no LLM pass: ~25x more steps per second)")
     parser.add_argument("--ctc-weight", type=float, default=defaults.ctc_weight,
                         help="afterwards, add this weight x the CTC loss to the LLM loss")
     parser.add_argument("--frame-masking", type=float, default=defaults.frame_masking,
