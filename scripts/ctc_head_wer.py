@@ -4,7 +4,7 @@ Separates the acoustic side (what the projector reads out of the frozen encoder)
 pre-alignment, run for SECONDS on the cached training frames of a default `speechlm demo` run, then greedy CTC
 decoding of the training clips, the held-out synthetic set (WER per espeak-ng accent) and the held-out Asterisk set.
 
-    python scripts/ctc_head_wer.py 180 [--n-train 3000] [--masking 0.1] [--batch-size 8]
+    python scripts/ctc_head_wer.py 180 [--n-train 9000] [--masking 0.1] [--batch-size 8]
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 
 AUDIO_LAYOUTS = ("prefix", "placeholder")
+IGNORE_INDEX = -100  # the label the loss skips (audio, prompt and padding positions)
 
 
 class SpeechLMConfig(PreTrainedConfig):
@@ -28,6 +29,9 @@ class SpeechLMConfig(PreTrainedConfig):
         encoder_name_or_path / decoder_name_or_path (`str`): where the base models came from, so a trainable-only
             checkpoint can be rebuilt on top of them.
         lora (`dict`, *optional*): LoRA settings applied to the decoder (so loading re-creates the adapters).
+        ctc_head (`dict`, *optional*): a CTC head over the projector's output (`speechlm.alignment`):
+            `vocabulary_ids` (its classes; `None`: the whole vocabulary), `ignore_token_ids` (never targets) and
+            `compress` (shorten the audio the LLM reads to one token per recognised label).
     """
 
     model_type = "speechlm"
@@ -48,6 +52,7 @@ class SpeechLMConfig(PreTrainedConfig):
         encoder_loading_kwargs: dict | None = None,
         decoder_loading_kwargs: dict | None = None,
         lora: dict | None = None,
+        ctc_head: dict | None = None,
         trainable_only: bool = False,
         **kwargs,
     ):
@@ -68,6 +73,7 @@ class SpeechLMConfig(PreTrainedConfig):
         self.encoder_loading_kwargs = encoder_loading_kwargs or {}
         self.decoder_loading_kwargs = decoder_loading_kwargs or {}
         self.lora = lora
+        self.ctc_head = ctc_head
         self.trainable_only = trainable_only
         if text_config is not None:
             for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

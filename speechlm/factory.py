@@ -125,6 +125,8 @@ def _assemble(config: SpeechLMConfig, audio_tower, language_model, projector_dty
     model.multi_modal_projector.to(dtype)
     model.audio_start.data = model.audio_start.data.to(dtype)
     model.audio_end.data = model.audio_end.data.to(dtype)
+    if model.ctc_head is not None:
+        model.ctc_head.to(dtype)
     generation_config = getattr(language_model, "generation_config", None) or GenerationConfig()
     generation_config = GenerationConfig.from_dict(generation_config.to_dict())
     generation_config.pad_token_id = config.text_config.pad_token_id

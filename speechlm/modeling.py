@@ -1,7 +1,8 @@
 """SpeechLMModel: audio encoder -> projector -> [audio embeddings | text embeddings] -> decoder-only LLM.
 
 The whole concept in one place:
-1. `get_audio_features` runs the encoder through its family adapter (real lengths, exact masks) and the projector.
+1. `get_audio_features` runs the encoder through its family adapter (real lengths, exact masks) and the projector;
+   an optional CTC head (`add_ctc_head(compress=True)`) then keeps one averaged token per label it hears.
 2. `merge_audio_and_text` splices each clip, framed by learned start/end embeddings, into the text sequence at its
    placeholder (or in front of the text), compacts every sample and left-pads the batch. Position ids then follow
    from the mask, so a padded training batch, a left-padded generation batch and a single clip all see the same
@@ -21,11 +22,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration import SpeechLMConfig
+from .alignment import CTCAlignmentHead
+from .configuration import IGNORE_INDEX, SpeechLMConfig
 from .encoders import encoder_adapter
 from .projector import SpeechLMProjector, default_stack_factor
 
-IGNORE_INDEX = -100
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 
 
@@ -68,6 +69,8 @@ class SpeechLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SpeechLMModel):
             nn.init.normal_(module.audio_start, std=std)
             nn.init.normal_(module.audio_end, std=std)
+        elif isinstance(module, CTCAlignmentHead):
+            module.reset_parameters()
 
 
 def _mark_initialized(module: nn.Module) -> None:
@@ -108,6 +111,7 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         )
         self.audio_start = nn.Parameter(torch.zeros(text_hidden))
         self.audio_end = nn.Parameter(torch.zeros(text_hidden))
+        self.ctc_head = self._build_ctc_head(config.ctc_head) if config.ctc_head else None
         if config.lora and not _has_lora(self.language_model):
             self._inject_lora(config.lora)
         self.post_init()
@@ -132,7 +136,8 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------------------------------- audio side
     def audio_output_lengths(self, audio_lengths: torch.Tensor) -> torch.Tensor:
-        """Number of LLM audio tokens for clips of `audio_lengths` input samples (or mel frames)."""
+        """Number of LLM audio tokens for clips of `audio_lengths` input samples (or mel frames); an upper bound
+        when a CTC head compresses the audio (its count depends on what the head hears)."""
         frames = self.adapter.output_lengths(self.audio_tower, audio_lengths)
         return self.multi_modal_projector.output_lengths(frames)
 
@@ -327,6 +332,9 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         audio_embeds, audio_lengths = self.get_audio_features(
             audio, attention_mask, encoder_frames=encoder_frames, encoder_frame_lengths=encoder_frame_lengths
         )
+        if self.ctc_head is not None and self.config.ctc_head.get("compress"):
+            audio_embeds, audio_lengths = self.ctc_head.compress(audio_embeds, audio_lengths,
+                                                                 self.get_input_embeddings().weight)
         return self.merge_audio_and_text(audio_embeds, audio_lengths, input_ids, decoder_attention_mask, labels)
 
     def _select_audio_input(self, input_values, input_features) -> torch.Tensor:
@@ -494,6 +502,28 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
                 setattr(parent, child, module.get_base_layer())
         self.config.lora = None
 
+    # ------------------------------------------------------------------------------------------- CTC head
+    def add_ctc_head(self, vocabulary_ids: list[int] | None = None, ignore_token_ids: list[int] | None = None,
+                     compress: bool = False) -> CTCAlignmentHead:
+        """Add a CTC head over the projector's output (trainable, saved with the model).
+
+        Train it with `SpeechLMTrainer(ctc_head=model.ctc_head, ...)`. `compress=True` then feeds the LLM one
+        averaged audio token per label the head recognises instead of every audio token (blanks dropped).
+        """
+        if self.ctc_head is not None:
+            raise ValueError("the model already has a CTC head")
+        settings = {"vocabulary_ids": sorted(set(vocabulary_ids)) if vocabulary_ids is not None else None,
+                    "ignore_token_ids": sorted(set(ignore_token_ids or [])), "compress": compress}
+        self.ctc_head = self._build_ctc_head(settings)
+        self.config.ctc_head = settings
+        return self.ctc_head
+
+    def _build_ctc_head(self, settings: dict) -> CTCAlignmentHead:
+        projector = self.multi_modal_projector.linear_2.weight
+        head = CTCAlignmentHead(self.config.text_config.hidden_size, settings.get("ignore_token_ids") or (),
+                                vocabulary_ids=settings.get("vocabulary_ids"))
+        return head.to(device=projector.device, dtype=projector.dtype)
+
     # ------------------------------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike, *args, trainable_only: bool = False, **kwargs):
         """Save the model; with `trainable_only=True` save just the trained weights plus the base models' ids.
@@ -512,6 +542,7 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         names |= {n for n, _ in self.multi_modal_projector.named_parameters(prefix="multi_modal_projector")}
         names |= {"audio_start", "audio_end"}
+        names |= {n for n, _ in self.named_parameters() if n.startswith("ctc_head.")}
         names |= {n for n, _ in self.named_parameters() if "lora_" in n}
         state = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters() if n in names}
         save_file(state, os.path.join(save_directory, TRAINABLE_WEIGHTS_NAME), metadata={"format": "pt"})

@@ -113,3 +113,68 @@ def test_greedy_decoding_merges_repeats_drops_blanks_and_maps_classes():
     logits = torch.nn.functional.one_hot(best, 4).float()
     assert head.greedy_token_ids(logits, torch.tensor([8, 5])) == [[11, 11, 33, 22], [22, 33]]
     assert CTCAlignmentHead(8).greedy_token_ids(logits, torch.tensor([8, 5])) == [[0, 0, 2, 1], [1, 2]]
+
+
+def _axis_head() -> tuple[CTCAlignmentHead, torch.Tensor]:
+    """A head over a 4-d space whose vocabulary rows are the first three axes and whose blank is the fourth."""
+    head = CTCAlignmentHead(4)
+    with torch.no_grad():
+        head.blank.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    return head, torch.eye(4)[:3]
+
+
+def test_compression_drops_blanks_and_averages_each_run_of_one_label():
+    head, vocabulary = _axis_head()
+    e = torch.eye(4)
+    clip = torch.stack([2 * e[0], 4 * e[0], e[3], e[1], 3 * e[1], e[3], e[1], 9 * e[0]])  # a a _ b b _ b | pad
+    silent = torch.stack([e[3], e[3] + 0.5 * e[2], e[3], e[3], e[3], e[3], e[3], e[3]])  # the head hears nothing
+    embeds, lengths = head.compress(torch.stack([clip, silent]), torch.tensor([7, 4]), vocabulary)
+    assert lengths.tolist() == [3, 1]
+    torch.testing.assert_close(embeds[0], torch.stack([3 * e[0], 2 * e[1], e[1]]))  # a blank splits b from b
+    torch.testing.assert_close(embeds[1, 0], e[3] + 0.5 * e[2])  # its least blank token stands for the clip
+    assert embeds[1, 1:].abs().sum() == 0
+
+
+def test_compression_passes_gradients_to_the_kept_tokens():
+    head, vocabulary = _axis_head()
+    e = torch.eye(4)
+    clip = torch.stack([e[0], e[3], 2 * e[1], e[1]]).requires_grad_()
+    embeds, _ = head.compress(clip[None], torch.tensor([4]), vocabulary)
+    embeds.sum().backward()
+    torch.testing.assert_close(clip.grad.sum(-1), torch.tensor([4.0, 0.0, 2.0, 2.0]))  # 1/2 each for the b run
+
+
+def test_compressing_model_batches_like_one_by_one_and_reloads(build, tmp_path):
+    """With `ctc_head.compress`, the LLM reads fewer audio tokens; batched generation still equals one clip at a time,
+    and a trainable-only save reloads the head and its settings."""
+    from speechlm.modeling import SpeechLMModel
+
+    processor, model = build("whisper", "llama")
+    vocabulary = list(range(3, 40))
+    model.add_ctc_head(vocabulary, processor.tokenizer.all_special_ids, compress=True)
+    clips = make_clips((1.0, 0.4, 0.7))
+    batch = processor(clips)
+    with torch.no_grad():
+        embeds, lengths = model.get_audio_features(batch["input_features"], batch["attention_mask"])
+        merged = model.prepare_inputs(**{k: v for k, v in batch.items() if k != "labels"})
+    _, counts = model.ctc_head.segments(model.ctc_head.scores(embeds, model.get_input_embeddings().weight), lengths)
+    text = batch["decoder_attention_mask"].sum(-1)
+    assert merged.attention_mask.sum(-1).tolist() == (counts + 2 + text).tolist()  # start + segments + end + text
+    assert (counts < lengths).all()
+
+    loss = model(**processor(clips, text=["turn on", "call mom", "play some jazz"])).loss
+    loss.backward()  # training reads the compressed audio too, and the gradient reaches the projector
+    assert torch.isfinite(loss) and model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+    kwargs = dict(max_new_tokens=5, do_sample=False)
+    batched = model.generate(**batch, **kwargs)
+    for i, clip in enumerate(clips):
+        alone = model.generate(**processor([clip]), **kwargs)[0].tolist()
+        assert batched[i].tolist()[: len(alone)] == alone
+
+    model.save_pretrained(tmp_path / "model", trainable_only=True)
+    reloaded = SpeechLMModel.from_pretrained(tmp_path / "model", dtype=torch.float64)
+    assert reloaded.config.ctc_head == {"vocabulary_ids": vocabulary, "compress": True,
+                                        "ignore_token_ids": sorted(processor.tokenizer.all_special_ids)}
+    torch.testing.assert_close(reloaded.ctc_head.blank, model.ctc_head.blank)
+    assert reloaded.generate(**batch, **kwargs).tolist() == batched.tolist()

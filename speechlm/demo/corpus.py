@@ -732,7 +732,7 @@ def _texts(corpus: str, n_train: int, n_test: int, seed: int, exclude: Sequence[
 def build_demo_corpus(
     root: Path | str | None = None,
     corpus: str = "structured",
-    n_train: int = 3000,
+    n_train: int = 9000,
     n_test: int = 200,
     seed: int = 0,
     workers: int = 2,

@@ -8,6 +8,7 @@ disk) and only the projector (and optional LoRA adapters) learn. Hub ids work in
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ class DemoSettings:
 
     minutes: float = 20.0
     corpus: str = "structured"
-    n_train: int = 3000
+    n_train: int = 9000
     n_test: int = 200
     encoder: str = BUNDLED
     decoder: str = BUNDLED
@@ -49,7 +50,9 @@ class DemoSettings:
     lora_targets: str = "q_proj,v_proj"
     ctc_fraction: float = 0.15  # share of the budget spent on CTC pre-alignment of the projector alone
     ctc_weight: float = 1.0
+    ctc_compression: bool = False  # the LLM reads one audio token per label the CTC head hears (blanks dropped)
     frame_masking: float = 0.0
+    real_speech_repeats: int = 1  # each real (Asterisk) training clip appears this many times per epoch
     seed: int = 0
     eval_every_minutes: float = 5.0
     eval_limit: int | None = None
@@ -61,6 +64,8 @@ class DemoSettings:
         for name in ("ctc_fraction", "frame_masking"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.real_speech_repeats < 1:
+            raise ValueError(f"real_speech_repeats must be >= 1, got {self.real_speech_repeats}")
         if self.minutes <= 0:
             raise ValueError(f"minutes must be positive, got {self.minutes}")
 
@@ -142,6 +147,14 @@ class FrameDataset(torch.utils.data.Dataset):
         self.frames, self.texts = frames, texts
         self.lengths = [int(f.shape[0]) for f in frames]
 
+    @classmethod
+    def from_rows(cls, frames: list[torch.Tensor], rows: list[dict], real_speech_repeats: int = 1) -> FrameDataset:
+        """Frames + manifest rows, each real-speech (`source` "asterisk") clip `real_speech_repeats` times: the
+        few hundred real prompts would otherwise be a few percent of a large synthetic corpus."""
+        repeats = [real_speech_repeats if row["source"] == "asterisk" else 1 for row in rows]
+        return cls([f for f, k in zip(frames, repeats, strict=True) for _ in range(k)],
+                   [row["text"] for row, k in zip(rows, repeats) for _ in range(k)])
+
     def __len__(self) -> int:
         return len(self.frames)
 
@@ -217,7 +230,6 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
     from tqdm.auto import tqdm
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
-    from ..alignment import CTCAlignmentHead
     from ..evaluation import word_error_rate
     from ..inference import transcribe_arrays
     from ..training import SpeechLMTrainer
@@ -268,12 +280,10 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
-    ctc_head = None
-    if settings.ctc_fraction > 0 or settings.ctc_weight > 0:
-        ctc_head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids,
-                                    vocabulary_ids=corpus_token_ids(processor, dataset.texts))
+    if settings.ctc_fraction > 0 or settings.ctc_weight > 0 or settings.ctc_compression:
+        model.add_ctc_head(corpus_token_ids(processor, dataset.texts), processor.tokenizer.all_special_ids,
+                           compress=settings.ctc_compression)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    trainable += list(ctc_head.named_parameters(prefix="ctc_head")) if ctc_head is not None else []
     groups = [
         {"params": [p for name, p in trainable if "lora_" not in name], "lr": settings.learning_rate},
         {"params": [p for name, p in trainable if "lora_" in name], "lr": settings.lora_learning_rate},
@@ -289,7 +299,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=collator,
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget)), callbacks=[Budget()],
-        ctc_head=ctc_head, ctc_weight=settings.ctc_weight, ctc_only=settings.ctc_fraction > 0,
+        ctc_head=model.ctc_head, ctc_weight=settings.ctc_weight, ctc_only=settings.ctc_fraction > 0,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no log dict every 10 steps
     result = trainer.train()
@@ -355,6 +365,8 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         + (f"; the first {settings.ctc_fraction:.0%} of the budget: CTC pre-alignment of the projector alone"
            if settings.ctc_fraction else "")
         + (f"; loss = LLM loss + {settings.ctc_weight:g} x CTC alignment loss" if settings.ctc_weight else "")
+        + ("; the LLM reads the CTC-compressed audio" if settings.ctc_compression else "")
+        + (f"; real-speech clips x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else "")
         + "). Held-out sets decoded "
         + (f"with beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily")
         + "; the curve during training is greedy.", "",
@@ -401,8 +413,13 @@ def add_arguments(parser) -> None:
                         "embeddings (no LLM pass: ~25x more steps per second)")
     parser.add_argument("--ctc-weight", type=float, default=defaults.ctc_weight,
                         help="afterwards, add this weight x the CTC loss to the LLM loss")
+    parser.add_argument("--ctc-compression", action=argparse.BooleanOptionalAction, default=defaults.ctc_compression,
+                        help="the LLM reads one averaged audio token per label the CTC head hears, blanks dropped "
+                        "(~3x fewer audio tokens)")
     parser.add_argument("--frame-masking", type=float, default=defaults.frame_masking,
                         help="fraction of encoder frames and channels zeroed during the CTC pre-alignment")
+    parser.add_argument("--real-speech-repeats", type=int, default=defaults.real_speech_repeats,
+                        help="times each real (Asterisk) training clip appears per epoch, against the synthetic ones")
     parser.add_argument("--eval-every-minutes", type=float, default=defaults.eval_every_minutes)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N clips per set")
     parser.add_argument("--num-beams", type=int, default=defaults.num_beams,
@@ -449,11 +466,13 @@ def run(args) -> int:
         from ..audio import load_audio
 
         eval_audio = [load_audio(row["audio"]) for row in eval_rows]
-        print(f"[demo] 3/5 training for {settings.minutes:g} minutes on {len(train_rows)} clips (the first "
+        dataset = FrameDataset.from_rows(frames, train_rows, settings.real_speech_repeats)
+        repeats = f", real speech x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else ""
+        print(f"[demo] 3/5 training for {settings.minutes:g} minutes on {len(train_rows)} clips{repeats} (the first "
               f"{settings.ctc_fraction * settings.minutes:.1f}: CTC pre-alignment of the projector alone)", flush=True)
         model.train()
-        history = train_within_budget(model, processor, FrameDataset(frames, [r["text"] for r in train_rows]),
-                                      settings, eval_audio, [r["text"] for r in eval_rows], output)
+        history = train_within_budget(model, processor, dataset, settings, eval_audio,
+                                      [r["text"] for r in eval_rows], output)
         model.eval()
         model.save_pretrained(model_dir, trainable_only=True)
         processor.save_pretrained(model_dir)

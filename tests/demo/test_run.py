@@ -19,10 +19,12 @@ def test_every_option_reaches_the_settings():
     assert parse() == DemoSettings()
     settings = parse("--lora-targets", "q_proj,k_proj", "--stack-factor", "8", "--num-beams", "3", "--ctc-weight", "0",
                      "--ctc-fraction", "0.25", "--frame-masking", "0.2", "--lora-learning-rate", "1e-4",
-                     "--n-train", "50")
+                     "--n-train", "50", "--no-ctc-compression", "--real-speech-repeats", "3")
     assert (settings.lora_targets, settings.stack_factor, settings.num_beams) == ("q_proj,k_proj", 8, 3)
     assert (settings.ctc_weight, settings.ctc_fraction, settings.frame_masking) == (0, 0.25, 0.2)
     assert (settings.lora_learning_rate, settings.n_train) == (1e-4, 50)
+    assert (settings.ctc_compression, settings.real_speech_repeats) == (False, 3)
+    assert parse("--ctc-compression").ctc_compression is True
 
 
 def test_model_key_ignores_evaluation_only_settings():
@@ -41,7 +43,10 @@ def test_report_states_loss_and_decoding(tmp_path):
     assert "the first 15% of the budget: CTC pre-alignment" in text
     assert "| test_synthetic | 1 | 50.0% | 25.0% | 1 |" in text
     text = write_report(tmp_path, DemoSettings(ctc_weight=0.0, ctc_fraction=0.0), history, results).read_text()
-    assert "CTC" not in text and "greedily" in text
+    assert "CTC" not in text and "greedily" in text and "real-speech" not in text
+    text = write_report(tmp_path, DemoSettings(ctc_compression=True, real_speech_repeats=3), history,
+                        results).read_text()
+    assert "CTC-compressed audio" in text and "real-speech clips x3" in text
 
 
 def test_frame_masking_zeroes_whole_frames_and_channels_only(build):
@@ -67,7 +72,22 @@ def test_frame_masking_zeroes_whole_frames_and_channels_only(build):
                                                                           plain["encoder_frame_lengths"])
 
 
-@pytest.mark.parametrize(("option", "value"), [("ctc_fraction", 1.0), ("frame_masking", -0.1), ("minutes", 0)])
+@pytest.mark.parametrize(("option", "value"), [("ctc_fraction", 1.0), ("frame_masking", -0.1), ("minutes", 0),
+                                               ("real_speech_repeats", 0)])
 def test_out_of_range_settings_are_refused_by_name(option, value):
     with pytest.raises(ValueError, match=option):
         DemoSettings(**{option: value})
+
+
+def test_real_speech_repeats_only_repeat_real_clips():
+    import torch
+
+    from speechlm.demo.run import FrameDataset
+
+    rows = [{"source": "synthetic", "text": "a"}, {"source": "asterisk", "text": "b"},
+            {"source": "synthetic", "text": "c"}]
+    frames = [torch.full((n, 2), float(n)) for n in (3, 4, 5)]
+    dataset = FrameDataset.from_rows(frames, rows, real_speech_repeats=3)
+    assert dataset.texts == ["a", "b", "b", "b", "c"] and dataset.lengths == [3, 4, 4, 4, 5]
+    assert all(dataset[i]["frames"] is frames[1] for i in (1, 2, 3))  # repeats share the cached frames
+    assert FrameDataset.from_rows(frames, rows).texts == ["a", "b", "c"]
