@@ -280,7 +280,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
-    if settings.ctc_fraction > 0 or settings.ctc_weight > 0 or settings.ctc_compression:
+    pre_align = settings.ctc_fraction > 0
+    if pre_align or settings.ctc_weight > 0 or settings.ctc_compression:
         model.add_ctc_head(corpus_token_ids(processor, dataset.texts), processor.tokenizer.all_special_ids,
                            compress=settings.ctc_compression)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -295,11 +296,11 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
         remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, seed=settings.seed,
         log_level="warning", train_sampling_strategy="group_by_length",
     )
-    collator = FrameCollator(processor, masking=settings.frame_masking if settings.ctc_fraction > 0 else 0.0)
+    collator = FrameCollator(processor, masking=settings.frame_masking if pre_align else 0.0)
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=collator,
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget)), callbacks=[Budget()],
-        ctc_head=model.ctc_head, ctc_weight=settings.ctc_weight, ctc_only=settings.ctc_fraction > 0,
+        ctc_head=model.ctc_head, ctc_weight=settings.ctc_weight, ctc_only=pre_align,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no log dict every 10 steps
     result = trainer.train()
