@@ -91,3 +91,17 @@ def test_real_speech_repeats_only_repeat_real_clips():
     assert dataset.texts == ["a", "b", "b", "b", "c"] and dataset.lengths == [3, 4, 4, 4, 5]
     assert all(dataset[i]["frames"] is frames[1] for i in (1, 2, 3))  # repeats share the cached frames
     assert FrameDataset.from_rows(frames, rows).texts == ["a", "b", "c"]
+
+
+def test_load_parts_puts_lora_on_the_chosen_modules_only(model_dirs):
+    """`--lora-targets` reaches the adapters: LoRA on exactly those LLM modules; encoder and LLM frozen."""
+    from speechlm.demo.run import load_parts
+
+    settings = DemoSettings(encoder=str(model_dirs("encoder", "whisper")), decoder=str(model_dirs("decoder", "llama")),
+                            lora_rank=4, lora_targets="q_proj,o_proj")
+    _, model = load_parts(settings)
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_" in name}
+    assert adapted == {"q_proj", "o_proj"}
+    assert model.config.lora["r"] == 4
+    frozen = [p.requires_grad for name, p in model.language_model.named_parameters() if "lora_" not in name]
+    assert frozen and not any(frozen) and not any(p.requires_grad for p in model.audio_tower.parameters())
