@@ -36,7 +36,8 @@ class CTCAlignmentHead(nn.Module):
         self.ignore_token_ids = sorted(set(ignore_token_ids))
         # Optional class set: only the tokens a corpus uses (e.g. ~1k of 49k), so the vocabulary matmul is cheap.
         ids = sorted(set(vocabulary_ids)) if vocabulary_ids is not None else None
-        self.register_buffer("vocabulary_ids", torch.tensor(ids) if ids is not None else None, persistent=False)
+        # Persistent: a full checkpoint is loaded onto meta tensors, which only the state dict fills back in.
+        self.register_buffer("vocabulary_ids", torch.tensor(ids) if ids is not None else None)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

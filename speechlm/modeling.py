@@ -448,8 +448,10 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         _set_trainable(self.get_output_embeddings(), True)
 
     def freeze_projection(self, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) the projector and the learned audio start/end embeddings."""
+        """Freeze (or unfreeze) the projector, the learned audio start/end embeddings and the CTC head, if any."""
         _set_trainable(self.multi_modal_projector, not frozen)
+        if self.ctc_head is not None:
+            _set_trainable(self.ctc_head, not frozen)
         self.audio_start.requires_grad = not frozen
         self.audio_end.requires_grad = not frozen
 
