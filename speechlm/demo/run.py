@@ -416,7 +416,7 @@ def add_arguments(parser) -> None:
                         help="afterwards, add this weight x the CTC loss to the LLM loss")
     parser.add_argument("--ctc-compression", action=argparse.BooleanOptionalAction, default=defaults.ctc_compression,
                         help="the LLM reads one averaged audio token per label the CTC head hears, blanks dropped "
-                        "(~3x fewer audio tokens)")
+                        "(measured: 1.3x the LLM steps per minute, worse final WER on real speech)")
     parser.add_argument("--frame-masking", type=float, default=defaults.frame_masking,
                         help="fraction of encoder frames and channels zeroed during the CTC pre-alignment")
     parser.add_argument("--real-speech-repeats", type=int, default=defaults.real_speech_repeats,
