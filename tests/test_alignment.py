@@ -181,5 +181,11 @@ def test_compressing_model_batches_like_one_by_one_and_reloads(build, tmp_path):
     model.save_pretrained(tmp_path / "full")  # a full checkpoint carries the head too
     assert SpeechLMModel.from_pretrained(tmp_path / "full").generate(**batch, **kwargs).tolist() == batched.tolist()
 
+    try:
+        model.add_ctc_head()
+    except ValueError as error:
+        assert "already has a CTC head" in str(error)
+    else:
+        raise AssertionError("a second CTC head was added silently")
     model.freeze_projection()  # the head belongs to the projection side
     assert not any(p.requires_grad for p in model.ctc_head.parameters())
