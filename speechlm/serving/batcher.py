@@ -33,6 +33,26 @@ class _Job:
     options: tuple  # generation kwargs as sorted items: clips are only batched with identical options
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
+    abandoned: threading.Event = field(default_factory=threading.Event)  # nobody waits for the text any more
+
+    def gone(self) -> bool:
+        return self.abandoned.is_set() or self.future.cancelled()
+
+
+class _StopWhenAbandoned:
+    """A `generate` stopping criterion: the whole batch stops once every clip in it has been abandoned.
+
+    A request that timed out or whose client went away must not keep a core busy for minutes.
+    """
+
+    def __init__(self, jobs: list[_Job]):
+        self.jobs = jobs
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = all(job.gone() for job in self.jobs)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class DynamicBatcher:
@@ -61,18 +81,31 @@ class DynamicBatcher:
 
     # ------------------------------------------------------------------------------------------------ client side
     def submit(self, audio: np.ndarray, prompt: str | None = None, **generate_kwargs) -> Future:
-        """Queue one clip; the future resolves to its text (or to the exception that decoding it raised)."""
+        """Queue one clip; the future resolves to its text (or to the exception that decoding it raised).
+
+        Cancelling the future drops the clip if it is still waiting, and stops its batch's generation once every
+        clip of that batch is cancelled.
+        """
+        return self._submit(audio, prompt, generate_kwargs).future
+
+    def _submit(self, audio: np.ndarray, prompt: str | None, generate_kwargs: dict) -> _Job:
         if self._closed:
             raise RuntimeError("the batcher is closed")
         self._ensure_worker()
         options = tuple(sorted((k, v) for k, v in generate_kwargs.items() if v is not None))
         job = _Job(audio, prompt, options)
         self._queue.put(job)
-        return job.future
+        return job
 
     async def transcribe(self, audio: np.ndarray, prompt: str | None = None, **generate_kwargs) -> str:
-        """`submit` for an event loop; cancelling the await drops the clip if it is still waiting."""
-        return await asyncio.wrap_future(self.submit(audio, prompt, **generate_kwargs))
+        """`submit` for an event loop; cancelling the await (a timeout, a client gone) abandons the clip."""
+        job = self._submit(audio, prompt, generate_kwargs)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.abandoned.set()
+            job.future.cancel()  # still waiting: never decoded
+            raise
 
     def pending(self) -> int:
         return self._queue.qsize() + len(self._held)
@@ -136,7 +169,7 @@ class DynamicBatcher:
         return batch, False
 
     def _decode(self, batch: list[_Job]) -> None:
-        jobs = [job for job in batch if job.future.set_running_or_notify_cancel()]  # skip timed-out requests
+        jobs = [job for job in batch if job.future.set_running_or_notify_cancel()]  # skip abandoned requests
         if not jobs:
             return
         self.batches += 1
@@ -150,6 +183,8 @@ class DynamicBatcher:
                 return
             logger.warning("batch of %d failed (%s); decoding its clips one by one", len(jobs), error)
             for job in jobs:
+                if job.gone():  # nobody waits for it: do not decode it alone either
+                    continue
                 try:
                     job.future.set_result(self._transcribe([job])[0])
                 except Exception as single_error:  # noqa: BLE001
@@ -159,7 +194,10 @@ class DynamicBatcher:
             job.future.set_result(text)
 
     def _transcribe(self, jobs: list[_Job]) -> list[str]:
+        from transformers import StoppingCriteriaList
+
         options = dict(jobs[0].options)
+        options["stopping_criteria"] = StoppingCriteriaList([_StopWhenAbandoned(jobs)])
         prompts = [job.prompt for job in jobs]
         return transcribe_arrays(self.model, self.processor, [job.audio for job in jobs], prompts, len(jobs), **options)
 

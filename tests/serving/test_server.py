@@ -22,7 +22,7 @@ import speechlm.serving.batcher as batcher_module
 from speechlm.audio import load_audio
 from speechlm.inference import transcribe_arrays
 from speechlm.serving import ServerSettings, create_app
-from speechlm.serving.app import add_serve_arguments, settings_from_args
+from speechlm.serving.app import add_serve_arguments, settings_from_args, uvicorn_config
 from tests.conftest import make_clips
 
 SR = 16000
@@ -35,7 +35,7 @@ def live_server(app):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -201,7 +201,7 @@ def test_bad_uploads_are_4xx_and_the_server_keeps_serving(server, client):
         assert name in error["message"]
 
     too_long = io.BytesIO()
-    sf.write(too_long, np.zeros(61 * 1000, dtype=np.int16), 1000, format="WAV", subtype="PCM_16")  # 61 s, small
+    sf.write(too_long, np.zeros(61 * 4000, dtype=np.int16), 4000, format="WAV", subtype="PCM_16")  # 61 s, small
     response = post("long.wav", too_long.getvalue())
     assert response.status_code == 400 and response.json()["error"]["code"] == "audio_too_long"
 
