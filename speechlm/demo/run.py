@@ -255,8 +255,18 @@ def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 2
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_audio, eval_texts, output: Path,
-                        dtype_choice: DtypeChoice | None = None):
+def slow_machine_warning(per_minute: float, settings: DemoSettings, dtype_choice: DtypeChoice) -> str | None:
+    """A loud sentence when this machine trains less than half the LLM steps per minute the defaults expect."""
+    if per_minute >= EXPECTED_LLM_STEPS_PER_MINUTE / 2:
+        return None
+    return (f"WARNING: this machine trains {per_minute:.1f} LLM steps per minute, less than half of the "
+            f"~{EXPECTED_LLM_STEPS_PER_MINUTE} the defaults were tuned on; within --minutes {settings.minutes:g} the "
+            "model sees far fewer examples and its WER will be much worse than the README's (raise --minutes). "
+            f"Frozen weights are in {dtype_choice.reason}.")
+
+
+def train_within_budget(model, processor, dataset, settings: DemoSettings, curve_sets: dict[str, tuple[list, list]],
+                        output: Path, dtype_choice: DtypeChoice | None = None):
     """transformers' Trainer on cached frames, stopped by the clock (or `max_steps`); returns the loss and WER
     history, the steps reached in each phase and any warning about this machine's speed."""
     dtype_choice = dtype_choice or DtypeChoice(torch.float32, "float32")
@@ -293,11 +303,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
             self.rate_checked = True
             per_minute = (step - start_step) / max(elapsed - start_seconds, 1e-9) * 60
             history["llm_steps_per_minute"] = per_minute
-            if per_minute < EXPECTED_LLM_STEPS_PER_MINUTE / 2:
-                message = (f"WARNING: this machine trains {per_minute:.1f} LLM steps per minute, less than half of the "
-                           f"~{EXPECTED_LLM_STEPS_PER_MINUTE} the defaults were tuned on; within --minutes "
-                           f"{settings.minutes:g} the model sees far fewer examples and its WER will be much worse "
-                           f"than the README's. Frozen weights are in {dtype_choice.name} ({dtype_choice.reason}).")
+            message = slow_machine_warning(per_minute, settings, dtype_choice)
+            if message:
                 history["warnings"].append(message)
                 self.bar.write(f"[demo] {message}")
 
@@ -327,16 +334,19 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, eval_
             self.bar.update(min(round(elapsed), round(budget)) - self.bar.n)
             if elapsed >= budget or (settings.max_steps and state.global_step >= settings.max_steps):
                 control.should_training_stop = True
-            elif elapsed >= self.next_eval and eval_audio:
+            elif elapsed >= self.next_eval and curve_sets:
                 self.next_eval += settings.eval_every_minutes * 60
                 model.eval()
-                with float32_frozen_weights(model):
-                    hyps = transcribe_arrays(model, processor, eval_audio, batch_size=24, max_new_tokens=32)
+                for name, (audio, texts) in curve_sets.items():
+                    with float32_frozen_weights(model):
+                        hyps = transcribe_arrays(model, processor, audio, batch_size=24,
+                                                 max_new_tokens=MAX_NEW_TOKENS.get(f"test_{name}", 48))
+                    wer = word_error_rate(texts, hyps)["wer"]
+                    history.setdefault("wer" if name == "synthetic" else f"wer_{name}", []).append(
+                        (elapsed / 60, state.global_step, wer))
+                    self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: WER on "
+                                   f"{len(audio)} held-out {name} clips {wer:.1%}")
                 model.train()
-                wer = word_error_rate(eval_texts, hyps)["wer"]
-                history["wer"].append((elapsed / 60, state.global_step, wer))
-                self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: WER on "
-                               f"{len(eval_audio)} held-out synthetic clips {wer:.1%}")
 
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
@@ -428,10 +438,13 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
     loss_axis.set(xlabel="training minutes", ylabel="loss", title="training loss")
     if history.get("ctc_loss"):
         loss_axis.legend()
-    if history.get("wer"):
-        minutes, _, wers = zip(*history["wer"])
-        wer_axis.plot(minutes, [100 * w for w in wers], marker="o")
-    wer_axis.set(xlabel="training minutes", ylabel="WER %", title="held-out synthetic WER")
+    for curve, label in (("wer", "synthetic"), ("wer_uqm", "UQM (real, unseen speakers)")):
+        if history.get(curve):
+            minutes, _, wers = zip(*history[curve])
+            wer_axis.plot(minutes, [100 * w for w in wers], marker="o", label=label)
+    wer_axis.set(xlabel="training minutes", ylabel="WER %", title="held-out WER during training")
+    if history.get("wer_uqm"):
+        wer_axis.legend()
     figure.tight_layout()
     figure.savefig(output / "curves.png", dpi=100)
     plt.close(figure)
@@ -568,17 +581,19 @@ def run(args) -> int:
         processor, model = load_parts(settings, dtype_choice.dtype)
         train_rows = read_manifest(manifests["train"], absolute=True)
         frames = encode_frames(model, processor, train_rows, output / f"train-frames-{encoder_fingerprint(model)}.pt")
-        eval_rows = read_manifest(manifests["test_synthetic"], absolute=True)[: settings.curve_clips]
         from ..audio import load_audio
 
-        eval_audio = [load_audio(row["audio"]) for row in eval_rows]
+        curve_sets = {}
+        for name, clips in (("synthetic", settings.curve_clips), ("uqm", settings.curve_clips // 2)):
+            rows = read_manifest(manifests[f"test_{name}"], absolute=True)[:clips]
+            if rows:
+                curve_sets[name] = ([load_audio(row["audio"]) for row in rows], [row["text"] for row in rows])
         dataset = FrameDataset.from_rows(frames, train_rows, settings.real_speech_repeats)
         repeats = f", real speech x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else ""
         print(f"[demo] 3/5 training for {settings.minutes:g} minutes on {len(train_rows)} clips{repeats} (the first "
               f"{settings.ctc_fraction * settings.minutes:.1f}: CTC pre-alignment of the projector alone)", flush=True)
         model.train()
-        history = train_within_budget(model, processor, dataset, settings, eval_audio,
-                                      [r["text"] for r in eval_rows], output, dtype_choice)
+        history = train_within_budget(model, processor, dataset, settings, curve_sets, output, dtype_choice)
         model.eval()
         model.save_pretrained(model_dir, trainable_only=True)
         processor.save_pretrained(model_dir)

@@ -27,7 +27,7 @@ def test_short_demo_trains_evaluates_and_reloads(tmp_path):
     output = tmp_path / "run"
     command = [sys.executable, "-m", "speechlm.cli", "demo", "--minutes", "60", "--ctc-steps", "30",
                "--max-steps", "60", "--n-train", "100", "--n-test", "10", "--eval-limit", "5",
-               "--eval-every-minutes", "1000", "--output", str(output)]
+               "--eval-every-minutes", "1000", "--no-real-speech", "--output", str(output)]
     env = {**os.environ, "SPEECHLM_CACHE": os.environ.get("SPEECHLM_CACHE", str(Path.home() / ".cache/speechlm"))}
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -35,13 +35,13 @@ def test_model_key_ignores_evaluation_only_settings():
 
 
 def test_report_states_loss_and_decoding(tmp_path):
-    results = {"test_synthetic": {"n_utterances": 1, "wer": 0.5, "cer": 0.25, "seconds": 1.0,
+    results = {"test_synthetic": {"n_utterances": 1, "wer": 0.5, "cer": 0.25, "seconds": 1.0, "insertions": 0,
                                   "rows": [{"id": "a", "ref": "turn on", "hyp": "turn off", "wer": 0.5}]}}
     history = {"loss": [(0.1, 10, 3.0), (1.0, 20, 1.0)], "wer": [(0.5, 15, 0.8)], "steps": 20, "minutes": 1.0}
     text = write_report(tmp_path, DemoSettings(ctc_weight=0.5, num_beams=3), history, results).read_text()
     assert "LLM loss + 0.5 x CTC alignment loss" in text and "beam width 3" in text
     assert "the first 15% of the budget: CTC pre-alignment" in text
-    assert "| test_synthetic | 1 | 50.0% | 25.0% | 1 |" in text
+    assert "| test_synthetic | 1 | 50.0% | 25.0% | 0 | - | 1 |" in text
     text = write_report(tmp_path, DemoSettings(ctc_weight=0.0, ctc_fraction=0.0), history, results).read_text()
     assert "CTC" not in text and "greedily" in text and "real-speech" not in text
     text = write_report(tmp_path, DemoSettings(ctc_compression=True, real_speech_repeats=3), history,
@@ -105,3 +105,29 @@ def test_load_parts_puts_lora_on_the_chosen_modules_only(model_dirs):
     assert model.config.lora["r"] == 4
     frozen = [p.requires_grad for name, p in model.language_model.named_parameters() if "lora_" not in name]
     assert frozen and not any(frozen) and not any(p.requires_grad for p in model.audio_tower.parameters())
+
+
+def test_report_puts_whisper_beside_each_set_and_states_steps_dtype_and_warnings(tmp_path):
+    results = {"test_uqm": {"n_utterances": 2, "wer": 0.4, "cer": 0.2, "seconds": 3.0, "insertions": 7,
+                            "whisper": {"wer": 0.18}, "rows": []}}
+    history = {"loss": [], "steps": 900, "ctc_steps": 300, "llm_steps": 600, "minutes": 20.0,
+               "dtype": "float32", "dtype_reason": "float32: this CPU has no native bfloat16",
+               "warnings": ["WARNING: this machine trains 3.0 LLM steps per minute"]}
+    text = write_report(tmp_path, DemoSettings(), history, results).read_text()
+    assert "| test_uqm | 2 | 40.0% | 20.0% | 7 | 18.0% | 3 |" in text
+    assert "300 CTC pre-alignment steps, 600 through the LLM" in text
+    assert "float32: this CPU has no native bfloat16" in text
+    assert "**WARNING: this machine trains 3.0 LLM steps per minute**" in text
+
+
+def test_a_slow_machine_gets_a_loud_warning_and_a_normal_one_none():
+    import torch
+
+    from speechlm.demo.run import EXPECTED_LLM_STEPS_PER_MINUTE, slow_machine_warning
+    from speechlm.hardware import DtypeChoice
+
+    choice = DtypeChoice(torch.float32, "float32: this CPU has no native bfloat16")
+    assert slow_machine_warning(EXPECTED_LLM_STEPS_PER_MINUTE, DemoSettings(), choice) is None
+    message = slow_machine_warning(1.2, DemoSettings(minutes=20), choice)
+    assert message.startswith("WARNING: this machine trains 1.2 LLM steps per minute")
+    assert "--minutes 20" in message and "no native bfloat16" in message

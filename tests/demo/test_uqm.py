@@ -1,0 +1,72 @@
+"""The Ur-Quan Masters voice acting as real-speech data (speechlm/demo/uqm.py), on small zips made here."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import soundfile as sf
+
+from speechlm.demo import uqm
+
+SCRIPT = """#(HELLO_1)\tmelnorme-000.ogg
+I am Trade Master Greenish.
+We have *parties* -- 3 of them!
+
+#(how_know)
+How did you know about us?
+
+#(KNOW_BECAUSE)\tmelnorme-001.ogg
+We gather information.
+"""
+
+
+def test_transcripts_join_lines_and_skip_the_players_unvoiced_lines():
+    lines = uqm.parse_transcripts(SCRIPT, "melnorme")
+    assert [(ln.clip, ln.text) for ln in lines] == [
+        ("melnorme-000.ogg", "I am Trade Master Greenish. We have *parties* -- 3 of them!"),
+        ("melnorme-001.ogg", "We gather information."),
+    ]
+
+
+def test_clean_transcript_drops_stage_marks_and_spells_numbers():
+    assert uqm.clean_transcript("We have *parties* -- 3 of them! `Yes.'") == "we have parties three of them yes"
+
+
+def make_game(root, characters: dict[str, list[float]]):
+    """A fake unpacked uqm-voice + uqm-content: one script and one 11,025 Hz Ogg clip per (character, duration)."""
+    (root / uqm.VOICE_ZIP).parent.mkdir(parents=True)
+    (root / uqm.CONTENT_ZIP).parent.mkdir(parents=True)
+    with zipfile.ZipFile(root / uqm.VOICE_ZIP, "w") as voice, zipfile.ZipFile(root / uqm.CONTENT_ZIP, "w") as content:
+        for character, durations in characters.items():
+            script = []
+            for i, seconds in enumerate(durations):
+                clip = root / f"{character}-{i:03d}.ogg"
+                tone = 0.1 * np.sin(np.arange(int(11025 * seconds)) / 5).astype(np.float32)
+                sf.write(clip, tone, 11025, format="OGG", subtype="VORBIS")
+                voice.write(clip, f"3dovoice/{character}/{clip.name}")
+                script.append(f"#(LINE_{i})\t{clip.name}\nline {i} of {character}\n")
+            content.writestr(f"base/comm/{character}/{character}.txt", "\n".join(script))
+
+
+def test_reserved_characters_are_never_read(tmp_path):
+    make_game(tmp_path, {"syreen": [1.0], "spathi": [1.0], "shofixti": [1.0], "melnorme": [1.0]})
+    assert {line.character for line in uqm.voiced_lines(tmp_path)} == {"melnorme"}
+
+
+def test_split_holds_out_whole_speakers_and_drops_processed_voices():
+    lines = [uqm.Line(c, f"{c}-000.ogg", "hello") for c in ("melnorme", "commander", "orz", "yehat")]
+    train, test = uqm.split_lines(lines)
+    assert [ln.character for ln in train] == ["melnorme"]
+    assert [ln.character for ln in test] == ["commander", "yehat"]
+    assert "orz" in [ln.character for ln in uqm.split_lines(lines, include_processed=True)[0]]
+
+
+def test_clips_become_16k_wavs_and_long_ones_are_dropped(tmp_path):
+    game = tmp_path / "game"
+    make_game(game, {"melnorme": [1.5, 20.0]})
+    rows = uqm.write_clips(tmp_path / "corpus", uqm.voiced_lines(game), "uqm/train", uqm_root=game)
+    assert [row["text"] for row in rows] == ["line zero of melnorme"]
+    audio, rate = sf.read(tmp_path / "corpus" / rows[0]["audio"])
+    assert rate == 16_000 and abs(len(audio) / rate - 1.5) < 0.01
+    assert rows[0]["speaker"] == "melnorme" and rows[0]["source"] == "uqm"
