@@ -144,6 +144,66 @@ async def load(url: str, uploads: list[bytes], requests: int, concurrency: int) 
     return latencies, errors, wall
 
 
+async def hostile(url: str, kind: str, stop: asyncio.Event, counts: dict) -> None:
+    """One hostile client, looping until `stop`: a stalled slowloris header, a huge chunked upload, a 60k-character
+    prompt, or a tiny WAV declaring a 1 Hz sample rate (issue 14). Every answer it gets is counted by status."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    tiny = io.BytesIO()
+    sf.write(tiny, np.zeros(1800, dtype=np.int16), 1, format="WAV", subtype="PCM_16")
+    good = make_uploads(1, seed=99)[0]
+
+    async def huge_body():
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="huge.wav"\r\n\r\n'
+        for _ in range(1024):  # 64 MB
+            yield b"\0" * 65536
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        while not stop.is_set():
+            try:
+                if kind == "slow":
+                    reader, writer = await asyncio.open_connection(host, int(port))
+                    writer.write(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                    await writer.drain()
+                    await asyncio.wait_for(reader.read(), 60)  # held until the server closes it
+                    writer.close()
+                    status = "closed"
+                elif kind == "huge":
+                    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+                    response = await client.post(url, content=huge_body(), headers=headers)
+                    status = response.status_code
+                elif kind == "prompt":
+                    response = await client.post(url, files={"file": ("p.wav", good)}, data={"prompt": "x" * 60000})
+                    status = response.status_code
+                else:
+                    status = (await client.post(url, files={"file": ("hz.wav", tiny.getvalue())})).status_code
+            except (httpx.HTTPError, OSError, TimeoutError):
+                status = "closed"
+            counts[(kind, status)] = counts.get((kind, status), 0) + 1
+
+
+async def hostile_load(url: str, uploads: list[bytes], args) -> tuple[list[float], int, float, dict]:
+    """The good load of `load`, with one hostile client beside every four good ones (20 % of the clients)."""
+    stop, counts = asyncio.Event(), {}
+    kinds = ["slow", "huge", "prompt", "rate"]
+    tasks = [asyncio.create_task(hostile(url, kinds[i % 4], stop, counts)) for i in range(args.concurrency // 4)]
+    try:
+        latencies, errors, wall = await load(url, uploads, args.requests, args.concurrency)
+    finally:
+        stop.set()
+        await asyncio.wait(tasks, timeout=90)
+        for task in tasks:
+            task.cancel()
+    return latencies, errors, wall, counts
+
+
+def peak_memory_mb(pid: int) -> float:
+    """The server's peak resident memory (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -159,6 +219,17 @@ def run_mode(model_dir: Path, uploads: list[bytes], max_batch_size: int, args) -
             load(base + "/v1/audio/transcriptions", uploads, args.requests, args.concurrency)
         )
         after = httpx.get(base + "/health").json()["batching"]
+        hostile_row = None
+        if args.hostile and max_batch_size > 1:
+            clean_memory = peak_memory_mb(server.pid)
+            bad_latencies, bad_errors, bad_wall, counts = asyncio.run(
+                hostile_load(base + "/v1/audio/transcriptions", uploads, args)
+            )
+            hostile_row = {
+                "errors": bad_errors, "rps": args.requests / bad_wall, "p50": percentile(bad_latencies, 50) * 1000,
+                "p95": percentile(bad_latencies, 95) * 1000, "mean": float(np.mean(bad_latencies)) * 1000,
+                "counts": counts, "memory_clean": clean_memory, "memory": peak_memory_mb(server.pid),
+            }  # fmt: skip
     finally:
         server.terminate()
         try:
@@ -175,6 +246,7 @@ def run_mode(model_dir: Path, uploads: list[bytes], max_batch_size: int, args) -
         "mean": float(np.mean(latencies)) * 1000,
         "mean_batch": (after["clips"] - before["clips"]) / batches if batches else 0.0,
         "wall": wall,
+        "hostile": hostile_row,
     }
 
 
@@ -205,6 +277,25 @@ def table(rows: list[dict], args, params: int) -> str:
         f"p50 latency x{batched['p50'] / single['p50']:.2f}, p95 latency x{batched['p95'] / single['p95']:.2f}.",
         "",
     ]
+    if bad := batched.get("hostile"):
+        answered = ", ".join(f"{kind} {status}: {n}" for (kind, status), n in sorted(bad["counts"].items(), key=str))
+        lines += [
+            f"Hostile mix (same server, same run, after the clean run): the same {args.requests} good requests with "
+            f"{args.concurrency // 4} hostile clients beside the {args.concurrency} good ones (slowloris headers, "
+            "64 MB chunked uploads, 60k-character prompts, 1 Hz WAVs).",
+            "",
+            "| Good requests | Errors (good) | Requests/s | p50 latency (ms) | p95 latency (ms) | Server peak memory"
+            " (MB) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            f"| clean | {batched['errors']} | {batched['rps']:.2f} | {batched['p50']:.0f} | {batched['p95']:.0f} | "
+            f"{bad['memory_clean']:.0f} |",
+            f"| hostile mix | {bad['errors']} | {bad['rps']:.2f} | {bad['p50']:.0f} | {bad['p95']:.0f} | "
+            f"{bad['memory']:.0f} |",
+            "",
+            f"Hostile / clean: throughput x{bad['rps'] / batched['rps']:.2f}, p95 latency "
+            f"x{bad['p95'] / batched['p95']:.2f}. Hostile requests answered: {answered}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -220,6 +311,8 @@ def main() -> int:
         help="the server's torch threads; 0 = torch's default. 1 keeps CPU runs reproducible on a shared machine, "
         "where idle-spinning OpenMP threads made 2-thread runs vary 20x between runs",
     )  # fmt: skip
+    parser.add_argument("--no-hostile", dest="hostile", action="store_false",
+                        help="skip the hostile-mix run (good requests beside hostile clients)")  # fmt: skip
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,7 +324,7 @@ def main() -> int:
     print(text)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
-    failed = sum(row["errors"] for row in rows)
+    failed = sum(row["errors"] + (row["hostile"] or {}).get("errors", 0) for row in rows)
     if failed:
         print(f"error: {failed} request(s) failed", file=sys.stderr)
     return 1 if failed else 0
