@@ -35,7 +35,7 @@ from speechlm.cache import cache_dir
 
 SAMPLE_RATE = 16_000
 # Bump when generation changes, so that cached corpora built by older code are rebuilt.
-CORPUS_VERSION = 2
+CORPUS_VERSION = 3
 SOURCES = ("synthetic", "asterisk", "librivox", "fortunes", "uqm", "uqm_tts")
 
 # ----------------------------------------------------------------------------------------------------------------

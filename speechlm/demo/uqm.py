@@ -32,6 +32,9 @@ RESERVED = frozenset({"syreen", "spathi", "shofixti"})  # never trained, tuned o
 PROCESSED = frozenset({"orz", "urquan", "kohrah", "mycon", "probe", "slylandro"})  # robotic or pitched voices
 HELD_OUT = ("commander", "yehat", "supox")  # unseen speakers: the demo's real-speech test set
 MAX_SECONDS = 15.0
+# Speaking rates outside this band (words per second) mean the transcript is not what the clip says: some script
+# entries hold a whole speech while their clip holds its first sentence, some clips are a sob or a snort.
+WORDS_PER_SECOND = (0.7, 4.6)
 
 
 @dataclass(frozen=True)
@@ -122,17 +125,23 @@ def split_lines(lines: list[Line], held_out: tuple[str, ...] = HELD_OUT, include
     return train, test
 
 
+def plausible(text: str, seconds: float) -> bool:
+    """Does a clip of `seconds` plausibly say `text`? (A speaking rate within `WORDS_PER_SECOND`.)"""
+    low, high = WORDS_PER_SECOND
+    return seconds > 0 and low <= len(text.split()) / seconds <= high
+
+
 def write_clips(root: Path, lines: list[Line], folder: str, max_seconds: float = MAX_SECONDS,
                 uqm_root: Path | None = None) -> list[dict]:
-    """Decode each clip, drop those over `max_seconds`, write 16 kHz wavs under root/audio/folder; manifest rows
-    (source "uqm", with the character as speaker)."""
+    """Decode each clip, drop those over `max_seconds` or whose transcript is not `plausible`, write 16 kHz wavs
+    under root/audio/folder; manifest rows (source "uqm", with the character as speaker)."""
     from .corpus import _row, _write16k
 
     rows = []
     with zipfile.ZipFile((uqm_root or nonfree_root()) / VOICE_ZIP) as voice:
         for line in lines:
             audio, rate = read_clip(voice, line)
-            if len(audio) / rate > max_seconds:
+            if len(audio) / rate > max_seconds or not plausible(line.text, len(audio) / rate):
                 continue
             path = root / "audio" / folder / f"{Path(line.clip).stem}.wav"
             duration = _write16k(audio, rate, path)

@@ -45,7 +45,7 @@ def make_game(root, characters: dict[str, list[float]]):
                 tone = 0.1 * np.sin(np.arange(int(11025 * seconds)) / 5).astype(np.float32)
                 sf.write(clip, tone, 11025, format="OGG", subtype="VORBIS")
                 voice.write(clip, f"3dovoice/{character}/{clip.name}")
-                script.append(f"#(LINE_{i})\t{clip.name}\nline {i} of {character}\n")
+                script.append(f"#(LINE_{i})\t{clip.name}\nline {i} of {character}\n")  # 4 words
             content.writestr(f"base/comm/{character}/{character}.txt", "\n".join(script))
 
 
@@ -60,6 +60,12 @@ def test_split_holds_out_whole_speakers_and_drops_processed_voices():
     assert [ln.character for ln in train] == ["melnorme"]
     assert [ln.character for ln in test] == ["commander", "yehat"]
     assert "orz" in [ln.character for ln in uqm.split_lines(lines, include_processed=True)[0]]
+
+
+def test_transcripts_that_cannot_fit_their_clip_are_implausible():
+    assert uqm.plausible("how nice to see you again captain", 2.5)
+    assert not uqm.plausible(" ".join(["word"] * 200), 3.3)  # a whole speech for one sentence's clip
+    assert not uqm.plausible("sob", 4.3)  # a sob is not the word
 
 
 def test_clips_become_16k_wavs_and_long_ones_are_dropped(tmp_path):
