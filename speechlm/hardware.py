@@ -44,8 +44,10 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
-def probe_seconds(dtype: torch.dtype, size: tuple[int, int, int] = (256, 576, 1536), repeats: int = 3) -> float:
-    """Best-of-`repeats` seconds of one training-shaped matmul forward + backward in `dtype` (~0.1 s in all)."""
+def probe_seconds(dtype: torch.dtype, size: tuple[int, int, int] = (512, 576, 1536), repeats: int = 5) -> float:
+    """Best-of-`repeats` seconds of one training-shaped matmul forward + backward in `dtype` (~0.1 s in all).
+
+    The best, not the mean: a busy machine only ever adds time, so the minimum is the least disturbed reading."""
     rows, width, hidden = size
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(width, hidden, generator=generator).to(dtype)
@@ -59,6 +61,14 @@ def probe_seconds(dtype: torch.dtype, size: tuple[int, int, int] = (256, 576, 15
     return min(seconds[1:])  # the first round warms the kernels up
 
 
+def probe_both(probe: Callable[[torch.dtype], float] = probe_seconds, rounds: int = 3) -> tuple[float, float]:
+    """(bfloat16, float32) best seconds, measured in alternation so that a burst of load hits both alike."""
+    bf16, fp32 = float("inf"), float("inf")
+    for _ in range(rounds):
+        bf16, fp32 = min(bf16, probe(torch.bfloat16)), min(fp32, probe(torch.float32))
+    return bf16, fp32
+
+
 def choose_cpu_dtype(
     flags: set[str] | None = None, probe: Callable[[torch.dtype], float] = probe_seconds
 ) -> DtypeChoice:
@@ -68,7 +78,7 @@ def choose_cpu_dtype(
     if not native:
         return DtypeChoice(torch.float32, "float32: this CPU has no native bfloat16 (no AVX-512-BF16 / AMX), where "
                                           "bf16 is emulated and many times slower")
-    bf16, fp32 = probe(torch.bfloat16), probe(torch.float32)
+    bf16, fp32 = probe_both(probe)
     if bf16 * MIN_SPEEDUP <= fp32:
         return DtypeChoice(torch.bfloat16, f"bfloat16: native on this CPU ({', '.join(native)}); a probe matmul ran "
                                            f"{fp32 / bf16:.1f}x faster than in float32")

@@ -163,7 +163,9 @@ def encode_frames(model, processor, rows: list[dict], cache_file: Path, batch_si
             for j, i in enumerate(index):
                 frames[i] = hidden[j, : lengths[j]].to(torch.float16).clone()
             bar.update(len(index))
-    torch.save(frames, cache_file)
+    partial = cache_file.with_suffix(".partial")
+    torch.save(frames, partial)
+    partial.replace(cache_file)  # a run killed while saving leaves no half-written cache behind
     return frames
 
 
@@ -580,7 +582,10 @@ def run(args) -> int:
               f"LLM weights in {dtype_choice.reason}", flush=True)
         processor, model = load_parts(settings, dtype_choice.dtype)
         train_rows = read_manifest(manifests["train"], absolute=True)
-        frames = encode_frames(model, processor, train_rows, output / f"train-frames-{encoder_fingerprint(model)}.pt")
+        # Next to the corpus, keyed by the encoder's weights and the manifest: every run on both shares it.
+        manifest_key = hashlib.sha1(manifests["train"].read_bytes()).hexdigest()[:8]
+        frames = encode_frames(model, processor, train_rows,
+                               root / f"train-frames-{encoder_fingerprint(model)}-{manifest_key}.pt")
         from ..audio import load_audio
 
         curve_sets = {}
