@@ -277,7 +277,6 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
     from ..evaluation import word_error_rate
-    from ..inference import transcribe_arrays
     from ..training import SpeechLMTrainer
 
     budget = settings.minutes * 60
@@ -328,7 +327,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
             if trainer.ctc_only and self._pre_alignment_done(elapsed, state.global_step):
                 trainer.ctc_only, collator.masking, self.phase_changed = False, 0.0, True
                 self.llm_start = (elapsed, state.global_step)
-                history["ctc_steps"] = state.global_step
+                history["ctc_steps"], history["ctc_minutes"] = state.global_step, elapsed / 60
                 self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: CTC pre-alignment done, "
                                "training through the LLM")
             elif self.llm_start is not None:
@@ -341,8 +340,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
                 model.eval()
                 for name, (audio, texts) in curve_sets.items():
                     with float32_frozen_weights(model):
-                        hyps = transcribe_arrays(model, processor, audio, batch_size=24,
-                                                 max_new_tokens=MAX_NEW_TOKENS.get(f"test_{name}", 48))
+                        hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(f"test_{name}", 48),
+                                                 batch_size=24)
                     wer = word_error_rate(texts, hyps)["wer"]
                     history.setdefault("wer" if name == "synthetic" else f"wer_{name}", []).append(
                         (elapsed / 60, state.global_step, wer))
@@ -378,6 +377,12 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no log dict every 10 steps
     started = time.monotonic()
     result = trainer.train()
+    llm_minutes = (time.monotonic() - started) / 60 - history.get("ctc_minutes", 0.0)
+    if "ctc_steps" in history or not pre_align:
+        overall = (result.global_step - history.get("ctc_steps", 0)) / max(llm_minutes, 1e-9)
+        message = slow_machine_warning(overall, settings, dtype_choice)
+        if message and not history["warnings"]:  # the early check saw fast steps; the whole phase did not
+            history["warnings"].append(message)
     history["steps"] = result.global_step
     history["llm_steps"] = result.global_step - history.get("ctc_steps", result.global_step if pre_align else 0)
     history["minutes"] = min(budget, time.monotonic() - started) / 60
@@ -390,13 +395,33 @@ TEST_SETS = ("test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
 MAX_NEW_TOKENS = {"test_uqm": 96}  # UQM lines run up to 15 s (~45 words); the others are short
 
 
+TOKENS_PER_SECOND = 5.0  # fast speech is ~4 words/s; a transcript longer than this is made up
+
+
+def transcribe_capped(model, processor, audio: list, max_new_tokens: int, batch_size: int = 16, **kwargs) -> list[str]:
+    """Length-sorted batches whose new-token cap follows the longest clip in the batch (`TOKENS_PER_SECOND`): a
+    model that has not learned when to stop cannot run on for 96 tokens after a one-second clip."""
+    from ..inference import transcribe_arrays
+
+    order = sorted(range(len(audio)), key=lambda i: len(audio[i]))
+    texts = [""] * len(audio)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        seconds = max(len(audio[i]) for i in index) / 16_000
+        cap = min(max_new_tokens, math.ceil(TOKENS_PER_SECOND * seconds) + 8)
+        batch = transcribe_arrays(model, processor, [audio[i] for i in index], batch_size=batch_size,
+                                  max_new_tokens=cap, **kwargs)
+        for i, text in zip(index, batch):
+            texts[i] = text
+    return texts
+
+
 def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None, num_beams: int = 1,
                   reference: bool = True) -> dict[str, dict]:
     """WER/CER and hypotheses on every held-out set, through the same path users take (audio in, text out), with
     Whisper tiny.en alone on the same clips beside it (`reference`), both through the corpus's normaliser."""
     from ..audio import load_audio
     from ..evaluation import per_utterance_rows, word_error_rate
-    from ..inference import transcribe_arrays
     from .corpus import normalise_text, read_manifest
     from .reference import whisper_transcripts
 
@@ -409,8 +434,7 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
             continue
         audio = [load_audio(row["audio"]) for row in rows]
         start = time.monotonic()
-        hyps = transcribe_arrays(model, processor, audio, batch_size=16, max_new_tokens=MAX_NEW_TOKENS.get(name, 48),
-                                 num_beams=num_beams)
+        hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(name, 48), num_beams=num_beams)
         refs = [row["text"] for row in rows]
         metrics = word_error_rate(refs, [normalise_text(h) for h in hyps])
         metrics["seconds"] = time.monotonic() - start
