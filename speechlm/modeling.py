@@ -4,9 +4,10 @@ The whole concept in one place:
 1. `get_audio_features` runs the encoder through its family adapter (real lengths, exact masks) and the projector;
    an optional CTC head (`add_ctc_head(compress=True)`) then keeps one averaged token per label it hears.
 2. `merge_audio_and_text` splices each clip, framed by learned start/end embeddings, into the text sequence at its
-   placeholder (or in front of the text), compacts every sample and left-pads the batch. Position ids then follow
-   from the mask, so a padded training batch, a left-padded generation batch and a single clip all see the same
-   positions for the same tokens.
+   placeholder (or in front of the text), compacts every sample and pads the batch: on the left for generation, on
+   the right when labels are given (no query row then attends to nothing; see `merge_audio_and_text`). Position ids
+   follow from the mask, so a padded training batch, a left-padded generation batch and a single clip all see the
+   same positions for the same tokens.
 3. `forward` hands the merged embeddings to the LLM (loss on text only); `generate` merges once and lets
    transformers' `GenerationMixin` do greedy, beam search, sampling and the KV cache.
 """
@@ -218,11 +219,20 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        padding_side: str | None = None,
     ) -> MergedInputs:
-        """Splice clips into the text, drop padding, left-pad the batch; labels are -100 on audio positions.
+        """Splice clips into the text, drop padding, pad the batch; labels are -100 on audio positions.
 
         In the placeholder layout each `audio_token_id` in `input_ids` takes the next clip (row-major order). In the
         prefix layout a placeholder is implied before each sample's text, so both layouts share this code path.
+
+        `padding_side` defaults to "left" (generation appends on the right) without labels and to "right" with them.
+        A left pad slot is a query that attends to no key at all (causal and padding masks together); transformers 5
+        no longer patches such rows, and CUDA attention kernels mishandle them: cuDNN SDPA (the default backend for
+        bf16/fp16 on H100/H200 since torch 2.11) returns NaN gradients whenever a row's logsumexp is -inf and the
+        width is 64 mod 128: the likely cause of our bf16 CUDA runs turning NaN after 25-300 steps (to be confirmed
+        on a GPU by benchmarks/gpu_check.py). A right pad slot attends to the real tokens before it, so a loss pass
+        never holds such a row; the real tokens see exactly the same keys.
         """
         num_clips = audio_embeds.shape[0]
         if input_ids is None:
@@ -271,7 +281,12 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         within = slot - (counts.cumsum(0) - counts)[token]
         sample = token // text_len
         sample_start = seq_lens.cumsum(0) - seq_lens
-        dest = sample * width + (width - seq_lens)[sample] + (slot - sample_start[sample])
+        if padding_side is None:
+            padding_side = "left" if labels is None else "right"
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        pad = (width - seq_lens)[sample] if padding_side == "left" else 0
+        dest = sample * width + pad + (slot - sample_start[sample])
 
         # Gather every output row from one bank: text embeddings, audio frames, start, end, and a zero row.
         embed_layer = self.get_input_embeddings()
@@ -326,8 +341,10 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         encoder_frames: torch.Tensor | None = None,
         encoder_frame_lengths: torch.Tensor | None = None,
+        padding_side: str | None = None,
     ) -> MergedInputs:
-        """Validate the audio inputs (or take cached encoder frames), encode them and merge them with the text."""
+        """Validate the audio inputs (or take cached encoder frames), encode them and merge them with the text
+        (`padding_side`: see `merge_audio_and_text`)."""
         audio = None if encoder_frames is not None else self._select_audio_input(input_values, input_features)
         audio_embeds, audio_lengths = self.get_audio_features(
             audio, attention_mask, encoder_frames=encoder_frames, encoder_frame_lengths=encoder_frame_lengths
@@ -335,7 +352,8 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         if self.ctc_head is not None and self.config.ctc_head.get("compress"):
             audio_embeds, audio_lengths = self.ctc_head.compress(audio_embeds, audio_lengths,
                                                                  self.get_input_embeddings().weight)
-        return self.merge_audio_and_text(audio_embeds, audio_lengths, input_ids, decoder_attention_mask, labels)
+        return self.merge_audio_and_text(audio_embeds, audio_lengths, input_ids, decoder_attention_mask, labels,
+                                         padding_side=padding_side)
 
     def _select_audio_input(self, input_values, input_features) -> torch.Tensor:
         if input_values is not None and input_features is not None:
