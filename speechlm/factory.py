@@ -33,14 +33,45 @@ def load_encoder(name_or_path: str, **loading_kwargs):
     return feature_extractor, encoder, adapter
 
 
-def load_decoder(name_or_path: str, **loading_kwargs):
-    """(tokenizer, causal LM) for a hub id, a local folder or a GGUF file (`gguf_file=`)."""
-    tokenizer_kwargs = {k: v for k, v in loading_kwargs.items() if k in (*_SHARED_LOADING_KEYS, "gguf_file")}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
+def load_decoder(name_or_path: str, with_tokenizer: bool = True, **loading_kwargs):
+    """(tokenizer, causal LM) for a hub id, a local folder or a GGUF file (`gguf_file=`).
+
+    A local GGUF file is de-quantised once into the conversion cache and read from there afterwards. The tokenizer
+    is None with `with_tokenizer=False` (a trainable-only checkpoint carries its own).
+    """
+    from .converters.gguf import cached_gguf_folder
+
+    cached = cached_gguf_folder(name_or_path, loading_kwargs)
+    if cached is not None:
+        name_or_path, loading_kwargs = str(cached[0]), cached[1]
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer_kwargs = {k: v for k, v in loading_kwargs.items() if k in (*_SHARED_LOADING_KEYS, "gguf_file")}
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
     language_model = AutoModelForCausalLM.from_pretrained(name_or_path, **loading_kwargs)
     if language_model.config.is_encoder_decoder:
         raise ValueError(f"{name_or_path} is an encoder-decoder model; SpeechLM needs a decoder-only LLM")
     return tokenizer, language_model
+
+
+def resize_embeddings(language_model, size: int) -> None:
+    """Grow the vocabulary with rows equal to the mean of the old ones, not random ones.
+
+    A trainable-only checkpoint does not store the frozen embeddings, so random new rows (the `<|audio|>` and pad
+    tokens) came back different on every load: with tied embeddings their logits changed between two loads.
+    """
+    old = language_model.get_input_embeddings().weight.shape[0]
+    language_model.resize_token_embeddings(size, mean_resizing=False)
+    if size <= old:
+        return
+    with torch.no_grad():
+        for layer in {id(m): m for m in (language_model.get_input_embeddings(),
+                                         language_model.get_output_embeddings()) if m is not None}.values():
+            weight = layer.weight
+            weight[old:] = weight[:old].float().mean(0).to(weight.dtype)
+            bias = getattr(layer, "bias", None)
+            if bias is not None and bias.shape[0] == size:
+                bias[old:] = bias[:old].float().mean().to(bias.dtype)
 
 
 def add_special_tokens(tokenizer, language_model) -> int:
@@ -49,7 +80,7 @@ def add_special_tokens(tokenizer, language_model) -> int:
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
-        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        resize_embeddings(language_model, len(tokenizer))
     language_model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
 
@@ -111,10 +142,10 @@ def build_from_config(config: SpeechLMConfig, dtype: torch.dtype | str | None = 
     if dtype is not None:
         encoder_loading["dtype"] = decoder_loading["dtype"] = dtype
     _, audio_tower, _ = load_encoder(config.encoder_name_or_path, **encoder_loading)
-    _, language_model = load_decoder(config.decoder_name_or_path, **decoder_loading)
+    _, language_model = load_decoder(config.decoder_name_or_path, with_tokenizer=False, **decoder_loading)
     vocab = config.text_config.vocab_size
     if language_model.get_input_embeddings().weight.shape[0] != vocab:
-        language_model.resize_token_embeddings(vocab, mean_resizing=False)
+        resize_embeddings(language_model, vocab)
     language_model.config.pad_token_id = config.text_config.pad_token_id
     return _assemble(config, audio_tower, language_model)
 

@@ -644,8 +644,42 @@ def load_ctranslate2_whisper(
     return ctranslate2_feature_extractor(folder, config.num_mel_bins), tokenizer, model
 
 
-def load_ctranslate2_whisper_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> WhisperEncoder:
-    """Only the audio encoder, in eval mode: reads just the encoder bytes, for use as a speech-LLM audio tower."""
+def load_ctranslate2_whisper_encoder(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, cache: bool | None = None
+) -> WhisperEncoder:
+    """Only the audio encoder, in eval mode: reads just the encoder bytes, for use as a speech-LLM audio tower.
+
+    With `cache` (default: on unless `SPEECHLM_CONVERSION_CACHE=0`) the converted weights are kept as safetensors
+    keyed by the source's fingerprint, so later loads skip the conversion (see `speechlm.converters.cached`).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from .cached import cache_enabled, cached_conversion
+
+    if not (cache_enabled() if cache is None else cache):
+        return _convert_encoder(path, dtype)
+    folder = _check_folder(path)
+    files = [folder / name for name in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE) if (folder / name).is_file()]
+    fingerprint = _cache_fingerprint("ctranslate2-whisper-encoder", files, dtype)
+
+    def convert(target: Path) -> None:
+        encoder = _convert_encoder(folder, dtype)
+        encoder.config.save_pretrained(target)
+        save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(target / "model.safetensors"))
+
+    cached = cached_conversion(fingerprint, convert)
+    config = WhisperConfig.from_pretrained(cached)
+    config.dtype = dtype
+    return _instantiate(WhisperEncoder, config, load_file(str(cached / "model.safetensors")), folder / MODEL_FILE)
+
+
+def _cache_fingerprint(kind: str, files: list[Path], dtype: torch.dtype) -> dict:
+    from .cached import source_fingerprint
+
+    return source_fingerprint(kind, files, dtype, conversion_format=CONVERSION_FORMAT)
+
+
+def _convert_encoder(path: str | os.PathLike, dtype: torch.dtype) -> WhisperEncoder:
     _, ct2, _, config, _ = _prepare(path)
     builder = _StateDictBuilder(ct2, dtype)
     _encoder_state(builder, config, "")
