@@ -321,6 +321,8 @@ def evaluate_model(
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from .loading import add_loading_arguments
+
     parser.add_argument("manifest", help="JSONL manifest: {\"audio\": path, \"text\": reference, \"prompt\"?: ...}")
     parser.add_argument("--model", required=True, help="model folder (model + processor, as saved by training)")
     parser.add_argument("--prompt", default=None, help="instruction for records without their own prompt")
@@ -333,7 +335,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=None, help="write predictions.jsonl, metrics.json and summary.md here")
     parser.add_argument("--no-normalize", action="store_true", help="score raw text (only whitespace collapsed)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    add_loading_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -341,7 +343,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .data import ManifestError, read_manifest
-    from .inference import load_pretrained
+    from .inference import load_for_inference
 
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
@@ -351,7 +353,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    processor, model = load_pretrained(args.model, dtype=args.dtype, device=device)
+    try:
+        processor, model = load_for_inference(args, device)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     metrics = evaluate_model(
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
         limit=args.limit, normalize=not args.no_normalize, progress=not args.quiet,

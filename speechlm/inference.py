@@ -20,18 +20,81 @@ import numpy as np
 import torch
 
 from .factory import AUDIO_TOKEN
+from .loading import DTYPE_CHOICES, QUANTIZE_CHOICES, add_loading_arguments
 from .modeling import SpeechLMModel
 from .processing import SpeechLMProcessor
 
 
-def load_pretrained(path: str, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
-    """(processor, model) from a folder written by training / `save_pretrained` (model + processor side by side)."""
+def load_pretrained(path: str, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                    quantize: str | None = None, merge_lora: bool = False):
+    """(processor, model) from a folder written by training / `save_pretrained` (model + processor side by side).
+
+    `dtype="auto"` asks the hardware (`resolve_dtype`); `quantize="int8"` quantises the LLM's linear layers for
+    decoding (`quantize_language_model`); `merge_lora=True` folds LoRA adapters into the LLM (inference only: less
+    work per token).
+    """
+    device = torch.device(device) if device is not None else None
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    quantize = None if quantize == "none" else quantize
+    if quantize and device is not None and device.type != "cpu":
+        raise ValueError(f"quantize={quantize!r} runs on the CPU only (dynamic int8 kernels), not on {device}")
+    dtype = resolve_dtype(dtype, device or "cpu", quantize)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = SpeechLMModel.from_pretrained(path, **kwargs).eval()
+    if merge_lora or quantize:
+        model.merge_lora()
     if device is not None:
         model = model.to(device)
+    if quantize:
+        quantize_language_model(model, quantize)
     processor = SpeechLMProcessor.from_pretrained(path)
     return processor, model
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = "cpu",
+                  quantize: str | None = None) -> torch.dtype | None:
+    """The dtype to load with: `auto` = what the hardware computes natively (`speechlm.hardware`), None = the
+    checkpoint's own. int8 quantisation needs float32 weights to quantise, so it forces float32."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+        if dtype == "auto":
+            from .hardware import choose_cpu_dtype, choose_training_dtype
+
+            if quantize:
+                return torch.float32
+            device = torch.device(device)
+            return (choose_cpu_dtype() if device.type == "cpu" else choose_training_dtype(device)).dtype
+        dtype = getattr(torch, dtype)
+    if quantize and dtype not in (None, torch.float32):
+        raise ValueError(f"quantize={quantize!r} quantises float32 weights; drop dtype={dtype} (or use float32)")
+    return torch.float32 if quantize else dtype
+
+
+def quantize_language_model(model: SpeechLMModel, scheme: str = "int8") -> SpeechLMModel:
+    """Dynamic int8 quantisation of every linear layer of the LLM (LM head included), in place, for CPU decoding.
+
+    Decoding a small LLM on a CPU is bound by reading its weights once per token; int8 weights read 4x fewer bytes
+    (activations are quantised on the fly, per channel weights keep the error small). The encoder and projector
+    stay in floating point: they run once per clip. LoRA adapters must be merged first.
+    """
+    import warnings
+
+    from torch import nn
+
+    if scheme != "int8":
+        raise ValueError(f"unsupported quantisation scheme {scheme!r}; supported: int8")
+    if any("lora_" in name for name, _ in model.language_model.named_parameters()):
+        raise ValueError("merge the LoRA adapters (model.merge_lora()) before quantising the LLM")
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch deprecates eager-mode quantisation in favour of torchao (not installed)
+        warnings.simplefilter("ignore")
+        model.language_model = quantize_dynamic(
+            model.language_model.float(), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
+        )
+    return model
 
 
 def default_generation_kwargs(model: SpeechLMModel, **overrides) -> dict:
@@ -715,8 +778,13 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
         help="longer audio is cut on silence (silero-vad) into chunks of at most this length",
     )  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    add_loading_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def load_for_inference(args: argparse.Namespace, device: str | torch.device):
+    """(processor, model) as the CLI options say, LoRA merged (decoding never trains)."""
+    return load_pretrained(args.model, dtype=args.dtype, device=device, quantize=args.quantize, merge_lora=True)
 
 
 def run_transcribe(args: argparse.Namespace) -> int:
@@ -731,7 +799,11 @@ def run_transcribe(args: argparse.Namespace) -> int:
         print("error: nothing to transcribe", file=sys.stderr)
         return 1
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    processor, model = load_pretrained(args.model, dtype=args.dtype, device=device)
+    try:
+        processor, model = load_for_inference(args, device)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     generate_kwargs = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
     try:  # the longest chunk must fit the LLM's positions: say so now, not after a crash on the first long file
         longest = audio_positions(model, processor, round(args.max_chunk_seconds * processor.sampling_rate))
@@ -767,6 +839,8 @@ __all__ = [
     "default_generation_kwargs",
     "format_timestamp",
     "load_pretrained",
+    "quantize_language_model",
+    "resolve_dtype",
     "segments_to_srt",
     "segments_to_vtt",
     "split_on_silence",

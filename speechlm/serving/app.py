@@ -47,6 +47,7 @@ from ..inference import (
     segments_to_vtt,
     split_on_silence,
 )
+from ..loading import add_loading_arguments
 from .batcher import DynamicBatcher
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -586,7 +587,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--num-beams", type=int, default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    add_loading_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     parser.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
     parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
@@ -636,13 +637,13 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from ..inference import load_pretrained
+    from ..inference import load_for_inference
 
     settings = settings_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    processor, model = load_pretrained(args.model, dtype=args.dtype, device=device)
+    processor, model = load_for_inference(args, device)
     app = create_app(model, processor, settings)
     shown = {k: v for k, v in asdict(settings).items() if k != "api_key"}
     print(f"serving {args.model} on http://{args.host}:{args.port} ({device}); auth: {bool(settings.api_key)}; {shown}")
