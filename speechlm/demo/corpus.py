@@ -786,6 +786,7 @@ def build_demo_corpus(
     progress: bool = True,
     real_speech: bool = False,
     natural_fraction: float = 0.0,
+    uqm_test: bool | None = None,
 ) -> dict[str, Path]:
     """Render and collect the demo corpus; returns manifest paths keyed by `MANIFESTS`.
 
@@ -795,13 +796,16 @@ def build_demo_corpus(
 
     `real_speech` adds The Ur-Quan Masters voice acting (training characters' clips + Pico readings of their lines
     to `train`, held-out characters to `test_uqm`); `natural_fraction` of the training sentences are spoken by a
-    Pico voice instead of espeak-ng. Without `real_speech`, `test_uqm` is empty.
+    Pico voice instead of espeak-ng. `uqm_test` (default: whenever the UQM data is present) fills `test_uqm` with
+    the held-out characters even when `real_speech` is off: real speech is always measured, trained on or not.
     """
+    if uqm_test is None:
+        uqm_test = real_speech or uqm_is_available()
     check_system_packages(corpus, real_speech)
     root = Path(root) if root is not None else cache_dir("demo", f"corpus-{corpus}")
     root.mkdir(parents=True, exist_ok=True)
     params = {"version": CORPUS_VERSION, "corpus": corpus, "n_train": n_train, "n_test": n_test, "seed": seed,
-              "real_speech": real_speech, "natural_fraction": natural_fraction}
+              "real_speech": real_speech, "natural_fraction": natural_fraction, "uqm_test": uqm_test}
     manifests = {name: root / f"{name}.jsonl" for name in MANIFESTS}
     stamp = root / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == params and all(p.is_file() for p in manifests.values()):
@@ -823,13 +827,14 @@ def build_demo_corpus(
     asterisk_rows = _prompt_rows(root, prompts_test, "asterisk/test", "asterisk", workers, "asterisk test", progress)
     librivox_rows = _prompt_rows(root, librivox_prompts(), "librivox", "librivox", workers, "librivox", progress)
     uqm_rows = []
-    if real_speech:
+    if real_speech or uqm_test:
         from . import uqm
 
-        uqm_train, uqm_test = uqm.split_lines(uqm.voiced_lines())
+        uqm_train, uqm_held_out = uqm.split_lines(uqm.voiced_lines())
+        uqm_rows = uqm.write_clips(root, uqm_held_out, "uqm/test")
+    if real_speech:
         kept = uqm.write_clips(root, uqm_train, "uqm/train")
         train_rows += kept
-        uqm_rows = uqm.write_clips(root, uqm_test, "uqm/test")
         readings = render_jobs([(row["text"], "uqm_tts") for row in kept], PICO_VOICES, root / "audio", "train", seed)
         train_rows += _synthetic_rows(root, readings, workers, "pico reads uqm lines", progress)
 

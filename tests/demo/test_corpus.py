@@ -105,7 +105,7 @@ def test_ensure_system_packages_installs_as_root(monkeypatch: pytest.MonkeyPatch
         locked = command[1] == "install" and len(calls) == 2  # the first install meets a held dpkg lock
         return subprocess.CompletedProcess(command, 100 if locked else 0, "", "Could not get lock" if locked else "")
 
-    monkeypatch.setattr(c, "missing_system_packages", lambda corpus="structured": missing.pop(0))
+    monkeypatch.setattr(c, "missing_system_packages", lambda corpus="structured", real_speech=False: missing.pop(0))
     monkeypatch.setattr(c, "_is_root", lambda: True)
     monkeypatch.setattr(c.subprocess, "run", fake_run)
     monkeypatch.setattr(c.time, "sleep", lambda seconds: None)
@@ -118,13 +118,17 @@ def test_ensure_system_packages_installs_as_root(monkeypatch: pytest.MonkeyPatch
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     if MISSING:
         pytest.skip(f"Debian packages missing: {' '.join(MISSING)}")
-    return c.build_demo_corpus(tmp_path_factory.mktemp("corpus"), n_train=20, n_test=5, progress=False)
+    return c.build_demo_corpus(tmp_path_factory.mktemp("corpus"), n_train=20, n_test=5, progress=False,
+                               uqm_test=False)
 
 
 @needs_packages
 def test_tiny_corpus_audio_matches_manifests(tiny: dict[str, Path]) -> None:
-    assert set(tiny) == {"train", "test_synthetic", "test_asterisk", "test_librivox"}
-    for manifest in tiny.values():
+    assert set(tiny) == {"train", "test_synthetic", "test_asterisk", "test_librivox", "test_uqm"}
+    assert c.read_manifest(tiny["test_uqm"]) == []  # built without the UQM held-out set
+    for name, manifest in tiny.items():
+        if name == "test_uqm":
+            continue
         rows = c.read_manifest(manifest)
         assert rows and len({r["id"] for r in rows}) == len(rows)
         for row in rows:
@@ -174,7 +178,7 @@ def test_cache_is_reused(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(c, "render", no_render)
     monkeypatch.setattr(c, "convert", no_render)
-    assert c.build_demo_corpus(root, n_train=20, n_test=5, progress=False) == tiny
+    assert c.build_demo_corpus(root, n_train=20, n_test=5, progress=False, uqm_test=False) == tiny
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
 
 
