@@ -160,6 +160,8 @@ def _normalise(
     if raw.get(audio_key) is None:
         raise _EntryProblem(f"missing '{audio_key}'")
     text = _text_field(raw, text_key, required=True)
+    if not text.strip():
+        raise _EntryProblem(f"empty '{text_key}': nothing to learn from or to score against")
     prompt = _text_field(raw, "prompt", required=False)
     task = _text_field(raw, "task", required=False)
     audio, record_rate, name = _audio_field(raw[audio_key], base_dir, raw.get("sampling_rate", sampling_rate))
@@ -226,13 +228,17 @@ def read_manifest(path: str | os.PathLike, on_error: str = "raise", probe_audio:
         raise FileNotFoundError(f"manifest not found: {path}")
     base_dir = path.resolve().parent
     records, issues, total = [], [], 0
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with open(path, "rb") as handle:  # bytes: one line that is not UTF-8 is that line's problem, not the file's
+        for number, data in enumerate(handle, start=1):
+            if not data.strip():
                 continue
             total += 1
             location = f"{path}:{number}"
             try:
+                try:
+                    line = data.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise _EntryProblem(f"not UTF-8 text (byte {error.start + 1} of the line)") from None
                 try:
                     raw = json.loads(line)
                 except json.JSONDecodeError as error:

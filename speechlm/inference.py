@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -568,13 +569,21 @@ def _safe_relative(path: Path) -> Path:
     return Path(*parts) if parts else Path("audio")
 
 
+MAX_ID_BYTES = 200  # ids name output files: well under the 255-byte file-name limit with an extension added
+
+
 def _manifest_inputs(manifest: Path) -> tuple[list[AudioInput], list[str]]:
     inputs, errors = [], []
-    with open(manifest, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
+    with open(manifest, "rb") as handle:  # bytes: a line that is not UTF-8 is reported, the others go on
+        for number, data in enumerate(handle, 1):
+            if not data.strip():
                 continue
             where = f"{manifest}:{number}"
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                errors.append(f"{where}: not UTF-8 text (byte {error.start + 1} of the line)")
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -586,6 +595,11 @@ def _manifest_inputs(manifest: Path) -> tuple[list[AudioInput], list[str]]:
             audio = Path(record["audio"])
             path = audio if audio.is_absolute() else manifest.parent / audio
             identifier = None if record.get("id") is None else str(record["id"])
+            if identifier is not None and (len(identifier.encode()) > MAX_ID_BYTES
+                                           or any(unicodedata.category(ch)[0] == "C" for ch in identifier)):
+                errors.append(f'{where}: "id" must be at most {MAX_ID_BYTES} bytes without control characters '
+                              "(it names the output files)")
+                continue
             stem = Path(identifier) if identifier else audio.with_suffix("")
             inputs.append(AudioInput(path, str(path), _safe_relative(stem), identifier))
     return inputs, errors

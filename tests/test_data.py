@@ -228,3 +228,18 @@ def test_encoder_cache_keys_follow_file_and_encoder(build, corpus):
     model.unfreeze_encoder()
     with pytest.raises(ValueError, match="encoder is being trained"):
         EncoderCache.for_model(model, processor)
+
+
+def test_a_line_that_is_not_utf8_is_skipped_and_named_not_a_traceback(corpus):
+    root, manifest, _ = corpus
+    manifest.write_bytes(manifest.read_bytes() + b'{"audio": "clips/0.wav", "text": "caf\xe9"}\n')
+    records = read_manifest(manifest, on_error="skip")
+    assert len(records) == 3
+    assert records.skipped[0].location == f"{manifest}:4" and "not UTF-8" in str(records.skipped[0])
+
+
+def test_empty_transcripts_are_refused_and_an_all_empty_manifest_does_not_train(corpus):
+    root, manifest, rows = corpus
+    manifest.write_text("".join(json.dumps({**row, "text": "  "}) + "\n" for row in rows))
+    with pytest.raises(ManifestError, match="empty 'text'"):
+        read_manifest(manifest, on_error="skip")

@@ -256,3 +256,19 @@ def test_cli_long_file_to_subtitles(saved_model, recording, capsys):
     cues = [line for line in out.splitlines() if "-->" in line]
     assert 0 < len(cues) <= len(intervals)
     assert cues[0].startswith("00:00:0")
+
+
+def test_bad_manifest_ids_and_non_utf8_lines_are_reported_and_the_rest_go_on(tmp_path):
+    from speechlm.inference import collect_inputs
+
+    for name in ("a", "b"):
+        sf.write(tmp_path / f"{name}.wav", np.zeros(1600, dtype=np.float32), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b'{"audio": "a.wav", "id": "' + b"x" * 300 + b'"}\n'
+                         b'{"audio": "a.wav", "id": "nul\\u0000id"}\n'
+                         b'{"audio": "a.wav", "id": "caf\xe9"}\n'
+                         b'{"audio": "b.wav", "id": "fine"}\n')
+    inputs, errors = collect_inputs([str(manifest)])
+    assert [item.id for item in inputs] == ["fine"]
+    assert [error.split(": ")[0] for error in errors] == [f"{manifest}:{n}" for n in (1, 2, 3)]
+    assert "at most 200 bytes" in errors[0] and "not UTF-8" in errors[2]

@@ -155,7 +155,7 @@ def encode_frames(model, processor, rows: list[dict], cache_file: Path, batch_si
     from ..audio import load_audio
 
     if cache_file.is_file():
-        return torch.load(cache_file)
+        return torch.load(cache_file, weights_only=True)  # tensors only: never unpickle code from a cache file
     order = sorted(range(len(rows)), key=lambda i: rows[i]["duration"])
     frames: list[torch.Tensor | None] = [None] * len(rows)
     with torch.no_grad(), tqdm(total=len(rows), desc="encoding audio once (frozen encoder)", unit="clip") as bar:
