@@ -127,7 +127,7 @@ def ensure_system_packages(install: bool = False, corpus: str = "structured", re
 
     Another process may hold the dpkg lock (e.g. a concurrent apt run), so a failed apt-get is retried for a while.
     """
-    missing = [name for name in missing_system_packages(corpus) if name]
+    missing = missing_system_packages(corpus)
     if not missing:
         check_system_packages(corpus, real_speech)
         return

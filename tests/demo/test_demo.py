@@ -25,11 +25,11 @@ def test_short_demo_trains_evaluates_and_reloads(tmp_path):
     if missing:
         pytest.skip(f"Debian packages missing: apt-get install -y {' '.join(missing)}")
     output = tmp_path / "run"
-    command = [sys.executable, "-m", "speechlm.cli", "demo", "--minutes", "60", "--ctc-steps", "30",
+    command = [sys.executable, "-m", "speechlm.cli", "demo", "--minutes", "600", "--ctc-steps", "30",
                "--max-steps", "60", "--n-train", "100", "--n-test", "10", "--eval-limit", "5",
                "--eval-every-minutes", "1000", "--no-real-speech", "--output", str(output)]
     env = {**os.environ, "SPEECHLM_CACHE": os.environ.get("SPEECHLM_CACHE", str(Path.home() / ".cache/speechlm"))}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("synthetic", "asterisk", "librivox"):
         assert f"WER {name}:" in result.stdout
@@ -45,6 +45,6 @@ def test_short_demo_trains_evaluates_and_reloads(tmp_path):
     assert (output / "model" / "trainable.safetensors").is_file()
 
     # Re-running reuses the trained model instead of training again.
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "reusing the trained model" in rerun.stdout

