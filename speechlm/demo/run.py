@@ -425,7 +425,8 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
     Whisper tiny.en alone on the same clips beside it (`reference`), both through the corpus's normaliser."""
     from ..audio import load_audio
     from ..evaluation import per_utterance_rows, word_error_rate
-    from .corpus import normalise_text, read_manifest
+    from .corpus import read_manifest
+    from .text import normalise_text
     from .reference import whisper_transcripts
 
     results = {}

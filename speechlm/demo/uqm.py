@@ -84,7 +84,7 @@ def parse_transcripts(text: str, character: str) -> list[Line]:
 
 def clean_transcript(text: str) -> str:
     """Game script -> plain spoken words: `*emphasis*` marks, `--` dashes and quotes dropped, numbers as words."""
-    from .corpus import normalise_text
+    from .text import normalise_text
 
     text = text.replace("*", " ").replace("--", " ").replace("`", "'").replace("_", " ")
     return normalise_text(text)

