@@ -13,7 +13,7 @@ import math
 import sys
 import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +67,14 @@ def _as_list(texts: str | Sequence[str], what: str) -> list[str]:
     return texts
 
 
-def _prepare(references: str | Sequence[str], hypotheses: str | Sequence[str], normalize: bool):
+def _prepare(references: str | Sequence[str], hypotheses: str | Sequence[str], normalize: bool | Callable):
     references, hypotheses = _as_list(references, "references"), _as_list(hypotheses, "hypotheses")
     if len(references) != len(hypotheses):
         raise ValueError(f"got {len(references)} references but {len(hypotheses)} hypotheses; they must pair up")
-    clean = normalize_text if normalize else (lambda text: " ".join(text.split()))
+    if callable(normalize):
+        clean = lambda text: " ".join(normalize(text).split())  # noqa: E731
+    else:
+        clean = normalize_text if normalize else (lambda text: " ".join(text.split()))
     return [clean(text) for text in references], [clean(text) for text in hypotheses]
 
 
@@ -111,13 +114,14 @@ def _error_counts(references: list[str], hypotheses: list[str]) -> dict[str, Any
 
 
 def word_error_rate(
-    references: str | Sequence[str], hypotheses: str | Sequence[str], normalize: bool = True
+    references: str | Sequence[str], hypotheses: str | Sequence[str], normalize: bool | Callable[[str], str] = True
 ) -> dict[str, Any]:
     """Corpus WER and CER of `hypotheses` against `references` (errors summed over utterances, not averaged).
 
     Returns `wer`, `cer`, `substitutions`, `deletions`, `insertions`, `hits` (word counts), `n_ref_words`,
-    `n_ref_chars` and `n_utterances`. With `normalize`, both sides go through `normalize_text` first; otherwise only
-    whitespace is collapsed. An empty reference contributes its hypothesis words as insertions; when the whole corpus
+    `n_ref_chars` and `n_utterances`. With `normalize`, both sides go through `normalize_text` first (or through
+    `normalize` itself when it is a function, e.g. `build_normalizer("whisper")`); otherwise only whitespace is
+    collapsed. An empty reference contributes its hypothesis words as insertions; when the whole corpus
     has no reference words the rates are 0.0 if the hypotheses are empty too, else `inf`.
     """
     references, hypotheses = _prepare(references, hypotheses, normalize)
@@ -138,7 +142,8 @@ def word_error_rate(
 
 
 def per_utterance_rows(
-    ids: Sequence[Any], references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True
+    ids: Sequence[Any], references: Sequence[str], hypotheses: Sequence[str],
+    normalize: bool | Callable[[str], str] = True,
 ) -> list[dict[str, Any]]:
     """One row per utterance (`id`, `ref`, `hyp` as given, then its `wer`, `cer` and error counts), for error analysis.
 
@@ -199,8 +204,22 @@ _LABELS = {
     "n_ref_words": "Reference words",
     "n_ref_chars": "Reference characters",
     "n_utterances": "Utterances",
+    "kind": "Metric kind",
+    "valid_json": "Valid JSON",
+    "intent_accuracy": "Intent accuracy",
+    "slot_precision": "Slot precision",
+    "slot_recall": "Slot recall",
+    "slot_f1": "Slot F1",
+    "frame_accuracy": "Frame accuracy (intent and every slot)",
+    "slot_hits": "Correct slots",
+    "slot_predicted": "Predicted slots",
+    "slot_reference": "Reference slots",
+    "exact_match": "Exact match",
+    "token_f1": "Token F1",
+    "n_exact": "Exact answers",
 }
-_RATES = {"wer", "cer"}
+_RATES = {"wer", "cer", "valid_json", "intent_accuracy", "slot_precision", "slot_recall", "slot_f1", "frame_accuracy",
+          "exact_match", "token_f1"}
 
 
 def _format_value(key: str, value: Any) -> str:
@@ -218,12 +237,37 @@ def _cell(text: str) -> str:
 
 
 def format_summary_table(metrics: dict[str, Any], title: str) -> str:
-    """`metrics` as a two-column markdown table under a `### title` heading; WER/CER in percent, known keys first."""
+    """`metrics` as a two-column markdown table under a `### title` heading; rates in percent, known keys first.
+
+    Nested dicts (`evaluate_model`'s per-task `tasks`) are left out: `format_report` gives each its own table.
+    """
+    metrics = {key: value for key, value in metrics.items() if not isinstance(value, dict)}
     keys = [key for key in _LABELS if key in metrics] + [key for key in metrics if key not in _LABELS]
     lines = [f"### {title}", "", "| Metric | Value |", "| --- | ---: |"]
     for key in keys:
         lines.append(f"| {_cell(_LABELS.get(key, str(key)))} | {_cell(_format_value(key, metrics[key]))} |")
     return "\n".join(lines) + "\n"
+
+
+def format_report(metrics: dict[str, Any], title: str, notes: Sequence[str] = ()) -> str:
+    """`evaluate_model`'s metrics as markdown: `notes` as a list, the overall table (transcription WER, timing), then
+    one table per task when there are several tasks."""
+    parts = [f"## {title}", ""]
+    if notes:
+        parts += [f"- {note}" for note in notes] + [""]
+    tasks = metrics.get("tasks") or {}
+    overall = "Overall (WER/CER over transcription tasks only)" if tasks else "Overall"
+    parts.append(format_summary_table(metrics, overall))
+    for task, values in tasks.items():
+        parts.append(format_summary_table(values, f"Task {task} ({values['kind']})"))
+    return "\n".join(parts)
+
+
+def normalizer_description(normalize: bool | Callable[[str], str]) -> str:
+    """How texts were normalised before scoring, for reports (a number means little without it)."""
+    if callable(normalize):
+        return getattr(normalize, "description", None) or getattr(normalize, "__name__", type(normalize).__name__)
+    return "speechlm normalize_text" if normalize else "none (whitespace collapsed only)"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -281,27 +325,40 @@ def evaluate_model(
     on_error: str = "raise",
     limit: int | None = None,
     task_prompts: dict[str, str] | None = None,
-    normalize: bool = True,
+    task_metrics: dict[str, str] | None = None,
+    normalize: bool | Callable[[str], str] = True,
+    model_name: str | None = None,
     progress: bool = False,
     **generate_kwargs,
 ) -> dict[str, Any]:
     """Transcribe a manifest (path, `speechlm.data.Manifest`, `datasets.Dataset` or list of record dicts) and score it.
 
     Returns `word_error_rate`'s metrics plus `n_skipped` (manifest entries dropped with `on_error="skip"`),
-    `elapsed_seconds`, `audio_seconds` and `real_time_factor`. With `output_dir`, also writes `predictions.jsonl` (one
-    row per utterance, for error analysis), `metrics.json` and `summary.md` there.
+    `elapsed_seconds`, `audio_seconds` and `real_time_factor`. When records carry a `task` (or `task_metrics` names a
+    kind for untagged records), each task is scored by its metric kind (`speechlm.tasks`) under `tasks`
+    ({task: {"kind", ...}}), the top-level WER/CER cover the transcription tasks only (absent when there are none)
+    and `n_utterances` counts every record. Each record is decoded with its own prompt (`transcribe_records`).
+    With `output_dir`, also writes `predictions.jsonl` (one row per utterance, with its `task` and `kind` when there
+    are tasks, for error analysis), `metrics.json` and `summary.md` (naming `model_name` and the normaliser) there.
     `generate_kwargs` reach `model.generate` (max_new_tokens, num_beams, ...).
     """
     from .data import load_records
+    from .tasks import UNTAGGED, resolve_kinds, score_records, transcription_scores
 
     manifest = load_records(manifest_or_records, on_error=on_error).select(limit)
     records = list(manifest)
+    kinds = resolve_kinds(records, task_metrics)
     started = time.perf_counter()
     hypotheses = transcribe_records(model, processor, records, batch_size, prompt, task_prompts, progress,
                                     **generate_kwargs)
     elapsed = time.perf_counter() - started
     references = [record["text"] for record in records]
-    metrics = word_error_rate(references, hypotheses, normalize=normalize)
+    per_task = bool(kinds) and kinds != {UNTAGGED: "transcription"}
+    if per_task:
+        metrics = dict(transcription_scores(records, hypotheses, kinds, normalize) or {})
+        metrics["n_utterances"] = len(records)
+    else:
+        metrics = word_error_rate(references, hypotheses, normalize=normalize)
     audio_seconds = sum(record["duration"] or 0.0 for record in records)
     metrics.update(
         n_skipped=len(manifest.skipped),
@@ -309,15 +366,35 @@ def evaluate_model(
         audio_seconds=audio_seconds,
         real_time_factor=elapsed / audio_seconds if audio_seconds else math.nan,
     )
+    if per_task:
+        metrics["tasks"] = score_records(records, hypotheses, kinds, normalize)
     if output_dir is not None:
         output_dir = Path(output_dir)
-        rows = per_utterance_rows([r["id"] for r in records], references, hypotheses, normalize=normalize)
+        if per_task:
+            rows = _task_rows(records, hypotheses, kinds, normalize)
+        else:
+            rows = per_utterance_rows([r["id"] for r in records], references, hypotheses, normalize=normalize)
         write_jsonl(rows, output_dir / "predictions.jsonl")
         with open(output_dir / "metrics.json", "w", encoding="utf-8") as handle:
             json.dump(_json_safe(metrics), handle, indent=2)
-        title = f"Evaluation on {manifest.source}"
-        (output_dir / "summary.md").write_text(format_summary_table(metrics, title), encoding="utf-8")
+        notes = [f"Model: {model_name or type(model).__name__}", f"Data: {manifest.source}",
+                 f"Normaliser: {normalizer_description(normalize)}"]  # fmt: skip
+        report = format_report(metrics, "Evaluation", notes)
+        (output_dir / "summary.md").write_text(report, encoding="utf-8")
     return metrics
+
+
+def _task_rows(records, hypotheses, kinds, normalize) -> list[dict[str, Any]]:
+    """Per-utterance rows of every task, back in record order, each naming its task and metric kind."""
+    from .tasks import group_by_task, task_rows
+
+    rows: list[dict[str, Any] | None] = [None] * len(records)
+    for task, indices in group_by_task(records).items():
+        scored = task_rows(kinds[task], [records[i]["id"] for i in indices], [records[i]["text"] for i in indices],
+                           [hypotheses[i] for i in indices], normalize)
+        for index, row in zip(indices, scored):
+            rows[index] = {"id": row.pop("id"), "task": task, "kind": kinds[task], **row}
+    return rows
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -334,6 +411,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bad manifest lines: stop with a list of them, or skip them (counted and reported)")
     parser.add_argument("--output-dir", default=None, help="write predictions.jsonl, metrics.json and summary.md here")
     parser.add_argument("--no-normalize", action="store_true", help="score raw text (only whitespace collapsed)")
+    parser.add_argument("--task-metric", action="append", default=[], metavar="TASK=KIND",
+                        help="score TASK as transcription, json or answer (default: inferred; see speechlm.tasks)")
+    parser.add_argument("--task-prompt", action="append", default=[], metavar="TASK=PROMPT",
+                        help="instruction for records of TASK that carry no prompt of their own")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     add_loading_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -347,9 +428,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
-    try:  # read (and check) the manifest before spending time on loading the model
+    try:  # read (and check) the manifest and the task options before spending time on loading the model
         manifest = read_manifest(args.manifest, on_error=args.on_error)
-    except (ManifestError, FileNotFoundError) as error:
+        task_prompts, task_metrics = _task_options(args, manifest)
+    except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -360,12 +442,52 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 2
     metrics = evaluate_model(
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
-        limit=args.limit, normalize=not args.no_normalize, progress=not args.quiet,
-        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+        limit=args.limit, normalize=not args.no_normalize, progress=not args.quiet, task_metrics=task_metrics,
+        task_prompts=task_prompts or None, model_name=args.model, max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
     )  # fmt: skip
-    print(format_summary_table(metrics, f"{args.model} on {args.manifest}"))
-    print(f"WER: {_format_value('wer', metrics['wer'])}  CER: {_format_value('cer', metrics['cer'])}")
+    print(format_report(metrics, f"{args.model} on {args.manifest}"))
+    if "wer" in metrics:
+        print(f"WER: {_format_value('wer', metrics['wer'])}  CER: {_format_value('cer', metrics['cer'])}")
+    for task, values in (metrics.get("tasks") or {}).items():
+        from .tasks import HEADLINE
+
+        scores = "  ".join(f"{_LABELS[key]}: {_format_value(key, values[key])}" for key in HEADLINE[values["kind"]])
+        print(f"{task} ({values['kind']}): {scores}")
     return 0
+
+
+def _task_options(args: argparse.Namespace, records) -> tuple[dict[str, str], dict[str, str]]:
+    """(task_prompts, task_metrics): the training run's own (`config.yaml` in the model folder, written by `speechlm
+    train`), overridden per task by `--task-prompt` / `--task-metric`; every task of `records` must get a prompt."""
+    from .data import resolve_prompt
+    from .tasks import parse_task_metrics
+
+    task_prompts, task_metrics = {}, {}
+    trained = Path(args.model) / "config.yaml"
+    if trained.is_file():
+        import yaml
+
+        config = yaml.safe_load(trained.read_text(encoding="utf-8")) or {}
+        task_prompts.update((config.get("data") or {}).get("task_prompts") or {})
+        task_metrics.update((config.get("evaluation") or {}).get("task_metrics") or {})
+    for item in args.task_prompt:
+        task, sep, prompt = item.partition("=")
+        if not sep or not task.strip():
+            raise ValueError(f"--task-prompt expects TASK=PROMPT, got {item!r}")
+        task_prompts[task.strip()] = prompt
+    task_metrics.update(parse_task_metrics(args.task_metric))
+    untold = set()
+    for record in records:
+        try:
+            if resolve_prompt(record, task_prompts) is None and record.get("task") is not None:
+                untold.add(record["task"])
+        except KeyError as error:
+            raise ValueError(f"{error.args[0]}: give it with --task-prompt TASK=PROMPT") from None
+    if untold:
+        print(f"warning: task(s) {', '.join(sorted(untold))} have no prompt (no --task-prompt, none in the model's "
+              "config.yaml, none in the rows): they are decoded with the default prompt", file=sys.stderr)
+    return task_prompts, task_metrics
 
 
 add_arguments = add_evaluate_arguments
