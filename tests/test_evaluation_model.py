@@ -11,6 +11,7 @@ import torch
 from speechlm import cli
 from speechlm.evaluation import evaluate_model, word_error_rate
 from speechlm.inference import transcribe_arrays
+from speechlm.tasks import score_json
 from tests.conftest import make_clips
 
 GENERATE = {"max_new_tokens": 4}
@@ -64,3 +65,63 @@ def test_speechlm_evaluate_prints_wer_and_counts_skipped_lines(build, manifest, 
     out = capsys.readouterr().out
     assert "WER: " in out and "| Utterances | 3 |" in out and "| n_skipped | 1 |" in out
     assert (tmp_path / "out" / "predictions.jsonl").is_file()
+
+
+SLU = '{"intent": "call", "contact": "mom"}'
+PROMPTS = {"transcribe": "transcribe", "slu": "intent as json"}
+
+
+@pytest.fixture
+def two_task_manifest(tmp_path):
+    rows = []
+    for index, clip in enumerate(make_clips(seconds=(0.55, 0.3, 0.8, 0.4))):
+        sf.write(tmp_path / f"{index}.wav", clip, 16000)
+        task = "transcribe" if index % 2 == 0 else "slu"
+        rows.append({"audio": f"{index}.wav", "text": "call mom" if task == "transcribe" else SLU, "task": task,
+                     "id": f"u{index}"})
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_evaluate_model_scores_each_task_with_its_own_prompt_and_kind(build, two_task_manifest, tmp_path):
+    processor, model = build("whisper", "qwen2", dtype=torch.float32)
+    clips = make_clips(seconds=(0.55, 0.3, 0.8, 0.4))
+    prompts = [PROMPTS["transcribe"], PROMPTS["slu"]] * 2
+    expected = transcribe_arrays(model, processor, clips, prompt=prompts, batch_size=2, **GENERATE)
+    metrics = evaluate_model(model, processor, two_task_manifest, batch_size=2, task_prompts=PROMPTS,
+                             output_dir=tmp_path / "report", model_name="tiny", **GENERATE)
+    assert {task: values["kind"] for task, values in metrics["tasks"].items()} == {"transcribe": "transcription",
+                                                                                   "slu": "json"}
+    assert metrics["wer"] == word_error_rate(["call mom"] * 2, expected[0::2])["wer"]  # transcription rows only
+    assert metrics["n_utterances"] == 4 and metrics["tasks"]["slu"]["n_utterances"] == 2
+    assert metrics["tasks"]["slu"] == {"kind": "json", **score_json([SLU] * 2, expected[1::2])}
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert set(saved["tasks"]) == {"transcribe", "slu"}
+    rows = [json.loads(line) for line in (tmp_path / "report" / "predictions.jsonl").read_text().splitlines()]
+    assert [(row["id"], row["task"], row["kind"]) for row in rows] == [
+        ("u0", "transcribe", "transcription"), ("u1", "slu", "json"), ("u2", "transcribe", "transcription"),
+        ("u3", "slu", "json")]  # fmt: skip
+    assert [row["hyp"] for row in rows] == expected
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "### Task slu (json)" in summary and "| Valid JSON |" in summary and "- Model: tiny" in summary
+
+
+def test_explicit_task_metric_overrides_inference(build, two_task_manifest):
+    processor, model = build("whisper", "qwen2", dtype=torch.float32)
+    metrics = evaluate_model(model, processor, two_task_manifest, task_prompts=PROMPTS,
+                             task_metrics={"slu": "answer"}, **GENERATE)
+    assert metrics["tasks"]["slu"]["kind"] == "answer" and "exact_match" in metrics["tasks"]["slu"]
+
+
+def test_speechlm_evaluate_prints_each_task(build, two_task_manifest, tmp_path, capsys):
+    processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    argv = ["evaluate", str(two_task_manifest), "--model", str(tmp_path / "model"), "--max-new-tokens", "3", "--quiet",
+            "--task-prompt", "slu=intent as json"]  # fmt: skip
+    assert cli.main(argv) == 2  # the transcribe task has no prompt: said before the model loads
+    assert "task 'transcribe' has no prompt" in capsys.readouterr().err
+    assert cli.main([*argv, "--task-prompt", "transcribe=transcribe", "--task-metric", "slu=answer"]) == 0
+    out = capsys.readouterr().out
+    assert "WER: " in out and "slu (answer): Exact match: " in out and "### Task transcribe (transcription)" in out
