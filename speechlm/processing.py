@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoFeatureExtractor, AutoTokenizer
 
+from .chat import DEFAULT_MAX_CLIPS
 from .factory import AUDIO_TOKEN
 from .modeling import IGNORE_INDEX
 
@@ -93,28 +94,35 @@ class SpeechLMProcessor:
 
     def encode_text(self, prompts: Sequence[str], targets: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Prompt (+ target + EOS) ids, right-padded, with labels that are -100 everywhere but the target."""
-        rows, label_rows = [], []
+        rows = [self._text_row(p, None if targets is None else targets[i]) for i, p in enumerate(prompts)]
+        return self._pad_rows([r[0] for r in rows], [r[1] for r in rows] if targets is not None else None)
+
+    def _text_row(self, prompt: str, target: str | None = None) -> tuple[list[int], list[int]]:
+        """One built prompt (+ target + EOS) -> (ids, labels)."""
         special = not self.use_chat_template  # a chat template already writes BOS / turn markers itself
-        for index, prompt in enumerate(prompts):
-            ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"] if prompt else []
-            labels = [IGNORE_INDEX] * len(ids)
-            if targets is not None:
-                target = self.tokenizer(targets[index], add_special_tokens=False)["input_ids"]
-                target = target + [self.tokenizer.eos_token_id]
-                ids, labels = ids + target, labels + target
-            rows.append(ids)
-            label_rows.append(labels)
+        ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"] if prompt else []
+        labels = [IGNORE_INDEX] * len(ids)
+        if target is not None:
+            target_ids = self.tokenizer(target, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            ids, labels = ids + target_ids, labels + target_ids
+        return ids, labels
+
+    def _pad_rows(self, rows: Sequence[list[int]], label_rows: Sequence[list[int]] | None = None,
+                  left: bool = False) -> dict[str, torch.Tensor]:
+        """Token rows -> `input_ids` / `decoder_attention_mask` (/ `labels`), padded on the right unless `left`."""
         width = max(1, max(len(r) for r in rows))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for index, (ids, row_labels) in enumerate(zip(rows, label_rows)):
-            input_ids[index, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[index, : len(ids)] = 1
-            labels[index, : len(ids)] = torch.tensor(row_labels, dtype=torch.long)
+        for index, ids in enumerate(rows):
+            span = slice(width - len(ids), width) if left else slice(0, len(ids))
+            input_ids[index, span] = torch.tensor(ids, dtype=torch.long)
+            mask[index, span] = 1
+            if label_rows is not None:
+                labels[index, span] = torch.tensor(label_rows[index], dtype=torch.long)
         out = {"input_ids": input_ids, "decoder_attention_mask": mask}
-        if targets is not None:
+        if label_rows is not None:
             out["labels"] = labels
         return out
 
@@ -131,6 +139,196 @@ class SpeechLMProcessor:
         if len(prompts) != size:
             raise ValueError(f"batch size mismatch: {size} audio clip(s) but {len(prompts)} prompt(s)")
         batch.update(self.encode_text([self.build_prompt(p) for p in prompts], text))
+        return batch
+
+    # ------------------------------------------------------------------------------------------------- chat
+    def apply_chat_template(
+        self,
+        conversation: Sequence,
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        return_dict: bool = True,
+        sampling_rate: int | None = None,
+        return_labels: bool = False,
+        max_clips: int | None = DEFAULT_MAX_CLIPS,
+    ):
+        """Chat messages with audio parts (one conversation or a list of them) -> model inputs.
+
+        Message and part formats: `speechlm.chat`. Returns what `processor(...)` returns: the encoder inputs of every
+        clip in row-major order with their `attention_mask`, `input_ids` (placeholders included in the placeholder
+        layout), `decoder_attention_mask`, and with `return_labels=True` `labels` that are -100 everywhere but the
+        assistant messages' content and the token that ends each of them, so a multi-turn chat trains only the
+        assistant's words. `tokenize=False` returns the rendered string(s); `return_dict=False` only `input_ids`.
+
+        Rendering: with `use_chat_template` the tokenizer's template renders the messages, content parts flattened to
+        text (`speechlm.chat.flatten`: an audio part becomes `<|audio|>` where it stands); the end of an assistant turn
+        is the template's own end-of-turn token. Without a template (a model trained on a raw prompt) the plain
+        rendering is token-level concatenation: consecutive system/user messages join with a newline (a system prompt
+        thus precedes the first user text), each assistant message is its content followed by EOS, and BOS (if the
+        tokenizer adds one) starts the conversation. Either way a single user turn `[audio, "T"]` gives exactly the
+        inputs of `processor(audio, prompt="T")`, and `[user: [audio, "T"], assistant: "A"]` in the plain rendering
+        those of `processor(audio, text="A", prompt="T")`.
+
+        The placeholder layout takes any number of clips per conversation (up to `max_clips`, also none: a text-only
+        batch has no audio keys and, without labels, is left-padded for `generate`); the prefix layout exactly one,
+        implied before the text. `add_generation_prompt` opens an assistant turn after a conversation that does not
+        end with an assistant message. Array parts without a `sampling_rate` are taken at `sampling_rate` (default:
+        the encoder's) and resampled. Problems raise `speechlm.chat.ChatError` naming conversation, message and part.
+        """
+        from .chat import as_batch
+
+        conversations, batched = as_batch(conversation)
+        parsed = [self._parse_chat(c, i, max_clips) for i, c in enumerate(conversations)]
+        if not tokenize:
+            texts = [self._render(segments) for segments in self._chat_segments(parsed, add_generation_prompt)]
+            return texts if batched else texts[0]
+        clips, rows, label_rows = self._chat_rows(parsed, add_generation_prompt, sampling_rate, return_labels)
+        batch = self._pack(clips, rows, label_rows)
+        return batch if return_dict else batch["input_ids"]
+
+    def apply_transcription_request(self, audio, prompt: str | None = None, sampling_rate: int | None = None,
+                                    **kwargs) -> dict:
+        """Model inputs to transcribe `audio` (one clip: array, path or bytes; or a list of clips) with `prompt`
+        (default: the processor's prompt); the same inputs as `processor(audio, prompt=prompt)` for arrays."""
+        prompt = self.prompt if prompt is None else prompt
+        single = isinstance(audio, str | bytes | os.PathLike) or (
+            isinstance(audio, np.ndarray | torch.Tensor) and audio.ndim == 1
+        )
+        clips = [audio] if single else list(audio)
+        conversations = [
+            [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": prompt}]}]
+            for clip in clips
+        ]
+        return self.apply_chat_template(conversations, sampling_rate=sampling_rate, **kwargs)
+
+    def _parse_chat(self, conversation, index: int, max_clips: int | None = DEFAULT_MAX_CLIPS,
+                    base_dir: str | os.PathLike | None = None) -> list:
+        """Validate one conversation, including the clip count the audio layout allows."""
+        from .chat import ChatError, parse_conversation
+
+        messages = parse_conversation(conversation, index, max_clips, base_dir)
+        if self.audio_layout == "prefix":
+            clips = [part for message in messages for part in message.clips]
+            if len(clips) != 1:
+                where = clips[1].where if clips else (index,)
+                raise ChatError(
+                    f"{len(clips)} audio clips in the conversation, but this model's prefix audio layout takes exactly "
+                    "one clip per conversation (in front of the text); a model built with "
+                    "audio_layout='placeholder' takes several clips (or none) anywhere in the chat",
+                    *where,
+                )
+        return messages
+
+    def _chat_segments(self, parsed: Sequence[list], add_generation_prompt: bool) -> list[list[tuple[str, str]]]:
+        """Each conversation as (kind, text) segments: "text" (no labels), "answer" (labelled), "turn_end" (labelled
+        up to its first special token) and "eos" (the EOS token, labelled)."""
+        return [self._segments(messages, index, add_generation_prompt) for index, messages in enumerate(parsed)]
+
+    def _segments(self, messages: list, index: int, add_generation_prompt: bool) -> list[tuple[str, str]]:
+        from .chat import ChatError, flatten
+
+        audio_text = AUDIO_TOKEN if self.audio_layout == "placeholder" else None
+        texts = [flatten(message.parts, audio_text) for message in messages]
+        segments: list[tuple[str, str]] = []
+        if not self.use_chat_template:
+            run: list[str] = []
+            for message, text in zip(messages, texts):
+                if message.role != "assistant":
+                    run.append(text)
+                    continue
+                segments += [("text", "\n".join(t for t in run if t)), ("answer", text), ("eos", "")]
+                run = []
+            if run or not segments:
+                segments.append(("text", "\n".join(t for t in run if t)))
+            return segments
+
+        chat = [{"role": message.role, "content": text} for message, text in zip(messages, texts)]
+        opens_turn = add_generation_prompt and messages[-1].role != "assistant"
+        full = self._render_template(chat, opens_turn)
+        cursor = 0
+        for k, message in enumerate(messages):
+            if message.role != "assistant":
+                continue
+            prefix = self._render_template(chat[:k], True) if k else None
+            start = len(prefix) if prefix is not None and full.startswith(prefix) and len(prefix) >= cursor else None
+            if start is None or full[start : start + len(texts[k])] != texts[k]:
+                # A template that rewrites earlier turns (or cannot render a conversation opening with an assistant
+                # turn) gives no prefix to split at: the content is searched after the previous answer instead.
+                found = full.find(texts[k], cursor)
+                if found < 0:
+                    raise ChatError("the chat template does not render this assistant message's content verbatim, "
+                                    "so its labels cannot be located", index, k)
+                start = found
+            segments += [("turn_end" if segments else "text", full[cursor:start]), ("answer", texts[k])]
+            cursor = start + len(texts[k])
+        tail = full[cursor:]
+        if segments and not tail:
+            segments.append(("eos", ""))
+        else:
+            segments.append(("turn_end" if segments else "text", tail))
+        return segments
+
+    def _render_template(self, chat: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _render(self, segments: list[tuple[str, str]]) -> str:
+        return "".join(self.tokenizer.eos_token if kind == "eos" else text for kind, text in segments)
+
+    def _chat_rows(self, parsed: Sequence[list], add_generation_prompt: bool = True, sampling_rate: int | None = None,
+                   return_labels: bool = False) -> tuple[list, list[list[int]], list[list[int]] | None]:
+        """Parsed conversations -> (decoded clips in row-major order, token rows, label rows or None)."""
+        from .chat import ChatError, load_clip
+
+        if return_labels:
+            for index, messages in enumerate(parsed):
+                if not any(message.role == "assistant" for message in messages):
+                    raise ChatError("return_labels=True but the conversation has no assistant message: nothing to "
+                                    "learn", index)
+        clips = [load_clip(part, self.sampling_rate, sampling_rate)
+                 for messages in parsed for message in messages for part in message.clips]
+        rows, label_rows = [], []
+        for segments in self._chat_segments(parsed, add_generation_prompt):
+            ids, labels = self._tokenize_segments(segments)
+            rows.append(ids)
+            label_rows.append(labels)
+        return clips, rows, label_rows if return_labels else None
+
+    def _tokenize_segments(self, segments: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """Segments are tokenized one by one, so training and generation see the same ids for the same history."""
+        ids, labels = [], []
+        for position, (kind, text) in enumerate(segments):
+            if kind == "eos":
+                piece = [self.tokenizer.eos_token_id]
+            elif not text:
+                piece = []
+            else:
+                special = position == 0 and not self.use_chat_template
+                piece = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+            if kind in ("answer", "eos"):
+                labelled = len(piece)
+            elif kind == "turn_end":
+                ends = [i for i, token in enumerate(piece) if token in self._turn_end_ids]
+                labelled = ends[0] + 1 if ends else 0
+            else:
+                labelled = 0
+            ids += piece
+            labels += piece[:labelled] + [IGNORE_INDEX] * (len(piece) - labelled)
+        return ids, labels
+
+    @property
+    def _turn_end_ids(self) -> set[int]:
+        """Special tokens that can close a turn (EOS, <|im_end|>, <|eot_id|>, ...): never audio or padding."""
+        tokenizer = self.tokenizer
+        ids = set(tokenizer.all_special_ids)
+        ids |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+        ids -= {tokenizer.convert_tokens_to_ids(AUDIO_TOKEN), tokenizer.pad_token_id, tokenizer.bos_token_id}
+        return ids
+
+    def _pack(self, clips: Sequence[np.ndarray], rows: Sequence[list[int]],
+              label_rows: Sequence[list[int]] | None = None) -> dict[str, torch.Tensor]:
+        """Clips + token rows -> a batch; a text-only batch has no audio keys and is left-padded for `generate`."""
+        batch = self.extract_audio(clips) if clips else {}
+        batch.update(self._pad_rows(rows, label_rows, left=not clips and label_rows is None))
         return batch
 
     def batch_decode(self, token_ids, **kwargs) -> list[str]:
