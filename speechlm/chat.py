@@ -89,7 +89,7 @@ def as_batch(conversation: Any) -> tuple[list, bool]:
     return [conversation], False
 
 
-def parse_conversation(messages: Any, index: int = 0, max_clips: int | None = DEFAULT_MAX_CLIPS,
+def parse_conversation(messages: Any, index: int | None = 0, max_clips: int | None = DEFAULT_MAX_CLIPS,
                        base_dir: str | os.PathLike | None = None) -> list[Message]:
     """Validate one conversation's structure (audio is not decoded here); relative paths resolve against `base_dir`."""
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes | Mapping):
