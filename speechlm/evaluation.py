@@ -195,6 +195,7 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
 
 
 _LABELS = {
+    "loss": "Loss",
     "wer": "WER",
     "cer": "CER",
     "substitutions": "Substitutions",
@@ -225,7 +226,7 @@ _RATES = {"wer", "cer", "valid_json", "intent_accuracy", "slot_precision", "slot
 def _format_value(key: str, value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return "n/a" if math.isnan(value) else "inf"
-    if key in _RATES and isinstance(value, (int, float)):
+    if any(key == rate or key.endswith(f"_{rate}") for rate in _RATES) and isinstance(value, (int, float)):
         return f"{100 * value:.2f}%"
     if isinstance(value, float):
         return f"{value:.4g}"

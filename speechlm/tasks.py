@@ -35,6 +35,7 @@ __all__ = [
     "infer_kind",
     "parse_json_object",
     "parse_task_metrics",
+    "pooled_loss",
     "resolve_kinds",
     "score_answer",
     "score_json",
@@ -361,3 +362,15 @@ def headline_metrics(scores: Mapping[str, Mapping[str, Any]], overall: Mapping[s
     if overall is not None:
         metrics.update({f"{prefix}_wer": overall["wer"], f"{prefix}_cer": overall["cer"]})
     return metrics
+
+
+def pooled_loss(metrics: Mapping[str, float], sizes: Mapping[str, int], prefix: str = "eval"
+                ) -> dict[str, float] | None:
+    """`{prefix}_loss` from per-task eval losses (`{prefix}_{task}_loss`, as `Trainer` names them for a dict of eval
+    sets), weighted by each task's number of utterances, so that a multi-task run keeps one eval-loss curve; None
+    when a task's loss is missing."""
+    losses = [(sizes[task], metrics.get(f"{prefix}_{task}_loss")) for task in sizes]
+    total = sum(size for size, _ in losses)
+    if not total or any(loss is None for _, loss in losses):
+        return None
+    return {f"{prefix}_loss": sum(size * loss for size, loss in losses) / total}

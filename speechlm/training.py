@@ -128,13 +128,15 @@ class TrainingOptions:
 
 @dataclass
 class EvaluationConfig:
-    """The WER pass on `data.eval_manifest` at every evaluation (greedy by default)."""
+    """The decoding pass on `data.eval_manifest` at every evaluation (greedy by default): WER, or each task's own
+    metrics (`task_metrics: {task: transcription|json|answer}`, else inferred: see `speechlm.tasks`)."""
 
     wer: bool = True
     batch_size: int = 8
     max_new_tokens: int = 128
     num_beams: int = 1
     prompt: str | None = None
+    task_metrics: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -191,6 +193,9 @@ class TrainConfig:
             raise ValueError(f"data.encoder_cache must be null, 'memory' or 'disk', got {self.data.encoder_cache!r}")
         if self.training.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"training.precision must be auto, fp32, bf16 or fp16, got {self.training.precision!r}")
+        from .tasks import parse_task_metrics
+
+        parse_task_metrics([f"{task}={kind}" for task, kind in self.evaluation.task_metrics.items()])
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
@@ -454,7 +459,17 @@ class SpeechLMTrainer(Trainer):
         return None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if isinstance(eval_dataset, str):  # one task of a per-task eval set (Trainer's dict loop calls back here)
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) if self.eval_dataset else {}
+        target = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(target, dict):
+            from .tasks import pooled_loss
+
+            loss = pooled_loss(metrics, {name: len(part) for name, part in target.items()}, metric_key_prefix)
+            if loss is not None:
+                self.log(loss)
+                metrics.update(loss)
         if self.wer_records and self.evaluation_config.wer:
             wer = self.word_error_rates(metric_key_prefix)
             if wer:
@@ -463,10 +478,13 @@ class SpeechLMTrainer(Trainer):
         return metrics
 
     def word_error_rates(self, prefix: str = "eval") -> dict[str, float]:
-        """WER/CER of the transcripts of `wer_records`, each process decoding its share (gathered afterwards)."""
+        """Metrics of the decoded `wer_records`, each process decoding its share (gathered afterwards): WER/CER, or
+        with several tasks each task's own (`speechlm.tasks.headline_metrics`) and the WER of the transcription ones.
+        """
         from accelerate.utils import gather_object
 
-        from .evaluation import transcribe_records, word_error_rate
+        from .evaluation import transcribe_records
+        from .tasks import headline_metrics, resolve_kinds, score_records, transcription_scores
 
         if self.is_fsdp_enabled:
             logger.warning("WER during training is skipped under FSDP; run `speechlm evaluate` on the result")
@@ -490,8 +508,9 @@ class SpeechLMTrainer(Trainer):
             pairs = gather_object(pairs)
         by_index = dict(pairs)
         ordered = [by_index[i] for i in range(len(self.wer_records))]
-        metrics = word_error_rate([r["text"] for r in self.wer_records], ordered)
-        return {f"{prefix}_wer": metrics["wer"], f"{prefix}_cer": metrics["cer"]}
+        kinds = resolve_kinds(self.wer_records, cfg.task_metrics)
+        scores = score_records(self.wer_records, ordered, kinds)
+        return headline_metrics(scores, transcription_scores(self.wer_records, ordered, kinds), prefix)
 
 
 def make_training_arguments(options: TrainingOptions, output_dir: Path, has_eval: bool, find_unused: bool):
@@ -720,6 +739,21 @@ def _last_checkpoint(stage_dir: Path) -> str | None:
     return None
 
 
+def _eval_datasets(records, sampling_rate: int, task_prompts: dict[str, str], cache):
+    """One eval set, or one per task when the eval data mixes tasks: `Trainer` then reports `eval_<task>_loss`
+    (and `SpeechLMTrainer.evaluate` a pooled `eval_loss`)."""
+    from .data import SpeechLMDataset
+    from .tasks import group_by_task
+
+    if records is None:
+        return None
+    groups = group_by_task(records)
+    if len(groups) == 1:
+        return SpeechLMDataset(records, sampling_rate, task_prompts, encoder_cache=cache)
+    return {name: SpeechLMDataset([records[i] for i in indices], sampling_rate, task_prompts, encoder_cache=cache)
+            for name, indices in groups.items()}  # fmt: skip
+
+
 def _previous_summaries(stage_dirs: list[Path]) -> list[dict]:
     summaries = []
     for stage_dir in stage_dirs:
@@ -748,10 +782,10 @@ def _run_stage(config: TrainConfig, stage: StageConfig, index: int, model, proce
         cache = EncoderCache.for_model(model, processor, storage, config.data.encoder_cache_dir)
     task_prompts = config.data.task_prompts
     train_set = SpeechLMDataset(data.train, processor.sampling_rate, task_prompts, encoder_cache=cache)
-    eval_set = (SpeechLMDataset(data.eval, processor.sampling_rate, task_prompts, encoder_cache=cache)
-                if data.eval is not None else None)
+    eval_set = _eval_datasets(data.eval, processor.sampling_rate, task_prompts, cache)
     if cache is not None:
-        for dataset in filter(None, (train_set, eval_set)):
+        eval_sets = list(eval_set.values()) if isinstance(eval_set, dict) else [eval_set]
+        for dataset in filter(None, (train_set, *eval_sets)):
             cache.fill(model, processor, dataset, batch_size=options.per_device_eval_batch_size,
                        rank=args.process_index, world_size=args.world_size, progress=is_main)
         _barrier()
@@ -814,15 +848,20 @@ def _finite(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------- outputs
+# Trainer's names for the per-task eval losses of a dict of eval sets, and the timing keys the report leaves out.
+_TASK_LOSS = re.compile(r"eval_(.+)_loss")
+_TIMING = re.compile(r"eval_.*(runtime|per_second|model_preparation_time)")
+
+
 def _curves(summaries: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """Loss/WER points on one step axis across stages (each stage's steps continue the previous stage's)."""
     curves: dict[str, list[tuple[int, float]]] = {"loss": [], "eval_loss": [], "eval_wer": [], "eval_cer": []}
     offset = 0
     for summary in summaries:
         for entry in summary["log_history"]:
-            for key in curves:
+            for key in [*curves, *(k for k in entry if _TASK_LOSS.fullmatch(k) and k not in curves)]:
                 if entry.get(key) is not None and "step" in entry:
-                    curves[key].append((offset + entry["step"], float(entry[key])))
+                    curves.setdefault(key, []).append((offset + entry["step"], float(entry[key])))
         offset += summary["global_step"]
     return curves
 
@@ -841,7 +880,9 @@ def plot_training_curves(summaries: list[dict], path: Path) -> Path | None:
     has_wer = bool(curves["eval_wer"])
     figure, axes = plt.subplots(1, 2 if has_wer else 1, figsize=(11 if has_wer else 6, 4), squeeze=False)
     loss_axis = axes[0][0]
-    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
+    task_losses = [(key, f"eval loss ({_TASK_LOSS.fullmatch(key).group(1)})", "o--") for key in curves
+                   if key != "eval_loss" and _TASK_LOSS.fullmatch(key)]  # fmt: skip
+    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-"), *task_losses):
         if curves[key]:
             loss_axis.plot(*zip(*curves[key]), style, label=label, markersize=3)
     loss_axis.set_xlabel("step")
@@ -877,7 +918,6 @@ def _write_outputs(config: TrainConfig, output_dir: Path, summaries: list[dict],
     from .evaluation import format_summary_table
 
     image = plot_training_curves(summaries, output_dir / "training_curves.png")
-    curves = _curves(summaries)
     lines = [f"# Training report: {output_dir.name}", ""]
     source = config.model.init_from or f"{config.model.encoder} + {config.model.decoder}"
     lines += [f"- Model: {source} (audio layout {config.model.audio_layout})",
@@ -892,10 +932,10 @@ def _write_outputs(config: TrainConfig, output_dir: Path, summaries: list[dict],
             f"{'n/a' if loss is None else f'{loss:.4f}'} | {s['elapsed_seconds'] / 60:.1f} min |"
         )
     lines.append("")
-    final_metrics = {}
-    for key in ("eval_loss", "eval_wer", "eval_cer"):
-        if curves[key]:
-            final_metrics[key.removeprefix("eval_")] = curves[key][-1][1]
+    final_metrics = {}  # the last value of every eval metric (per task too), without the timings
+    for entry in (entry for summary in summaries for entry in summary["log_history"]):
+        final_metrics.update({key.removeprefix("eval_"): value for key, value in entry.items()
+                              if key.startswith("eval_") and not _TIMING.fullmatch(key) and value is not None})
     if final_metrics:
         lines.append(format_summary_table(final_metrics, "Final evaluation"))
     if image is not None:

@@ -262,3 +262,65 @@ def test_config_overrides_and_validation(tmp_path, capsys):
     assert printed["stages"][0]["training"] == {"max_steps": 10, "learning_rate": 0.01}
     with pytest.raises(SystemExit, match="unknown key 'bogus'"):
         cli.main(["train", "--config", str(path), "--set", "model.bogus=1"])
+
+
+SLU = {"call mom tomorrow morning": '{"intent": "call", "contact": "mom", "date": "tomorrow morning"}',
+       "play some jazz music": '{"intent": "play_music", "genre": "jazz"}',
+       "set an alarm for seven thirty": '{"intent": "set_alarm", "time": "seven thirty"}'}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_task_corpus(corpus):
+    """The corpus's first three clips twice: transcribed, and read as intent + slots in JSON."""
+    rows = [json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines()][:3]
+    tasks = [{**row, "audio": str(corpus / row["audio"]), "task": "transcribe", "id": f"t-{row['id']}"} for row in rows]
+    tasks += [{**row, "audio": str(corpus / row["audio"]), "task": "slu", "text": SLU[row["text"]],
+               "id": f"s-{row['id']}"} for row in rows]  # fmt: skip
+    (corpus / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tasks))
+    (corpus / "tasks-eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tasks[1:5]))
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def two_task_run(base_config, two_task_corpus, tmp_path_factory):
+    """Two steps on transcription + SLU, evaluated once on two rows of each task."""
+    output = tmp_path_factory.mktemp("tasks") / "run"
+    config = base_config(output, data={"train_manifest": str(two_task_corpus / "tasks.jsonl"),
+                                       "eval_manifest": str(two_task_corpus / "tasks-eval.jsonl"),
+                                       "task_prompts": {"transcribe": "transcribe", "slu": "intent as json"}},
+                         training={"max_steps": 2, "eval_steps": 2, "save_steps": 2, "report_to": []},
+                         evaluation={"task_metrics": {"slu": "json"}})  # fmt: skip
+    train(config)
+    return output
+
+
+def _evaluations(output: Path) -> dict:
+    log = json.loads((output / "stages" / "01-lora" / "stage_done.json").read_text())["log_history"]
+    merged = {}
+    for entry in log:
+        merged.update({key: value for key, value in entry.items() if key.startswith("eval_")})
+    return merged
+
+
+def test_several_eval_tasks_give_a_loss_each_and_a_pooled_loss(two_task_run):
+    metrics = _evaluations(two_task_run)
+    assert {"eval_transcribe_loss", "eval_slu_loss", "eval_loss"} <= set(metrics)
+    # tasks-eval.jsonl holds 2 transcription and 2 SLU rows: the pooled loss is their size-weighted mean
+    expected = (2 * metrics["eval_transcribe_loss"] + 2 * metrics["eval_slu_loss"]) / 4
+    assert metrics["eval_loss"] == pytest.approx(expected)
+
+
+def test_several_eval_tasks_are_scored_by_their_kinds(two_task_run):
+    metrics = _evaluations(two_task_run)
+    assert {"eval_transcribe_wer", "eval_transcribe_cer", "eval_slu_valid_json", "eval_slu_intent_accuracy",
+            "eval_slu_slot_f1", "eval_wer"} <= set(metrics)
+    assert metrics["eval_wer"] == metrics["eval_transcribe_wer"]  # the only transcription task
+    final = _summary(two_task_run)["final_metrics"]
+    assert {"loss", "slu_loss", "slu_slot_f1", "wer"} <= set(final) and "runtime" not in final
+
+
+def test_task_metric_kinds_are_validated():
+    with pytest.raises(ValueError, match="unknown task metric kind 'bleu'"):
+        TrainConfig.from_dict({"model": {"encoder": "e", "decoder": "d"}, "data": {"train_manifest": "x"},
+                               "evaluation": {"task_metrics": {"slu": "bleu"}}})
+
