@@ -1,8 +1,10 @@
 """Training data: JSONL manifests and Hugging Face datasets -> records -> `SpeechLMDataset` -> `SpeechLMCollator`.
 
 A manifest is JSON Lines, one utterance a line: `{"audio": path, "text": ..., "prompt"?: ..., "task"?: ...,
-"id"?: ..., "duration"?: seconds}`; relative audio paths resolve against the manifest's folder, so a corpus folder
-can be moved as a whole. Every problem is reported as `file:line: problem`; `on_error="skip"` drops the bad lines and
+"id"?: ..., "duration"?: seconds}`, or a chat `{"messages": [...], "task"?: ..., "id"?: ...}` whose user messages
+carry audio parts (`speechlm.chat`; the loss then covers the assistant messages only, and one manifest may mix both
+kinds of rows); relative audio paths resolve against the manifest's folder, so a corpus folder can be moved as a
+whole. Every problem is reported as `file:line: problem`; `on_error="skip"` drops the bad lines and
 logs how many were skipped and why (never silently), `on_error="raise"` lists them all in one `ManifestError`.
 
 Batches are exactly what `SpeechLMProcessor` produces, so training sees the same features as inference;
@@ -157,6 +159,8 @@ def _normalise(
     """One raw entry -> a record dict, or `_EntryProblem` saying what is wrong."""
     if not isinstance(raw, Mapping):
         raise _EntryProblem(f"expected a JSON object, got {type(raw).__name__}")
+    if raw.get("messages") is not None:
+        return _normalise_chat(raw, location, base_dir, probe_audio, audio_key, text_key)
     if raw.get(audio_key) is None:
         raise _EntryProblem(f"missing '{audio_key}'")
     text = _text_field(raw, text_key, required=True)
@@ -180,6 +184,52 @@ def _normalise(
         "duration": duration,
         "location": location,
         "name": name,
+    }
+
+
+def _normalise_chat(raw: Mapping, location: str, base_dir: Path | None, probe_audio: bool, audio_key: str,
+                    text_key: str) -> dict[str, Any]:
+    """A chat row: messages validated now (roles, parts, files), audio decoded only when the item is loaded."""
+    from .chat import AudioPart, ChatError, flatten, parse_conversation
+
+    for key in (audio_key, text_key, "prompt"):
+        if raw.get(key) is not None:
+            raise _EntryProblem(f"a chat row carries its audio and text in 'messages'; it cannot also have '{key}'")
+    task = _text_field(raw, "task", required=False)
+    try:
+        messages = parse_conversation(raw["messages"], None, max_clips=None, base_dir=base_dir)
+    except ChatError as error:
+        raise _EntryProblem(str(error) if error.location else f"'messages': {error.problem}") from None
+    answers = [message for message in messages if message.role == "assistant"]
+    if not answers:
+        raise _EntryProblem("'messages' has no assistant message: nothing to learn")
+    duration = 0.0
+    for m, message in enumerate(messages):
+        for p, part in enumerate(message.parts):
+            if not isinstance(part, AudioPart):
+                continue
+            where = f"messages[{m}].content[{p}]"
+            if isinstance(part.source, str) and not os.path.isfile(part.source):
+                raise _EntryProblem(f"{where}: audio file not found: {part.source}")
+            if not isinstance(part.source, str | bytes) and not part.sampling_rate:
+                raise _EntryProblem(f"{where}: an audio array needs its 'sampling_rate'")
+            try:
+                seconds = _duration_of(part.source, part.sampling_rate, None, probe_audio, part.name or where)
+            except _EntryProblem as problem:
+                raise _EntryProblem(f"{where}: {problem}") from None
+            duration = None if seconds is None or duration is None else duration + seconds
+    record_id = raw.get("id")
+    return {
+        "audio": None,
+        "messages": messages,
+        "sampling_rate": None,
+        "text": flatten(answers[-1].parts, None),  # the last answer: a reference for evaluation and batching
+        "prompt": None,
+        "task": task,
+        "id": str(record_id) if record_id is not None else location,
+        "duration": duration,
+        "location": location,
+        "name": location,
     }
 
 
@@ -308,6 +358,9 @@ def load_records(source: Any, on_error: str = "raise", **kwargs) -> Manifest:
 
 def load_record_audio(record: Mapping[str, Any], sampling_rate: int) -> np.ndarray:
     """A record's audio as mono float32 at `sampling_rate` (the encoder's rate)."""
+    if record.get("messages") is not None:
+        raise ValueError(f"{record.get('location')}: a chat row (messages) has no single audio clip; load it through "
+                         "SpeechLMDataset, which decodes every clip of the chat")
     audio = record["audio"]
     if isinstance(audio, np.ndarray):
         return validate_audio(audio, record["sampling_rate"], name=record["location"],
@@ -318,7 +371,13 @@ def load_record_audio(record: Mapping[str, Any], sampling_rate: int) -> np.ndarr
 
 
 def resolve_prompt(record: Mapping[str, Any], task_prompts: Mapping[str, str] | None = None) -> str | None:
-    """The record's own prompt, else its task's prompt, else None (the processor's default prompt)."""
+    """The record's own prompt, else its task's prompt, else None (the processor's default prompt).
+
+    A chat row's instruction is in its messages: its `task` only labels it (e.g. for per-task loss), so it needs
+    no prompt.
+    """
+    if record.get("messages") is not None:
+        return None
     if record.get("prompt") is not None:
         return record["prompt"]
     task = record.get("task")
@@ -331,20 +390,36 @@ def resolve_prompt(record: Mapping[str, Any], task_prompts: Mapping[str, str] | 
 
 # ---------------------------------------------------------------------------------------------------------- dataset
 class SpeechLMDataset(torch.utils.data.Dataset):
-    """Records -> `{"audio": float32 array at the encoder's rate, "text", "prompt", "id"}`, decoded on access.
+    """Records -> `{"audio": float32 array at the encoder's rate, "text", "prompt", "task", "id"}`, decoded on access;
+    a chat row -> `{"messages": its chat with every clip decoded, "text", "task", "id"}`.
 
     With an `encoder_cache` that holds a clip, the item carries its `cache_key` instead of audio, so a cached epoch
-    decodes no audio at all.
+    decodes no audio at all. Chat rows cannot use the cache (their clips are not cached one by one yet).
+    `audio_layout="prefix"` checks now that every chat row has exactly the one clip that layout takes.
     """
 
     def __init__(self, records: Manifest | Sequence[dict], sampling_rate: int,
-                 task_prompts: Mapping[str, str] | None = None, encoder_cache: EncoderCache | None = None):
+                 task_prompts: Mapping[str, str] | None = None, encoder_cache: EncoderCache | None = None,
+                 audio_layout: str | None = None):
         self.records = list(records)
         self.sampling_rate = int(sampling_rate)
         self.task_prompts = dict(task_prompts or {})
         self.encoder_cache = encoder_cache
         for record in self.records:  # fail now, not at step 10 000, on a task without a prompt
             resolve_prompt(record, self.task_prompts)
+        chats = [r for r in self.records if r.get("messages") is not None]
+        if chats and encoder_cache is not None:
+            raise ValueError(
+                f"{chats[0]['location']}: the encoder cache does not support chat rows ('messages') yet: train "
+                "without it (data.encoder_cache: null)"
+            )
+        if audio_layout == "prefix":
+            bad = [r["location"] for r in chats if sum(len(m.clips) for m in r["messages"]) != 1]
+            if bad:
+                raise ValueError(
+                    f"{len(bad)} chat row(s) without exactly one audio clip, e.g. {bad[0]}: the prefix audio layout "
+                    "takes one clip per conversation; build the model with audio_layout='placeholder' for several"
+                )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -361,7 +436,11 @@ class SpeechLMDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        item = {"text": record["text"], "prompt": resolve_prompt(record, self.task_prompts), "id": record["id"]}
+        if record.get("messages") is not None:
+            return {"messages": self._decoded_chat(record), "text": record["text"], "task": record.get("task"),
+                    "id": record["id"]}
+        item = {"text": record["text"], "prompt": resolve_prompt(record, self.task_prompts),
+                "task": record.get("task"), "id": record["id"]}
         if self.encoder_cache is not None:
             key = self.encoder_cache.key(record)
             if key in self.encoder_cache:
@@ -371,11 +450,27 @@ class SpeechLMDataset(torch.utils.data.Dataset):
         return item
 
 
+    def _decoded_chat(self, record: Mapping[str, Any]) -> list[dict]:
+        """The record's chat in the message format, every clip decoded to the encoder's rate."""
+        from .chat import AudioPart, load_clip
+
+        messages = []
+        for message in record["messages"]:
+            content = [
+                {"type": "audio", "audio": load_clip(part, self.sampling_rate), "sampling_rate": self.sampling_rate}
+                if isinstance(part, AudioPart) else {"type": "text", "text": part}
+                for part in message.parts
+            ]
+            messages.append({"role": message.role, "content": content})
+        return messages
+
+
 class SpeechLMCollator:
     """Items -> exactly what `SpeechLMModel.forward` takes: the processor's output, or cached encoder frames + text.
 
     The audio path is `processor(audios, text=targets, prompt=prompts)` itself, so training batches cannot drift
-    from what inference feeds the model.
+    from what inference feeds the model; chat items go through the processor's chat template path
+    (`apply_chat_template(..., return_labels=True)`), and a plain item in the same batch is encoded exactly as alone.
     """
 
     def __init__(self, processor, encoder_cache: EncoderCache | None = None):
@@ -383,6 +478,8 @@ class SpeechLMCollator:
         self.encoder_cache = encoder_cache
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if any(f.get("messages") is not None for f in features):
+            return self._with_chats(features)
         texts = [f["text"] for f in features]
         prompts = [f.get("prompt") for f in features]
         cached = ["cache_key" in f and "audio" not in f for f in features]
@@ -398,6 +495,29 @@ class SpeechLMCollator:
         batch = {"encoder_frames": padded, "encoder_frame_lengths": lengths}
         batch.update(self.processor.encode_text([self.processor.build_prompt(p) for p in prompts], texts))
         return batch
+
+    def _with_chats(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        from .chat import ChatError
+
+        processor = self.processor
+        if any("audio" not in f and f.get("messages") is None for f in features):
+            raise ValueError("chat rows cannot be batched with cached encoder frames: train without the encoder cache")
+        clips, rows, label_rows = [], [], []
+        for index, feature in enumerate(features):
+            if feature.get("messages") is None:
+                clips.append(feature["audio"])
+                ids, labels = processor._text_row(processor.build_prompt(feature.get("prompt")), feature["text"])
+            else:
+                try:
+                    parsed = processor._parse_chat(feature["messages"], index, max_clips=None)
+                    chat_clips, (ids,), (labels,) = processor._chat_rows([parsed], add_generation_prompt=False,
+                                                                         return_labels=True)
+                except ChatError as error:
+                    raise ValueError(f"{feature.get('id')}: {error}") from None
+                clips += chat_clips
+            rows.append(ids)
+            label_rows.append(labels)
+        return processor._pack(clips, rows, label_rows)
 
 
 class DurationGroupedSampler(LengthGroupedSampler):

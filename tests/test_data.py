@@ -243,3 +243,109 @@ def test_empty_transcripts_are_refused_and_an_all_empty_manifest_does_not_train(
     manifest.write_text("".join(json.dumps({**row, "text": "  "}) + "\n" for row in rows))
     with pytest.raises(ManifestError, match="empty 'text'"):
         read_manifest(manifest, on_error="skip")
+
+
+# ------------------------------------------------------------------------------------------------------ chat rows
+def _chat_row(*clips: str, question: str = "what did they say", answer: str = "call mom", **extra) -> dict:
+    content = [{"type": "audio", "audio": clip} for clip in clips] + [{"type": "text", "text": question}]
+    return {"messages": [{"role": "system", "content": "answer briefly"}, {"role": "user", "content": content},
+                         {"role": "assistant", "content": answer}], **extra}
+
+
+@pytest.fixture
+def chat_manifest(corpus):
+    """Chat rows (two clips in one, a follow-up turn in another) beside a plain audio + text row."""
+    root, _, _ = corpus
+    follow_up = _chat_row("clips/1.wav", answer="seven thirty", task="qa")
+    follow_up["messages"] += [{"role": "user", "content": "and the day"}, {"role": "assistant", "content": "monday"}]
+    rows = [_chat_row("clips/0.wav", "clips/2.wav", answer="the second one", id="two"), follow_up,
+            {"audio": "clips/2.wav", "text": "play some jazz", "id": "plain"}]
+    path = root / "chat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_chat_manifest_rows_resolve_paths_and_sum_durations(corpus, chat_manifest):
+    root, _, _ = corpus
+    records = read_manifest(chat_manifest)
+    first = records[0]
+    assert first["audio"] is None and first["id"] == "two" and first["text"] == "the second one"
+    assert [part.source for part in first["messages"][1].clips] == [str(root.resolve() / "clips" / f"{i}.wav")
+                                                                      for i in (0, 2)]
+    assert first["duration"] == pytest.approx(0.55 + 0.8, abs=1e-3)
+    assert records[1]["task"] == "qa" and records[1]["text"] == "monday" and records[2]["text"] == "play some jazz"
+
+
+def test_chat_manifest_errors_name_file_line_and_part(corpus):
+    root, _, _ = corpus
+    lines = [
+        _chat_row("clips/0.wav"),
+        _chat_row("clips/missing.wav"),
+        {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "clips/0.wav"}]}]},
+        {"messages": [{"role": "robot", "content": "x"}]},
+        {**_chat_row("clips/0.wav"), "text": "both"},
+        {"messages": []},
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": "a.mp4"}]},
+                      {"role": "assistant", "content": "x"}]},
+    ]
+    path = root / "bad_chat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    expected = {2: "messages[1].content[0]: audio file not found", 3: "no assistant message",
+                4: "messages[0]: unknown role 'robot'", 5: "cannot also have 'text'",
+                6: "'messages': empty conversation", 7: "messages[0].content[0]: unknown content part type 'video'"}
+    with pytest.raises(ManifestError) as info:
+        read_manifest(path)
+    assert [issue.location for issue in info.value.issues] == [f"{path}:{line}" for line in expected]
+    for line, problem in expected.items():
+        assert f"{path}:{line}: " in str(info.value) and problem in str(info.value)
+    assert len(read_manifest(path, on_error="skip")) == 1
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_chat_manifest_trains_one_step_through_the_collator(build, chat_manifest, chat_template):
+    processor, model = build("whisper", "qwen2", layout="placeholder", dtype=torch.float32)
+    processor.use_chat_template = chat_template
+    dataset = SpeechLMDataset(read_manifest(chat_manifest), processor.sampling_rate, audio_layout="placeholder")
+    batch = SpeechLMCollator(processor)([dataset[i] for i in range(len(dataset))])
+    model.train()
+    model.freeze_encoder()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.multi_modal_projector.parameters())
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+def test_collator_encodes_each_row_of_a_mixed_batch_as_alone(build, chat_manifest):
+    processor, _ = build("wav2vec2-layer", "qwen2", layout="placeholder")
+    dataset = SpeechLMDataset(read_manifest(chat_manifest), processor.sampling_rate)
+    items = [dataset[i] for i in range(3)]
+    batch = SpeechLMCollator(processor)(items)
+    alone = [processor.apply_chat_template(items[0]["messages"], return_labels=True),
+             processor.apply_chat_template(items[1]["messages"], return_labels=True),
+             processor(items[2]["audio"], text="play some jazz")]
+    assert batch["attention_mask"].shape[0] == 4  # clips in row-major order: 2 + 1 + 1
+    clips = [0, 2, 3]
+    for row, single in enumerate(alone):
+        width = single["input_ids"].shape[1]
+        for key in ("input_ids", "decoder_attention_mask", "labels"):
+            torch.testing.assert_close(batch[key][row, :width], single[key][0], rtol=0, atol=0)
+            assert not batch["decoder_attention_mask"][row, width:].any()
+        frames = single["attention_mask"].shape[1]
+        torch.testing.assert_close(batch["input_values"][clips[row], :frames], single["input_values"][0])
+
+
+def test_chat_rows_refuse_the_encoder_cache(build, chat_manifest):
+    processor, model = build("whisper", "qwen2")
+    model.freeze_encoder()
+    cache = EncoderCache.for_model(model, processor)
+    with pytest.raises(ValueError, match=r"chat\.jsonl:1: the encoder cache does not support chat rows"):
+        SpeechLMDataset(read_manifest(chat_manifest), processor.sampling_rate, encoder_cache=cache)
+
+
+def test_prefix_layout_dataset_refuses_chat_rows_without_one_clip(chat_manifest):
+    with pytest.raises(ValueError, match=r"1 chat row\(s\) without exactly one audio clip, e\.g\. .*chat\.jsonl:1"):
+        SpeechLMDataset(read_manifest(chat_manifest), 16000, audio_layout="prefix")
