@@ -462,7 +462,7 @@ def _task_options(args: argparse.Namespace, records) -> tuple[dict[str, str], di
     """(task_prompts, task_metrics): the training run's own (`config.yaml` in the model folder, written by `speechlm
     train`), overridden per task by `--task-prompt` / `--task-metric`; every task of `records` must get a prompt."""
     from .data import resolve_prompt
-    from .tasks import parse_task_metrics
+    from .tasks import parse_task_metrics, resolve_kinds
 
     task_prompts, task_metrics = {}, {}
     trained = Path(args.model) / "config.yaml"
@@ -478,6 +478,7 @@ def _task_options(args: argparse.Namespace, records) -> tuple[dict[str, str], di
             raise ValueError(f"--task-prompt expects TASK=PROMPT, got {item!r}")
         task_prompts[task.strip()] = prompt
     task_metrics.update(parse_task_metrics(args.task_metric))
+    resolve_kinds(records, task_metrics)  # a json task with non-JSON references: said before the model loads
     untold = set()
     for record in records:
         try:

@@ -311,7 +311,11 @@ def group_by_task(records: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
 
 def resolve_kinds(records: Sequence[Mapping[str, Any]], task_metrics: Mapping[str, str] | None = None
                   ) -> dict[str, str]:
-    """The metric kind of every task in `records` (`group_by_task`'s names): `task_metrics` first, else inferred."""
+    """The metric kind of every task in `records` (`group_by_task`'s names): `task_metrics` first, else inferred.
+
+    A task named json whose references are not all JSON objects is a ValueError naming the record, raised here
+    (before any decoding) rather than when scoring.
+    """
     task_metrics = dict(task_metrics or {})
     for kind in task_metrics.values():
         _check_kind(kind)
@@ -319,6 +323,10 @@ def resolve_kinds(records: Sequence[Mapping[str, Any]], task_metrics: Mapping[st
     for name, indices in group_by_task(records).items():
         task = records[indices[0]].get("task")
         kinds[name] = task_metrics.get(name) or infer_kind(task, [records[i]["text"] for i in indices])
+        for index in indices if kinds[name] == "json" else ():
+            if parse_json_object(records[index]["text"]) is None:
+                where = records[index].get("location") or f"record {index}"
+                raise ValueError(f"{where}: task {name!r} is scored as json but its reference is not a JSON object")
     return kinds
 
 

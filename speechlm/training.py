@@ -417,6 +417,10 @@ class SpeechLMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.wer_records = list(wer_records or [])
         self.evaluation_config = evaluation or EvaluationConfig()
+        if self.wer_records and self.evaluation_config.wer:  # a wrong task metric fails now, not at the first eval
+            from .tasks import resolve_kinds
+
+            resolve_kinds(self.wer_records, self.evaluation_config.task_metrics)
         self.task_prompts = task_prompts
         # CTC alignment (speechlm.alignment): `ctc_only` skips the LLM pass (pre-alignment), else weight x CTC is added.
         if ctc_head is not None and self.args.world_size > 1:

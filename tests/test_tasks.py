@@ -238,3 +238,9 @@ def test_module_does_not_import_torch():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_json_kind_for_non_json_references_fails_before_scoring():
+    records = [{"task": "qa", "text": "seven", "location": "eval.jsonl:3"}]
+    with pytest.raises(ValueError, match="eval.jsonl:3: task 'qa' is scored as json"):
+        resolve_kinds(records, {"qa": "json"})
