@@ -4,6 +4,11 @@ One worker thread owns the model (generation is not thread-safe, and one big bat
 device). It takes the oldest waiting clip, waits until `max_wait_ms` after that clip arrived for more clips with the
 same generation options, and hands up to `max_batch_size` of them to `transcribe_arrays`. Since batched output equals
 one-by-one output, batching changes latency and throughput, never a transcript.
+
+Chat requests (`chat`) share the worker and its queue: a batch holds requests of one kind with equal generation
+options, so a chat conversation and a transcription wait in the same line and neither kind can starve the other.
+A request with a `seed` is decoded alone, so its sampled text depends on its seed only.
+A request with a `sink` gets its text as it is decoded (`streaming.TextDeltas`), token by token.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..inference import transcribe_arrays
+from ..inference import default_generation_kwargs, transcribe_arrays
+from .streaming import BatchStreamer, TextDeltas, cut_at_stop, eos_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +34,21 @@ _STOP = object()
 
 
 @dataclass
+class ChatResult:
+    """One chat completion: its text (cut before a stop string), generated tokens and why generation ended."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_tokens reached)
+
+
+@dataclass
 class _Job:
-    audio: np.ndarray
+    audio: np.ndarray | None
     prompt: str | None
-    options: tuple  # generation kwargs as sorted items: clips are only batched with identical options
+    options: tuple  # (kind, generation kwargs as sorted items): only identical options share a batch
+    conversation: list | None = None  # a chat request: messages whose audio parts are decoded arrays
+    sink: Callable[[str], None] | None = None  # receives text deltas as they are decoded
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
     abandoned: threading.Event = field(default_factory=threading.Event)  # nobody waits for the text any more
@@ -86,20 +104,35 @@ class DynamicBatcher:
         Cancelling the future drops the clip if it is still waiting, and stops its batch's generation once every
         clip of that batch is cancelled.
         """
-        return self._submit(audio, prompt, generate_kwargs).future
+        return self._submit(_Job(audio, prompt, self._options("transcribe", generate_kwargs))).future
 
-    def _submit(self, audio: np.ndarray, prompt: str | None, generate_kwargs: dict) -> _Job:
+    @staticmethod
+    def _options(kind: str, generate_kwargs: dict) -> tuple:
+        items = tuple(sorted((k, v) for k, v in generate_kwargs.items() if v is not None))
+        return (("kind", kind), *items)
+
+    def _submit(self, job: _Job) -> _Job:
         if self._closed:
             raise RuntimeError("the batcher is closed")
         self._ensure_worker()
-        options = tuple(sorted((k, v) for k, v in generate_kwargs.items() if v is not None))
-        job = _Job(audio, prompt, options)
         self._queue.put(job)
         return job
 
-    async def transcribe(self, audio: np.ndarray, prompt: str | None = None, **generate_kwargs) -> str:
+    async def transcribe(self, audio: np.ndarray, prompt: str | None = None,
+                         sink: Callable[[str], None] | None = None, **generate_kwargs) -> str:  # fmt: skip
         """`submit` for an event loop; cancelling the await (a timeout, a client gone) abandons the clip."""
-        job = self._submit(audio, prompt, generate_kwargs)
+        job = _Job(audio, prompt, self._options("transcribe", generate_kwargs), sink=sink)
+        return await self._wait(self._submit(job))
+
+    async def chat(self, conversation: list, sink: Callable[[str], None] | None = None,
+                   **generate_kwargs) -> ChatResult:  # fmt: skip
+        """Queue one conversation (`processor.apply_chat_template`'s input, audio decoded); `stop` is a tuple of
+        stop strings. Cancelling the await abandons it, as for `transcribe`."""
+        job = _Job(None, None, self._options("chat", generate_kwargs), conversation=conversation, sink=sink)
+        return await self._wait(self._submit(job))
+
+    @staticmethod
+    async def _wait(job: _Job):
         try:
             return await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
@@ -148,6 +181,8 @@ class DynamicBatcher:
         if first is _STOP:
             return [], True
         batch = [first]
+        if "seed" in dict(first.options):  # a seeded request samples alone: its draws must not depend on others
+            return batch, False
         for job in list(self._held):
             if len(batch) < self.max_batch_size and job.options == first.options:
                 self._held.remove(job)
@@ -176,7 +211,7 @@ class DynamicBatcher:
         self.clips += len(jobs)
         self.largest_batch = max(self.largest_batch, len(jobs))
         try:
-            texts = self._transcribe(jobs)
+            texts = self._generate(jobs)
         except Exception as error:  # noqa: BLE001 - isolate the clip that failed from the others
             if len(jobs) == 1:
                 jobs[0].future.set_exception(error)
@@ -186,20 +221,76 @@ class DynamicBatcher:
                 if job.gone():  # nobody waits for it: do not decode it alone either
                     continue
                 try:
-                    job.future.set_result(self._transcribe([job])[0])
+                    job.future.set_result(self._generate([job])[0])
                 except Exception as single_error:  # noqa: BLE001
                     job.future.set_exception(single_error)
             return
         for job, text in zip(jobs, texts):
             job.future.set_result(text)
 
-    def _transcribe(self, jobs: list[_Job]) -> list[str]:
+    def _generate(self, jobs: list[_Job]) -> list:
         from transformers import StoppingCriteriaList
 
         options = dict(jobs[0].options)
+        kind = options.pop("kind")
+        options.pop("seed", None)
+        if "seed" in dict(jobs[0].options):
+            import torch
+
+            torch.manual_seed(dict(jobs[0].options)["seed"])
         options["stopping_criteria"] = StoppingCriteriaList([_StopWhenAbandoned(jobs)])
-        prompts = [job.prompt for job in jobs]
-        return transcribe_arrays(self.model, self.processor, [job.audio for job in jobs], prompts, len(jobs), **options)
+        if kind == "chat":
+            return self._chat(jobs, options)
+        # transcribe_arrays sorts clips by length (stably): pre-sorted, row i of its one batch is jobs[i].
+        order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].audio))
+        ordered = [jobs[i] for i in order]
+        deltas = self._streamer(ordered, options)
+        texts = transcribe_arrays(self.model, self.processor, [job.audio for job in ordered],
+                                  [job.prompt for job in ordered], len(jobs), **options)  # fmt: skip
+        self._finish(deltas, texts)
+        results = [""] * len(jobs)
+        for position, index in enumerate(order):
+            results[index] = texts[position]
+        return results
+
+    def _streamer(self, jobs: list[_Job], options: dict, stops: tuple = ()) -> list[TextDeltas | None]:
+        """Per-row text deltas, and a `BatchStreamer` in `options` when a job streams (beam search cannot)."""
+        tokenizer = self.processor.tokenizer
+        deltas = [TextDeltas(tokenizer, job.sink, stops) if job.sink else None for job in jobs]
+        if any(deltas) and (options.get("num_beams") or 1) == 1:
+            options["streamer"] = BatchStreamer(deltas, eos_token_ids(self.model, tokenizer))
+        return deltas
+
+    @staticmethod
+    def _finish(deltas: list[TextDeltas | None], texts: list[str]) -> None:
+        for row, text in zip(deltas, texts):
+            if row is not None:
+                row.finish(text)
+
+    def _chat(self, jobs: list[_Job], options: dict) -> list[ChatResult]:
+        import torch
+
+        processor, model = self.processor, self.model
+        stops = tuple(options.pop("stop", ()) or ())
+        kwargs = default_generation_kwargs(model, **options)
+        if stops:
+            kwargs.update(stop_strings=list(stops), tokenizer=processor.tokenizer)
+        deltas = self._streamer(jobs, kwargs, stops)
+        inputs = processor.apply_chat_template([job.conversation for job in jobs], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)  # fmt: skip
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        tokens = model.generate(**inputs, **kwargs)
+        eos = set(eos_token_ids(model, processor.tokenizer))
+        results = []
+        for row, text in zip(tokens.tolist(), processor.batch_decode(tokens)):
+            ended = next((i for i, token in enumerate(row) if token in eos), None)
+            text, stopped = cut_at_stop(text, stops)
+            count = len(row) if ended is None else ended + 1
+            reason = "stop" if ended is not None or stopped or count < kwargs["max_new_tokens"] else "length"
+            results.append(ChatResult(text, count, reason))
+        self._finish(deltas, [result.text for result in results])
+        return results
 
 
-__all__ = ["DynamicBatcher"]
+__all__ = ["ChatResult", "DynamicBatcher"]

@@ -82,10 +82,11 @@ def wav_bytes(audio: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def expected_texts(tiny, wavs: list[bytes]) -> list[str]:
+def expected_texts(tiny, wavs: list[bytes], prompt: str | None = None) -> list[str]:
     """What the model says for each upload decoded alone, the reference for every server answer."""
     processor, model = tiny
-    return [transcribe_arrays(model, processor, [load_audio(data, SR)], max_new_tokens=TOKENS)[0] for data in wavs]
+    return [transcribe_arrays(model, processor, [load_audio(data, SR)], prompt, max_new_tokens=TOKENS)[0]
+            for data in wavs]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ happy paths
@@ -114,9 +115,13 @@ def test_every_response_format(tiny, client):
     assert create("text") == text + "\n"
     assert create("srt") == f"1\n00:00:00,000 --> 00:00:00,800\n{text}\n\n"
     assert create("vtt") == f"WEBVTT\n\n00:00:00.000 --> 00:00:00.800\n{text}\n\n"
-    verbose = create("verbose_json", language="en", temperature=0.0)
-    assert verbose.text == text and verbose.language == "en" and verbose.duration == pytest.approx(0.8)
+    verbose = create("verbose_json", temperature=0.0, timestamp_granularities=["segment"])
+    assert verbose.text == text and verbose.language == "unknown" and verbose.duration == pytest.approx(0.8)
     assert [(s.start, s.end, s.text) for s in verbose.segments] == [(0.0, 0.8, text)]
+    # `language` is context the model reads, after its instruction (the test processor's prompt is "transcribe").
+    (told,) = expected_texts(tiny, [data], "transcribe\nLanguage: en")
+    verbose = create("verbose_json", language="en")
+    assert verbose.text == told and verbose.language == "en"
     assert verbose.segments[0].tokens and verbose.segments[0].id == 0
     # Sampling is accepted too (its text is random, so only the shape is checked).
     assert isinstance(create("json", temperature=0.7).text, str)

@@ -1,0 +1,42 @@
+"""The server's settings: what it accepts and how it decodes (every field has a `speechlm serve` flag)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..inference import MIN_AUDIO_SECONDS
+
+
+@dataclass
+class ServerSettings:
+    """What the server accepts and how it decodes; every field has a `speechlm serve` flag."""
+
+    model_name: str = "speechlm"
+    api_key: str | None = None
+    max_upload_bytes: int = 25 * 1024 * 1024  # OpenAI's limit
+    max_audio_seconds: float = 1800.0
+    min_audio_seconds: float = MIN_AUDIO_SECONDS
+    request_timeout: float = 300.0
+    max_batch_size: int = 16
+    batch_wait_ms: float = 10.0
+    max_chunk_seconds: float = 25.0
+    prompt: str | None = None
+    max_new_tokens: int | None = None
+    num_beams: int | None = None
+    # Limits that keep one client from stalling the others (every one has a `speechlm serve` flag).
+    max_prompt_chars: int = 2000
+    max_prompt_tokens: int = 256
+    min_sampling_rate: int = 4000  # declared rates outside this range are refused: 1 Hz makes 1.8 kB "30 minutes"
+    max_sampling_rate: int = 384000
+    max_concurrent_requests: int = 64  # API requests in flight; more get 503 + Retry-After
+    max_connections: int = 512  # open sockets (file descriptors); more are closed at once
+    header_timeout: float = 10.0  # seconds for a connection to finish sending a request's headers
+    body_timeout: float = 30.0  # seconds the upload may stall between two pieces of its body
+    keep_alive_timeout: float = 5.0
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the server's own that may POST
+    # /v1/chat/completions: each clip is at most max_chunk_seconds (one encoder window, not split on silence).
+    max_chat_clips: int = 8
+    max_chat_messages: int = 64
+    max_chat_chars: int = 16000  # text of all messages together
+    max_chat_tokens: int = 4096  # text tokens of the rendered conversation (audio positions not counted)
+    max_completion_tokens: int = 1024  # the most a request's max_tokens may ask for
