@@ -316,6 +316,22 @@ class SpeechLMProcessor:
         return ids, labels
 
     @property
+    def end_of_turn_token_ids(self) -> list[int]:
+        """EOS plus the chat template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`, ...) when it differs: the token
+        chat training teaches after each answer. Pass them as `eos_token_id` to `generate` so that a model trained on
+        chats stops after its answer even when its tokenizer's EOS is another token (a base LLM with a template)."""
+        from .chat import parse_conversation
+
+        ids = [self.tokenizer.eos_token_id]
+        if self.use_chat_template:
+            probe = parse_conversation([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
+            _, labels = self._tokenize_segments(self._segments(probe, 0, False))
+            labelled = [token for token in labels if token != IGNORE_INDEX]
+            if labelled and labelled[-1] in self._turn_end_ids and labelled[-1] not in ids:
+                ids.append(labelled[-1])
+        return ids
+
+    @property
     def _turn_end_ids(self) -> set[int]:
         """Special tokens that can close a turn (EOS, <|im_end|>, <|eot_id|>, ...): never audio or padding."""
         tokenizer = self.tokenizer

@@ -244,3 +244,14 @@ def test_chat_error_survives_pickling():
     """DataLoader workers send exceptions to the main process pickled."""
     error = pickle.loads(pickle.dumps(ChatError("bad audio", 1, 2, 3)))
     assert str(error) == "conversation[1].messages[2].content[3]: bad audio" and error.part == 3
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_end_of_turn_tokens_are_what_chat_training_labels(build, clips, chat_template):
+    """generate must stop on the token that training puts after each answer (the template's, not always EOS)."""
+    processor = _processor(build("wav2vec2-layer", "qwen2", layout="placeholder")[0], chat_template)
+    chat = [_user(clips[0], text="hi"), {"role": "assistant", "content": "play"}]
+    labels = processor.apply_chat_template(chat, return_labels=True)["labels"][0]
+    assert int(labels[labels != IGNORE_INDEX][-1]) in processor.end_of_turn_token_ids
+    tokens = processor.tokenizer.convert_ids_to_tokens(processor.end_of_turn_token_ids)
+    assert tokens == (["</s>", "<|im_end|>"] if chat_template else ["</s>"])
