@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "build_normalizer",
     "evaluate_model",
+    "format_report",
     "format_summary_table",
     "normalize_text",
+    "normalizer_description",
     "per_utterance_rows",
     "transcribe_records",
     "word_error_rate",
@@ -264,6 +267,71 @@ def format_report(metrics: dict[str, Any], title: str, notes: Sequence[str] = ()
     return "\n".join(parts)
 
 
+NORMALIZERS = ("speechlm", "whisper", "none")
+# Where Whisper's American-spelling mapping may already be on disk: openai-whisper and whisper-normalizer bundle it.
+_SPELLING_PACKAGES = (("whisper", "normalizers/english.json"), ("whisper_normalizer", "english.json"))
+_SPELLING_REPO = "openai/whisper-tiny.en"
+
+
+def build_normalizer(name: str = "speechlm", spelling: str | None = None) -> bool | Callable[[str], str]:
+    """The `normalize` argument of the scorers for a normaliser name: "speechlm" (`normalize_text`, True), "none"
+    (False) or "whisper": transformers' Whisper `EnglishTextNormalizer`, the one the Open ASR Leaderboard scores with
+    (numbers as digits, contractions expanded, fillers dropped, British spellings made American), so that WER can be
+    set beside published figures.
+
+    The spelling mapping comes from `spelling` (a `normalizer.json`/`english.json` file, a Whisper checkpoint folder
+    holding `normalizer.json`, a Hub model id, or "none" for no mapping), else from an installed openai-whisper or
+    whisper-normalizer package, else from the Hub's openai/whisper-tiny.en (the Hugging Face cache, so it works
+    offline once fetched); a ValueError says how to provide it when none is reachable.
+    """
+    if name not in NORMALIZERS:
+        raise ValueError(f"unknown normaliser {name!r}; choose one of {', '.join(NORMALIZERS)}")
+    if name != "whisper":
+        return name == "speechlm"
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    mapping, source = _spelling_mapping(spelling)
+    normalizer = EnglishTextNormalizer(mapping)
+
+    def whisper_english(text: str) -> str:
+        return normalizer(text)
+
+    whisper_english.description = (f"Whisper EnglishTextNormalizer (transformers; the Open ASR Leaderboard's), "
+                                   f"{len(mapping)} spellings from {source}")  # fmt: skip
+    return whisper_english
+
+
+def _spelling_mapping(spelling: str | None) -> tuple[dict[str, str], str]:
+    import importlib.util
+
+    if spelling == "none":
+        return {}, "nowhere (no spelling mapping)"
+    candidates = []
+    if spelling is not None and Path(spelling).exists():
+        path = Path(spelling)
+        candidates.append(path / "normalizer.json" if path.is_dir() else path)
+    elif spelling is None:
+        for package, relative in _SPELLING_PACKAGES:
+            spec = importlib.util.find_spec(package)
+            for root in (spec.submodule_search_locations or []) if spec else []:
+                candidates.append(Path(root) / relative)
+    for path in candidates:
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8")), str(path)
+    repo = spelling or _SPELLING_REPO
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo, "normalizer.json")
+    except Exception as error:  # offline, no such repo, no such file: all mean "not reachable from here"
+        raise ValueError(
+            f"no English spelling mapping for the Whisper normaliser ({type(error).__name__} for {repo}/normalizer.json"
+            f"{'' if spelling else ', and neither openai-whisper nor whisper-normalizer is installed'}): pass a "
+            "normalizer.json file or a Whisper checkpoint folder (--whisper-spelling PATH), or 'none' for no mapping"
+        ) from None
+    return json.loads(Path(path).read_text(encoding="utf-8")), f"{repo}/normalizer.json"
+
+
 def normalizer_description(normalize: bool | Callable[[str], str]) -> str:
     """How texts were normalised before scoring, for reports (a number means little without it)."""
     if callable(normalize):
@@ -411,7 +479,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                         help="bad manifest lines: stop with a list of them, or skip them (counted and reported)")
     parser.add_argument("--output-dir", default=None, help="write predictions.jsonl, metrics.json and summary.md here")
-    parser.add_argument("--no-normalize", action="store_true", help="score raw text (only whitespace collapsed)")
+    parser.add_argument("--no-normalize", action="store_true", help="score raw text (same as --normalizer none)")
+    parser.add_argument("--normalizer", choices=NORMALIZERS, default="speechlm",
+                        help="speechlm (ours, light), whisper (the Open ASR Leaderboard's) or none (default: speechlm)")
+    parser.add_argument("--whisper-spelling", default=None, metavar="PATH|MODEL|none",
+                        help="the Whisper normaliser's spelling mapping: a normalizer.json, a Whisper checkpoint "
+                             "folder or Hub id, or none (default: openai-whisper if installed, else the HF cache)")
     parser.add_argument("--task-metric", action="append", default=[], metavar="TASK=KIND",
                         help="score TASK as transcription, json or answer (default: inferred; see speechlm.tasks)")
     parser.add_argument("--task-prompt", action="append", default=[], metavar="TASK=PROMPT",
@@ -432,6 +505,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:  # read (and check) the manifest and the task options before spending time on loading the model
         manifest = read_manifest(args.manifest, on_error=args.on_error)
         task_prompts, task_metrics = _task_options(args, manifest)
+        normalize = build_normalizer("none" if args.no_normalize else args.normalizer, args.whisper_spelling)
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -443,11 +517,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 2
     metrics = evaluate_model(
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
-        limit=args.limit, normalize=not args.no_normalize, progress=not args.quiet, task_metrics=task_metrics,
+        limit=args.limit, normalize=normalize, progress=not args.quiet, task_metrics=task_metrics,
         task_prompts=task_prompts or None, model_name=args.model, max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
     )  # fmt: skip
-    print(format_report(metrics, f"{args.model} on {args.manifest}"))
+    notes = [f"Normaliser: {normalizer_description(normalize)}"]
+    print(format_report(metrics, f"{args.model} on {args.manifest}", notes))
     if "wer" in metrics:
         print(f"WER: {_format_value('wer', metrics['wer'])}  CER: {_format_value('cer', metrics['cer'])}")
     for task, values in (metrics.get("tasks") or {}).items():

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from speechlm.evaluation import format_summary_table, normalize_text, per_utterance_rows, word_error_rate, write_jsonl
+from speechlm.evaluation import (
+    build_normalizer,
+    format_summary_table,
+    normalize_text,
+    normalizer_description,
+    per_utterance_rows,
+    word_error_rate,
+    write_jsonl,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -153,3 +164,37 @@ def test_modules_do_not_import_torch():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture
+def spelling(tmp_path):
+    path = tmp_path / "normalizer.json"
+    path.write_text(json.dumps({"colour": "color"}))
+    return path
+
+
+def test_whisper_normalizer_is_transformers_english_normalizer(spelling):
+    normalize = build_normalizer("whisper", str(spelling))
+    assert normalize("The colour, Mr. Smith, twenty five!") == "the color mister smith 25"
+    assert word_error_rate(["it costs twenty five dollars"], ["It costs $25."], normalize=normalize)["wer"] == 0.0
+
+
+def test_whisper_normalizer_reads_a_checkpoint_folder_and_says_where_from(spelling):
+    description = normalizer_description(build_normalizer("whisper", str(spelling.parent)))
+    assert description.startswith("Whisper EnglishTextNormalizer") and f"1 spellings from {spelling}" in description
+
+
+def test_named_normalizers():
+    assert build_normalizer("speechlm") is True and build_normalizer("none") is False
+    assert normalizer_description(True) == "speechlm normalize_text"
+    with pytest.raises(ValueError, match="unknown normaliser 'nemo'"):
+        build_normalizer("nemo")
+
+
+def test_whisper_normalizer_without_any_mapping_says_how_to_give_one(tmp_path):
+    # Offline with an empty Hugging Face cache and no openai-whisper installed: a clear error, not a silent fallback.
+    code = ("from speechlm.evaluation import build_normalizer\n"
+            "try:\n    build_normalizer('whisper')\nexcept ValueError as error:\n    print(error)\n")  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "--whisper-spelling PATH" in result.stdout, result.stdout + result.stderr

@@ -125,3 +125,17 @@ def test_speechlm_evaluate_prints_each_task(build, two_task_manifest, tmp_path, 
     assert cli.main([*argv, "--task-prompt", "transcribe=transcribe", "--task-metric", "slu=answer"]) == 0
     out = capsys.readouterr().out
     assert "WER: " in out and "slu (answer): Exact match: " in out and "### Task transcribe (transcription)" in out
+
+
+def test_speechlm_evaluate_names_the_whisper_normaliser(build, manifest, tmp_path, capsys):
+    processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "spelling.json").write_text(json.dumps({"mum": "mom"}))
+    argv = ["evaluate", str(manifest), "--model", str(tmp_path / "model"), "--max-new-tokens", "3", "--quiet",
+            "--normalizer", "whisper", "--whisper-spelling", str(tmp_path / "spelling.json"),
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "- Normaliser: Whisper EnglishTextNormalizer" in capsys.readouterr().out
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert f"- Model: {tmp_path / 'model'}" in summary and "Normaliser: Whisper EnglishTextNormalizer" in summary
