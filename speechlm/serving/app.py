@@ -263,7 +263,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             raise APIError(400, "chunking_strategy must be 'auto' (uploads longer than the encoder's window are cut "
                            "on silence by a VAD)", code="unsupported_parameter", param="chunking_strategy")  # fmt: skip
         for key in form.keys():
-            if key.split("[")[0] not in TRANSCRIPTION_FIELDS:
+            if key not in TRANSCRIPTION_FIELDS and key != "timestamp_granularities[]":
                 raise APIError(400, f"parameter '{key[:60]}' is not supported by this server",
                                code="unsupported_parameter", param=key[:60])  # fmt: skip
 
