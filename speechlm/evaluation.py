@@ -360,7 +360,8 @@ def transcribe_records(
     """Hypotheses for manifest records (see `speechlm.data`), in record order, through `transcribe_arrays`.
 
     A record's own `prompt` wins, then its `task`'s prompt from `task_prompts`, then `prompt`, then the processor's
-    default.
+    default. A chat record (`messages`) is answered from its conversation up to its last assistant message (that
+    message is its reference) through the processor's chat path, stopping at the end-of-turn token.
     """
     from tqdm.auto import tqdm
 
@@ -372,15 +373,50 @@ def transcribe_records(
     with tqdm(total=len(records), desc="evaluating", unit="utt", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(records), group):
             chunk = records[start : start + group]
-            audios = [load_record_audio(record, processor.sampling_rate) for record in chunk]
+            plain = [i for i, record in enumerate(chunk) if record.get("messages") is None]
+            chats = [i for i, record in enumerate(chunk) if record.get("messages") is not None]
+            audios = [load_record_audio(chunk[i], processor.sampling_rate) for i in plain]
             prompts = []
-            for record in chunk:
-                own = resolve_prompt(record, task_prompts)
+            for i in plain:
+                own = resolve_prompt(chunk[i], task_prompts)
                 prompts.append(own if own is not None else prompt if prompt is not None else processor.prompt)
-            hypotheses += transcribe_arrays(model, processor, audios, prompt=prompts, batch_size=batch_size,
-                                            **generate_kwargs)
+            texts = dict(zip(plain, transcribe_arrays(model, processor, audios, prompt=prompts,
+                                                      batch_size=batch_size, **generate_kwargs)))
+            if chats:
+                conversations = [_chat_history(chunk[i], processor.sampling_rate) for i in chats]
+                texts.update(zip(chats, _answer_chats(model, processor, conversations, batch_size, **generate_kwargs)))
+            hypotheses += [texts[i] for i in range(len(chunk))]
             bar.update(len(chunk))
     return hypotheses
+
+
+def _chat_history(record: dict[str, Any], sampling_rate: int) -> list[dict[str, Any]]:
+    """A chat record's messages before its last assistant message (its reference), every clip decoded."""
+    from .chat import AudioPart, load_clip
+
+    messages = list(record["messages"])
+    last = max(i for i, message in enumerate(messages) if message.role == "assistant")
+    return [{"role": message.role,
+             "content": [{"type": "audio", "audio": load_clip(part, sampling_rate), "sampling_rate": sampling_rate}
+                         if isinstance(part, AudioPart) else {"type": "text", "text": part} for part in message.parts]}
+            for message in messages[:last]]  # fmt: skip
+
+
+def _answer_chats(model, processor, conversations: list, batch_size: int, **generate_kwargs) -> list[str]:
+    import torch
+
+    from .inference import default_generation_kwargs
+
+    kwargs = default_generation_kwargs(model, **generate_kwargs)
+    kwargs.setdefault("eos_token_id", processor.end_of_turn_token_ids)  # a chat-trained model ends its turn there
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    with torch.no_grad():
+        for start in range(0, len(conversations), max(1, batch_size)):
+            inputs = processor.apply_chat_template(conversations[start : start + batch_size])
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            answers += processor.batch_decode(model.generate(**inputs, **kwargs))
+    return answers
 
 
 def evaluate_model(
@@ -557,7 +593,8 @@ def _task_options(args: argparse.Namespace, records) -> tuple[dict[str, str], di
     untold = set()
     for record in records:
         try:
-            if resolve_prompt(record, task_prompts) is None and record.get("task") is not None:
+            own = resolve_prompt(record, task_prompts)
+            if own is None and record.get("task") is not None and record.get("messages") is None:
                 untold.add(record["task"])
         except KeyError as error:
             raise ValueError(f"{error.args[0]}: give it with --task-prompt TASK=PROMPT") from None

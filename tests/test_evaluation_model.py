@@ -139,3 +139,24 @@ def test_speechlm_evaluate_names_the_whisper_normaliser(build, manifest, tmp_pat
     assert "- Normaliser: Whisper EnglishTextNormalizer" in capsys.readouterr().out
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert f"- Model: {tmp_path / 'model'}" in summary and "Normaliser: Whisper EnglishTextNormalizer" in summary
+
+
+def test_chat_rows_are_answered_from_their_conversation(build, tmp_path):
+    processor, model = build("whisper", "qwen2", dtype=torch.float32)
+    clip = make_clips()[0]
+    sf.write(tmp_path / "0.wav", clip, 16000)
+    chat = {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "0.wav"},
+                                                      {"type": "text", "text": "who is called?"}]},
+                         {"role": "assistant", "content": "mom"}], "task": "qa", "id": "c0"}  # fmt: skip
+    plain = {"audio": "0.wav", "text": "call mom", "task": "transcribe", "id": "p0"}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(plain) + "\n" + json.dumps(chat) + "\n")
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio": clip, "sampling_rate": 16000},
+                                                 {"type": "text", "text": "who is called?"}]}]  # fmt: skip
+    inputs = processor.apply_chat_template([conversation])
+    expected = processor.batch_decode(model.generate(**inputs, eos_token_id=processor.end_of_turn_token_ids,
+                                                     do_sample=False, **GENERATE))  # fmt: skip
+    metrics = evaluate_model(model, processor, tmp_path / "chat.jsonl", task_prompts={"transcribe": "transcribe"},
+                             output_dir=tmp_path / "out", **GENERATE)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert rows[1]["hyp"] == expected[0] and rows[1]["ref"] == "mom" and rows[1]["kind"] == "answer"
+    assert metrics["tasks"]["qa"]["n_utterances"] == 1 and metrics["tasks"]["transcribe"]["n_utterances"] == 1
