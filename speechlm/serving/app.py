@@ -33,6 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..factory import AUDIO_TOKEN
 from ..inference import (
     Segment,
     array_blocks,
@@ -224,6 +225,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     def check_text_limits(fields: dict[str, str | None]) -> None:
         """Characters per field, before any work (a 60k-character prompt stalled everyone once)."""
         for param, value in fields.items():
+            if value is not None and AUDIO_TOKEN in value:
+                raise APIError(400, f"{param} contains the audio placeholder {AUDIO_TOKEN}", param=param)
             if value is not None and len(value) > settings.max_prompt_chars:
                 raise APIError(400, f"{param} has {len(value)} characters, more than the limit of "
                                f"{settings.max_prompt_chars}", code="prompt_too_long", param=param)  # fmt: skip

@@ -146,6 +146,7 @@ def test_parameters_that_cannot_be_honoured_are_400(client, server):
     assert refused(extra_body={"known_speaker_names": ["a"]}).code == "unsupported_parameter"
     assert refused(language="english please").param == "language"
     assert refused(temperature=3).param == "temperature"
+    assert refused(prompt="see <|audio|>").param == "prompt"
     # What is supported works: segment timestamps and the automatic chunking this server always does.
     verbose = client.audio.transcriptions.create(
         model="m", file=("a.wav", data), response_format="verbose_json", timestamp_granularities=["segment"],
@@ -185,4 +186,3 @@ def test_prompt_and_instructions_limits(tiny):
             response = httpx.post(url + ENDPOINT, files={"file": ("a.wav", wav_bytes(make_clips()[0]))},
                                   data={field: "x " * 45}, timeout=30)  # fmt: skip
             assert response.status_code == 400 and "tokens, more than the limit of 40" in response.text
-

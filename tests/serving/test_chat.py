@@ -1,0 +1,281 @@
+"""`POST /v1/chat/completions` with audio (issue 13), live on loopback, driven by the official `openai` client.
+
+Every answer is compared with the model run alone on the same conversation (`processor.apply_chat_template` +
+`generate`), so batching, streaming and the HTTP layer are shown to change nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from speechlm import SpeechLMProcessor
+from speechlm.audio import load_audio
+from speechlm.serving import create_app
+from tests.conftest import make_clips
+from tests.serving.test_hardening import _SlowSteps
+from tests.serving.test_server import live_server, settings, wav_bytes
+
+TOKENS = 10
+ENDPOINT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def chat_model(build):
+    """Placeholder layout (several clips anywhere in a chat) and the tokenizer's ChatML template."""
+    processor, model = build("whisper", "qwen2", layout="placeholder")
+    processor = SpeechLMProcessor(processor.feature_extractor, processor.tokenizer, audio_layout="placeholder",
+                                  prompt="transcribe", use_chat_template=True)  # fmt: skip
+    return processor, model
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    processor, model = chat_model
+    app = create_app(model, processor, settings(max_new_tokens=TOKENS, max_completion_tokens=600))
+    with live_server(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        yield client
+
+
+def audio_part(data: bytes, fmt: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+
+
+def clip(seconds: float = 0.7, seed: int = 0) -> bytes:
+    return wav_bytes(make_clips((seconds,), seed=seed)[0])
+
+
+def alone(chat_model, messages: list[dict], max_new_tokens: int = TOKENS) -> dict:
+    """The model on this conversation by itself: text, generated tokens and prompt positions (audio included)."""
+    processor, model = chat_model
+    conversation = []
+    for message in messages:
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else []
+        for part in [] if isinstance(content, str) else content:
+            if part["type"] == "text":
+                parts.append(part)
+            else:
+                data = base64.b64decode(part["input_audio"]["data"])
+                parts.append({"type": "audio", "audio": load_audio(data, 16000, name="x.wav")})
+        conversation.append({"role": "system" if message["role"] == "developer" else message["role"], "content": parts})
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    with torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()
+        prompt = int(model.prepare_inputs(**inputs).attention_mask.sum()) if "attention_mask" in inputs else None
+    text = int(inputs["decoder_attention_mask"].sum() - (inputs["input_ids"] == model.config.audio_token_id).sum())
+    eos = processor.tokenizer.eos_token_id
+    count = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+    return {"text": processor.batch_decode([tokens])[0], "completion_tokens": count,
+            "prompt_tokens": prompt or text, "audio_tokens": (prompt or text) - text}  # fmt: skip
+
+
+def ask(question: str, *clips: bytes, system: str | None = "Answer briefly.") -> list[dict]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": [*map(audio_part, clips), {"type": "text", "text": question}]}]
+
+
+# ------------------------------------------------------------------------------------------------ happy paths
+def test_chat_with_audio_equals_the_model_alone(chat_model, client):
+    messages = ask("What did the speaker say?", clip(seed=1))
+    expected = alone(chat_model, messages)
+    assert expected["text"]
+    reply = client.chat.completions.create(model="tiny-speechlm", messages=messages)
+    assert reply.object == "chat.completion" and reply.model == "tiny-speechlm" and reply.id.startswith("chatcmpl-")
+    (choice,) = reply.choices
+    assert choice.message.role == "assistant" and choice.message.content == expected["text"]
+    assert choice.finish_reason == ("stop" if expected["completion_tokens"] < TOKENS else "length")
+    assert reply.usage.prompt_tokens == expected["prompt_tokens"]
+    assert reply.usage.prompt_tokens_details.audio_tokens == expected["audio_tokens"] > 0
+    assert reply.usage.completion_tokens == expected["completion_tokens"]
+    assert reply.usage.total_tokens == expected["prompt_tokens"] + expected["completion_tokens"]
+    # max_completion_tokens and max_tokens both set the budget.
+    short = alone(chat_model, messages, max_new_tokens=3)
+    for key in ("max_tokens", "max_completion_tokens"):
+        reply = client.chat.completions.create(model="m", messages=messages, **{key: 3})
+        assert reply.choices[0].message.content == short["text"] and reply.usage.completion_tokens <= 3
+
+
+def test_streaming_chat_equals_non_streaming(chat_model, client, server):
+    messages = ask("Repeat it.", clip(seed=2))
+    expected = alone(chat_model, messages)
+    chunks = list(client.chat.completions.create(model="m", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(text_chunks) > 1  # token by token
+    assert "".join(c.choices[0].delta.content for c in text_chunks) == expected["text"]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["stop" if expected["completion_tokens"] < TOKENS else "length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected["completion_tokens"]
+    assert chunks[-1].usage.prompt_tokens == expected["prompt_tokens"]
+    # On the wire: server-sent events ending with OpenAI's sentinel.
+    raw = httpx.post(server[0] + ENDPOINT, json={"model": "m", "messages": messages, "stream": True}, timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.endswith("data: [DONE]\n\n") and '"usage"' not in raw.text
+
+
+def test_multi_turn_with_two_clips_and_a_system_message(chat_model, client):
+    messages = [
+        {"role": "developer", "content": "You listen carefully."},
+        {"role": "user", "content": [audio_part(clip(0.6, seed=3)), {"type": "text", "text": "What was said?"}]},
+        {"role": "assistant", "content": "call mom tomorrow morning"},
+        {"role": "user", "content": [{"type": "text", "text": "And here?"}, audio_part(clip(0.9, seed=4))]},
+    ]
+    expected = alone(chat_model, messages)
+    reply = client.chat.completions.create(model="m", messages=messages)
+    assert reply.choices[0].message.content == expected["text"]
+    assert reply.usage.prompt_tokens == expected["prompt_tokens"]
+    # Text only is a conversation too (the placeholder layout takes any number of clips, none included).
+    text_only = [{"role": "user", "content": "turn off the kitchen lights"}]
+    reply = client.chat.completions.create(model="m", messages=text_only)
+    assert reply.choices[0].message.content == alone(chat_model, text_only)["text"]
+
+
+def test_batched_chat_equals_one_by_one(chat_model, server, client):
+    _, app = server
+    conversations = [ask(f"Question {i}?", clip(0.4 + 0.07 * i, seed=20 + i)) for i in range(8)]
+    expected = [alone(chat_model, messages)["text"] for messages in conversations]
+    before = app.state.batcher.stats()
+
+    def send(messages):
+        return client.chat.completions.create(model="m", messages=messages).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, conversations))
+    after = app.state.batcher.stats()
+    assert answers == expected
+    assert after["clips"] - before["clips"] == 8
+    assert after["batches"] - before["batches"] < 8 and after["largest_batch"] > 1  # really decoded together
+
+
+def test_stop_strings_and_seeds(chat_model, client):
+    messages = ask("Say something.", clip(seed=5))
+    text = alone(chat_model, messages, max_new_tokens=40)["text"]
+    stop = text[3:5]
+    cut = text[: text.find(stop)]
+    for stream in (False, True):
+        kwargs = dict(model="m", messages=messages, max_tokens=40, stop=[stop, "zzzz"])
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kwargs))
+            got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        else:
+            reply = client.chat.completions.create(**kwargs)
+            got, reason = reply.choices[0].message.content, [reply.choices[0].finish_reason]
+        assert got == cut.strip() and reason == ["stop"]
+    sampled = [client.chat.completions.create(model="m", messages=messages, temperature=1.0, top_p=0.9, seed=7,
+                                              max_tokens=12).choices[0].message.content for _ in range(2)]  # fmt: skip
+    assert sampled[0] == sampled[1]
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_bad_chat_requests_are_400_naming_the_part(client, server):
+    wav = clip()
+    cases = [
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         "messages[0].content[0]", "images are not supported"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                    {"type": "input_audio", "input_audio": {"data": "@@@"}}]}]},
+         "messages[0].content[1]", "not valid base64"),
+        ({"messages": ask("?", b"I am not audio")}, "messages[1].content[0]", "not a readable audio file"),
+        ({"messages": ask("?", wav_bytes(make_clips((0.01,))[0]))}, "messages[1].content[0]", "shorter than"),
+        ({"messages": ask("?", clip(5.0))}, "messages[1].content[0]", "longer than"),
+        ({"messages": ask("?", *[wav] * 9)}, "messages", "9 audio clips, more than the limit of 8"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "role 'tool' is not supported"),
+        ({"messages": [{"role": "assistant", "content": [audio_part(wav)]}]}, "messages[0].content[0]",
+         "audio is only allowed in user messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "https://x/a.wav"}}]}]},
+         "messages[0].content[0]", "not fetched"),
+        ({"messages": []}, "messages", "non-empty list"),
+        ({"messages": ask("?", wav), "n": 2}, "n", "n must be 1"),
+        ({"messages": ask("?", wav), "logprobs": True}, "logprobs", "not supported"),
+        ({"messages": ask("?", wav), "tools": [{"type": "function"}]}, "tools", "not supported"),
+        ({"messages": ask("?", wav), "frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
+        ({"messages": ask("?", wav), "max_tokens": 0}, "max_tokens", "between 1 and 600"),
+        ({"messages": ask("?", wav), "temperature": 2.5}, "temperature", "between 0 and 2"),
+        ({"messages": ask("?", wav), "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
+        ({"messages": ask("?", wav), "stream_options": {"include_usage": True}}, "stream_options", "stream=true"),
+        ({"messages": ask("?", wav), "max_tokens": 600}, "messages", "512 positions"),
+        ({"messages": ask("x" * 20000, wav)}, "messages", "characters of text, more than the limit"),
+    ]  # fmt: skip
+    for body, param, message in cases:
+        response = httpx.post(server[0] + ENDPOINT, json={"model": "m"} | body, timeout=60)
+        assert response.status_code == 400, (param, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param and message in error["message"], (param, error)
+        assert error["type"] == "invalid_request_error"
+    response = httpx.post(server[0] + ENDPOINT, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="not a readable audio file"):
+        client.chat.completions.create(model="m", messages=ask("?", b"RIFF...."))
+    with pytest.raises(openai.BadRequestError, match="images are not supported"):  # streaming: still a plain 400
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+        list(client.chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": [image]}]))
+    assert client.chat.completions.create(model="m", messages=ask("?", wav)).choices[0].message.content is not None
+
+
+def test_chat_token_limit_and_guard_limits(chat_model):
+    processor, model = chat_model
+    app = create_app(model, processor, settings(max_chat_tokens=30, api_key="k", max_upload_bytes=200_000))
+    with live_server(app) as url:
+        body = {"model": "m", "messages": ask("one two three " * 10, clip())}
+        assert httpx.post(url + ENDPOINT, json=body, timeout=30).status_code == 401
+        response = httpx.post(url + ENDPOINT, json=body, headers={"Authorization": "Bearer k"}, timeout=30)
+        assert response.status_code == 400 and "more than the limit of 30" in response.json()["error"]["message"]
+        big = {"model": "m", "messages": ask("?", clip(4.0))}  # 4 s of float32 WAV = 256 kB, base64 = 341 kB
+        response = httpx.post(url + ENDPOINT, json=big, headers={"Authorization": "Bearer k"}, timeout=30)
+        assert response.status_code == 413
+        response = httpx.post(url + ENDPOINT, json=body, timeout=30,
+                              headers={"Authorization": "Bearer k", "Origin": "https://evil.example"})  # fmt: skip
+        assert response.status_code == 403
+
+
+@pytest.fixture
+def slow_generate(chat_model, monkeypatch):
+    """Every chat generation takes 400 forced steps of 50 ms unless the server stops it."""
+    _, model = chat_model
+    record = {"ended": threading.Event(), "criteria": []}
+    real = model.generate
+
+    def slow(*args, **kwargs):
+        criterion = _SlowSteps()
+        record["criteria"].append(criterion)
+        kwargs["stopping_criteria"] = list(kwargs.get("stopping_criteria") or []) + [criterion]
+        try:
+            return real(*args, **(kwargs | {"min_new_tokens": 400, "max_new_tokens": 400}))
+        finally:
+            record["ended"].set()
+
+    monkeypatch.setattr(model, "generate", slow)
+    return record
+
+
+def test_chat_timeout_and_disconnect_stop_the_decoding(chat_model, slow_generate):
+    processor, model = chat_model
+    with live_server(create_app(model, processor, settings(request_timeout=0.5))) as url:
+        body = {"model": "m", "messages": ask("?", clip())}
+        response = httpx.post(url + ENDPOINT, json=body, timeout=30)
+        assert response.status_code == 504 and response.json()["error"]["code"] == "request_timeout"
+        assert slow_generate["ended"].wait(10) and slow_generate["criteria"][0].steps < 400
+    slow_generate["ended"].clear()
+    with live_server(create_app(model, processor, settings(request_timeout=60))) as url:
+        with httpx.stream("POST", url + ENDPOINT, json=body | {"stream": True}, timeout=30) as response:
+            assert response.status_code == 200
+            assert next(response.iter_lines()).startswith('data: {"id": "chatcmpl-')
+        assert slow_generate["ended"].wait(10), "decoding went on after the client went away"
+        assert slow_generate["criteria"][1].steps < 400
+        assert httpx.get(url + "/health", timeout=10).json()["batching"]["pending"] == 0
