@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import io
 import shutil
@@ -253,6 +254,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_web_page_upload_and_record(tiny, server, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    from tests.serving.test_chat import alone
+
     url, _ = server
     audio = make_clips((0.7,), seed=5)[0]
     path = tmp_path / "page.wav"
@@ -276,6 +279,20 @@ def test_web_page_upload_and_record(tiny, server, tmp_path):
             page.click("#again")
             page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=30000)
             assert page.inner_text("#transcript") == f"[0.00 → 0.70] {text}"
+
+            # Ask about the same clip: /v1/chat/completions, streamed; a hostile question stays text.
+            question = '<img src=x onerror="window.pwned=1"> what was said?'
+            messages = [{"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode()}},
+                {"type": "text", "text": question}]}]  # fmt: skip
+            answer = alone(tiny, messages, max_new_tokens=TOKENS)["text"]
+            page.fill("#question", question)
+            page.click("#ask")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('Answered')",
+                                   timeout=30000)  # fmt: skip
+            assert page.text_content("#answer") == answer and answer
+            assert page.text_content("#asked") == f"Q: {question}"
+            assert page.query_selector("img") is None and page.evaluate("window.pwned") is None
 
             # Record a second from Chromium's fake microphone; the webm upload goes through ffmpeg on the server.
             page.click("#record")

@@ -1,10 +1,11 @@
-// SpeechLM web page: send an uploaded or recorded clip to /v1/audio/transcriptions and show the result.
+// SpeechLM web page: send an uploaded or recorded clip to /v1/audio/transcriptions and show the result; questions
+// about the same clip go to /v1/chat/completions (streamed). Everything the server says is shown as text.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const statusLine = $("status");
 const transcript = $("transcript");
-let lastAudio = null; // {blob, name}: "Transcribe again" resends it with the current options
+let lastAudio = null; // {blob, name}: "Transcribe again" and "Ask" resend it
 let recorder = null;
 
 function setStatus(text, kind = "") {
@@ -30,6 +31,7 @@ function showResult(format, body) {
 async function transcribe(blob, name) {
   lastAudio = { blob, name };
   $("again").disabled = false;
+  $("ask").disabled = false;
   const player = $("player");
   player.src = URL.createObjectURL(blob);
   player.hidden = false;
@@ -40,6 +42,7 @@ async function transcribe(blob, name) {
   form.append("model", "speechlm");
   form.append("response_format", format);
   if ($("prompt").value.trim()) form.append("prompt", $("prompt").value.trim());
+  if ($("instructions").value.trim()) form.append("instructions", $("instructions").value.trim());
   const headers = apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {};
 
   setStatus(`Transcribing ${name}`, "busy");
@@ -68,6 +71,84 @@ $("file").addEventListener("change", (event) => {
 
 $("again").addEventListener("click", () => {
   if (lastAudio) transcribe(lastAudio.blob, lastAudio.name);
+});
+
+// ---------------------------------------------------------------------------------------- ask about this audio
+function base64Of(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(blob);
+  });
+}
+
+function audioFormat(name) {
+  const extension = (name.split(".").pop() || "").toLowerCase();
+  return ["wav", "mp3", "ogg", "flac", "webm", "m4a", "opus", "mp4"].includes(extension) ? extension : "wav";
+}
+
+// Reads OpenAI's chat.completion.chunk events and appends each text delta to `out`.
+async function readChatStream(response, out) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = event.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+      if (!data) continue;
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      for (const choice of chunk.choices || []) {
+        if (choice.delta && choice.delta.content) out.textContent += choice.delta.content;
+      }
+    }
+  }
+}
+
+async function ask(question) {
+  if (!lastAudio || !question) return;
+  const { blob, name } = lastAudio;
+  const answer = $("answer");
+  $("asked").textContent = `Q: ${question}`;
+  answer.textContent = "";
+  setStatus(`Asking about ${name}`, "busy");
+  const started = performance.now();
+  try {
+    const audio = { data: await base64Of(blob), format: audioFormat(name) };
+    const body = {
+      model: "speechlm",
+      stream: true,
+      messages: [
+        { role: "user", content: [{ type: "input_audio", input_audio: audio }, { type: "text", text: question }] },
+      ],
+    };
+    const headers = { "Content-Type": "application/json" };
+    if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
+    const response = await fetch("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), headers });
+    if (!response.ok) {
+      const isJson = (response.headers.get("content-type") || "").includes("application/json");
+      const error = isJson ? await response.json() : null;
+      setStatus(`Error: ${error && error.error ? error.error.message : `HTTP ${response.status}`}`, "error");
+      return;
+    }
+    await readChatStream(response, answer);
+    setStatus(`Answered about ${name} in ${((performance.now() - started) / 1000).toFixed(1)} s.`);
+  } catch (error) {
+    setStatus(`Error: ${error.message}`, "error");
+  }
+}
+
+$("ask-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  ask($("question").value.trim());
 });
 
 function recordingType() {
