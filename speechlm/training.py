@@ -417,6 +417,7 @@ class SpeechLMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.wer_records = list(wer_records or [])
         self.evaluation_config = evaluation or EvaluationConfig()
+        self._in_task_loop = False
         if self.wer_records and self.evaluation_config.wer:  # a wrong task metric fails now, not at the first eval
             from .tasks import resolve_kinds
 
@@ -463,17 +464,23 @@ class SpeechLMTrainer(Trainer):
         return None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        if isinstance(eval_dataset, str):  # one task of a per-task eval set (Trainer's dict loop calls back here)
+        if self._in_task_loop:  # one task of a per-task eval set: Trainer's dict loop calls back here
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) if self.eval_dataset else {}
         target = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(target, dict):
             from .tasks import pooled_loss
 
+            self._in_task_loop = True
+            try:
+                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            finally:
+                self._in_task_loop = False
             loss = pooled_loss(metrics, {name: len(part) for name, part in target.items()}, metric_key_prefix)
             if loss is not None:
                 self.log(loss)
                 metrics.update(loss)
+        else:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) if self.eval_dataset else {}
         if self.wer_records and self.evaluation_config.wer:
             wer = self.word_error_rates(metric_key_prefix)
             if wer:
