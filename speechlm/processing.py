@@ -1,4 +1,5 @@
-"""SpeechLMProcessor: audio -> encoder inputs, prompt/target text -> token ids and labels, ids -> text.
+"""SpeechLMProcessor: audio -> encoder inputs, prompt/target text -> token ids and labels, ids -> text; chats with
+audio parts -> the same inputs (`apply_chat_template`).
 
 Audio features are extracted clip by clip on the real length, then padded. Extracting on a padded batch would
 change the last frames of every shorter clip (STFT windows and normalisation statistics that see the padding), so
@@ -152,28 +153,32 @@ class SpeechLMProcessor:
         return_labels: bool = False,
         max_clips: int | None = DEFAULT_MAX_CLIPS,
     ):
-        """Chat messages with audio parts (one conversation or a list of them) -> model inputs.
+        """Chat messages with audio parts -> model inputs, so that instructions, questions and multi-turn chats about
+        audio reach the model in the format it was trained on (message and part formats: `speechlm.chat`).
 
-        Message and part formats: `speechlm.chat`. Returns what `processor(...)` returns: the encoder inputs of every
-        clip in row-major order with their `attention_mask`, `input_ids` (placeholders included in the placeholder
-        layout), `decoder_attention_mask`, and with `return_labels=True` `labels` that are -100 everywhere but the
-        assistant messages' content and the token that ends each of them, so a multi-turn chat trains only the
-        assistant's words. `tokenize=False` returns the rendered string(s); `return_dict=False` only `input_ids`.
+        A single user turn `[audio, "T"]` gives exactly the inputs of `processor(audio, prompt="T")`, with or without a
+        chat template. With `use_chat_template` the tokenizer's template renders the messages, content flattened to
+        text with `<|audio|>` where each clip stands (placeholder layout: any number of clips; prefix layout: exactly
+        one, implied before the text). Without a template the plain rendering concatenates tokens: consecutive
+        system/user messages join with a newline, each assistant message is followed by EOS, so
+        `[user: [audio, "T"], assistant: "A"]` is `processor(audio, text="A", prompt="T")`, labels included.
 
-        Rendering: with `use_chat_template` the tokenizer's template renders the messages, content parts flattened to
-        text (`speechlm.chat.flatten`: an audio part becomes `<|audio|>` where it stands); the end of an assistant turn
-        is the template's own end-of-turn token. Without a template (a model trained on a raw prompt) the plain
-        rendering is token-level concatenation: consecutive system/user messages join with a newline (a system prompt
-        thus precedes the first user text), each assistant message is its content followed by EOS, and BOS (if the
-        tokenizer adds one) starts the conversation. Either way a single user turn `[audio, "T"]` gives exactly the
-        inputs of `processor(audio, prompt="T")`, and `[user: [audio, "T"], assistant: "A"]` in the plain rendering
-        those of `processor(audio, text="A", prompt="T")`.
+        Args:
+            conversation: a list of messages, or a list of such lists (a batch).
+            add_generation_prompt: open an assistant turn after a conversation that does not end with one.
+            tokenize: `False` returns the rendered string(s) instead.
+            return_dict: `False` returns only `input_ids`.
+            sampling_rate: the rate of array parts without their own `sampling_rate` (default: the encoder's);
+                they are resampled to the encoder's rate.
+            return_labels: add `labels`: -100 everywhere but the assistant messages' content and the token that ends
+                each (the template's end-of-turn token, or EOS), so a multi-turn chat trains only the assistant's words.
+            max_clips: the most clips one conversation may hold.
 
-        The placeholder layout takes any number of clips per conversation (up to `max_clips`, also none: a text-only
-        batch has no audio keys and, without labels, is left-padded for `generate`); the prefix layout exactly one,
-        implied before the text. `add_generation_prompt` opens an assistant turn after a conversation that does not
-        end with an assistant message. Array parts without a `sampling_rate` are taken at `sampling_rate` (default:
-        the encoder's) and resampled. Problems raise `speechlm.chat.ChatError` naming conversation, message and part.
+        Returns:
+            Like `processor(...)`: the encoder inputs of every clip in row-major order with their `attention_mask`,
+            `input_ids`, `decoder_attention_mask` (and `labels`). A batch without any clip (placeholder layout) has no
+            audio keys and, without labels, is left-padded for `generate`. Problems raise `speechlm.chat.ChatError`,
+            which names the conversation, message and part.
         """
         from .chat import as_batch
 
