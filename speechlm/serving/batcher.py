@@ -282,10 +282,14 @@ class DynamicBatcher:
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         tokens = model.generate(**inputs, **kwargs)
         eos = set(eos_token_ids(model, processor.tokenizer))
+        pad = model.generation_config.pad_token_id
         results = []
         for row, text in zip(tokens.tolist(), processor.batch_decode(tokens)):
+            while pad is not None and row and row[-1] == pad and pad not in eos:  # a row stopped by a stop string
+                row.pop()
             ended = next((i for i, token in enumerate(row) if token in eos), None)
             text, stopped = cut_at_stop(text, stops)
+            text = text.strip()  # as batch_decode leaves it (streamed deltas add up to this)
             count = len(row) if ended is None else ended + 1
             reason = "stop" if ended is not None or stopped or count < kwargs["max_new_tokens"] else "length"
             results.append(ChatResult(text, count, reason))

@@ -176,6 +176,7 @@ def test_stop_strings_and_seeds(chat_model, client):
         else:
             reply = client.chat.completions.create(**kwargs)
             got, reason = reply.choices[0].message.content, [reply.choices[0].finish_reason]
+            assert reply.usage.completion_tokens < 40  # the padding after the stop is not counted
         assert got == cut.strip() and reason == ["stop"]
     sampled = [client.chat.completions.create(model="m", messages=messages, temperature=1.0, top_p=0.9, seed=7,
                                               max_tokens=12).choices[0].message.content for _ in range(2)]  # fmt: skip
@@ -279,3 +280,27 @@ def test_chat_timeout_and_disconnect_stop_the_decoding(chat_model, slow_generate
         assert slow_generate["ended"].wait(10), "decoding went on after the client went away"
         assert slow_generate["criteria"][1].steps < 400
         assert httpx.get(url + "/health", timeout=10).json()["batching"]["pending"] == 0
+
+
+def test_chats_and_transcriptions_share_the_worker(chat_model, server, client):
+    """Both kinds wait in one queue and each gets what it gets alone (a batch holds one kind)."""
+    from speechlm.inference import transcribe_arrays
+
+    processor, model = chat_model
+    wavs = [clip(0.5 + 0.1 * i, seed=40 + i) for i in range(4)]
+    chats = [ask("What was said?", wav) for wav in wavs]
+    expected_chat = [alone(chat_model, messages)["text"] for messages in chats]
+    expected_text = [transcribe_arrays(model, processor, [load_audio(wav, 16000)], max_new_tokens=TOKENS)[0]
+                     for wav in wavs]  # fmt: skip
+
+    def chat(index):
+        return client.chat.completions.create(model="m", messages=chats[index]).choices[0].message.content
+
+    def transcribe(index):
+        return client.audio.transcriptions.create(model="m", file=(f"{index}.wav", wavs[index])).text
+
+    with ThreadPoolExecutor(8) as pool:
+        chat_answers = [pool.submit(chat, i) for i in range(4)]
+        transcripts = [pool.submit(transcribe, i) for i in range(4)]
+        assert [f.result() for f in chat_answers] == expected_chat
+        assert [f.result() for f in transcripts] == expected_text

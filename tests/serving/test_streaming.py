@@ -186,3 +186,26 @@ def test_prompt_and_instructions_limits(tiny):
             response = httpx.post(url + ENDPOINT, files={"file": ("a.wav", wav_bytes(make_clips()[0]))},
                                   data={field: "x " * 45}, timeout=30)  # fmt: skip
             assert response.status_code == 400 and "tokens, more than the limit of 40" in response.text
+
+
+def test_text_deltas_hold_back_what_can_still_change():
+    """Deltas add up to the final text: stop strings, partial UTF-8 characters and trailing spaces are held back."""
+    from speechlm.serving.streaming import TextDeltas
+    from tests.tiny_models import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    text = " set an alarm for seven thirty é!"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for stops, final in (
+        ((), text.strip()),
+        (("seven",), "set an alarm for"),
+        (("for s", "zz"), "set an alarm"),
+    ):
+        sent: list[str] = []
+        deltas = TextDeltas(tokenizer, sent.append, stops)
+        for token in ids:
+            deltas.add(token)
+            assert "\ufffd" not in "".join(sent) and not "".join(sent).endswith(" ")
+            assert not any(stop in "".join(sent) for stop in stops)
+        deltas.finish(final)
+        assert "".join(sent) == final and len(sent) > 1
