@@ -198,6 +198,7 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
 
 
 _LABELS = {
+    "kind": "Metric kind",
     "loss": "Loss",
     "wer": "WER",
     "cer": "CER",
@@ -208,7 +209,6 @@ _LABELS = {
     "n_ref_words": "Reference words",
     "n_ref_chars": "Reference characters",
     "n_utterances": "Utterances",
-    "kind": "Metric kind",
     "valid_json": "Valid JSON",
     "intent_accuracy": "Intent accuracy",
     "slot_precision": "Slot precision",
