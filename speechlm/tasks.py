@@ -28,7 +28,9 @@ from typing import Any
 from .evaluation import _as_list, normalize_text, per_utterance_rows, word_error_rate
 
 __all__ = [
+    "HEADLINE",
     "KINDS",
+    "TRANSCRIPTION_TASKS",
     "UNTAGGED",
     "group_by_task",
     "headline_metrics",
