@@ -27,12 +27,13 @@ from .streaming import EventPump, sse, start_event_stream, stream_error
 logger = logging.getLogger(__name__)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 HONOURED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed", "stop",
-            "stream", "stream_options", "user", "metadata", "store"}  # fmt: skip
+            "stream", "stream_options", "user", "metadata"}  # fmt: skip
 # Parameters accepted only at their neutral value (what OpenAI does when they are absent).
 NEUTRAL: dict[str, tuple] = {
     "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
     "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (False, True),
     "response_format": ({"type": "text"},), "modalities": (["text"],), "service_tier": ("auto", "default"),
+    "store": (False,),
 }  # fmt: skip
 MAX_STOPS, MAX_STOP_CHARS = 4, 200
 
@@ -195,7 +196,7 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
     async def chat_completions(request: Request):
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             raise _bad("the request body must be JSON (Content-Type: application/json)") from None
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object")

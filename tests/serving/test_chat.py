@@ -206,6 +206,8 @@ def test_bad_chat_requests_are_400_naming_the_part(client, server):
         ({"messages": ask("?", wav), "logprobs": True}, "logprobs", "not supported"),
         ({"messages": ask("?", wav), "tools": [{"type": "function"}]}, "tools", "not supported"),
         ({"messages": ask("?", wav), "frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
+        ({"messages": ask("?", wav), "store": True}, "store", "not supported"),
+        ({"messages": ask("?", wav), "best_of": 3}, "best_of", "not supported"),
         ({"messages": ask("?", wav), "max_tokens": 0}, "max_tokens", "between 1 and 600"),
         ({"messages": ask("?", wav), "temperature": 2.5}, "temperature", "between 0 and 2"),
         ({"messages": ask("?", wav), "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
@@ -219,8 +221,9 @@ def test_bad_chat_requests_are_400_naming_the_part(client, server):
         error = response.json()["error"]
         assert error["param"] == param and message in error["message"], (param, error)
         assert error["type"] == "invalid_request_error"
-    response = httpx.post(server[0] + ENDPOINT, content=b"{not json", headers={"Content-Type": "application/json"})
-    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    for junk in (b"{not json", b"[" * 100_000 + b"]" * 100_000):
+        response = httpx.post(server[0] + ENDPOINT, content=junk, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="not a readable audio file"):
         client.chat.completions.create(model="m", messages=ask("?", b"RIFF...."))
     with pytest.raises(openai.BadRequestError, match="images are not supported"):  # streaming: still a plain 400
@@ -304,3 +307,16 @@ def test_chats_and_transcriptions_share_the_worker(chat_model, server, client):
         transcripts = [pool.submit(transcribe, i) for i in range(4)]
         assert [f.result() for f in chat_answers] == expected_chat
         assert [f.result() for f in transcripts] == expected_text
+
+
+def test_streaming_chat_timeout_after_the_first_chunk_is_an_error_event(chat_model, slow_generate):
+    processor, model = chat_model
+    with live_server(create_app(model, processor, settings(request_timeout=1.0))) as url:
+        with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
+            chunks = []
+            with pytest.raises(openai.APIError, match="request timeout") as error:
+                for chunk in client.chat.completions.create(model="m", messages=ask("?", clip()), stream=True):
+                    chunks.append(chunk)
+            assert error.value.code == "request_timeout"
+            assert chunks and chunks[0].choices[0].delta.role == "assistant"
+        assert slow_generate["ended"].wait(10) and slow_generate["criteria"][0].steps < 400
