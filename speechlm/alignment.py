@@ -110,11 +110,13 @@ class CTCAlignmentHead(nn.Module):
         return summed / sizes.clamp(min=1)[..., None], counts
 
     def forward(self, model, batch: dict) -> torch.Tensor:
-        """Mean CTC loss per target token of `batch` (the model's usual training inputs, labels included)."""
-        if batch.get("labels") is None:
+        """Mean CTC loss per target token of `batch` (the model's usual training inputs, labels included); a batch's
+        `ctc_labels`, when present, replace `labels` as targets (the transcript, when the LLM learns another answer)."""
+        labels = batch.get("ctc_labels", batch.get("labels"))
+        if labels is None:
             raise ValueError("CTC alignment needs labels: the transcript tokens to align the audio with")
         logits, lengths = self.logits(model, batch)
-        targets, target_lengths = self.targets(batch["labels"].to(logits.device))
+        targets, target_lengths = self.targets(labels.to(logits.device))
         if self.vocabulary_ids is not None:
             classes = torch.searchsorted(self.vocabulary_ids, targets).clamp(max=len(self.vocabulary_ids) - 1)
             if (self.vocabulary_ids[classes] != targets).any():

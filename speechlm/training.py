@@ -438,12 +438,15 @@ class SpeechLMTrainer(Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # `ctc_labels`: the transcript the CTC head aligns the audio with, when the LLM learns another answer
+        # (an understanding task on the same clip); never an input of the model itself.
+        model_inputs = {key: value for key, value in inputs.items() if key != "ctc_labels"}
         if self.ctc_head is None or not (self.ctc_only or self.ctc_weight):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, model_inputs, return_outputs, num_items_in_batch)
         ctc = self.ctc_head(self.accelerator.unwrap_model(model), inputs)
         if self.ctc_only:
             return (ctc, None) if return_outputs else ctc
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, model_inputs, True, num_items_in_batch)
         loss = loss + self.ctc_weight * ctc
         return (loss, outputs) if return_outputs else loss
 
