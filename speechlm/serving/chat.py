@@ -179,6 +179,8 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
                                                    return_dict=True, max_clips=settings.max_chat_clips)  # fmt: skip
         except ChatError as error:
             raise _chat_error(error) from None
+        except ValueError as error:  # the processor refused a clip or the text: a request problem, said as such
+            raise _bad(f"messages: {error}", "messages") from None
         ids = inputs["input_ids"][0][inputs["decoder_attention_mask"][0].bool()]
         text = int(ids.numel() - (ids == audio_token).sum())
         if text > settings.max_chat_tokens:
@@ -221,16 +223,21 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
         work = asyncio.ensure_future(asyncio.wait_for(batcher.chat(conversation, **options), settings.request_timeout))
         try:
             result = await first_or_disconnect(request, work, "chat completion")
-        except TimeoutError:
-            raise timeout_error() from None
+        except (TimeoutError, ValueError) as error:
+            raise failure(error) from None
         usage.update(completion_tokens=result.completion_tokens, total_tokens=text + audio + result.completion_tokens)
         message = {"role": "assistant", "content": result.text, "refusal": None}
         choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
         return reply | {"object": "chat.completion", "choices": [choice], "usage": usage}
 
-    def timeout_error() -> APIError:
-        return APIError(504, f"The chat completion took longer than the {settings.request_timeout:g} s request "
-                        "timeout.", type="timeout", code="request_timeout")  # fmt: skip
+    def failure(error: Exception) -> Exception:
+        """A decoding failure as the client should see it: a timeout is a 504, a refused input a 400."""
+        if isinstance(error, TimeoutError):
+            return APIError(504, f"The chat completion took longer than the {settings.request_timeout:g} s request "
+                            "timeout.", type="timeout", code="request_timeout")  # fmt: skip
+        if isinstance(error, ValueError):  # the model refused the conversation (checked up front, so rare)
+            return _bad(f"messages: {error}", "messages")
+        return error
 
     async def stream_chat(request: Request, conversation: list, options: dict, reply: dict, usage: dict,
                           include_usage: bool):  # fmt: skip
@@ -259,7 +266,7 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
                     end += sse(base | {"choices": [], "usage": final})
                 yield end + sse("[DONE]")
             except Exception as error:  # noqa: BLE001 - before the first event the client gets a normal error
-                error = timeout_error() if isinstance(error, TimeoutError) else error
+                error = failure(error)
                 if not started:
                     raise error from None
                 yield sse(stream_error(error, logger)) + sse("[DONE]")
