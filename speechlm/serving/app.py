@@ -388,7 +388,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
     parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
     parser.add_argument("--max-concurrent-requests", type=int, default=defaults.max_concurrent_requests,
-                        help="transcription requests in flight; more get 503 with Retry-After")  # fmt: skip
+                        help="API requests in flight; more get 503 with Retry-After")  # fmt: skip
     parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
                         help="open connections; more are closed at once (keep below `ulimit -n`)")  # fmt: skip
     parser.add_argument("--header-timeout", type=float, default=defaults.header_timeout, help="seconds")

@@ -26,6 +26,8 @@ from .streaming import EventPump, sse, start_event_stream, stream_error
 
 logger = logging.getLogger(__name__)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# `user` and `metadata` are accepted as what they are at OpenAI (labels that do not change the answer), and so is a
+# message's `name` (chat templates have no place for it); `model` may be any id, as for transcriptions.
 HONOURED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed", "stop",
             "stream", "stream_options", "user", "metadata"}  # fmt: skip
 # Parameters accepted only at their neutral value (what OpenAI does when they are absent).
