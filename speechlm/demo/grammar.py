@@ -11,6 +11,7 @@ import random
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 from .text import number_to_words, ordinal_words
 
@@ -211,11 +212,126 @@ def vocabulary() -> set[str]:
     return {w for t in texts for w in _SLOT.sub(" ", t).split()}
 
 
-def _sentence_stream(seed: int) -> Iterator[str]:
+# ----------------------------------------------------------------------------------------------- what was asked
+@dataclass(frozen=True)
+class Utterance:
+    """A sentence with its meaning: the template's intent and the values of its top-level slots, in order."""
+
+    text: str
+    intent: str
+    slots: tuple[tuple[str, str], ...]
+
+
+_STOP_WORDS = frozenset("a an the to for my me at of on in is it and that with this all what some from by be will "
+                        "your you please i there do does how when where which".split())
+# Intent names read off the templates (first two content words), except where that reads badly or where two
+# phrasings ask for the same thing.
+_INTENT_NAMES = {
+    "add {item} and {item} to the list": "add_to_list", "add {item} to my shopping list": "add_to_list",
+    "you are caller number {count} in the queue": "queue_position", "what is on my calendar {date}": "check_calendar",
+    "your call is important to us please stay on the line": "hold_message",
+    "please hold while we transfer your call": "hold_transfer",
+    "please hold while i connect your call to {dept}": "hold_transfer",
+    "this is {person} {surname} calling from {city}": "caller_identity", "where is the closest {poi}": "find_place",
+    "directions to the nearest {poi}": "navigate", "navigate to the {poi}": "navigate",
+    "take me to {address}": "navigate", "how cold will it be {when_day}": "ask_cold",
+    "what day is the {ordinal} of {month}": "day_of_date",
+    "it is {temp} degrees and {wadj} in {city}": "weather_report",
+    "it will be {wadj} in {city} {when_day} with a high of {temp} degrees": "weather_forecast",
+    "expect {wadj} skies {when_day} with a low of {temp}": "weather_forecast",
+    "there is a {percent} percent chance of rain {when_day}": "rain_chance",
+    "the wind is blowing at {small} miles per hour": "wind_report",
+    "please enter your {acct} followed by the pound key": "enter_field",
+    "please enter your {acct} and then press pound": "enter_field", "please say or enter your {acct}": "enter_field",
+    "please enter the {acct} you wish to change": "change_field", "that is not a valid {acct} please try again":
+    "invalid_entry", "the estimated wait time is {small} minutes": "wait_time", "how far is {city} from {city}":
+    "distance", "how long will it take to get to {city}": "travel_time",
+    "this is the final boarding call for {airline} flight {flight} to {city}": "boarding_call",
+    "{airline} flight {flight} from {city} has landed": "flight_landed", "is flight {flight} on time": "flight_status",
+    "when does my flight to {city} leave": "flight_departure", "check me in for my flight to {city}": "flight_check_in",
+    "you have {count} new messages": "new_messages", "you have {count} new messages and {count} saved messages":
+    "new_messages", "i live at {address}": "home_address", "is the {door} locked": "lock_status",
+    "meet me at the {poi} on {street} {street_type}": "meeting_place", "the meeting is {date}": "meeting_date",
+    "move my {event} to {date}": "move_event", "my name is {person} {surname}": "introduce",
+    "i need {count} tickets": "buy_tickets", "i need a window seat on the flight to {city}": "window_seat",
+    "the number is {phone}": "phone_number", "my phone number is {phone}": "phone_number",
+    "the number you have dialed is not in service": "not_in_service", "that will be {amount} please": "amount_due",
+    "the total comes to {amount}": "amount_due", "open the {covering} in the {room}": "open_covering",
+    "close the {covering} in the {room}": "close_covering", "the package will arrive {date}": "delivery_date",
+    "what is {small} plus {small}": "add_numbers", "what is {count} times {count}": "multiply_numbers",
+    "for {dept} press {digit} for {dept} press {digit}": "press",
+    "to repeat these options press star": "repeat_options", "to return to the main menu press star": "main_menu",
+    "what song is this": "identify_song", "to speak with {agent} press {digit}": "press_for_agent",
+    "start the {appliance}": "start_appliance", "switch {onoff} the {device} in the {room}": "turn",
+    "table for {count} please": "book_table", "tell {contact} {message}": "send_message",
+    "text {contact} that {message}": "send_message", "what is the temperature in {city}": "ask_temperature",
+    "what terminal does {airline} use": "airline_terminal", "thank you for calling {company}": "greeting",
+    "thank you for calling {company} your call may be recorded": "greeting",
+    "what time is my alarm set for": "check_alarm", "turn it {updown} a little": "turn_volume",
+    "turn off all alarms": "turn_off_alarms", "turn the {room} lights {color}": "light_color",
+    "we leave on {month} {ordinal} and come back on the {ordinal} of {month}": "trip_dates",
+    "snooze for {small} minutes": "snooze", "redial the last number": "redial", "is the store open {date}":
+    "opening_hours", "the rent is due on the {ordinal}": "due_date", "the code is {digits6}": "code",
+    "will it rain in {city} {when_day}": "rain", "is it going to snow {when_day}": "snow",
+    "do i need an umbrella {when_day}": "rain", "play the next song": "skip_song", "skip this song": "skip_song",
+}
+# Slot names are the grammar's; a few get the name a user would give the value.
+_SLOT_KEYS = {"small": "number", "ten": "level", "wadj": "condition", "acct": "field", "dept": "department",
+              "poi": "place", "when_day": "when", "onoff": "state", "updown": "direction", "digits3": "number",
+              "digits4": "number", "digits5": "number", "digits6": "code", "digits8": "number", "temp": "temperature",
+              "phone_kind": "phone_type", "genre": "music"}
+
+
+def intent_of(template: str) -> str:
+    """The intent a template expresses (a stable snake_case name)."""
+    if template in _INTENT_NAMES:
+        return _INTENT_NAMES[template]
+    words = [w for w in _SLOT.sub(" ", template).split() if w not in _STOP_WORDS]
+    return "_".join(words[:2])
+
+
+def expand_template(template: str, rng: random.Random) -> Utterance:
+    """Fill `template` as `_expand` would (same draws, same text) and keep each top-level slot's value."""
+    pieces, slots, keys, last = [], [], {}, 0
+    for match in _SLOT.finditer(template):
+        value = _expand(rng.choice(SLOTS[match.group(1)]), rng)
+        key = _SLOT_KEYS.get(match.group(1), match.group(1))
+        keys[key] = keys.get(key, 0) + 1
+        slots.append((key if keys[key] == 1 else f"{key}_{keys[key]}", value))
+        pieces += [template[last : match.start()], value]
+        last = match.end()
+    text = " ".join("".join([*pieces, template[last:]]).split())
+    return Utterance(text, intent_of(template), tuple(slots))
+
+
+def _utterance_stream(seed: int) -> Iterator[Utterance]:
     rng = random.Random(seed)
     categories = sorted(TEMPLATES)
     while True:
-        yield _expand(rng.choice(TEMPLATES[rng.choice(categories)]), rng)
+        yield expand_template(rng.choice(TEMPLATES[rng.choice(categories)]), rng)
+
+
+def _sentence_stream(seed: int) -> Iterator[str]:
+    return (utterance.text for utterance in _utterance_stream(seed))
+
+
+TEST_SEED_OFFSET = 1_000_003  # the held-out sentences come from a stream of their own
+
+
+def utterances(texts: Sequence[str], seed: int = 0) -> dict[str, Utterance]:
+    """The meaning of each grammar sentence in `texts`, found by replaying the streams `split_sentences(seed=seed)`
+    drew them from (train sentences from the train stream, held-out ones from the test stream; the first draw of a
+    string is the one the corpus kept). Texts the grammar did not make are left out."""
+    found: dict[str, Utterance] = {}
+    for stream_seed, held_out in ((seed, False), (seed + TEST_SEED_OFFSET, True)):
+        wanted = {t for t in texts if is_held_out(t) == held_out}
+        for draws, utterance in enumerate(_utterance_stream(stream_seed)):
+            if not wanted or draws >= 200 * len(texts) + 1000:
+                break
+            if utterance.text in wanted:
+                wanted.discard(utterance.text)
+                found[utterance.text] = utterance
+    return found
 
 
 def is_held_out(text: str) -> bool:
@@ -253,5 +369,5 @@ def split_sentences(
     banned = set(exclude)
     train = _distinct(_sentence_stream(seed), n_train, lambda t: not is_held_out(t) and t not in banned,
                       max_draws=100 * n_train + 1000)
-    test = _distinct(_sentence_stream(seed + 1_000_003), n_test, is_held_out, max_draws=200 * n_test + 1000)
+    test = _distinct(_sentence_stream(seed + TEST_SEED_OFFSET), n_test, is_held_out, max_draws=200 * n_test + 1000)
     return train, test

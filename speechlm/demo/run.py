@@ -23,10 +23,13 @@ import torch
 from ..cache import cache_dir
 from ..hardware import DtypeChoice, choose_training_dtype
 from ..processing import SpeechLMProcessor
+from .evaluate import MAX_NEW_TOKENS, evaluate_sets, evaluate_understanding, transcribe_capped
+from .report import task_summary, write_report
+from .understanding import TRANSCRIBE_PROMPT, parse_tasks, training_examples
 
 BUNDLED = "bundled"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPT = "Transcribe:"
+PROMPT = TRANSCRIBE_PROMPT
 
 
 # The defaults were tuned on a 2-core Xeon with AMX (bfloat16 LLM): ~50 LLM steps of batch 8 per minute. Far below
@@ -64,6 +67,9 @@ class DemoSettings:
     # characters are evaluated either way.
     real_speech: bool = False
     natural_fraction: float = 0.3  # share of the rendered sentences spoken by a natural (Pico) voice
+    # Understanding tasks trained beside transcription on the grammar's clips (speechlm.demo.understanding): each
+    # clip gives its transcription plus one of the others.
+    tasks: str = "transcribe"
     seed: int = 0
     dtype: str = "auto"  # frozen weights during training: "auto" = bfloat16 only where the CPU does it natively
     ctc_steps: int | None = None  # pre-align for exactly this many steps instead of `ctc_fraction` of the budget
@@ -87,6 +93,7 @@ class DemoSettings:
         for name in ("ctc_steps", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.tasks = ",".join(parse_tasks(self.tasks))
 
     def training_dtype(self) -> DtypeChoice:
         """The dtype of the frozen weights during training, and why (`auto` asks the hardware)."""
@@ -173,29 +180,43 @@ def encode_frames(model, processor, rows: list[dict], cache_file: Path, batch_si
 
 
 class FrameDataset(torch.utils.data.Dataset):
-    """Cached frames + transcripts; `lengths` lets the trainer batch clips of similar length together."""
+    """Cached frames + (task, prompt, target) examples; `texts` are the clips' transcripts (the CTC head aligns the
+    audio with them whatever the task) and `lengths` lets the trainer batch clips of similar length together."""
 
-    def __init__(self, frames: list[torch.Tensor], texts: list[str]):
+    def __init__(self, frames: list[torch.Tensor], texts: list[str], prompts: list[str] | None = None,
+                 targets: list[str] | None = None, tasks: list[str] | None = None):
         self.frames, self.texts = frames, texts
+        self.prompts = prompts or [PROMPT] * len(texts)
+        self.targets = targets or list(texts)
+        self.tasks = tasks or ["transcribe"] * len(texts)
         self.lengths = [int(f.shape[0]) for f in frames]
 
     @classmethod
-    def from_rows(cls, frames: list[torch.Tensor], rows: list[dict], real_speech_repeats: int = 1) -> FrameDataset:
-        """Frames + manifest rows, each real-speech (`source` "asterisk" or "uqm") clip `real_speech_repeats` times: the
-        few hundred real prompts would otherwise be a few percent of a large synthetic corpus."""
-        repeats = [real_speech_repeats if row["source"] in ("asterisk", "uqm") else 1 for row in rows]
-        return cls([f for f, k in zip(frames, repeats, strict=True) for _ in range(k)],
-                   [row["text"] for row, k in zip(rows, repeats) for _ in range(k)])
+    def from_rows(cls, frames: list[torch.Tensor], rows: list[dict], real_speech_repeats: int = 1,
+                  tasks: tuple[str, ...] = ("transcribe",), meanings: dict | None = None) -> FrameDataset:
+        """Frames + manifest rows, each real-speech (`source` "asterisk" or "uqm") clip `real_speech_repeats` times
+        (the few hundred real prompts would otherwise be a few percent of a large synthetic corpus); with
+        understanding `tasks`, each grammar clip whose meaning is in `meanings` also gives one understanding example."""
+        meanings = meanings or {}
+        columns: dict[str, list] = {"frames": [], "texts": [], "prompts": [], "targets": [], "tasks": []}
+        for clip, row in zip(frames, rows, strict=True):
+            repeats = real_speech_repeats if row["source"] in ("asterisk", "uqm") else 1
+            for example in training_examples(row["text"], meanings.get(row["text"]), tasks) * repeats:
+                for key, value in zip(columns, (clip, row["text"], example.prompt, example.target, example.task)):
+                    columns[key].append(value)
+        return cls(**columns)
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def __getitem__(self, index: int) -> dict:
-        return {"frames": self.frames[index], "text": self.texts[index]}
+        return {"frames": self.frames[index], "text": self.texts[index], "prompt": self.prompts[index],
+                "target": self.targets[index]}
 
 
 class FrameCollator:
-    """Pads cached frames and builds prompt + target ids with the processor (labels -100 on the prompt).
+    """Pads cached frames and builds prompt + target ids with the processor (labels -100 on the prompt); when a
+    target is not the transcript (an understanding task), `ctc_labels` carry the transcripts for the CTC head.
 
     `masking` > 0 zeroes that fraction of whole frames and of feature channels (SpecAugment on the cached encoder
     output): the CTC pre-alignment runs several epochs in minutes and otherwise learns the training voices by heart.
@@ -212,8 +233,12 @@ class FrameCollator:
         if self.masking > 0:
             frames *= torch.rand(frames.shape[0], frames.shape[1], 1) >= self.masking
             frames *= torch.rand(frames.shape[0], 1, frames.shape[2]) >= self.masking
-        prompts = [self.processor.build_prompt()] * len(items)
-        batch = self.processor.encode_text(prompts, [item["text"] for item in items])
+        prompts = [self.processor.build_prompt(item.get("prompt")) for item in items]
+        texts = [item["text"] for item in items]
+        targets = [item.get("target", item["text"]) for item in items]
+        batch = self.processor.encode_text(prompts, targets)
+        if targets != texts:
+            batch["ctc_labels"] = self.processor.encode_text(prompts, texts)["labels"]
         return {"encoder_frames": frames, "encoder_frame_lengths": lengths, **batch}
 
 
@@ -393,134 +418,6 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     return history
 
 
-# -------------------------------------------------------------------------------------------------- evaluation
-TEST_SETS = ("test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
-MAX_NEW_TOKENS = {"test_uqm": 96}  # UQM lines run up to 15 s (~45 words); the others are short
-
-
-TOKENS_PER_SECOND = 5.0  # fast speech is ~4 words/s; a transcript longer than this is made up
-
-
-def transcribe_capped(model, processor, audio: list, max_new_tokens: int, batch_size: int = 16, **kwargs) -> list[str]:
-    """Length-sorted batches whose new-token cap follows the longest clip in the batch (`TOKENS_PER_SECOND`): a
-    model that has not learned when to stop cannot run on for 96 tokens after a one-second clip."""
-    from ..inference import transcribe_arrays
-
-    order = sorted(range(len(audio)), key=lambda i: len(audio[i]))
-    texts = [""] * len(audio)
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        seconds = max(len(audio[i]) for i in index) / 16_000
-        cap = min(max_new_tokens, math.ceil(TOKENS_PER_SECOND * seconds) + 8)
-        batch = transcribe_arrays(model, processor, [audio[i] for i in index], batch_size=batch_size,
-                                  max_new_tokens=cap, **kwargs)
-        for i, text in zip(index, batch):
-            texts[i] = text
-    return texts
-
-
-def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None, num_beams: int = 1,
-                  reference: bool = True) -> dict[str, dict]:
-    """WER/CER and hypotheses on every held-out set, through the same path users take (audio in, text out), with
-    Whisper tiny.en alone on the same clips beside it (`reference`), both through the corpus's normaliser."""
-    from ..audio import load_audio
-    from ..evaluation import per_utterance_rows, word_error_rate
-    from .corpus import read_manifest
-    from .text import normalise_text
-    from .reference import whisper_transcripts
-
-    results = {}
-    for name in TEST_SETS:
-        if not manifests[name].is_file():
-            continue
-        rows = read_manifest(manifests[name], absolute=True)[:limit]
-        if not rows:
-            continue
-        audio = [load_audio(row["audio"]) for row in rows]
-        start = time.monotonic()
-        hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(name, 48), num_beams=num_beams)
-        refs = [row["text"] for row in rows]
-        metrics = word_error_rate(refs, [normalise_text(h) for h in hyps])
-        metrics["seconds"] = time.monotonic() - start
-        metrics["rows"] = per_utterance_rows([row["id"] for row in rows], refs, hyps)
-        if reference:
-            whisper = whisper_transcripts([row["audio"] for row in rows],
-                                          manifests[name].with_suffix(f".whisper-{len(rows)}.json"))
-            metrics["whisper"] = word_error_rate(refs, [normalise_text(h) for h in whisper])
-        results[name] = metrics
-    return results
-
-
-def write_report(output: Path, settings: DemoSettings, history: dict, results: dict[str, dict]) -> Path:
-    """report.md + curves.png + per-set hypotheses (JSONL) + metrics.json."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..evaluation import write_jsonl
-
-    figure, (loss_axis, wer_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for curve, label in (("ctc_loss", "CTC pre-alignment"), ("loss", "training")):
-        if history.get(curve):
-            minutes, _, losses = zip(*history[curve])
-            loss_axis.plot(minutes, losses, label=label)
-    loss_axis.set(xlabel="training minutes", ylabel="loss", title="training loss")
-    if history.get("ctc_loss"):
-        loss_axis.legend()
-    for curve, label in (("wer", "synthetic"), ("wer_uqm", "UQM (real, unseen speakers)")):
-        if history.get(curve):
-            minutes, _, wers = zip(*history[curve])
-            wer_axis.plot(minutes, [100 * w for w in wers], marker="o", label=label)
-    wer_axis.set(xlabel="training minutes", ylabel="WER %", title="held-out WER during training")
-    if history.get("wer_uqm"):
-        wer_axis.legend()
-    figure.tight_layout()
-    figure.savefig(output / "curves.png", dpi=100)
-    plt.close(figure)
-
-    dtype_reason = history.get("dtype_reason", history.get("dtype", "?"))
-    lines = [
-        "# SpeechLM demo report", "",
-        f"Encoder `{settings.encoder}`, decoder `{settings.decoder}`, corpus `{settings.corpus}`; "
-        f"{history.get('steps', '?')} steps of batch {settings.batch_size} in {history.get('minutes', 0):.1f} "
-        f"minutes ({str(history['ctc_steps']) + ' CTC pre-alignment steps, ' if history.get('ctc_steps') else ''}"
-        f"{history.get('llm_steps', '?')} through the LLM; frozen weights in {dtype_reason}; "
-        f"projector{' + LoRA r=' + str(settings.lora_rank) if settings.lora_rank else ''} trained, "
-        "encoder and LLM frozen"
-        + (f"; the first {settings.ctc_fraction:.0%} of the budget: CTC pre-alignment of the projector alone"
-           if settings.ctc_fraction else "")
-        + (f"; loss = LLM loss + {settings.ctc_weight:g} x CTC alignment loss" if settings.ctc_weight else "")
-        + ("; the LLM reads the CTC-compressed audio" if settings.ctc_compression else "")
-        + (f"; real-speech clips x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else "")
-        + "). Held-out sets decoded "
-        + (f"with beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily")
-        + "; the curve during training is greedy.", "",
-        *[f"**{warning}**" for warning in history.get("warnings", [])], "",
-        "Whisper tiny.en alone (the same encoder with its own decoder) reads the same clips as the reference; both "
-        "go through the corpus's normaliser (digits spelled). Insertions are words the model added: a high count "
-        "means it made text up.", "",
-        "| held-out set | clips | WER | CER | insertions | Whisper tiny.en WER | decode s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, metrics in results.items():
-        whisper = f"{metrics['whisper']['wer']:.1%}" if "whisper" in metrics else "-"
-        lines.append(f"| {name} | {metrics['n_utterances']} | {metrics['wer']:.1%} | {metrics['cer']:.1%} | "
-                     f"{metrics['insertions']} | {whisper} | {metrics['seconds']:.0f} |")
-        write_jsonl(metrics["rows"], output / f"{name}.hypotheses.jsonl")
-    lines += ["", "![loss and WER](curves.png)", ""]
-    for name, metrics in results.items():
-        lines += [f"## {name}: reference vs hypothesis", "", "| reference | hypothesis | WER |", "|---|---|---|"]
-        for row in metrics["rows"][:8]:
-            lines.append(f"| {row['ref']} | {row['hyp'].replace('|', ' ')} | {row['wer']:.0%} |")
-        lines.append("")
-    (output / "report.md").write_text("\n".join(lines))
-    summary = {name: {k: v for k, v in m.items() if k != "rows"} for name, m in results.items()}
-    (output / "metrics.json").write_text(json.dumps({"settings": asdict(settings), "history": history,
-                                                     "results": summary}, indent=2, default=str))
-    return output / "report.md"
-
-
 # ---------------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     defaults = DemoSettings()
@@ -552,6 +449,9 @@ def add_arguments(parser) -> None:
                         help="fraction of encoder frames and channels zeroed during the CTC pre-alignment")
     parser.add_argument("--real-speech-repeats", type=int, default=defaults.real_speech_repeats,
                         help="times each real (Asterisk) training clip appears per epoch, against the synthetic ones")
+    parser.add_argument("--tasks", default=defaults.tasks,
+                        help="comma-separated tasks to train: transcribe (always), slu (intent + slots as JSON), qa "
+                        "(a question about one slot); each grammar clip gives its transcription + one of the others")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=defaults.dtype,
                         help="frozen LLM weights during training; auto: bfloat16 only where the CPU has native bf16 "
                         "(AVX-512-BF16 / AMX) and a probe confirms it is faster, else float32")
@@ -621,7 +521,13 @@ def run(args) -> int:
             rows = read_manifest(manifests[f"test_{name}"], absolute=True)[:clips]
             if rows:
                 curve_sets[name] = ([load_audio(row["audio"]) for row in rows], [row["text"] for row in rows])
-        dataset = FrameDataset.from_rows(frames, train_rows, settings.real_speech_repeats)
+        tasks = parse_tasks(settings.tasks)
+        meanings = {}
+        if len(tasks) > 1:
+            from .grammar import utterances
+
+            meanings = utterances([row["text"] for row in train_rows if row["source"] == "synthetic"], settings.seed)
+        dataset = FrameDataset.from_rows(frames, train_rows, settings.real_speech_repeats, tasks, meanings)
         repeats = f", real speech x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else ""
         print(f"[demo] 3/5 training for {settings.minutes:g} minutes on {len(train_rows)} clips{repeats} (the first "
               f"{settings.ctc_fraction * settings.minutes:.1f}: CTC pre-alignment of the projector alone)", flush=True)
@@ -637,7 +543,12 @@ def run(args) -> int:
     # float32 for decoding: bfloat16 halves training time on this CPU, but its one-token decode steps are slower.
     processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
     results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams)
-    report = write_report(output, settings, history, results)
+    understanding = {}
+    if len(parse_tasks(settings.tasks)) > 1 and corpus != "fortunes":
+        _, decoder_path, gguf_file = resolve_parts(settings)
+        understanding = evaluate_understanding(model, processor, manifests, parse_tasks(settings.tasks),
+                                               settings.seed, settings.eval_limit, (decoder_path, gguf_file))
+    report = write_report(output, settings, history, results, understanding)
     print(f"[demo] trained {history.get('steps', '?')} steps in {history.get('minutes', 0):.1f} min: "
           f"{history.get('ctc_steps', 0)} CTC pre-alignment + {history.get('llm_steps', '?')} through the LLM "
           f"(frozen weights in {history.get('dtype', '?')})")
@@ -652,6 +563,9 @@ def run(args) -> int:
         whisper = f", Whisper tiny.en {100 * metrics['whisper']['wer']:.1f}%" if "whisper" in metrics else ""
         print(f"WER {label}: {100 * metrics['wer']:.1f}%  (CER {100 * metrics['cer']:.1f}%, "
               f"{metrics['insertions']} inserted words, {metrics['n_utterances']} clips{whisper})")
+    for task, metrics in understanding.items():
+        print(f"{task.upper()} {task_summary(metrics)} ({metrics['n_utterances']} held-out clips; cascade "
+              f"Whisper tiny.en -> same LLM few-shot: {task_summary(metrics['cascade'])})")
     print(f"[demo] report: {report}")
 
     clip = read_manifest(manifests["test_librivox"], absolute=True)[0]

@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from speechlm.demo.run import DemoSettings, add_arguments, settings_from_args, write_report
+from speechlm.demo.report import write_report
+from speechlm.demo.run import DemoSettings, add_arguments, settings_from_args
 
 
 def parse(*argv: str) -> DemoSettings:

@@ -1,0 +1,163 @@
+"""The demo's held-out evaluation: WER per set beside Whisper tiny.en, and the understanding tasks beside a cascade.
+
+Everything goes through the path users take (audio in, text out: `transcribe_arrays`), on the saved and reloaded
+model. Anchors: Whisper tiny.en alone on the same clips for transcription; for understanding, the cascade (Whisper
+tiny.en's transcript handed to the same base LLM with the same instruction, few-shot) on the same clips.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .understanding import METRIC_KINDS, cascade_prompt, examples
+
+TEST_SETS = ("test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
+MAX_NEW_TOKENS = {"test_uqm": 96}  # UQM lines run up to 15 s (~45 words); the others are short
+
+
+TOKENS_PER_SECOND = 5.0  # fast speech is ~4 words/s; a transcript longer than this is made up
+
+
+def transcribe_capped(model, processor, audio: list, max_new_tokens: int, batch_size: int = 16, **kwargs) -> list[str]:
+    """Length-sorted batches whose new-token cap follows the longest clip in the batch (`TOKENS_PER_SECOND`): a
+    model that has not learned when to stop cannot run on for 96 tokens after a one-second clip."""
+    from ..inference import transcribe_arrays
+
+    order = sorted(range(len(audio)), key=lambda i: len(audio[i]))
+    texts = [""] * len(audio)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        seconds = max(len(audio[i]) for i in index) / 16_000
+        cap = min(max_new_tokens, math.ceil(TOKENS_PER_SECOND * seconds) + 8)
+        batch = transcribe_arrays(model, processor, [audio[i] for i in index], batch_size=batch_size,
+                                  max_new_tokens=cap, **kwargs)
+        for i, text in zip(index, batch):
+            texts[i] = text
+    return texts
+
+
+def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None, num_beams: int = 1,
+                  reference: bool = True) -> dict[str, dict]:
+    """WER/CER and hypotheses on every held-out set, through the same path users take (audio in, text out), with
+    Whisper tiny.en alone on the same clips beside it (`reference`), both through the corpus's normaliser."""
+    from ..audio import load_audio
+    from ..evaluation import per_utterance_rows, word_error_rate
+    from .corpus import read_manifest
+    from .text import normalise_text
+
+    results = {}
+    for name in TEST_SETS:
+        if not manifests[name].is_file():
+            continue
+        rows = read_manifest(manifests[name], absolute=True)[:limit]
+        if not rows:
+            continue
+        audio = [load_audio(row["audio"]) for row in rows]
+        start = time.monotonic()
+        hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(name, 48), num_beams=num_beams)
+        refs = [row["text"] for row in rows]
+        metrics = word_error_rate(refs, [normalise_text(h) for h in hyps])
+        metrics["seconds"] = time.monotonic() - start
+        metrics["rows"] = per_utterance_rows([row["id"] for row in rows], refs, hyps)
+        if reference:
+            metrics["whisper"] = word_error_rate(refs, whisper_for(manifests[name], rows))
+        results[name] = metrics
+    return results
+
+
+UNDERSTANDING_TOKENS = {"slu": 64, "qa": 16}  # a JSON frame of this domain is < 50 tokens, an answer < 10
+CASCADE_SHOTS = 8
+
+
+def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, seed: int, limit: int | None,
+                           decoder: tuple[str, str | None] | None = None) -> dict[str, dict]:
+    """Each understanding task on the held-out synthetic clips (held-out voices and sentences), scored by its
+    metric kind (`speechlm.tasks`), with the cascade beside it when `decoder` (the base LLM's path, GGUF file) is
+    given."""
+    from ..audio import load_audio
+    from ..inference import transcribe_arrays
+    from ..tasks import score_task, task_rows
+    from .corpus import read_manifest
+    from .grammar import utterances
+
+    rows = read_manifest(manifests["test_synthetic"], absolute=True)[:limit]
+    meanings = utterances([row["text"] for row in rows], seed)
+    rows = [row for row in rows if row["text"] in meanings]
+    audio = {row["id"]: load_audio(row["audio"]) for row in rows}
+    shots = _cascade_shots(manifests["train"], seed) if decoder else []
+    results = {}
+    for task in (t for t in tasks if t != "transcribe"):
+        pairs = [(row, ex) for row in rows for ex in examples(row["text"], meanings[row["text"]], [task])
+                 if ex.task == task]
+        start = time.monotonic()
+        hyps = transcribe_arrays(model, processor, [audio[row["id"]] for row, _ in pairs],
+                                 prompt=[ex.prompt for _, ex in pairs], batch_size=16,
+                                 max_new_tokens=UNDERSTANDING_TOKENS[task])
+        refs, kind = [ex.target for _, ex in pairs], METRIC_KINDS[task]
+        metrics = score_task(kind, refs, hyps)
+        metrics["seconds"] = time.monotonic() - start
+        metrics["rows"] = task_rows(kind, [row["id"] for row, _ in pairs], refs, hyps)
+        metrics["prompts"] = [ex.prompt for _, ex in pairs]
+        if decoder:
+            transcripts = whisper_for(manifests["test_synthetic"], rows)
+            by_id = dict(zip([row["id"] for row in rows], transcripts, strict=True))
+            answers = cascade_answers(decoder, task, [(by_id[row["id"]], ex.prompt) for row, ex in pairs], shots)
+            metrics["cascade"] = score_task(kind, refs, answers)
+        results[task] = metrics
+    return results
+
+
+def whisper_for(manifest: Path, rows: list[dict]) -> list[str]:
+    """Whisper tiny.en's normalised transcripts of `rows` (cached next to the manifest, shared with the WER table)."""
+    from .reference import whisper_transcripts
+    from .text import normalise_text
+
+    hyps = whisper_transcripts([row["audio"] for row in rows], manifest.with_suffix(f".whisper-{len(rows)}.json"))
+    return [normalise_text(h) for h in hyps]
+
+
+def _cascade_shots(train_manifest: Path, seed: int) -> list[tuple[str, object]]:
+    """(transcript, example) pairs from the first training sentences: the cascade's few-shot examples."""
+    from .corpus import read_manifest
+    from .grammar import utterances
+
+    rows = [row for row in read_manifest(train_manifest) if row["source"] == "synthetic"][:4 * CASCADE_SHOTS]
+    meanings = utterances([row["text"] for row in rows], seed)
+    shots = []
+    for task in ("slu", "qa"):
+        pairs = [(row["text"], ex) for row in rows if row["text"] in meanings
+                 for ex in examples(row["text"], meanings[row["text"]], [task]) if ex.task == task]
+        shots += pairs[:CASCADE_SHOTS]
+    return shots
+
+
+@torch.no_grad()
+def cascade_answers(decoder: tuple[str, str | None], task: str, queries: list[tuple[str, str]], shots,
+                    batch_size: int = 8) -> list[str]:
+    """The base LLM's greedy answer to each (transcript, instruction) after the few-shot examples; the answer ends
+    at the first line break (the model would go on with another example). For `slu` the instruction also lists
+    every intent name, which the LLM cannot guess from eight examples."""
+    from ..factory import load_decoder
+    from .grammar import TEMPLATES, intent_of
+
+    path, gguf_file = decoder
+    tokenizer, llm = load_decoder(path, **({"gguf_file": gguf_file} if gguf_file else {}), dtype=torch.float32)
+    llm.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    intents = sorted({intent_of(t) for templates in TEMPLATES.values() for t in templates})
+    preamble = f"Intents: {', '.join(intents)}.\n\n" if task == "slu" else ""
+    prompts = [preamble + cascade_prompt(task, instruction, transcript, shots) for transcript, instruction in queries]
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        tokens = llm.generate(**batch, max_new_tokens=UNDERSTANDING_TOKENS[task], do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers += [text.strip().split("\n")[0].strip() for text in texts]
+    return answers

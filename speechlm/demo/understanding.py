@@ -1,0 +1,87 @@
+"""Understanding tasks rendered from the structured domain: the same clips, other instructions, other answers.
+
+The grammar knows what each sentence asks (`grammar.Utterance`), so every clip can be taught and tested three ways:
+- `transcribe`: the words;
+- `slu`: the intent and slot values as one JSON object, e.g. `{"intent": "set_alarm", "time": "seven thirty"}`;
+- `qa`: a question about one slot ("What time does the speaker mention?") answered with its value.
+Held-out voices and held-out sentences stay held out for every task (the test clips are the transcription test clips).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .grammar import Utterance
+
+TASKS = ("transcribe", "slu", "qa")
+TRANSCRIBE_PROMPT = "Transcribe:"
+SLU_PROMPT = "Intent and slots as JSON:"
+METRIC_KINDS = {"transcribe": "transcription", "slu": "json", "qa": "answer"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training or test pair: the instruction the LLM reads after the audio and the answer it should give."""
+
+    task: str
+    prompt: str
+    target: str
+
+
+def parse_tasks(value: str | Sequence[str]) -> tuple[str, ...]:
+    """`"transcribe,slu"` -> ("transcribe", "slu"); transcription must stay one of them (the demo reports WER)."""
+    tasks = tuple(t.strip() for t in (value.split(",") if isinstance(value, str) else value) if t.strip())
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    if "transcribe" not in tasks:
+        raise ValueError("tasks must include 'transcribe' (every held-out set is scored by WER)")
+    return tasks
+
+
+def slu_target(utterance: Utterance) -> str:
+    """The JSON answer: the intent first, then the slots in spoken order (keys made unique by the grammar)."""
+    return json.dumps({"intent": utterance.intent, **dict(utterance.slots)})
+
+
+def question(utterance: Utterance) -> tuple[str, str] | None:
+    """One (question, answer) about a slot, chosen by a hash of the sentence (stable across runs); None when the
+    sentence has no slot to ask about."""
+    if not utterance.slots:
+        return None
+    key, value = utterance.slots[zlib.crc32(utterance.text.encode()) % len(utterance.slots)]
+    name, _, index = key.rpartition("_") if key.rsplit("_", 1)[-1].isdigit() else (key, "", "")
+    ordinal = {"2": "second ", "3": "third "}.get(index, "")
+    return f"What {ordinal}{name.replace('_', ' ')} does the speaker mention?", value
+
+
+def examples(text: str, utterance: Utterance | None, tasks: Sequence[str]) -> list[Example]:
+    """Every example a clip gives for `tasks` (only transcription when its sentence has no known meaning)."""
+    out = [Example("transcribe", TRANSCRIBE_PROMPT, text)]
+    if utterance is None:
+        return out
+    if "slu" in tasks:
+        out.append(Example("slu", SLU_PROMPT, slu_target(utterance)))
+    if "qa" in tasks and (pair := question(utterance)) is not None:
+        out.append(Example("qa", *pair))
+    return out
+
+
+def training_examples(text: str, utterance: Utterance | None, tasks: Sequence[str]) -> list[Example]:
+    """What a training clip contributes: its transcription always, plus one understanding example (alternating
+    between the understanding tasks by a hash of the sentence), so transcription keeps half of the steps."""
+    everything = examples(text, utterance, tasks)
+    if len(everything) <= 2:
+        return everything
+    return [everything[0], everything[1 + zlib.crc32(text.encode()) % (len(everything) - 1)]]
+
+
+# ------------------------------------------------------------------------------------------------------ cascade
+def cascade_prompt(task: str, instruction: str, transcript: str, shots: Sequence[tuple[str, Example]]) -> str:
+    """Text-only few-shot prompt for the cascade anchor: an ASR transcript handed to the same LLM with the same
+    instruction, after `shots` (transcript, example) pairs from the training sentences."""
+    blocks = [f"Transcript: {text}\n{shot.prompt} {shot.target}" for text, shot in shots if shot.task == task]
+    return "\n\n".join([*blocks, f"Transcript: {transcript}\n{instruction}"])
