@@ -7,7 +7,6 @@ Every answer is compared with the model run alone on the same conversation (`pro
 from __future__ import annotations
 
 import base64
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -19,7 +18,7 @@ from speechlm import SpeechLMProcessor
 from speechlm.audio import load_audio
 from speechlm.serving import create_app
 from tests.conftest import make_clips
-from tests.serving.test_hardening import _SlowSteps
+from tests.serving.conftest import slow_down
 from tests.serving.test_server import live_server, settings, wav_bytes
 
 TOKENS = 10
@@ -251,21 +250,7 @@ def test_chat_token_limit_and_guard_limits(chat_model):
 @pytest.fixture
 def slow_generate(chat_model, monkeypatch):
     """Every chat generation takes 400 forced steps of 50 ms unless the server stops it."""
-    _, model = chat_model
-    record = {"ended": threading.Event(), "criteria": []}
-    real = model.generate
-
-    def slow(*args, **kwargs):
-        criterion = _SlowSteps()
-        record["criteria"].append(criterion)
-        kwargs["stopping_criteria"] = list(kwargs.get("stopping_criteria") or []) + [criterion]
-        try:
-            return real(*args, **(kwargs | {"min_new_tokens": 400, "max_new_tokens": 400}))
-        finally:
-            record["ended"].set()
-
-    monkeypatch.setattr(model, "generate", slow)
-    return record
+    return slow_down(monkeypatch, chat_model[1], "generate", min_new_tokens=400, max_new_tokens=400)
 
 
 def test_chat_timeout_and_disconnect_stop_the_decoding(chat_model, slow_generate):

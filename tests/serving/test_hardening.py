@@ -16,7 +16,6 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from transformers import StoppingCriteria
 
 import speechlm.serving.batcher as batcher_module
 from speechlm.serving import create_app
@@ -120,39 +119,6 @@ def test_absurd_declared_sample_rates_are_400(tiny):
             assert response.status_code == 400, (rate, response.text)
             error = response.json()["error"]
             assert error["code"] == "invalid_audio" and f"declared sample rate {rate} Hz" in error["message"]
-
-
-class _SlowSteps(StoppingCriteria):
-    """Makes every generation step take a while and counts the steps (never stops anything itself)."""
-
-    def __init__(self):
-        self.steps = 0
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.steps += 1
-        time.sleep(0.05)
-        import torch
-
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-@pytest.fixture
-def slow_decoding(monkeypatch):
-    """400 forced generation steps of 50 ms each (20 s) unless the server stops them; records when decoding ends."""
-    record = {"ended": threading.Event(), "criteria": []}
-    real = batcher_module.transcribe_arrays
-
-    def slow(*args, **kwargs):
-        criterion = _SlowSteps()
-        record["criteria"].append(criterion)
-        kwargs["stopping_criteria"] = list(kwargs.get("stopping_criteria") or []) + [criterion]
-        try:
-            return real(*args, min_new_tokens=400, **kwargs)
-        finally:
-            record["ended"].set()
-
-    monkeypatch.setattr(batcher_module, "transcribe_arrays", slow)
-    return record
 
 
 def test_timeout_stops_the_decoding(tiny, slow_decoding):

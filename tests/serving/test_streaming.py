@@ -4,16 +4,13 @@ honoured or refused with a 400, never silently ignored. Live server on loopback,
 from __future__ import annotations
 
 import shutil
-import threading
 
 import httpx
 import openai
 import pytest
 
-import speechlm.serving.batcher as batcher_module
 from speechlm.serving import create_app
 from tests.conftest import make_clips
-from tests.serving.test_hardening import _SlowSteps
 from tests.serving.test_server import live_server, settings, wav_bytes
 
 ENDPOINT = "/v1/audio/transcriptions"
@@ -79,25 +76,6 @@ def test_stream_errors_before_the_first_event_are_ordinary_4xx(client, server):
     response = httpx.post(server + ENDPOINT, files={"file": ("a.wav", wav_bytes(make_clips()[0]))},
                           data={"stream": "true", "response_format": "srt"}, timeout=30)  # fmt: skip
     assert response.status_code == 400 and response.json()["error"]["param"] == "stream"
-
-
-@pytest.fixture
-def slow_decoding(monkeypatch):
-    """400 forced generation steps of 50 ms each unless the server stops them; records when decoding ends."""
-    record = {"ended": threading.Event(), "criteria": []}
-    real = batcher_module.transcribe_arrays
-
-    def slow(*args, **kwargs):
-        criterion = _SlowSteps()
-        record["criteria"].append(criterion)
-        kwargs["stopping_criteria"] = list(kwargs.get("stopping_criteria") or []) + [criterion]
-        try:
-            return real(*args, min_new_tokens=400, **kwargs)
-        finally:
-            record["ended"].set()
-
-    monkeypatch.setattr(batcher_module, "transcribe_arrays", slow)
-    return record
 
 
 def test_timeout_after_the_stream_began_is_an_error_event(tiny, slow_decoding):
