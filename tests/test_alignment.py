@@ -189,3 +189,17 @@ def test_compressing_model_batches_like_one_by_one_and_reloads(build, tmp_path):
         raise AssertionError("a second CTC head was added silently")
     model.freeze_projection()  # the head belongs to the projection side
     assert not any(p.requires_grad for p in model.ctc_head.parameters())
+
+
+def test_ctc_labels_replace_labels_as_targets(build):
+    """An understanding example's labels are its answer; the CTC head must align the audio with the transcript."""
+    processor, model = build("whisper", "llama", dtype=torch.float32)
+    clips = make_clips((1.0, 0.7))
+    transcripts = processor(clips, text=["hello world", "good day"])
+    answers = processor(clips, text=["yes", "no"], prompt="Answer:")
+    head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids)
+    with torch.no_grad():
+        reference = head(model, transcripts)
+        assert not torch.isclose(head(model, answers), reference)
+        with_transcripts = dict(answers, ctc_labels=transcripts["labels"])
+        torch.testing.assert_close(head(model, with_transcripts), reference)

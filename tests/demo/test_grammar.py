@@ -32,3 +32,38 @@ def test_vocabulary_is_a_few_hundred_words() -> None:
     assert 300 <= len(vocab) <= 800
     used = {w for s in c.build_sentences(5000, seed=3) for w in s.split()}
     assert used <= vocab
+
+
+def test_annotated_expansion_draws_exactly_what_plain_expansion_draws() -> None:
+    """Meanings come from replaying the stream, so the annotated expansion must consume the same random draws and
+    give the same text as the one the corpus was rendered from."""
+    import random
+
+    for template in [t for templates in c.TEMPLATES.values() for t in templates]:
+        plain, annotated = random.Random(template), random.Random(template)
+        assert c.expand_template(template, annotated).text == c._expand(template, plain)
+        assert plain.random() == annotated.random()
+
+
+def test_every_sentence_of_a_split_gets_its_meaning_back() -> None:
+    train, test = c.split_sentences(400, 40, seed=5)
+    meanings = c.utterances(train + test, seed=5)
+    assert set(meanings) == set(train + test)
+    for text, utterance in meanings.items():
+        values = [value for _, value in utterance.slots]
+        position = 0
+        for value in values:  # slot values are spoken in order
+            position = text.index(value, position) + len(value)
+        keys = [key for key, _ in utterance.slots]
+        assert len(keys) == len(set(keys)) and utterance.intent
+
+
+def test_texts_the_grammar_did_not_make_have_no_meaning() -> None:
+    assert c.utterances(["completely unrelated words here"], seed=0) == {}
+
+
+def test_intents_are_snake_case_names_for_every_template() -> None:
+    intents = [c.intent_of(t) for templates in c.TEMPLATES.values() for t in templates]
+    assert all(re.fullmatch(r"[a-z]+(_[a-z]+)*", intent) for intent in intents)
+    assert c.intent_of("set an alarm for {time}") == c.intent_of("set an alarm for {time} {date}") == "set_alarm"
+    assert 80 <= len(set(intents)) <= len(intents)

@@ -153,3 +153,35 @@ def test_decoding_cap_follows_the_longest_clip_of_each_batch(monkeypatch):
     assert caps == [13, 58]  # 5 tokens/s + 8
     transcribe_capped(None, None, audio, max_new_tokens=20, batch_size=2)
     assert caps[-1] == 20  # never above the caller's cap
+
+
+def test_understanding_tasks_add_one_example_per_grammar_clip():
+    import torch
+
+    from speechlm.demo.grammar import Utterance
+    from speechlm.demo.run import FrameDataset
+
+    rows = [{"source": "synthetic", "text": "set an alarm for noon"}, {"source": "asterisk", "text": "goodbye"}]
+    meanings = {"set an alarm for noon": Utterance("set an alarm for noon", "set_alarm", (("time", "noon"),))}
+    frames = [torch.zeros(3, 2), torch.zeros(4, 2)]
+    dataset = FrameDataset.from_rows(frames, rows, tasks=("transcribe", "slu"), meanings=meanings)
+    assert dataset.tasks == ["transcribe", "slu", "transcribe"]
+    assert dataset.texts == ["set an alarm for noon", "set an alarm for noon", "goodbye"]  # the CTC targets
+    assert dataset[1]["target"] == '{"intent": "set_alarm", "time": "noon"}'
+
+
+def test_collator_gives_the_ctc_head_the_transcript_when_the_answer_differs(build):
+    import torch
+
+    from speechlm.demo.run import FrameCollator
+
+    processor, _ = build("whisper", "llama")
+    transcript = {"frames": torch.zeros(5, 16), "text": "turn on the lights", "prompt": "Transcribe:",
+                  "target": "turn on the lights"}
+    answer = dict(transcript, prompt="Intent and slots as JSON:", target='{"intent": "turn"}')
+    assert "ctc_labels" not in FrameCollator(processor)([transcript, transcript])
+    batch = FrameCollator(processor)([transcript, answer])
+    expected = processor.encode_text([processor.build_prompt(i["prompt"]) for i in (transcript, answer)],
+                                     [transcript["text"]] * 2)["labels"]
+    assert torch.equal(batch["ctc_labels"], expected)
+    assert not torch.equal(batch["labels"], batch["ctc_labels"])

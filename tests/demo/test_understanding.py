@@ -1,0 +1,66 @@
+"""Understanding tasks rendered from the grammar (speechlm/demo/understanding.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from speechlm.demo.grammar import Utterance
+from speechlm.demo.understanding import (
+    SLU_PROMPT,
+    TRANSCRIBE_PROMPT,
+    cascade_prompt,
+    examples,
+    parse_tasks,
+    question,
+    slu_target,
+    training_examples,
+)
+
+ALARM = Utterance("set an alarm for seven thirty tomorrow", "set_alarm",
+                  (("time", "seven thirty"), ("date", "tomorrow")))
+FLIGHT = Utterance("how far is paris from rome", "distance", (("city", "paris"), ("city_2", "rome")))
+NO_SLOTS = Utterance("turn off all alarms", "turn_off_alarms", ())
+
+
+def test_tasks_parse_and_always_keep_transcription():
+    assert parse_tasks("transcribe, slu,qa") == ("transcribe", "slu", "qa")
+    with pytest.raises(ValueError, match="translate"):
+        parse_tasks("transcribe,translate")
+    with pytest.raises(ValueError, match="must include 'transcribe'"):
+        parse_tasks("slu")
+
+
+def test_slu_target_is_json_with_the_intent_first_and_every_slot():
+    target = json.loads(slu_target(ALARM))
+    assert list(target) == ["intent", "time", "date"]
+    assert target == {"intent": "set_alarm", "time": "seven thirty", "date": "tomorrow"}
+
+
+def test_question_asks_about_a_slot_and_its_answer_is_that_value():
+    asked, answer = question(FLIGHT)
+    assert (asked, answer) in {("What city does the speaker mention?", "paris"),
+                               ("What second city does the speaker mention?", "rome")}
+    assert question(NO_SLOTS) is None
+
+
+def test_a_clip_without_a_known_meaning_is_only_transcribed():
+    assert [e.task for e in examples("press one for sales", None, ("transcribe", "slu", "qa"))] == ["transcribe"]
+
+
+def test_training_clip_gives_its_transcription_and_one_understanding_example():
+    pairs = training_examples(ALARM.text, ALARM, ("transcribe", "slu", "qa"))
+    assert [e.task for e in pairs][0] == "transcribe" and len(pairs) == 2
+    assert pairs[0].prompt == TRANSCRIBE_PROMPT and pairs[0].target == ALARM.text
+    assert pairs[1].task in ("slu", "qa")
+    only_slu = training_examples(ALARM.text, ALARM, ("transcribe", "slu"))
+    assert [(e.task, e.prompt) for e in only_slu] == [("transcribe", TRANSCRIBE_PROMPT), ("slu", SLU_PROMPT)]
+
+
+def test_cascade_prompt_holds_the_task_examples_then_the_query():
+    shots = [(ALARM.text, e) for e in examples(ALARM.text, ALARM, ("transcribe", "slu", "qa"))]
+    prompt = cascade_prompt("slu", SLU_PROMPT, "wake me up at six", shots)
+    assert prompt.endswith(f"Transcript: wake me up at six\n{SLU_PROMPT}")
+    assert f"Transcript: {ALARM.text}\n{SLU_PROMPT} {slu_target(ALARM)}" in prompt
+    assert "What" not in prompt and TRANSCRIBE_PROMPT not in prompt
