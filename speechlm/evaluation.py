@@ -22,6 +22,7 @@ __all__ = [
     "evaluate_model",
     "format_report",
     "format_summary_table",
+    "json_safe",
     "normalize_text",
     "normalizer_description",
     "per_utterance_rows",
@@ -176,14 +177,16 @@ def per_utterance_rows(
     return rows
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf become null: Python's json would write `Infinity`, which strict JSON readers (jq, browsers) reject."""
+def json_safe(value: Any) -> Any:
+    """NaN/inf become null: Python's json would write `Infinity`, which strict JSON readers (jq, browsers) reject.
+
+    The one helper for every JSON file SpeechLM writes (metrics, predictions, training summaries)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -193,7 +196,7 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
-            handle.write(json.dumps(_json_safe(row), ensure_ascii=False, allow_nan=False) + "\n")
+            handle.write(json.dumps(json_safe(row), ensure_ascii=False, allow_nan=False) + "\n")
     return path
 
 
@@ -481,7 +484,7 @@ def evaluate_model(
             rows = per_utterance_rows([r["id"] for r in records], references, hypotheses, normalize=normalize)
         write_jsonl(rows, output_dir / "predictions.jsonl")
         with open(output_dir / "metrics.json", "w", encoding="utf-8") as handle:
-            json.dump(_json_safe(metrics), handle, indent=2)
+            json.dump(json_safe(metrics), handle, indent=2)
         notes = [f"Model: {model_name or type(model).__name__}", f"Data: {manifest.source}",
                  f"Normaliser: {normalizer_description(normalize)}"]  # fmt: skip
         report = format_report(metrics, "Evaluation", notes)

@@ -1,0 +1,82 @@
+"""Several processes: FSDP2 sharding helpers, the weight hash that tells whether DDP ranks stayed in sync, and the
+rank-0 / barrier primitives the run uses. Nothing here replaces what transformers' `Trainer` and accelerate drive."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+
+def trainable_weights_sha256(model) -> str:
+    """Hash of the trainable weights: equal on every DDP rank when the replicas stayed in sync."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fsdp_layer_classes(model) -> list[str]:
+    """Names of the layer classes FSDP should shard one by one: the union of the encoder's and the LLM's own
+    `_no_split_modules` (e.g. WhisperEncoderLayer + Qwen2DecoderLayer), restricted to classes the model holds; a
+    sub-model that declares none (Wav2Vec2) contributes its longest stack of identical attention layers.
+
+    accelerate's TRANSFORMER_BASED_WRAP reads `model._no_split_modules` when `fsdp_transformer_layer_cls_to_wrap`
+    is unset; `speechlm train` sets `model._no_split_modules` from this list.
+    """
+    present = {type(module).__name__ for module in model.modules()}
+    names: list[str] = []
+    for part in (model.audio_tower, model.language_model):
+        declared = [name for name in getattr(part, "_no_split_modules", None) or () if name in present]
+        if not declared:  # e.g. Wav2Vec2 declares none: its longest stack of identical attention layers
+            stacks = [m for m in part.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+                      and len({type(x) for x in m}) == 1
+                      and any("attention" in name.lower() for name, _ in m[0].named_children())]
+            if stacks:
+                declared = [type(max(stacks, key=len)[0]).__name__]
+        names += [name for name in declared if name not in names]
+    return names
+
+
+def apply_fully_shard(model, mesh=None, reshard_after_forward: bool = True, mp_policy=None):
+    """Shard `model` with torch's FSDP2 (`fully_shard`): each layer of `fsdp_layer_classes`, then the root
+    (projector, audio start/end, embeddings, CTC head). Frozen and trainable parameters may share a unit: FSDP2
+    shards per parameter, and only parameters that require grad get gradients. Works on CPU over gloo and on
+    GPUs over NCCL; `mesh` defaults to one dimension over every process on the model's device type."""
+    from torch.distributed.fsdp import fully_shard
+
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device_type = next(model.parameters()).device.type
+        mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    classes = set(fsdp_layer_classes(model))
+    for module in list(model.modules()):
+        if type(module).__name__ in classes:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every weight of an FSDP2-sharded (or plain) model, gathered and on the CPU, on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or the only process): the one that writes shared files and reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    """Wait for every process when running distributed; a no-op in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

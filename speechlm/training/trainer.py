@@ -1,0 +1,196 @@
+"""transformers' `Trainer` for SpeechLM: duration-grouped batches, a WER/task-metric pass at every evaluation, the
+optional CTC loss, and our options mapped onto `TrainingArguments` (precision resolved for the hardware)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .config import EvaluationConfig, TrainingOptions
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_precision(requested: str) -> str:
+    """bf16/fp16 only where the hardware runs them natively (CUDA); CPU training stays fp32."""
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    if requested == "auto":
+        return "bf16" if bf16 else "fp16" if cuda else "fp32"
+    if requested == "bf16" and not bf16:
+        logger.warning("bf16 requested but this machine has no bf16-capable GPU: training in fp32")
+        return "fp32"
+    if requested == "fp16" and not cuda:
+        logger.warning("fp16 requested but no CUDA GPU is available: training in fp32")
+        return "fp32"
+    return requested
+
+
+class SpeechLMTrainer(Trainer):
+    """`Trainer` with duration-grouped batches and a WER/CER pass added to every evaluation."""
+
+    def __init__(self, *args, wer_records=None, evaluation: EvaluationConfig | None = None, task_prompts=None,
+                 ctc_head=None, ctc_weight: float = 0.0, ctc_only: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wer_records = list(wer_records or [])
+        self.evaluation_config = evaluation or EvaluationConfig()
+        self._in_task_loop = False
+        if self.wer_records and self.evaluation_config.wer:  # a wrong task metric fails now, not at the first eval
+            from ..tasks import resolve_kinds
+
+            resolve_kinds(self.wer_records, self.evaluation_config.task_metrics)
+        self.task_prompts = task_prompts
+        # CTC alignment (speechlm.alignment): `ctc_only` skips the LLM pass (pre-alignment), else weight x CTC is added.
+        if ctc_head is not None and self.args.world_size > 1:
+            raise ValueError("CTC alignment (ctc_head) runs in a single process; drop it for distributed training")
+        self.ctc_head = ctc_head.to(self.args.device) if ctc_head is not None else None
+        self.ctc_weight, self.ctc_only = ctc_weight, ctc_only
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.ctc_head is not None and not any(
+            p is self.ctc_head.blank for group in optimizer.param_groups for p in group["params"]
+        ):
+            optimizer.add_param_group({"params": list(self.ctc_head.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # `ctc_labels`: the transcript the CTC head aligns the audio with, when the LLM learns another answer
+        # (an understanding task on the same clip); never an input of the model itself.
+        model_inputs = {key: value for key, value in inputs.items() if key != "ctc_labels"}
+        if self.ctc_head is None or not (self.ctc_only or self.ctc_weight):
+            return super().compute_loss(model, model_inputs, return_outputs, num_items_in_batch)
+        ctc = self.ctc_head(self.accelerator.unwrap_model(model), inputs)
+        if self.ctc_only:
+            return (ctc, None) if return_outputs else ctc
+        loss, outputs = super().compute_loss(model, model_inputs, True, num_items_in_batch)
+        loss = loss + self.ctc_weight * ctc
+        return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            from ..data import DurationGroupedSampler
+
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return DurationGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                          dataset.lengths, seed=seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        # The stock group_by_length eval sampler would decode every clip to measure it; order does not matter here.
+        if self.args.world_size <= 1:
+            return torch.utils.data.SequentialSampler(eval_dataset)
+        return None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if self._in_task_loop:  # one task of a per-task eval set: Trainer's dict loop calls back here
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        target = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(target, dict):
+            from ..tasks import pooled_loss
+
+            self._in_task_loop = True
+            try:
+                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            finally:
+                self._in_task_loop = False
+            loss = pooled_loss(metrics, {name: len(part) for name, part in target.items()}, metric_key_prefix)
+            if loss is not None:
+                self.log(loss)
+                metrics.update(loss)
+        else:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) if self.eval_dataset else {}
+        if self.wer_records and self.evaluation_config.wer:
+            wer = self.word_error_rates(metric_key_prefix)
+            if wer:
+                self.log(wer)
+                metrics.update(wer)
+        return metrics
+
+    def word_error_rates(self, prefix: str = "eval") -> dict[str, float]:
+        """Metrics of the decoded `wer_records`, each process decoding its share (gathered afterwards): WER/CER, or
+        with several tasks each task's own (`speechlm.tasks.headline_metrics`) and the WER of the transcription ones.
+        """
+        from accelerate.utils import gather_object
+
+        from ..evaluation import transcribe_records
+        from ..tasks import headline_metrics, resolve_kinds, score_records, transcription_scores
+
+        if self.is_fsdp_enabled:
+            logger.warning("WER during training is skipped under FSDP; run `speechlm evaluate` on the result")
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        rank, world = self.args.process_index, self.args.world_size
+        shard = list(range(rank, len(self.wer_records), world))
+        was_training = model.training
+        model.eval()
+        cfg = self.evaluation_config
+        try:
+            hypotheses = transcribe_records(
+                model, self.processing_class, [self.wer_records[i] for i in shard], batch_size=cfg.batch_size,
+                prompt=cfg.prompt, task_prompts=self.task_prompts, max_new_tokens=cfg.max_new_tokens,
+                num_beams=cfg.num_beams,
+            )  # fmt: skip
+        finally:
+            model.train(was_training)
+        pairs = list(zip(shard, hypotheses))
+        if world > 1:
+            pairs = gather_object(pairs)
+        by_index = dict(pairs)
+        ordered = [by_index[i] for i in range(len(self.wer_records))]
+        kinds = resolve_kinds(self.wer_records, cfg.task_metrics)
+        scores = score_records(self.wer_records, ordered, kinds)
+        return headline_metrics(scores, transcription_scores(self.wer_records, ordered, kinds), prefix)
+
+
+def make_training_arguments(options: TrainingOptions, output_dir: Path, has_eval: bool, find_unused: bool):
+    """`transformers.TrainingArguments` from our options (precision resolved, CPU-friendly distributed defaults)."""
+    precision = resolve_precision(options.precision)
+    cuda = torch.cuda.is_available()
+    eval_steps = options.eval_steps if has_eval else None
+    kwargs = dict(
+        output_dir=str(output_dir),
+        max_steps=options.max_steps if options.max_steps and options.max_steps > 0 else -1,
+        num_train_epochs=options.num_train_epochs,
+        per_device_train_batch_size=options.per_device_train_batch_size,
+        per_device_eval_batch_size=options.per_device_eval_batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        learning_rate=options.learning_rate,
+        lr_scheduler_type=options.lr_scheduler_type,
+        warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        logging_steps=options.logging_steps,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit,
+        seed=options.seed,
+        train_sampling_strategy="group_by_length" if options.group_by_length else "random",
+        report_to=list(options.report_to or []),
+        dataloader_num_workers=options.dataloader_num_workers,
+        dataloader_pin_memory=cuda,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        ddp_find_unused_parameters=find_unused,
+    )
+    if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kwargs.update(use_cpu=True, ddp_backend="gloo")  # CPU-only DDP (torchrun): accelerate's MULTI_CPU over gloo
+    if options.gradient_checkpointing:
+        # Recent transformers renamed gradient_checkpointing to activation_checkpointing; use whichever exists.
+        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+        kwargs[name] = True
+        kwargs[f"{name}_kwargs"] = {"use_reentrant": False}
+    kwargs.update(options.extra or {})
+    return TrainingArguments(**kwargs)
+
