@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from tests.test_training import _env, _summary, base_config, corpus  # noqa: F401  (fixtures)
+from tests.training.conftest import _env, _summary, base_config, corpus  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"

@@ -1,77 +1,21 @@
-"""Training end to end on tiny models: loss goes down, a killed run resumes exactly, stages, DDP, merge-lora."""
+"""`train()` end to end on tiny models (speechlm/training/runner.py): the loss goes down, a killed run resumes
+exactly, stages run in order from a datasets folder with the encoder cache, several eval tasks are scored apart."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 import torch
 import yaml
 
 from speechlm import cli
-from speechlm.training import TrainConfig, load_config, train
-from tests.conftest import make_clips
-from tests.tiny_models import CORPUS
-
-ROOT = Path(__file__).resolve().parents[1]
-TEXTS = ["call mom tomorrow morning", "play some jazz music", "set an alarm for seven thirty",
-         "turn off the kitchen lights", "remind me to buy milk", "what is the weather in paris"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Six distinct synthetic clips with CORPUS sentences; eval = the first three."""
-    root = tmp_path_factory.mktemp("corpus")
-    clips = make_clips(seconds=(0.5, 0.7, 0.6, 0.9, 0.4, 0.8), seed=1)
-    rows = []
-    for index, (clip, text) in enumerate(zip(clips, TEXTS)):
-        assert text in CORPUS
-        sf.write(root / f"{index}.wav", clip, 16000)
-        rows.append({"audio": f"{index}.wav", "text": text, "id": f"u{index}"})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    return root
-
-
-@pytest.fixture(scope="module")
-def base_config(corpus, model_dirs):
-    def make(output_dir: Path, **sections) -> dict:
-        config = {
-            "model": {"encoder": str(model_dirs("encoder", "whisper")), "decoder": str(model_dirs("decoder", "qwen2")),
-                      "projection_hidden_size": 32},
-            "data": {"train_manifest": str(corpus / "train.jsonl"), "eval_manifest": str(corpus / "eval.jsonl"),
-                     "prompt": "transcribe"},
-            "training": {"output_dir": str(output_dir), "max_steps": 8, "per_device_train_batch_size": 2,
-                         "per_device_eval_batch_size": 3, "learning_rate": 0.01, "warmup_steps": 0.25,
-                         "logging_steps": 1, "eval_steps": 4, "save_steps": 4, "report_to": ["tensorboard"]},
-            "evaluation": {"max_new_tokens": 3, "batch_size": 3},
-            # A tiny random LLM cannot move its frozen head and norms enough for LoRA alone to lower the loss visibly
-            # in 8 steps, so this stage trains the whole decoder plus LoRA adapters (dropout exercises the RNG state).
-            "stages": [{"name": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.1}, "train_decoder": True}],
-        }  # fmt: skip
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                config[section].update(values)
-            else:
-                config[section] = values
-        return config
-
-    return make
-
-
-def _env() -> dict:
-    # One thread per process: the test machine's cores are shared, and two DDP ranks must not fight over them.
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def _summary(output_dir: Path) -> dict:
-    return json.loads((output_dir / "training_summary.json").read_text())
+from speechlm.training import train
+from tests.training.conftest import _env, _summary
 
 
 def _stage_state(checkpoint: Path) -> tuple[dict, dict, list]:
@@ -185,84 +129,6 @@ def test_stages_encoder_cache_and_finished_resume(base_config, corpus, tmp_path)
         train(config)
 
 
-def test_ddp_two_cpu_processes_agree(base_config, tmp_path):
-    config = base_config(tmp_path / "ddp", training={"max_steps": 3, "save_steps": 3, "eval_steps": 3,
-                                                     "report_to": []})  # fmt: skip
-    config_path = tmp_path / "ddp.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "speechlm.cli", "train", "--config", str(config_path)]  # fmt: skip
-    result = subprocess.run(command, env=_env(), capture_output=True, timeout=300)
-    assert result.returncode == 0, result.stderr.decode()[-4000:]
-    stage_dir = tmp_path / "ddp" / "stages" / "01-lora"
-    hashes = [(stage_dir / f"weights_sha256.rank{rank}.txt").read_text().strip() for rank in (0, 1)]
-    assert hashes[0] == hashes[1]
-    stage = _summary(tmp_path / "ddp")["stages"][0]
-    assert stage["world_size"] == 2 and stage["ranks_agree"] and stage["trainable_weights_sha256"] == hashes[0]
-    log = json.loads((stage_dir / "stage_done.json").read_text())["log_history"]
-    assert any("eval_wer" in entry for entry in log)  # the sharded WER pass gathered both halves
-
-
-def test_merge_lora_gives_identical_logits(build, clips, tmp_path):
-    processor, model = build("whisper", "qwen2", dtype=torch.float32)
-    model.add_lora(r=4, alpha=8, dropout=0.0)
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.2)  # a trained-looking adapter (fresh ones are zero and change nothing)
-    model.save_pretrained(tmp_path / "lora")
-    processor.save_pretrained(tmp_path / "lora")
-    assert cli.main(["merge-lora", str(tmp_path / "lora"), str(tmp_path / "merged")]) == 0
-
-    from speechlm.inference import load_pretrained
-
-    processor, before = load_pretrained(str(tmp_path / "lora"))
-    _, after = load_pretrained(str(tmp_path / "merged"))
-    assert after.config.lora is None and not any("lora_" in name for name, _ in after.named_parameters())
-    batch = processor(clips, text=["call mom", "play", "set an alarm"])
-    with torch.no_grad():
-        logits = before(**batch).logits
-        torch.testing.assert_close(after(**batch).logits, logits, atol=1e-5, rtol=1e-5)
-        for name, param in before.named_parameters():
-            if "lora_B" in name:
-                param.zero_()
-        assert (before(**batch).logits - logits).abs().max() > 1e-2  # the adapters did matter
-        for name, param in model.named_parameters():  # restore them for the generation check below
-            if "lora_B" in name:
-                before.get_parameter(name).copy_(param)
-    inputs = processor(clips)
-    assert after.generate(**inputs, max_new_tokens=5).tolist() == before.generate(**inputs, max_new_tokens=5).tolist()
-    with pytest.raises(ValueError, match="no LoRA adapters"):
-        cli.main(["merge-lora", str(tmp_path / "merged"), str(tmp_path / "again")])
-
-
-def test_config_overrides_and_validation(tmp_path, capsys):
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"encoder": "enc", "decoder": "dec"}, "data": {"train_manifest": "train.jsonl"},
-        "stages": [{"name": "projector", "max_steps": 10}, {"name": "lora", "lora": {"r": 4}}],
-    }))  # fmt: skip
-    config = load_config(path, {"training.max_steps": 20, "stages.1.learning_rate": 1e-3, "stages.1.lora.r": 8})
-    assert config.training.max_steps == 20 and config.stages[0].training == {"max_steps": 10}
-    assert config.stages[1].training == {"learning_rate": 1e-3} and config.stages[1].lora == {"r": 8}
-    assert TrainConfig.from_dict(config.to_dict()) == config  # the saved config.yaml reloads to the same config
-
-    with pytest.raises(ValueError, match=r"unknown key 'max_step' in training \(did you mean 'max_steps'\?\)"):
-        load_config(path, {"training.max_step": 1})
-    with pytest.raises(ValueError, match=r"unknown key 'lr' in stages\[0\]"):
-        load_config(path, {"stages.0.lr": 1})
-    with pytest.raises(ValueError, match="needs model.encoder and model.decoder"):
-        TrainConfig.from_dict({"data": {"train_manifest": "x"}})
-
-    argv = ["train", "--config", str(path), "--training.max_steps", "7", "--training.report_to", "[]",
-            "--data.encoder_cache", "null", "--set", "stages.0.learning_rate=0.01", "--print-config"]  # fmt: skip
-    assert cli.main(argv) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["training"]["max_steps"] == 7 and printed["training"]["report_to"] == []
-    assert printed["stages"][0]["training"] == {"max_steps": 10, "learning_rate": 0.01}
-    with pytest.raises(SystemExit, match="unknown key 'bogus'"):
-        cli.main(["train", "--config", str(path), "--set", "model.bogus=1"])
-
 
 SLU = {"call mom tomorrow morning": '{"intent": "call", "contact": "mom", "date": "tomorrow morning"}',
        "play some jazz music": '{"intent": "play_music", "genre": "jazz"}',
@@ -317,10 +183,3 @@ def test_several_eval_tasks_are_scored_by_their_kinds(two_task_run):
     assert metrics["eval_wer"] == metrics["eval_transcribe_wer"]  # the only transcription task
     final = _summary(two_task_run)["final_metrics"]
     assert {"loss", "slu_loss", "slu_slot_f1", "wer"} <= set(final) and "runtime" not in final
-
-
-def test_task_metric_kinds_are_validated():
-    with pytest.raises(ValueError, match="unknown task metric kind 'bleu'"):
-        TrainConfig.from_dict({"model": {"encoder": "e", "decoder": "d"}, "data": {"train_manifest": "x"},
-                               "evaluation": {"task_metrics": {"slu": "bleu"}}})
-

@@ -1,4 +1,5 @@
-"""`--resume` after a save killed midway: the newest *complete* checkpoint wins, broken files are named, not raised."""
+"""Which checkpoint `--resume` starts from (speechlm/training/checkpoints.py): after a save killed midway the newest
+*complete* checkpoint wins, and broken files are named, not raised."""
 
 from __future__ import annotations
 
@@ -12,16 +13,15 @@ from safetensors.torch import load_file
 
 from speechlm import cli
 from speechlm.training import checkpoint_problem, train
-from tests.test_training import base_config, corpus  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module")
-def reference(base_config, tmp_path_factory):  # noqa: F811
+def reference(base_config, tmp_path_factory):
     """One uninterrupted 8-step run with checkpoints at steps 4 and 8."""
     return train(base_config(tmp_path_factory.mktemp("resume") / "reference"))
 
 
-def _unfinished_copy(reference, tmp_path, base_config):  # noqa: F811
+def _unfinished_copy(reference, tmp_path, base_config):
     """The reference run as a kill during the save of checkpoint-8 leaves it: no final model, stage not done."""
     output = tmp_path / "killed"
     shutil.copytree(reference / "stages", output / "stages")
@@ -52,7 +52,7 @@ def test_checkpoint_problem_names_what_is_broken(reference, tmp_path):
         assert expected in (checkpoint_problem(broken) or ""), name
 
 
-def test_resume_skips_a_checkpoint_broken_mid_save(reference, base_config, tmp_path, caplog):  # noqa: F811
+def test_resume_skips_a_checkpoint_broken_mid_save(reference, base_config, tmp_path, caplog):
     output, stage, config = _unfinished_copy(reference, tmp_path, base_config)
     weights = stage / "checkpoint-8" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # killed while writing the weights
@@ -68,7 +68,7 @@ def test_resume_skips_a_checkpoint_broken_mid_save(reference, base_config, tmp_p
         torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
-def test_resume_from_a_truncated_checkpoint_path_is_a_clear_error(reference, base_config, tmp_path, capsys):  # noqa: F811
+def test_resume_from_a_truncated_checkpoint_path_is_a_clear_error(reference, base_config, tmp_path, capsys):
     output, stage, config = _unfinished_copy(reference, tmp_path, base_config)
     optimizer = stage / "checkpoint-4" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])

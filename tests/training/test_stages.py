@@ -1,0 +1,33 @@
+"""What a stage lets train (speechlm/training/stages.py): LoRA from the stage's keys, freezing, nothing-to-train."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from speechlm import SpeechLMModel
+from speechlm.training import StageConfig, apply_stage, count_parameters
+
+
+def test_lora_keys_left_out_keep_the_model_defaults(build):
+    _, model = build("whisper", "qwen2", dtype=torch.float32)
+    apply_stage(model, StageConfig(name="lora", lora={"r": 4, "lora_alpha": 8}))
+    defaults = inspect.signature(SpeechLMModel.add_lora).parameters
+    assert model.config.lora == {"r": 4, "lora_alpha": 8, "lora_dropout": defaults["dropout"].default,
+                                 "target_modules": "all-linear"}  # fmt: skip
+
+
+def test_a_projector_stage_trains_only_the_projector(build):
+    _, model = build("whisper", "qwen2", dtype=torch.float32)
+    apply_stage(model, StageConfig(name="projector"))
+    trainable = {name.split(".")[0] for name, param in model.named_parameters() if param.requires_grad}
+    assert "audio_tower" not in trainable and "language_model" not in trainable
+    assert "multi_modal_projector" in trainable and count_parameters(model)[0] < count_parameters(model)[1]
+
+
+def test_a_stage_that_trains_nothing_is_an_error(build):
+    _, model = build("whisper", "qwen2", dtype=torch.float32)
+    with pytest.raises(ValueError, match="stage 'idle' trains nothing"):
+        apply_stage(model, StageConfig(name="idle", train_projector=False, train_lora=False))
