@@ -6,6 +6,20 @@ from transformers import AutoConfig, PreTrainedConfig
 
 AUDIO_LAYOUTS = ("prefix", "placeholder")
 IGNORE_INDEX = -100  # the label the loss skips (audio, prompt and padding positions)
+# `auto_map` points at a two-line module saved beside the weights that imports the installed speechlm classes
+# (`REMOTE_CODE_MODULE`): `trust_remote_code=True` then works without `import speechlm`, and a machine without
+# speechlm gets transformers' "requires the following packages ... speechlm" instead of "update transformers".
+REMOTE_CODE_MODULE = "modeling_speechlm"
+AUTO_MAP = {
+    "AutoConfig": f"{REMOTE_CODE_MODULE}.SpeechLMConfig",
+    "AutoModel": f"{REMOTE_CODE_MODULE}.SpeechLMModel",
+    "AutoProcessor": f"{REMOTE_CODE_MODULE}.SpeechLMProcessor",
+}
+REMOTE_CODE = (
+    '"""Loads SpeechLM from the installed `speechlm` package (pip install speechlm): no model code lives here."""\n\n'
+    "from speechlm import SpeechLMConfig, SpeechLMModel, SpeechLMProcessor\n\n"
+    '__all__ = ["SpeechLMConfig", "SpeechLMModel", "SpeechLMProcessor"]\n'
+)
 
 
 class SpeechLMConfig(PreTrainedConfig):
@@ -75,6 +89,8 @@ class SpeechLMConfig(PreTrainedConfig):
         self.lora = lora
         self.ctc_head = ctc_head
         self.trainable_only = trainable_only
+        kwargs["architectures"] = kwargs.get("architectures") or ["SpeechLMModel"]
+        kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         if text_config is not None:
             for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 kwargs.setdefault(name, getattr(text_config, name, None))
@@ -104,4 +120,12 @@ def _as_config(value: dict | PreTrainedConfig | None, name: str) -> PreTrainedCo
     raise TypeError(f"{name} must be a dict or a PreTrainedConfig, got {type(value).__name__}")
 
 
-__all__ = ["SpeechLMConfig"]
+def write_remote_code(save_directory: str) -> None:
+    """Write the module `auto_map` names (see `REMOTE_CODE_MODULE`)."""
+    import os
+
+    with open(os.path.join(save_directory, f"{REMOTE_CODE_MODULE}.py"), "w", encoding="utf-8") as handle:
+        handle.write(REMOTE_CODE)
+
+
+__all__ = ["SpeechLMConfig", "AUTO_MAP", "write_remote_code"]

@@ -11,12 +11,47 @@ convolutions smear padding into the last real frames) run each clip on its real 
 
 from __future__ import annotations
 
+import inspect
+
+import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModel, PreTrainedConfig
+from transformers import AutoModel, PreTrainedConfig, WhisperFeatureExtractor
 
 WAVEFORM_SAMPLING_RATE = 16_000
 WHISPER_MEL_FRAMES_PER_SECOND = 100
+
+
+class AudioTooShortError(ValueError):
+    """A clip shorter than what the encoder (or its feature extractor's analysis window) can turn into one frame."""
+
+    def __init__(self, clips: list[int], lengths: list[int], minimum: int, unit: str):
+        self.clips, self.lengths, self.minimum = clips, lengths, minimum
+        super().__init__(
+            f"audio clip(s) {clips} have {lengths} {unit}, shorter than the encoder's receptive field "
+            f"({minimum} {unit}); empty or too-short audio cannot be encoded"
+        )
+
+
+def min_audio_samples(feature_extractor) -> int:
+    """Fewest waveform samples a feature extractor turns into at least one frame.
+
+    A Whisper-style log-mel extractor reflect-pads its STFT by `n_fft // 2` (torch raises a bare RuntimeError on
+    anything shorter) and drops the last frame, so it needs `max(n_fft // 2 + 1, hop_length)` samples. Waveform
+    extractors pass samples through; the model checks their conv receptive field.
+    """
+    n_fft, hop = getattr(feature_extractor, "n_fft", None), getattr(feature_extractor, "hop_length", None)
+    if n_fft is None or hop is None:
+        return 1
+    return max(n_fft // 2 + 1, hop)
+
+
+def check_audio_samples(lengths: list[int], feature_extractor, first_index: int = 0) -> None:
+    """Raise `AudioTooShortError` (naming the clips) for clips the feature extractor cannot handle."""
+    minimum = min_audio_samples(feature_extractor)
+    short = [(first_index + i, n) for i, n in enumerate(lengths) if n < minimum]
+    if short:
+        raise AudioTooShortError([i for i, _ in short], [n for _, n in short], minimum, "samples")
 
 
 class AudioEncoderAdapter:
@@ -41,11 +76,14 @@ class AudioEncoderAdapter:
         raise NotImplementedError
 
     def min_input_length(self, encoder: nn.Module) -> int:
-        """Smallest input length (samples or mel frames) that yields one output frame."""
-        length = 1
-        while self.output_lengths(encoder, torch.tensor([length])).item() < 1:
-            length += 1
-        return length
+        """Smallest input length (samples or mel frames) that yields one output frame (computed once: the conv
+        arithmetic never changes, and counting up sample by sample on every forward cost hundreds of tiny ops)."""
+        if getattr(self, "_min_input_length", None) is None:
+            length = 1
+            while self.output_lengths(encoder, torch.tensor([length])).item() < 1:
+                length += 1
+            self._min_input_length = length
+        return self._min_input_length
 
     def max_input_length(self) -> int | None:
         return None
@@ -172,6 +210,60 @@ class WhisperStyleAdapter(AudioEncoderAdapter):
                 continue
             hidden = layer(hidden, attention_mask)
         return encoder.layer_norm(hidden)
+
+
+class ExactWhisperFeatureExtractor(WhisperFeatureExtractor):
+    """`WhisperFeatureExtractor` whose batches give every clip exactly the features and frame count it gets alone.
+
+    The stock extractor computes a padded batch at once: a shorter clip's last STFT window sees the padding instead
+    of its own reflection, and its attention mask is the sample mask strided by `hop_length` (57 frames for a
+    9,000-sample clip in a batch, 56 alone), so a clip's tokens depended on its batch-mates. Here each clip is also
+    extracted alone and its valid frames and mask are written into the stock output, whose shape and padding stay
+    what the caller asked for. Saved as a plain `WhisperFeatureExtractor`, so a saved folder needs no speechlm to
+    load; `SpeechLMProcessor` extracts clip by clip anyway.
+    """
+
+    def __call__(self, raw_speech, *args, **kwargs):
+        bound = inspect.signature(WhisperFeatureExtractor.__call__).bind(self, raw_speech, *args, **kwargs)
+        bound.apply_defaults()
+        options = bound.arguments
+        batched = (isinstance(raw_speech, np.ndarray) and raw_speech.ndim > 1) or (
+            isinstance(raw_speech, list | tuple) and len(raw_speech) > 0
+            and isinstance(raw_speech[0], np.ndarray | tuple | list)
+        )
+        clips = [np.asarray(clip, dtype=np.float32) for clip in raw_speech] if batched else [
+            np.asarray(raw_speech, dtype=np.float32)]
+        if any(clip.ndim != 1 for clip in clips):
+            return super().__call__(raw_speech, *args, **kwargs)
+        check_audio_samples([clip.shape[-1] for clip in clips], self)
+        output = super().__call__(raw_speech, *args, **kwargs)
+        features, mask = output["input_features"], output.get("attention_mask")
+        for index, clip in enumerate(clips):
+            alone = super().__call__(
+                clip, sampling_rate=options["sampling_rate"], padding="longest", truncation=False,
+                return_attention_mask=False, return_tensors="np", do_normalize=options["do_normalize"],
+                device=options["device"],
+            )["input_features"][0]
+            frames = min(alone.shape[-1], features[index].shape[-1])
+            row = features[index]
+            alone = alone[..., :frames]
+            row[..., :frames] = torch.from_numpy(alone).to(row) if isinstance(row, torch.Tensor) else alone
+            if mask is not None:
+                mask[index][:] = 0
+                mask[index][:frames] = 1
+        return output
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output["feature_extractor_type"] = WhisperFeatureExtractor.__name__
+        return output
+
+
+def exact_feature_extractor(feature_extractor):
+    """The batch-exact version of a feature extractor (Whisper's); waveform extractors already are exact."""
+    if type(feature_extractor) is WhisperFeatureExtractor:
+        return ExactWhisperFeatureExtractor.from_dict(feature_extractor.to_dict())
+    return feature_extractor
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:

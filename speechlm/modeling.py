@@ -14,7 +14,6 @@ The whole concept in one place:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -25,10 +24,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .alignment import CTCAlignmentHead
 from .configuration import IGNORE_INDEX, SpeechLMConfig
-from .encoders import encoder_adapter
+from .encoders import AudioTooShortError, encoder_adapter
 from .projector import SpeechLMProjector, default_stack_factor
-
-TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 
 
 @dataclass
@@ -198,11 +195,7 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         too_short = (lengths < minimum).nonzero().flatten().tolist()
         if too_short:
             unit = "samples" if name == "input_values" else "mel frames"
-            got = [int(lengths[i]) for i in too_short]
-            raise ValueError(
-                f"audio clip(s) {too_short} have {got} {unit}, shorter than the encoder's receptive field "
-                f"({minimum} {unit}); empty or too-short audio cannot be encoded"
-            )
+            raise AudioTooShortError(too_short, [int(lengths[i]) for i in too_short], minimum, unit)
         maximum = self.adapter.max_input_length()
         if maximum is not None and int(lengths.max()) > maximum:
             raise ValueError(
@@ -545,53 +538,56 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         return head.to(device=projector.device, dtype=projector.dtype)
 
     # ------------------------------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, trainable_only: bool = False, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, trainable_only: bool = False,
+                        metrics: dict | None = None, pipeline_tag: str | None = None, **kwargs):
         """Save the model; with `trainable_only=True` save just the trained weights plus the base models' ids.
 
-        A trainable-only folder holds the projector, the audio start/end embeddings, LoRA adapters and whatever
-        else requires grad (MBs instead of GBs); `from_pretrained` rebuilds the base encoder and LLM from
-        `config.encoder_name_or_path` / `config.decoder_name_or_path` and loads these weights on top.
+        A trainable-only folder holds the projector, the audio start/end embeddings, the CTC head and whatever else
+        requires grad (MBs instead of GBs), with the base models recorded as hub ids + revision where known
+        (`factory.portable_base_model`); `from_pretrained` rebuilds them and loads these weights on top. Every
+        folder also gets LoRA adapters in peft's format (`language_model_adapter/`), the module `auto_map` names
+        and a model card (README.md: base models, `pipeline_tag`, `metrics` if given).
         """
-        if not trainable_only:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        from safetensors.torch import save_file
+        from .factory import save_checkpoint_extras, save_trainable_only
 
-        if not (self.config.encoder_name_or_path and self.config.decoder_name_or_path):
-            raise ValueError("trainable_only needs config.encoder_name_or_path and decoder_name_or_path")
-        os.makedirs(save_directory, exist_ok=True)
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        names |= {n for n, _ in self.multi_modal_projector.named_parameters(prefix="multi_modal_projector")}
-        names |= {"audio_start", "audio_end"}
-        names |= {n for n, _ in self.named_parameters() if n.startswith("ctc_head.")}
-        names |= {n for n, _ in self.named_parameters() if "lora_" in n}
-        state = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters() if n in names}
-        save_file(state, os.path.join(save_directory, TRAINABLE_WEIGHTS_NAME), metadata={"format": "pt"})
-        config = self.config.__class__.from_dict(self.config.to_dict())
-        config.trainable_only = True
-        config.save_pretrained(save_directory)
-        self.generation_config.save_pretrained(save_directory)
+        if trainable_only:
+            save_trainable_only(self, str(save_directory))
+        else:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        save_checkpoint_extras(self, str(save_directory), trainable_only, metrics, pipeline_tag)
+
+    def push_to_hub(self, repo_id: str, *, trainable_only: bool = False, metrics: dict | None = None,
+                    pipeline_tag: str | None = None, commit_message: str | None = None, private: bool | None = None,
+                    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False, **kwargs):
+        """Upload what `save_pretrained` writes (with its model card, not transformers' generic one)."""
+        import tempfile
+
+        from transformers.utils import hub
+
+        repo_id = hub.hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, trainable_only=trainable_only, metrics=metrics, pipeline_tag=pipeline_tag,
+                                 **kwargs)
+            return self._upload_modified_files(folder, repo_id, files_timestamps={},
+                                               commit_message=commit_message or "Upload SpeechLM model",
+                                               token=token, create_pr=create_pr, revision=revision)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a full checkpoint, or a trainable-only one on top of its base models."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, encoder: str | None = None,
+                        decoder: str | None = None, **kwargs):
+        """Load a full checkpoint, or a trainable-only one (folder or hub repo) on top of its base models.
+
+        `encoder` / `decoder` (hub id or folder) replace a trainable-only checkpoint's recorded base models.
+        """
+        from .factory import load_trainable_only
+
         path = str(pretrained_model_name_or_path)
-        trainable = os.path.join(path, TRAINABLE_WEIGHTS_NAME)
-        if not os.path.isfile(trainable):
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        from safetensors.torch import load_file
-
-        from .factory import build_from_config
-
-        with open(os.path.join(path, "config.json")) as handle:
-            config = SpeechLMConfig.from_dict(json.load(handle))
-        model = build_from_config(config, dtype=kwargs.get("dtype"))
-        state = load_file(trainable)
-        missing = set(state) - set(dict(model.named_parameters()))
-        if missing:
-            raise ValueError(f"{trainable} holds weights the rebuilt model lacks: {sorted(missing)[:5]}")
-        model.load_state_dict(state, strict=False)
-        model.config.trainable_only = False
-        return model.eval()
+        options = {k: v for k, v in kwargs.items() if k not in ("config", "dtype", "torch_dtype")}
+        model = load_trainable_only(path, config=kwargs.get("config"), dtype=kwargs.get("dtype", kwargs.get(
+            "torch_dtype")), encoder=encoder, decoder=decoder, **options)
+        if model is not None:
+            return model
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 def _set_trainable(module: nn.Module, trainable: bool) -> None:

@@ -58,6 +58,7 @@ class SpeechLMProcessor:
     def extract_audio(self, audios: Sequence, sampling_rate: int | None = None) -> dict[str, torch.Tensor]:
         """Clips (1-D arrays at the encoder's rate) -> padded encoder inputs + `attention_mask`."""
         from .audio import validate_audio
+        from .encoders import check_audio_samples
 
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
             raise ValueError(
@@ -69,6 +70,7 @@ class SpeechLMProcessor:
         features = []
         for index, clip in enumerate(audios):
             clip = validate_audio(clip, self.sampling_rate, name=f"audio[{index}]")
+            check_audio_samples([clip.shape[-1]], self.feature_extractor, first_index=index)
             kwargs = {"sampling_rate": self.sampling_rate, "return_tensors": "np"}
             if self.audio_input_name == "input_features":
                 kwargs.update(padding="longest", truncation=False, return_attention_mask=False)
