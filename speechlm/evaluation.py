@@ -369,7 +369,7 @@ def transcribe_records(
     from tqdm.auto import tqdm
 
     from .data import load_record_audio, resolve_prompt
-    from .inference import transcribe_arrays
+    from .inference.decoding import transcribe_arrays
 
     hypotheses: list[str] = []
     group = max(1, batch_size) * _BATCHES_PER_GROUP
@@ -408,7 +408,7 @@ def _chat_history(record: dict[str, Any], sampling_rate: int) -> list[dict[str, 
 def _answer_chats(model, processor, conversations: list, batch_size: int, **generate_kwargs) -> list[str]:
     import torch
 
-    from .inference import default_generation_kwargs
+    from .inference.decoding import default_generation_kwargs
 
     kwargs = default_generation_kwargs(model, **generate_kwargs)
     kwargs.setdefault("eos_token_id", processor.end_of_turn_token_ids)  # a chat-trained model ends its turn there
@@ -506,18 +506,18 @@ def _task_rows(records, hypotheses, kinds, normalize) -> list[dict[str, Any]]:
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    from .loading import add_loading_arguments
+    """`speechlm evaluate`'s flags: the shared model and decoding options (`speechlm.cli_options`) plus its own."""
+    from .cli_options import add_decoding_arguments, add_model_arguments
 
     parser.add_argument("manifest", help="JSONL manifest: {\"audio\": path, \"text\": reference, \"prompt\"?: ...}")
-    parser.add_argument("--model", required=True, help="model folder (model + processor, as saved by training)")
-    parser.add_argument("--prompt", default=None, help="instruction for records without their own prompt")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens per clip (default 128)")
-    parser.add_argument("--num-beams", type=int, default=None)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N utterances")
+    add_model_arguments(parser)
+    add_decoding_arguments(parser, prompt_help="instruction for records without their own prompt (default: the "
+                                               "processor's)")  # fmt: skip
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N utterances (default: all)")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                         help="bad manifest lines: stop with a list of them, or skip them (counted and reported)")
-    parser.add_argument("--output-dir", default=None, help="write predictions.jsonl, metrics.json and summary.md here")
+    parser.add_argument("--output-dir", default=None,
+                        help="write predictions.jsonl, metrics.json and summary.md here (default: print only)")
     parser.add_argument("--no-normalize", action="store_true", help="score raw text (same as --normalizer none)")
     parser.add_argument("--normalizer", choices=NORMALIZERS, default="speechlm",
                         help="speechlm (ours, light), whisper (the Open ASR Leaderboard's) or none (default: speechlm)")
@@ -527,17 +527,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-metric", action="append", default=[], metavar="TASK=KIND",
                         help="score TASK as transcription, json or answer (default: inferred; see speechlm.tasks)")
     parser.add_argument("--task-prompt", action="append", default=[], metavar="TASK=PROMPT",
-                        help="instruction for records of TASK that carry no prompt of their own")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    add_loading_arguments(parser)
+                        help="instruction for records of TASK that carry no prompt of their own (default: the "
+                             "model's config.yaml, else --prompt)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
+    from .cli_options import generation_options, load_for_inference, resolve_device
     from .data import ManifestError, read_manifest
-    from .inference import load_for_inference
 
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
@@ -548,7 +545,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     try:
         processor, model = load_for_inference(args, device)
     except ValueError as error:
@@ -557,8 +554,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_model(
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
         limit=args.limit, normalize=normalize, progress=not args.quiet, task_metrics=task_metrics,
-        task_prompts=task_prompts or None, model_name=args.model, max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
+        task_prompts=task_prompts or None, model_name=args.model, **generation_options(args),
     )  # fmt: skip
     notes = [f"Normaliser: {normalizer_description(normalize)}"]
     print(format_report(metrics, f"{args.model} on {args.manifest}", notes))

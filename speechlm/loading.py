@@ -1,22 +1,100 @@
-"""The model-loading options shared by `transcribe`, `evaluate` and `serve`, kept free of torch imports so that
-`speechlm CMD --help` stays instant."""
+"""Load a trained SpeechLM for decoding: dtype choice, int8 quantisation of the LLM, LoRA merged.
+
+The one home of `load_pretrained` (transcribe, evaluate, serve and the demo load through it). Torch and the model code
+are imported inside the functions, so the option choices below can be read by `speechlm CMD --help` without them.
+"""
 
 from __future__ import annotations
 
-import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from .modeling import SpeechLMModel
 
 QUANTIZE_CHOICES = ("none", "int8")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
-def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
-    """--dtype and --quantize."""
-    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                        help="weights dtype; auto = bfloat16 where the CPU does it natively, else float32 "
-                             "(default: the checkpoint's)")
-    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
-                        help="int8: dynamic int8 quantisation of the LLM's linear layers (CPU only; fewer bytes "
-                             "read per generated token)")
+def load_pretrained(path: str, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                    quantize: str | None = None, merge_lora: bool = False):
+    """(processor, model) from a folder written by training / `save_pretrained` (model + processor side by side).
+
+    `dtype="auto"` asks the hardware (`resolve_dtype`); `quantize="int8"` quantises the LLM's linear layers for
+    decoding (`quantize_language_model`); `merge_lora=True` folds LoRA adapters into the LLM (inference only: less
+    work per token).
+    """
+    import torch
+
+    from .modeling import SpeechLMModel
+    from .processing import SpeechLMProcessor
+
+    device = torch.device(device) if device is not None else None
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    quantize = None if quantize == "none" else quantize
+    if quantize and device is not None and device.type != "cpu":
+        raise ValueError(f"quantize={quantize!r} runs on the CPU only (dynamic int8 kernels), not on {device}")
+    dtype = resolve_dtype(dtype, device or "cpu", quantize)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = SpeechLMModel.from_pretrained(path, **kwargs).eval()
+    if merge_lora or quantize:
+        model.merge_lora()
+    if device is not None:
+        model = model.to(device)
+    if quantize:
+        quantize_language_model(model, quantize)
+    processor = SpeechLMProcessor.from_pretrained(path)
+    return processor, model
 
 
-__all__ = ["DTYPE_CHOICES", "QUANTIZE_CHOICES", "add_loading_arguments"]
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = "cpu",
+                  quantize: str | None = None) -> torch.dtype | None:
+    """The dtype to load with: `auto` = what the hardware computes natively (`speechlm.hardware`), None = the
+    checkpoint's own. int8 quantisation needs float32 weights to quantise, so it forces float32."""
+    import torch
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+        if dtype == "auto":
+            from .hardware import choose_cpu_dtype, choose_training_dtype
+
+            if quantize:
+                return torch.float32
+            device = torch.device(device)
+            return (choose_cpu_dtype() if device.type == "cpu" else choose_training_dtype(device)).dtype
+        dtype = getattr(torch, dtype)
+    if quantize and dtype not in (None, torch.float32):
+        raise ValueError(f"quantize={quantize!r} quantises float32 weights; drop dtype={dtype} (or use float32)")
+    return torch.float32 if quantize else dtype
+
+
+def quantize_language_model(model: SpeechLMModel, scheme: str = "int8") -> SpeechLMModel:
+    """Dynamic int8 quantisation of every linear layer of the LLM (LM head included), in place, for CPU decoding.
+
+    Decoding a small LLM on a CPU is bound by reading its weights once per token; int8 weights read 4x fewer bytes
+    (activations are quantised on the fly, per channel weights keep the error small). The encoder and projector
+    stay in floating point: they run once per clip. LoRA adapters must be merged first.
+    """
+    import warnings
+
+    import torch
+    from torch import nn
+
+    if scheme != "int8":
+        raise ValueError(f"unsupported quantisation scheme {scheme!r}; supported: int8")
+    if any("lora_" in name for name, _ in model.language_model.named_parameters()):
+        raise ValueError("merge the LoRA adapters (model.merge_lora()) before quantising the LLM")
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch deprecates eager-mode quantisation in favour of torchao (not installed)
+        warnings.simplefilter("ignore")
+        model.language_model = quantize_dynamic(
+            model.language_model.float(), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
+        )
+    return model
+
+
+__all__ = ["DTYPE_CHOICES", "QUANTIZE_CHOICES", "load_pretrained", "quantize_language_model", "resolve_dtype"]

@@ -33,20 +33,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..cli_options import add_decoding_arguments, add_model_arguments, generation_options
 from ..factory import AUDIO_TOKEN
-from ..inference import (
-    Segment,
-    array_blocks,
-    audio_positions,
-    check_positions,
-    new_token_budget,
-    prompt_positions,
-    segments_text,
-    segments_to_srt,
-    segments_to_vtt,
-    split_on_silence,
-)
-from ..loading import add_loading_arguments
+from ..inference.decoding import audio_positions, check_positions, new_token_budget, prompt_positions
+from ..inference.formats import Segment, segments_text, segments_to_srt, segments_to_vtt
+from ..inference.segmentation import array_blocks, split_on_silence
 from .batcher import DynamicBatcher
 from .chat import add_chat_routes
 from .guard import (
@@ -365,28 +356,35 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """`speechlm serve`'s flags: the shared model and decoding options (`speechlm.cli_options`; batching is the
+    server's own, --max-batch-size) plus one flag per `ServerSettings` field, defaulting to the field's default."""
     defaults = ServerSettings()
-    parser.add_argument("--model", required=True, help="model folder (model + processor, as saved by training)")
+    add_model_arguments(parser)
+    add_decoding_arguments(parser, batch_size=False,
+                           prompt_help="LLM instruction when a request has none in its `instructions` field "
+                                       "(default: the processor's)")  # fmt: skip
     parser.add_argument("--model-name", default=None, help="id in /v1/models (default: the folder's name)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key)")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="1 disables batching")
-    parser.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms)
-    parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 1024 / 1024)
-    parser.add_argument("--max-audio-seconds", type=float, default=defaults.max_audio_seconds)
-    parser.add_argument("--min-audio-seconds", type=float, default=defaults.min_audio_seconds)
+    parser.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
+                        help="how long a batch waits for more requests")  # fmt: skip
+    parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 1024 / 1024,
+                        help="largest upload")  # fmt: skip
+    parser.add_argument("--max-audio-seconds", type=float, default=defaults.max_audio_seconds,
+                        help="longest upload, in seconds of audio")  # fmt: skip
+    parser.add_argument("--min-audio-seconds", type=float, default=defaults.min_audio_seconds,
+                        help="shortest upload, in seconds of audio")  # fmt: skip
     parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout, help="seconds")
-    parser.add_argument("--max-chunk-seconds", type=float, default=defaults.max_chunk_seconds)
-    parser.add_argument("--prompt", default=None,
-                        help="default LLM instruction (a request's `instructions` field overrides it)")  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--num-beams", type=int, default=None)
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    add_loading_arguments(parser)
+    parser.add_argument("--max-chunk-seconds", type=float, default=defaults.max_chunk_seconds,
+                        help="longer uploads are cut on silence (silero-vad) into chunks of at most this length")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
-    parser.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
-    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
+    parser.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars,
+                        help="longest `prompt` / `instructions` field, in characters")  # fmt: skip
+    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens,
+                        help="longest `prompt` / `instructions` field, in tokens")  # fmt: skip
     parser.add_argument("--max-concurrent-requests", type=int, default=defaults.max_concurrent_requests,
                         help="API requests in flight; more get 503 with Retry-After")  # fmt: skip
     parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
@@ -396,7 +394,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds an upload may stall between two pieces")  # fmt: skip
     parser.add_argument("--keep-alive-timeout", type=float, default=defaults.keep_alive_timeout, help="seconds")
     parser.add_argument("--max-chat-clips", type=int, default=defaults.max_chat_clips, help="audio clips per chat")
-    parser.add_argument("--max-chat-messages", type=int, default=defaults.max_chat_messages)
+    parser.add_argument("--max-chat-messages", type=int, default=defaults.max_chat_messages, help="messages per chat")
     parser.add_argument("--max-chat-chars", type=int, default=defaults.max_chat_chars, help="text of all messages")
     parser.add_argument("--max-chat-tokens", type=int, default=defaults.max_chat_tokens, help="text tokens of a chat")
     parser.add_argument("--max-completion-tokens", type=int, default=defaults.max_completion_tokens,
@@ -406,7 +404,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="ORIGIN",
-        help="a web origin (e.g. https://app.example) whose pages may call the API; repeatable",
+        help="a web origin (e.g. https://app.example) whose pages may call the API; repeatable (default: only "
+        "the server's own page)",
     )
 
 
@@ -422,8 +421,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         batch_wait_ms=args.batch_wait_ms,
         max_chunk_seconds=args.max_chunk_seconds,
         prompt=args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
+        **generation_options(args),
         max_prompt_chars=args.max_prompt_chars,
         max_prompt_tokens=args.max_prompt_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
@@ -444,12 +442,12 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from ..inference import load_for_inference
+    from ..cli_options import load_for_inference, resolve_device
 
     settings = settings_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     processor, model = load_for_inference(args, device)
     app = create_app(model, processor, settings)
     shown = {k: v for k, v in asdict(settings).items() if k != "api_key"}

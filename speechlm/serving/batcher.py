@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..inference import default_generation_kwargs, transcribe_arrays
+from ..inference.decoding import default_generation_kwargs, transcribe_arrays
 from .streaming import BatchStreamer, TextDeltas, cut_at_stop, eos_token_ids
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..chat import AudioPart, ChatError, parse_conversation
-from ..inference import audio_positions, check_positions
+from ..inference.decoding import audio_positions, check_positions
 from .guard import APIError, decode_upload, first_or_disconnect
 from .settings import ServerSettings
 from .streaming import EventPump, sse, start_event_stream, stream_error

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..inference import MIN_AUDIO_SECONDS
+from ..inference.decoding import MIN_AUDIO_SECONDS
 
 
 @dataclass

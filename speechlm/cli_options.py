@@ -1,0 +1,89 @@
+"""The options `transcribe`, `evaluate` and `serve` share, defined once, and the one way they become load/generate
+keywords, so the three commands cannot drift apart in names, defaults or meaning.
+
+Torch-free at import (torch and the model code are imported inside the functions that load), so that `speechlm CMD
+--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .loading import DTYPE_CHOICES, QUANTIZE_CHOICES
+
+PROMPT_HELP = "instruction for the LLM (default: the processor's)"
+# `default_generation_kwargs` fills in what a flag leaves unset; the help says what that is.
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_BATCH_SIZE = 8
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the help already states its default in words.
+
+    A `None` default means "decided later" (the checkpoint's dtype, cuda if available...): its help says what happens
+    instead of printing "None". Flags without help text are not shown with a default by argparse, so give them one.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype, --quantize: which trained model to load, where and how (and defaults in --help)."""
+    parser.formatter_class = DefaultsHelpFormatter
+    parser.add_argument("--model", required=True, help="model folder (model + processor, as saved by training)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                        help="weights dtype; auto = bfloat16 where the CPU does it natively, else float32 "
+                             "(default: the checkpoint's)")  # fmt: skip
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                        help="int8: dynamic int8 quantisation of the LLM's linear layers (CPU only; fewer bytes "
+                             "read per generated token)")  # fmt: skip
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser, per: str = "clip", prompt_help: str = PROMPT_HELP,
+                           batch_size: bool = True) -> None:  # fmt: skip
+    """--prompt, --max-new-tokens, --num-beams and (unless the command batches its own way) --batch-size.
+
+    `per` names what one generation covers in the help ("clip", "chunk"); the server batches dynamically with
+    --max-batch-size, so it passes `batch_size=False`.
+    """
+    parser.add_argument("--prompt", default=None, help=prompt_help)
+    if batch_size:
+        parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips decoded together")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"generated tokens per {per} (default: {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip
+    parser.add_argument("--num-beams", type=int, default=None, help="beam search width (default: 1, greedy)")
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Generation keywords from the decoding flags; None leaves the choice to `default_generation_kwargs`."""
+    return {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+
+
+def resolve_device(device: str | None) -> str:
+    """--device, or cuda when torch sees a GPU, else cpu."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_inference(args: argparse.Namespace, device: str):
+    """(processor, model) as the model flags say, LoRA merged (decoding never trains)."""
+    from .loading import load_pretrained
+
+    return load_pretrained(args.model, dtype=args.dtype, device=device, quantize=args.quantize, merge_lora=True)
+
+
+__all__ = [
+    "DefaultsHelpFormatter",
+    "add_decoding_arguments",
+    "add_model_arguments",
+    "generation_options",
+    "load_for_inference",
+    "resolve_device",
+]

@@ -1,0 +1,53 @@
+"""Inference: load a trained SpeechLM and turn audio into text, one concept per module.
+
+- `decoding`: `transcribe_arrays`, the one decoding loop (evaluation, `speechlm transcribe` and the server call it),
+  with the LLM's position limits and the default generation options;
+- `segmentation`: long audio cut on silence by a streaming VAD (`SilenceSplitter`) and decoded chunk by chunk;
+- `formats`: timed segments as text, SubRip, WebVTT and JSON;
+- `cli`: `speechlm transcribe` (inputs, manifests, writing the outputs);
+- loading lives in `speechlm.loading`, the options shared with `evaluate` and `serve` in `speechlm.cli_options`.
+
+Every name is also importable from here (`from speechlm.inference import transcribe_arrays`), resolved on first use
+so that building the `transcribe` parser imports neither torch nor the model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    "speechlm.inference.decoding": (
+        "MIN_AUDIO_SECONDS", "audio_positions", "check_positions", "default_generation_kwargs", "new_token_budget",
+        "position_limit", "prompt_positions", "transcribe_arrays",
+    ),
+    "speechlm.inference.segmentation": (
+        "SilenceSplitter", "SpeechChunk", "array_blocks", "iter_transcribe_chunks", "iter_transcribe_long",
+        "load_vad_model", "split_on_silence", "transcribe_long",
+    ),
+    "speechlm.inference.formats": (
+        "Segment", "Transcript", "format_timestamp", "segments_text", "segments_to_srt", "segments_to_vtt",
+    ),
+    "speechlm.inference.cli": (
+        "AUDIO_EXTENSIONS", "MANIFEST_EXTENSIONS", "MAX_ID_BYTES", "AudioInput", "TranscriptWriter",
+        "add_transcribe_arguments", "collect_inputs", "run_transcribe", "transcribe_files", "add_arguments", "run",
+    ),
+    "speechlm.loading": (
+        "DTYPE_CHOICES", "QUANTIZE_CHOICES", "load_pretrained", "quantize_language_model", "resolve_dtype",
+    ),
+    "speechlm.cli_options": ("load_for_inference",),
+}  # fmt: skip
+_WHERE = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(set(_WHERE) - {"add_arguments", "run"})
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -1,0 +1,140 @@
+"""The decoding loop: `transcribe_arrays` turns clips into text in length-sorted batches.
+
+Evaluation, `speechlm transcribe` and the server all decode through it, and every sequence is checked against the
+LLM's position limit first (a clear `ValueError` instead of an `IndexError` or garbage deep inside `generate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..factory import AUDIO_TOKEN
+from ..modeling import SpeechLMModel
+from ..processing import SpeechLMProcessor
+
+# Shorter clips are below every encoder's receptive field / STFT window: refused with a clear message up front.
+MIN_AUDIO_SECONDS = 0.1
+
+
+def default_generation_kwargs(model: SpeechLMModel, **overrides) -> dict:
+    """Greedy decoding with a length cap; the caller's options win."""
+    kwargs = {"max_new_tokens": 128, "do_sample": False, "num_beams": 1}
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if not kwargs.get("do_sample"):
+        kwargs.pop("temperature", None)
+        kwargs.pop("top_p", None)
+    return kwargs
+
+
+# Config fields that hold a decoder's position limit, by family (GPT-2 and friends say n_positions).
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def position_limit(model: SpeechLMModel) -> int | None:
+    """The LLM's position limit, or None when its config states none.
+
+    Learned position tables (GPT-2) crash with an `IndexError` past it and rotary models decode garbage, so every
+    sequence is checked against it before any work is done.
+    """
+    config = model.language_model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def audio_positions(model: SpeechLMModel, processor: SpeechLMProcessor, num_samples: int) -> int:
+    """LLM positions one clip of `num_samples` (at the encoder's rate) takes, start/end markers included.
+
+    Computed from the length alone (no encoder pass), so a request can be refused before it is queued; an upper
+    bound when a CTC head compresses the audio.
+    """
+    length = int(num_samples)
+    if processor.audio_input_name == "input_features":  # log-mel frames: one per hop, the last one dropped
+        length = length // int(getattr(processor.feature_extractor, "hop_length", 160))
+    return int(model.audio_output_lengths(torch.tensor([max(length, 1)]))[0]) + 2
+
+
+def prompt_positions(processor: SpeechLMProcessor, prompt: str | None = None) -> int:
+    """Tokens the prompt adds to the LLM's sequence (as `SpeechLMProcessor` builds it)."""
+    text = processor.build_prompt(prompt)
+    if not text:
+        return 0
+    ids = processor.tokenizer(text, add_special_tokens=not processor.use_chat_template)["input_ids"]
+    # In the placeholder layout the audio token is replaced by the clip, which `audio_positions` counts.
+    return len(ids) - ids.count(processor.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
+
+
+def new_token_budget(generate_kwargs: dict) -> int:
+    """Tokens `generate` may add with these options (`transcribe_arrays`' default when none is given)."""
+    kwargs = default_generation_kwargs(None, **generate_kwargs)
+    return int(kwargs.get("max_new_tokens") or kwargs.get("max_length") or 0)
+
+
+def check_positions(model: SpeechLMModel, audio: int, prompt: int, new_tokens: int, name: str = "audio") -> None:
+    """Raise a `ValueError` saying what to shorten when audio + prompt + new tokens exceed the LLM's positions."""
+    limit = position_limit(model)
+    total = audio + prompt + new_tokens
+    if limit is not None and total > limit:
+        raise ValueError(
+            f"{name}: audio ({audio} positions) + prompt ({prompt} tokens) + max_new_tokens ({new_tokens}) = {total} "
+            f"exceeds the LLM's {limit} positions; use shorter audio chunks, a shorter prompt or fewer new tokens"
+        )
+
+
+@torch.no_grad()
+def transcribe_arrays(
+    model: SpeechLMModel,
+    processor: SpeechLMProcessor,
+    audios: Sequence[np.ndarray],
+    prompt: str | Sequence[str] | None = None,
+    batch_size: int = 8,
+    **generate_kwargs,
+) -> list[str]:
+    """Decode clips (1-D float arrays at the encoder's rate) in length-sorted batches; results keep input order.
+
+    Sorting by length keeps padding (wasted compute) small; batched output equals one-by-one output by
+    construction of the model, so sorting never changes a transcript. A clip whose audio + prompt + new tokens
+    exceed the LLM's positions raises a `ValueError` before anything is generated.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = [prompt] * len(audios) if prompt is None or isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(audios):
+        raise ValueError(f"{len(audios)} clip(s) but {len(prompts)} prompt(s)")
+    order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
+    kwargs = default_generation_kwargs(model, **generate_kwargs)
+    limit, new_tokens = position_limit(model), new_token_budget(kwargs)
+    audio_token = processor.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    device = next(model.parameters()).device
+    results: list[str] = [""] * len(audios)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = processor([audios[i] for i in index], prompt=[prompts[i] for i in index])
+        if limit is not None:
+            audio_lengths = model.audio_output_lengths(batch["attention_mask"].sum(-1)) + 2
+            prompt_lengths = batch["decoder_attention_mask"].sum(-1) - (batch["input_ids"] == audio_token).sum(-1)
+            for row, i in enumerate(index):
+                check_positions(model, int(audio_lengths[row]), int(prompt_lengths[row]), new_tokens, f"clip {i}")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens = model.generate(**batch, **kwargs)
+        for i, text in zip(index, processor.batch_decode(tokens)):
+            results[i] = text
+    return results
+
+
+__all__ = [
+    "MIN_AUDIO_SECONDS",
+    "audio_positions",
+    "check_positions",
+    "default_generation_kwargs",
+    "new_token_budget",
+    "position_limit",
+    "prompt_positions",
+    "transcribe_arrays",
+]

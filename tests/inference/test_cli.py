@@ -1,0 +1,139 @@
+"""`speechlm transcribe` end to end: inputs, manifests, failures, output order and formats
+(`speechlm.inference.cli`)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechlm.audio import load_audio
+from speechlm.cli import main
+from speechlm.inference.cli import collect_inputs
+from speechlm.inference.decoding import transcribe_arrays
+from speechlm.loading import load_pretrained
+from tests.conftest import make_clips
+from tests.inference.conftest import SR, needs_espeak
+
+
+def write_wav(path, audio):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, audio, SR, subtype="FLOAT" if path.suffix == ".wav" else "PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_run(saved_model, tmp_path_factory):
+    """One `transcribe` run over a folder (good, broken, too short and non-audio files) and a manifest (a good line, a
+    bad JSON line, a missing file) -> (exit code, stderr, output folder, the three good files)."""
+    tmp_path = tmp_path_factory.mktemp("mixed")
+    clips = make_clips((0.5, 0.9, 0.3))
+    data = tmp_path / "data"
+    write_wav(data / "a.wav", clips[0])
+    write_wav(data / "sub" / "b.wav", clips[1])
+    (data / "sub" / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio")
+    write_wav(data / "click.wav", np.full(5, 0.1, dtype=np.float32))
+    (data / "notes.txt").write_text("not audio, not picked up")
+    write_wav(tmp_path / "extra" / "c.flac", clips[2])
+    manifest = tmp_path / "extra" / "list.jsonl"
+    manifest.write_text(
+        json.dumps({"audio": "c.flac", "id": "utt-c", "text": "reference"}) + "\n"
+        + "{not json\n" + json.dumps({"audio": "missing.wav"}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "out"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([
+            "transcribe", str(data), str(manifest), "--model", str(saved_model), "--format", "json",
+            "--output", str(out), "--max-new-tokens", "4", "--batch-size", "2", "--quiet",
+        ])  # fmt: skip
+    good = [data / "a.wav", data / "sub" / "b.wav", tmp_path / "extra" / "c.flac"]
+    return code, err.getvalue(), out, good
+
+
+def test_cli_reports_every_failure_and_goes_on(mixed_run):
+    code, err, _, _ = mixed_run
+    assert code == 1
+    assert "broken.wav" in err and "missing.wav" in err and "list.jsonl:2" in err
+    assert "click.wav: audio is 0.000 s long, shorter than min_seconds=0.1" in err
+    assert "transcribed 3 file(s), 4 failed" in err
+
+
+def test_cli_writes_one_file_per_input_as_batched_decoding_reads(mixed_run, saved_model):
+    _, _, out, good = mixed_run
+    processor, model = load_pretrained(str(saved_model))
+    expected = transcribe_arrays(model, processor, [load_audio(path, SR) for path in good], max_new_tokens=4)
+    written = {p.relative_to(out).as_posix(): json.loads(p.read_text()) for p in out.rglob("*.json")}
+    assert sorted(written) == ["a.json", "sub/b.json", "utt-c.json"]
+    assert [written[name]["text"] for name in ("a.json", "sub/b.json", "utt-c.json")] == expected
+    assert written["utt-c.json"]["id"] == "utt-c"
+    assert written["a.json"]["segments"] == [{"start": 0.0, "end": 0.5, "text": expected[0]}]
+
+
+def test_cli_stdout_keeps_input_order(saved_model, tmp_path, capsys):
+    clips = make_clips((0.9, 0.4))
+    first, second = write_wav(tmp_path / "first.wav", clips[0]), write_wav(tmp_path / "second.wav", clips[1])
+    code = main(["transcribe", str(first), str(second), "--model", str(saved_model), "--max-new-tokens", "4",
+                 "--quiet"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    processor, model = load_pretrained(str(saved_model))
+    texts = transcribe_arrays(model, processor, clips, max_new_tokens=4)
+    assert out == f"==> {first} <==\n{texts[0]}\n==> {second} <==\n{texts[1]}\n"
+
+
+@needs_espeak
+def test_cli_long_file_to_subtitles(saved_model, recording, capsys):
+    path, intervals = recording
+    code = main(["transcribe", str(path), "--model", str(saved_model), "--format", "vtt", "--max-new-tokens", "3",
+                 "--batch-size", "16", "--quiet"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("WEBVTT\n\n")
+    cues = [line for line in out.splitlines() if "-->" in line]
+    assert 0 < len(cues) <= len(intervals)
+    assert cues[0].startswith("00:00:0")
+
+
+def test_bad_manifest_ids_and_non_utf8_lines_are_reported_and_the_rest_go_on(tmp_path):
+    for name in ("a", "b"):
+        sf.write(tmp_path / f"{name}.wav", np.zeros(1600, dtype=np.float32), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b'{"audio": "a.wav", "id": "' + b"x" * 300 + b'"}\n'
+                         b'{"audio": "a.wav", "id": "nul\\u0000id"}\n'
+                         b'{"audio": "a.wav", "id": "caf\xe9"}\n'
+                         b'{"audio": "b.wav", "id": "fine"}\n')
+    inputs, errors = collect_inputs([str(manifest)])
+    assert [item.id for item in inputs] == ["fine"]
+    assert [error.split(": ")[0] for error in errors] == [f"{manifest}:{n}" for n in (1, 2, 3)]
+    assert "at most 200 bytes" in errors[0] and "not UTF-8" in errors[2]
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(whisper_gpt2, tmp_path_factory):
+    processor, model = whisper_gpt2
+    folder = tmp_path_factory.mktemp("gpt2-model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    path = folder / "a.wav"
+    sf.write(path, make_clips((0.5,))[0], SR)
+    return folder, path
+
+
+def test_cli_refuses_new_tokens_beyond_the_position_limit_up_front(gpt2_folder, capsys):
+    folder, path = gpt2_folder
+    code = main(["transcribe", str(path), "--model", str(folder), "--max-new-tokens", "500", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "a 25 s chunk (--max-chunk-seconds)" in err and "max_new_tokens (500)" in err and "512 positions" in err
+    assert "Traceback" not in err
+
+
+def test_cli_takes_what_fits_the_position_limit(gpt2_folder):
+    folder, path = gpt2_folder
+    assert main(["transcribe", str(path), "--model", str(folder), "--max-new-tokens", "4", "--max-chunk-seconds",
+                 "10", "--quiet"]) == 0  # fmt: skip

@@ -1,0 +1,151 @@
+"""The options `transcribe`, `evaluate` and `serve` share (`speechlm.cli_options`): same flags, same defaults, every
+default shown in --help, each load option reaching the model, and --help without torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+
+import speechlm.loading
+from speechlm.cli import main
+from speechlm.cli_options import DefaultsHelpFormatter, load_for_inference
+from speechlm.evaluation import add_evaluate_arguments
+from speechlm.inference.cli import add_transcribe_arguments
+from speechlm.serving.app import add_serve_arguments
+from tests.conftest import make_clips
+from tests.test_loading import quantized_linears, save_lora_model
+
+ADDERS = {"transcribe": add_transcribe_arguments, "evaluate": add_evaluate_arguments, "serve": add_serve_arguments}
+SHARED = ("model", "device", "dtype", "quantize", "prompt", "max_new_tokens", "num_beams")
+
+
+def parser_for(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"speechlm {command}")
+    ADDERS[command](parser)
+    return parser
+
+
+def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {action.dest: action for action in parser._actions if action.option_strings and action.dest != "help"}
+
+
+def signature(action: argparse.Action) -> tuple:
+    return action.option_strings, action.default, action.type, action.choices, action.required
+
+
+def test_every_command_takes_the_shared_flags_with_the_same_defaults():
+    shared = {command: {dest: signature(options(parser_for(command))[dest]) for dest in SHARED} for command in ADDERS}
+    assert shared["transcribe"] == shared["evaluate"] == shared["serve"]
+
+
+def test_batch_size_is_shared_by_the_commands_that_take_it():
+    # The server batches dynamically (--max-batch-size), so it has no --batch-size.
+    transcribe, evaluate = (options(parser_for(command))["batch_size"] for command in ("transcribe", "evaluate"))
+    assert signature(transcribe) == signature(evaluate) == (["--batch-size"], 8, int, None, False)
+
+
+@pytest.mark.parametrize("command", ADDERS)
+def test_every_flag_shows_its_default_in_help(command):
+    parser = parser_for(command)
+    formatter = DefaultsHelpFormatter(parser.prog)
+    silent = [action.option_strings[0] for action in options(parser).values()
+              if not action.required and "default" not in formatter._get_help_string(action)]  # fmt: skip
+    assert silent == []
+
+
+@pytest.mark.parametrize("command", ADDERS)
+def test_flags_are_spelled_with_dashes(command):
+    spelled = [flag for action in options(parser_for(command)).values() for flag in action.option_strings]
+    assert [flag for flag in spelled if "_" in flag or "." in flag] == []
+
+
+def test_building_the_cli_parsers_imports_no_torch():
+    code = """
+import contextlib, io, json, sys
+import speechlm.cli
+package = "torch" in sys.modules
+for argv in (["--help"], ["transcribe", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        speechlm.cli.main(argv)
+print(json.dumps({"package": package, "parsers": "torch" in sys.modules}))
+"""
+    found = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    if found["package"]:
+        pytest.xfail("`import speechlm` itself imports transformers (and so torch) to register the Auto classes")
+    assert not found["parsers"]
+
+
+def test_the_transcribe_parser_loads_no_decoding_code():
+    code = """
+import contextlib, io, json, sys
+import speechlm.cli
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    speechlm.cli.main(["transcribe", "--help"])
+print(json.dumps(sorted(m for m in sys.modules if m.startswith(("speechlm.inference.", "speechlm.processing",
+                                                                "silero_vad")))))
+"""
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert loaded == ["speechlm.inference.cli", "speechlm.inference.formats"]
+
+
+# ------------------------------------------------------------------------------------------------ binding
+@pytest.fixture(scope="module")
+def lora_model_dir(build, tmp_path_factory):
+    return save_lora_model(build, tmp_path_factory.mktemp("lora-model"))
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the options every CLI load passes to `load_pretrained`, and still loads."""
+    calls = []
+    real = speechlm.loading.load_pretrained
+
+    def record(path, **kwargs):
+        calls.append(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(speechlm.loading, "load_pretrained", record)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "a.wav"
+    sf.write(path, make_clips((0.7,))[0], 16000, subtype="FLOAT")
+    return path
+
+
+def test_transcribe_passes_quantize_and_dtype(lora_model_dir, clip, spy):
+    assert main(["transcribe", str(clip), "--model", str(lora_model_dir), "--quantize", "int8", "--max-new-tokens", "3",
+                 "--quiet"]) == 0  # fmt: skip
+    assert spy == [{"dtype": None, "device": "cpu", "quantize": "int8", "merge_lora": True}]
+
+
+def test_evaluate_passes_quantize_and_dtype(lora_model_dir, clip, spy, tmp_path):
+    manifest = tmp_path / "dev.jsonl"
+    manifest.write_text(json.dumps({"audio": str(clip), "text": "hello"}) + "\n")
+    assert main(["evaluate", str(manifest), "--model", str(lora_model_dir), "--dtype", "float32", "--max-new-tokens",
+                 "3", "--quiet"]) == 0  # fmt: skip
+    assert spy == [{"dtype": "float32", "device": "cpu", "quantize": "none", "merge_lora": True}]
+
+
+def test_a_bad_load_combination_is_exit_code_2_with_the_reason(lora_model_dir, clip, capsys):
+    code = main(["transcribe", str(clip), "--model", str(lora_model_dir), "--quantize", "int8", "--dtype", "bfloat16",
+                 "--quiet"])  # fmt: skip
+    assert code == 2 and "quantises float32 weights" in capsys.readouterr().err
+
+
+def test_serve_options_reach_the_model(lora_model_dir):
+    args = parser_for("serve").parse_args(["--model", str(lora_model_dir), "--quantize", "int8", "--dtype", "auto"])
+    _, model = load_for_inference(args, "cpu")
+    assert quantized_linears(model) > 0 and model.config.lora is None
+
+
+def test_serve_refuses_an_unknown_quantisation():
+    with pytest.raises(SystemExit):
+        parser_for("serve").parse_args(["--model", "folder", "--quantize", "int4"])
