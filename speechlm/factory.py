@@ -278,6 +278,7 @@ def save_trainable_only(model: SpeechLMModel, save_directory: str) -> None:
         name, loading = portable_base_model(name, getattr(config, f"{side}_loading_kwargs") or {})
         setattr(config, f"{side}_name_or_path", name)
         setattr(config, f"{side}_loading_kwargs", loading)
+        getattr(config, "audio_config" if side == "encoder" else "text_config")._name_or_path = name
     os.makedirs(save_directory, exist_ok=True)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     names |= {n for n, _ in model.multi_modal_projector.named_parameters(prefix="multi_modal_projector")}

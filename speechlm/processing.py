@@ -14,9 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import AutoFeatureExtractor, AutoTokenizer
+from transformers import ProcessorMixin
+from transformers.utils import PROCESSOR_NAME
 
 from .chat import DEFAULT_MAX_CLIPS
+from .configuration import AUTO_MAP
 from .factory import AUDIO_TOKEN
 from .modeling import IGNORE_INDEX
 
@@ -24,8 +26,13 @@ PROCESSOR_CONFIG_NAME = "speechlm_processor.json"
 DEFAULT_PROMPT = "Transcribe the audio."
 
 
-class SpeechLMProcessor:
+class SpeechLMProcessor(ProcessorMixin):
     """Feature extractor + tokenizer + prompt building, saved and loaded beside the model.
+
+    A transformers `ProcessorMixin` registered with `AutoProcessor` (after `import speechlm`): `save_pretrained`
+    writes `processor_config.json` (settings + feature extractor) and the tokenizer files, `from_pretrained` /
+    `AutoProcessor.from_pretrained` read them (and folders saved before, with `speechlm_processor.json`),
+    `push_to_hub` uploads them.
 
     Args:
         audio_layout: must match the model's `config.audio_layout`. `"placeholder"` puts `<|audio|>` in the prompt
@@ -36,8 +43,7 @@ class SpeechLMProcessor:
 
     def __init__(self, feature_extractor, tokenizer, audio_layout: str = "prefix", prompt: str = DEFAULT_PROMPT,
                  use_chat_template: bool = False):
-        self.feature_extractor = feature_extractor
-        self.tokenizer = tokenizer
+        super().__init__(feature_extractor, tokenizer)
         self.audio_layout = audio_layout
         self.prompt = prompt
         self.use_chat_template = use_chat_template
@@ -359,26 +365,39 @@ class SpeechLMProcessor:
         return [t.strip() for t in self.tokenizer.batch_decode(token_ids, **kwargs)]
 
     # ------------------------------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "auto_map": {"AutoProcessor": AUTO_MAP["AutoProcessor"]}}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """transformers' processor files, plus `speechlm_processor.json` for readers of the older format and the
+        module `auto_map` names (so `trust_remote_code=True` loads without `import speechlm`)."""
+        from .configuration import write_remote_code
+
         os.makedirs(save_directory, exist_ok=True)
-        self.feature_extractor.save_pretrained(save_directory)
-        self.tokenizer.save_pretrained(save_directory)
-        settings = {"audio_layout": self.audio_layout, "prompt": self.prompt,
-                    "use_chat_template": self.use_chat_template}
+        write_remote_code(str(save_directory))
         with open(os.path.join(save_directory, PROCESSOR_CONFIG_NAME), "w") as handle:
-            json.dump(settings, handle, indent=2)
+            json.dump(self._settings(), handle, indent=2)
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def _settings(self) -> dict:
+        return {"audio_layout": self.audio_layout, "prompt": self.prompt, "use_chat_template": self.use_chat_template}
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> SpeechLMProcessor:
-        settings = {}
-        path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
-        if os.path.isfile(path):
-            with open(path) as handle:
-                settings = json.load(handle)
-        settings.update(kwargs)
-        feature_extractor = AutoFeatureExtractor.from_pretrained(directory)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        return cls(feature_extractor, tokenizer, **settings)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SpeechLMProcessor:
+        """Load a processor folder or hub repo; `audio_layout` / `prompt` / `use_chat_template` override the saved
+        settings. A folder without `processor_config.json` (the older format) takes `speechlm_processor.json`."""
+        overrides = {key: kwargs.pop(key) for key in ("audio_layout", "prompt", "use_chat_template") if key in kwargs}
+        loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        settings = loaded._settings()
+        folder = str(pretrained_model_name_or_path)
+        legacy = os.path.join(folder, PROCESSOR_CONFIG_NAME)
+        if not os.path.isfile(os.path.join(folder, PROCESSOR_NAME)) and os.path.isfile(legacy):
+            with open(legacy) as handle:
+                settings.update(json.load(handle))
+        settings.update(overrides)
+        if settings == loaded._settings():
+            return loaded
+        return cls(loaded.feature_extractor, loaded.tokenizer, **settings)
 
 
 __all__ = ["SpeechLMProcessor", "DEFAULT_PROMPT"]
