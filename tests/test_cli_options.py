@@ -84,13 +84,15 @@ def test_the_transcribe_parser_loads_no_decoding_code():
     code = """
 import contextlib, io, json, sys
 import speechlm.cli
+before = set(sys.modules)
 with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
     speechlm.cli.main(["transcribe", "--help"])
-print(json.dumps(sorted(m for m in sys.modules if m.startswith(("speechlm.inference.", "speechlm.processing",
-                                                                "silero_vad")))))
+print(json.dumps(sorted(set(sys.modules) - before)))
 """
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-    assert loaded == ["speechlm.inference.cli", "speechlm.inference.formats"]
+    heavy = ("torch", "silero_vad", "speechlm.modeling", "speechlm.inference.decoding", "speechlm.inference.segment")
+    assert [name for name in loaded if name.startswith(heavy)] == []
+    assert "speechlm.inference.cli" in loaded
 
 
 # ------------------------------------------------------------------------------------------------ binding
