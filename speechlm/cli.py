@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "evaluate": ("speechlm.evaluation", "WER/CER of a trained model on a JSONL manifest."),
     "transcribe": ("speechlm.inference", "Transcribe files, folders or a manifest (txt/json/srt/vtt)."),
     "serve": ("speechlm.serving.app", "OpenAI-compatible transcription server with a web page."),
+    "serve-ray": ("speechlm.serving.ray_serve", "The same server as N Ray Serve replicas (pip install -e .[ray])."),
     "convert": ("speechlm.converters.cli", "Convert a CTranslate2/faster-whisper Whisper folder to transformers."),
     "merge-lora": ("speechlm.training", "Merge LoRA adapters into the decoder for serving."),
 }
