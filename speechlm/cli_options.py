@@ -8,6 +8,7 @@ Torch-free at import (torch and the model code are imported inside the functions
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from .loading import DTYPE_CHOICES, QUANTIZE_CHOICES
@@ -79,11 +80,22 @@ def load_for_inference(args: argparse.Namespace, device: str):
     return load_pretrained(args.model, dtype=args.dtype, device=device, quantize=args.quantize, merge_lora=True)
 
 
+def load_or_explain(args: argparse.Namespace):
+    """(processor, model) on --device, or None after printing why the model flags cannot load (the command then
+    exits with status 2 instead of a traceback)."""
+    try:
+        return load_for_inference(args, resolve_device(args.device))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+
+
 __all__ = [
     "DefaultsHelpFormatter",
     "add_decoding_arguments",
     "add_model_arguments",
     "generation_options",
     "load_for_inference",
+    "load_or_explain",
     "resolve_device",
 ]

@@ -533,7 +533,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .cli_options import generation_options, load_for_inference, resolve_device
+    from .cli_options import generation_options, load_or_explain
     from .data import ManifestError, read_manifest
 
     if args.batch_size < 1:
@@ -545,12 +545,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device = resolve_device(args.device)
-    try:
-        processor, model = load_for_inference(args, device)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    if (loaded := load_or_explain(args)) is None:
         return 2
+    processor, model = loaded
     metrics = evaluate_model(
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
         limit=args.limit, normalize=normalize, progress=not args.quiet, task_metrics=task_metrics,

@@ -15,13 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..cli_options import (
-    add_decoding_arguments,
-    add_model_arguments,
-    generation_options,
-    load_for_inference,
-    resolve_device,
-)
+from ..cli_options import add_decoding_arguments, add_model_arguments, generation_options, load_or_explain
 from .formats import Segment, Transcript
 
 if TYPE_CHECKING:
@@ -294,12 +288,9 @@ def run_transcribe(args: argparse.Namespace) -> int:
     if not inputs:
         print("error: nothing to transcribe", file=sys.stderr)
         return 1
-    device = resolve_device(args.device)
-    try:
-        processor, model = load_for_inference(args, device)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    if (loaded := load_or_explain(args)) is None:
         return 2
+    processor, model = loaded
     generate_kwargs = generation_options(args)
     try:  # the longest chunk must fit the LLM's positions: say so now, not after a crash on the first long file
         longest = audio_positions(model, processor, round(args.max_chunk_seconds * processor.sampling_rate))

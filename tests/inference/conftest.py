@@ -49,14 +49,16 @@ def whisper_qwen(build):
     return build("whisper", "qwen2")
 
 
-@pytest.fixture(scope="session")
-def saved_model(whisper_qwen, tmp_path_factory):
-    """`whisper_qwen` saved as training saves it (model + processor in one folder), for the CLI."""
-    processor, model = whisper_qwen
-    folder = tmp_path_factory.mktemp("trained")
+def save(processor, model, folder):
+    """`folder` with the model and its processor side by side, as training saves them (what the CLI loads)."""
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def saved_model(whisper_qwen, tmp_path_factory):
+    return save(*whisper_qwen, tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="session")

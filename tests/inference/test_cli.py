@@ -17,7 +17,7 @@ from speechlm.inference.cli import collect_inputs
 from speechlm.inference.decoding import transcribe_arrays
 from speechlm.loading import load_pretrained
 from tests.conftest import make_clips
-from tests.inference.conftest import SR, needs_espeak
+from tests.inference.conftest import SR, needs_espeak, save
 
 
 def write_wav(path, audio):
@@ -115,10 +115,7 @@ def test_bad_manifest_ids_and_non_utf8_lines_are_reported_and_the_rest_go_on(tmp
 
 @pytest.fixture(scope="module")
 def gpt2_folder(whisper_gpt2, tmp_path_factory):
-    processor, model = whisper_gpt2
-    folder = tmp_path_factory.mktemp("gpt2-model")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder = save(*whisper_gpt2, tmp_path_factory.mktemp("gpt2-model"))
     path = folder / "a.wav"
     sf.write(path, make_clips((0.5,))[0], SR)
     return folder, path
