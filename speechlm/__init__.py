@@ -4,7 +4,7 @@ Importing the package registers SpeechLM with transformers' `AutoConfig`, `AutoM
 saved folders load with `trust_remote_code=False` once `speechlm` is imported.
 """
 
-from transformers import AutoConfig, AutoModel, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoProcessor
 
 from .configuration import SpeechLMConfig
 from .factory import create_speech_lm_model
@@ -14,6 +14,8 @@ from .processing import SpeechLMProcessor
 AutoConfig.register("speechlm", SpeechLMConfig, exist_ok=True)
 AutoModel.register(SpeechLMConfig, SpeechLMModel, exist_ok=True)
 AutoProcessor.register(SpeechLMConfig, SpeechLMProcessor, exist_ok=True)
+# The class transformers' "any-to-any" pipeline loads (audio + text in, text out).
+AutoModelForMultimodalLM.register(SpeechLMConfig, SpeechLMModel, exist_ok=True)
 
 __version__ = "0.1.0"
 __all__ = ["SpeechLMConfig", "SpeechLMModel", "create_speech_lm_model", "SpeechLMProcessor"]

@@ -587,6 +587,9 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
             "torch_dtype")), encoder=encoder, decoder=decoder, **options)
         if model is not None:
             return model
+        if encoder is not None or decoder is not None:
+            raise ValueError(f"encoder= / decoder= replace the base models of a trainable-only checkpoint, but {path} "
+                             "is a full checkpoint that holds its base weights")
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 

@@ -98,6 +98,9 @@ def test_base_models_can_be_overridden_and_a_missing_one_is_named(model_dirs, tm
         loaded = loader.from_pretrained(tmp_path / "small", encoder=str(moved / "encoder"),
                                         decoder=str(moved / "decoder"))
         assert torch.equal(_logits(processor, loaded), expected)
+    loaded.save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match="full checkpoint"):
+        SpeechLMModel.from_pretrained(tmp_path / "full", encoder=str(moved / "encoder"))
 
 
 def test_base_models_under_the_documented_root_are_recorded_relative_to_it(model_dirs, tmp_path, monkeypatch):

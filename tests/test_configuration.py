@@ -71,10 +71,11 @@ def test_without_import_transformers_asks_for_remote_code_which_loads_the_instal
 def test_registration_maps_the_model_type_to_our_classes():
     from transformers import AutoProcessor
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING, MODEL_MAPPING
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
     from speechlm import SpeechLMProcessor
 
     assert CONFIG_MAPPING["speechlm"] is SpeechLMConfig and MODEL_MAPPING[SpeechLMConfig] is SpeechLMModel
     assert PROCESSOR_MAPPING[SpeechLMConfig] is SpeechLMProcessor and AutoProcessor is not None
+    assert MODEL_FOR_MULTIMODAL_LM_MAPPING[SpeechLMConfig] is SpeechLMModel  # what the any-to-any pipeline loads
