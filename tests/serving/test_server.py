@@ -130,7 +130,7 @@ def test_every_response_format(tiny, client):
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (speech TTS)")
 def test_long_upload_is_split_on_silence(tiny, client, tmp_path):
-    from tests.test_inference import espeak_recording
+    from tests.inference.conftest import espeak_recording
 
     path, intervals = espeak_recording(tmp_path, seconds=12.0)
     verbose = client.audio.transcriptions.create(model="tiny-speechlm", file=path, response_format="verbose_json")

@@ -59,7 +59,7 @@ def test_stream_deltas_add_up_to_the_transcript(tiny, client):
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (speech TTS)")
 def test_long_upload_streams_chunk_by_chunk(client, tmp_path):
-    from tests.test_inference import espeak_recording
+    from tests.inference.conftest import espeak_recording
 
     path, intervals = espeak_recording(tmp_path, seconds=12.0)
     verbose = client.audio.transcriptions.create(model="m", file=path, response_format="verbose_json")
