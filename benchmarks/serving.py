@@ -8,6 +8,10 @@ exactly `--max-new-tokens` tokens and both runs do the same work.
 
     PYTHONPATH=. python benchmarks/serving.py [--requests 200] [--concurrency 16] [--device cpu] [--threads 1]
 
+`--replicas N` adds a Ray Serve comparison in the same run (needs the ray extra): `speechlm serve-ray --replicas 1`
+and `--replicas N`, each replica with `--threads` CPUs, same load; `--skip-batching` runs only that comparison.
+Replicas only help when the machine has the cores (or GPUs) for them: on 2 shared cores expect no gain.
+
 The table goes to stdout and to benchmarks/results/serving.md.
 """
 
@@ -86,17 +90,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int, max_batch_size: int, args) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, max_batch_size: int, args,
+                 replicas: int | None = None) -> subprocess.Popen:  # fmt: skip
+    """`speechlm serve`, or with `replicas` `speechlm serve-ray` on a fresh local Ray (each replica gets --threads
+    CPUs); returns once /health answers."""
     command = [
-        sys.executable, "-m", "speechlm.cli", "serve", "--model", str(model_dir), "--port", str(port),
-        "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
+        sys.executable, "-m", "speechlm.cli", "serve" if replicas is None else "serve-ray", "--model", str(model_dir),
+        "--port", str(port), "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
         "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
     ] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
+    if replicas is not None:
+        command += ["--replicas", str(replicas), "--address", "local", "--replica-cpus", str(args.threads or 1)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     # The log goes to a file: an undrained pipe would fill up and stall the server.
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + (180 if replicas is None else 300)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             log.seek(0)
@@ -107,7 +116,7 @@ def start_server(model_dir: Path, port: int, max_batch_size: int, args) -> subpr
         except httpx.HTTPError:
             time.sleep(0.25)
     process.kill()
-    raise RuntimeError("server did not start within 180 s")
+    raise RuntimeError("server did not start in time")
 
 
 async def load(url: str, uploads: list[bytes], requests: int, concurrency: int) -> tuple[list[float], int, float]:
@@ -208,9 +217,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def run_mode(model_dir: Path, uploads: list[bytes], max_batch_size: int, args) -> dict:
+def run_mode(model_dir: Path, uploads: list[bytes], max_batch_size: int, args, replicas: int | None = None) -> dict:
     port = free_port()
-    server = start_server(model_dir, port, max_batch_size, args)
+    server = start_server(model_dir, port, max_batch_size, args, replicas)
     base = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(load(base + "/v1/audio/transcriptions", uploads, args.concurrency, args.concurrency))  # warm-up
@@ -220,7 +229,7 @@ def run_mode(model_dir: Path, uploads: list[bytes], max_batch_size: int, args) -
         )
         after = httpx.get(base + "/health").json()["batching"]
         hostile_row = None
-        if args.hostile and max_batch_size > 1:
+        if args.hostile and max_batch_size > 1 and replicas is None:
             clean_memory = peak_memory_mb(server.pid)
             bad_latencies, bad_errors, bad_wall, counts = asyncio.run(
                 hostile_load(base + "/v1/audio/transcriptions", uploads, args)
@@ -231,13 +240,14 @@ def run_mode(model_dir: Path, uploads: list[bytes], max_batch_size: int, args) -
                 "counts": counts, "memory_clean": clean_memory, "memory": peak_memory_mb(server.pid),
             }  # fmt: skip
     finally:
-        server.terminate()
+        server.terminate()  # serve-ray: SIGTERM drains the replicas, then stops Ray
         try:
-            server.wait(30)
+            server.wait(90)
         except subprocess.TimeoutExpired:
             server.kill()
     batches = after["batches"] - before["batches"]
     return {
+        "replicas": replicas,
         "max_batch_size": max_batch_size,
         "errors": errors,
         "rps": args.requests / wall,
@@ -250,18 +260,48 @@ def run_mode(model_dir: Path, uploads: list[bytes], max_batch_size: int, args) -
     }
 
 
+def replicas_table(rows: list[dict], args) -> list[str]:
+    """The Ray Serve rows: 1 replica vs N, the same load in the same run (mean batch is per replica: not shown)."""
+    one, many = rows
+    lines = [
+        f"Ray Serve (`speechlm serve-ray`, max batch {one['max_batch_size']}, {args.threads or 'default'} CPU(s) and "
+        "torch thread(s) per replica, fresh local Ray per row), same load:",
+        "",
+        "| Replicas | Errors | Requests/s | p50 latency (ms) | p95 latency (ms) | Mean latency (ms) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(f"| {row['replicas']} | {row['errors']} | {row['rps']:.2f} | {row['p50']:.0f} | "
+                     f"{row['p95']:.0f} | {row['mean']:.0f} |")  # fmt: skip
+    lines += [
+        "",
+        f"{many['replicas']} replicas / 1, same run: throughput x{many['rps'] / one['rps']:.2f}, "
+        f"p50 latency x{many['p50'] / one['p50']:.2f}, p95 latency x{many['p95'] / one['p95']:.2f}.",
+        "",
+    ]
+    return lines
+
+
 def table(rows: list[dict], args, params: int) -> str:
-    batched, single = rows
+    ray_rows = [row for row in rows if row["replicas"] is not None]
+    rows = [row for row in rows if row["replicas"] is None]
     cpu = platform.processor() or platform.machine()
     lines = [
         "# Serving benchmark (`benchmarks/serving.py`)",
         "",
-        f"{args.requests} requests, {args.concurrency} concurrent, against `speechlm serve` on 127.0.0.1; random "
+        f"{args.requests} requests, {args.concurrency} concurrent, against the server on 127.0.0.1; random "
         f"SpeechLM of {params / 1e6:.1f} M parameters (Whisper-style encoder 4x256 + Qwen2-style decoder 4x256), "
         f"2-5 s clips, {args.max_new_tokens} generated tokens per request, device `{args.device}` "
         f"({os.cpu_count()} CPU cores, {cpu}, torch {torch.__version__}, server threads "
         f"{args.threads or 'default'}), batch window {args.batch_wait_ms:g} ms.",
         "",
+    ]
+    if ray_rows:
+        lines += replicas_table(ray_rows, args)
+    if not rows:
+        return "\n".join(lines)
+    batched, single = rows
+    lines += [
         "| Dynamic batching | Max batch | Errors | Requests/s | p50 latency (ms) | p95 latency (ms) | Mean latency (ms)"
         " | Mean batch |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -313,13 +353,20 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--no-hostile", dest="hostile", action="store_false",
                         help="skip the hostile-mix run (good requests beside hostile clients)")  # fmt: skip
+    parser.add_argument("--replicas", type=int, default=0,
+                        help="also compare `speechlm serve-ray` with 1 and with this many replicas (needs the ray "
+                             "extra; 0: no Ray rows)")  # fmt: skip
+    parser.add_argument("--skip-batching", action="store_true",
+                        help="skip the batching on/off rows (with --replicas: only the Ray comparison)")  # fmt: skip
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         params = build_model(folder)
         uploads = make_uploads(50)
-        rows = [run_mode(folder / "model", uploads, size, args) for size in (16, 1)]
+        rows = [] if args.skip_batching else [run_mode(folder / "model", uploads, size, args) for size in (16, 1)]
+        if args.replicas:
+            rows += [run_mode(folder / "model", uploads, 16, args, replicas) for replicas in (1, args.replicas)]
     text = table(rows, args, params)
     print(text)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
