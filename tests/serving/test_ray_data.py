@@ -16,14 +16,13 @@ from speechlm.inference import transcribe_arrays
 from speechlm.serving.ray_batch import finished_ids, manifest_rows
 from tests.conftest import make_clips
 
-pytest.importorskip("ray.data", reason='ray is not installed (pip install -e ".[ray]")')
-
 TOKENS = 6
 SR = 16000
 
 
 @pytest.fixture(scope="module")
 def ray_local():
+    pytest.importorskip("ray.data", reason='ray is not installed (pip install -e ".[ray]")')
     import ray
     from ray.data import DataContext
 
