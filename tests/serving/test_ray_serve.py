@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -212,3 +213,38 @@ def test_without_ray_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(SystemExit, match=r'pip install -e "\.\[ray\]"'):
         require_ray()
+
+
+@needs_ray
+def test_cli_serves_and_stops_on_sigterm(model_dir, tmp_path):
+    """`speechlm serve-ray` as users run it: answers, then SIGTERM shuts Serve and Ray down and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    port = free_port()
+    log = open(tmp_path / "serve-ray.log", "w+")
+    command = [sys.executable, "-m", "speechlm.cli", "serve-ray", "--model", str(model_dir), "--port", str(port),
+               "--replicas", "1", "--replica-cpus", "0.5", "--address", "local", "--max-new-tokens", str(TOKENS),
+               "--model-name", "tiny-speechlm"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve-ray.log").read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        with openai_client(url) as client:
+            assert client.audio.transcriptions.create(model="m", file=("a.wav", uploads(1)[0])).text
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(120) == 0
+        assert "shutting down" in (tmp_path / "serve-ray.log").read_text()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log.close()
