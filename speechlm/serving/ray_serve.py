@@ -138,6 +138,10 @@ def build_application(options: ModelOptions, settings: ServerSettings, scaling: 
         async def check_health(self) -> None:
             replica_ready(self.app)
 
+        async def replica_stats(self) -> dict:
+            """This replica's id and batching counters (HTTP /health answers for whichever replica Ray picks)."""
+            return {"replica": serve.get_replica_context().replica_id.unique_id, **self.app.state.batcher.stats()}
+
     return serve.deployment(SpeechLMReplica, name="SpeechLM", **scaling.deployment_options(settings)).bind()
 
 

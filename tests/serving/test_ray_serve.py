@@ -145,11 +145,30 @@ def test_bounded_load_has_no_5xx_and_every_text_is_right(ray_url, single):
                               data={"model": "m"}, timeout=120)  # fmt: skip
         return response.status_code, response.json().get("text") if response.status_code == 200 else response.text
 
+    before = replica_stats()
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(send, range(60)))
     assert [status for status, _ in results if status >= 500] == []
     assert all(status == 200 for status, _ in results), results
     assert [text for _, text in results] == [expected[i % 6] for i in range(60)]
+    after = replica_stats()
+    clips = {replica: after[replica]["clips"] - before[replica]["clips"] for replica in after}
+    assert sum(clips.values()) == 60 and all(count > 0 for count in clips.values()), clips  # both replicas decoded
+
+
+def replica_stats() -> dict[str, dict]:
+    """Batching counters of every replica, by replica id (handle calls land on a random replica: ask until both
+    have answered, at most 50 calls)."""
+    from ray import serve
+
+    handle = serve.get_app_handle("speechlm")
+    stats: dict[str, dict] = {}
+    for _ in range(50):
+        answer = handle.replica_stats.remote().result()
+        stats[answer["replica"]] = answer
+        if len(stats) == REPLICAS:
+            return stats
+    raise AssertionError(f"only {len(stats)} replica(s) answered")
 
 
 @needs_ray
