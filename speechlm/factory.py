@@ -183,6 +183,9 @@ def _load_base(config: SpeechLMConfig, side: str, override: str | None, dtype, c
         raise ValueError(f"{checkpoint or 'this config'} records no {side} base model: pass {side}=<hub id or folder>")
     loader = load_encoder if side == "encoder" else load_decoder
     extra = {} if side == "encoder" else {"with_tokenizer": False}
+    if side == "decoder" and loading.get("local_files_only"):
+        # transformers' PEFT-adapter probe ignores local_files_only (it retried the hub for ~25 s offline).
+        extra["adapter_kwargs"] = {k: loading[k] for k in ("local_files_only", "cache_dir") if k in loading}
     try:
         return loader(name, **extra, **loading)
     except OSError as error:
@@ -218,6 +221,29 @@ def portable_base_model(name_or_path: str, loading_kwargs: dict) -> tuple[str, d
     if root and resolved.is_relative_to(Path(root).resolve()):
         return resolved.relative_to(Path(root).resolve()).as_posix(), loading_kwargs
     return str(name_or_path), loading_kwargs
+
+
+def make_portable(config: SpeechLMConfig) -> dict:
+    """Record `portable_base_model` names in `config` (sub-configs' `_name_or_path` too); returns the old values."""
+    old = {}
+    for side, sub in (("encoder", "audio_config"), ("decoder", "text_config")):
+        name = getattr(config, f"{side}_name_or_path")
+        loading = getattr(config, f"{side}_loading_kwargs") or {}
+        old[side] = (name, loading, getattr(config, sub)._name_or_path)
+        if name:
+            name, loading = portable_base_model(name, loading)
+            setattr(config, f"{side}_name_or_path", name)
+            setattr(config, f"{side}_loading_kwargs", loading)
+            getattr(config, sub)._name_or_path = name
+    return old
+
+
+def restore_names(config: SpeechLMConfig, old: dict) -> None:
+    for side, sub in (("encoder", "audio_config"), ("decoder", "text_config")):
+        name, loading, sub_name = old[side]
+        setattr(config, f"{side}_name_or_path", name)
+        setattr(config, f"{side}_loading_kwargs", loading)
+        getattr(config, sub)._name_or_path = sub_name
 
 
 def resolve_base_model(name: str | None) -> str | None:
@@ -272,13 +298,9 @@ def save_trainable_only(model: SpeechLMModel, save_directory: str) -> None:
 
     config = model.config.__class__.from_dict(model.config.to_dict())
     for side in ("encoder", "decoder"):
-        name = getattr(config, f"{side}_name_or_path")
-        if not name:
+        if not getattr(config, f"{side}_name_or_path"):
             raise ValueError(f"trainable_only needs config.{side}_name_or_path (the base model to rebuild on)")
-        name, loading = portable_base_model(name, getattr(config, f"{side}_loading_kwargs") or {})
-        setattr(config, f"{side}_name_or_path", name)
-        setattr(config, f"{side}_loading_kwargs", loading)
-        getattr(config, "audio_config" if side == "encoder" else "text_config")._name_or_path = name
+    make_portable(config)
     os.makedirs(save_directory, exist_ok=True)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     names |= {n for n, _ in model.multi_modal_projector.named_parameters(prefix="multi_modal_projector")}

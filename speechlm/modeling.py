@@ -548,12 +548,16 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         folder also gets LoRA adapters in peft's format (`language_model_adapter/`), the module `auto_map` names
         and a model card (README.md: base models, `pipeline_tag`, `metrics` if given).
         """
-        from .factory import save_checkpoint_extras, save_trainable_only
+        from .factory import make_portable, restore_names, save_checkpoint_extras, save_trainable_only
 
         if trainable_only:
             save_trainable_only(self, str(save_directory))
         else:
-            super().save_pretrained(save_directory, *args, **kwargs)
+            old_names = make_portable(self.config)  # no machine-specific paths in a folder that may be shared
+            try:
+                super().save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                restore_names(self.config, old_names)
         save_checkpoint_extras(self, str(save_directory), trainable_only, metrics, pipeline_tag)
 
     def push_to_hub(self, repo_id: str, *, trainable_only: bool = False, metrics: dict | None = None,

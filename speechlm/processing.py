@@ -389,15 +389,24 @@ class SpeechLMProcessor(ProcessorMixin):
         overrides = {key: kwargs.pop(key) for key in ("audio_layout", "prompt", "use_chat_template") if key in kwargs}
         loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         settings = loaded._settings()
-        folder = str(pretrained_model_name_or_path)
-        legacy = os.path.join(folder, PROCESSOR_CONFIG_NAME)
-        if not os.path.isfile(os.path.join(folder, PROCESSOR_NAME)) and os.path.isfile(legacy):
-            with open(legacy) as handle:
-                settings.update(json.load(handle))
+        if _find(pretrained_model_name_or_path, PROCESSOR_NAME, kwargs) is None:
+            legacy = _find(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME, kwargs)
+            if legacy is not None:
+                with open(legacy) as handle:
+                    settings.update(json.load(handle))
         settings.update(overrides)
         if settings == loaded._settings():
             return loaded
         return cls(loaded.feature_extractor, loaded.tokenizer, **settings)
+
+
+def _find(path, filename: str, kwargs: dict) -> str | None:
+    """A file of a processor folder or hub repo (None when absent)."""
+    from transformers.utils import cached_file
+
+    hub = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "revision", "token", "subfolder") if k in kwargs}
+    return cached_file(path, filename, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False, **hub)
 
 
 __all__ = ["SpeechLMProcessor", "DEFAULT_PROMPT"]

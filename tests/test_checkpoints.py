@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel
+from transformers import AutoModel, AutoProcessor
 
 from speechlm import SpeechLMModel, SpeechLMProcessor, create_speech_lm_model
 from speechlm.factory import BASE_MODELS_ROOT_ENV, LORA_ADAPTER_DIR, TRAINABLE_WEIGHTS_NAME
@@ -48,17 +48,22 @@ def _hub_cache(root, repo_id: str, source) -> str:
 
 
 @pytest.fixture
-def cached_bases(model_dirs, tmp_path):
+def cached_bases(model_dirs, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1: no network here
     cache = tmp_path / "hub"
     encoder = _hub_cache(cache, "tiny/whisper-encoder", model_dirs("encoder", "whisper"))
     decoder = _hub_cache(cache, "tiny/qwen2-decoder", model_dirs("decoder", "qwen2"))
     return cache, encoder, decoder
 
 
-def test_trainable_only_records_hub_ids_and_revision_not_local_paths(cached_bases, tmp_path):
+@pytest.mark.parametrize("trainable_only", [True, False])
+def test_saved_config_records_hub_ids_and_revision_not_local_paths(cached_bases, tmp_path, trainable_only):
     cache, encoder, decoder = cached_bases
     _, model = _model(encoder, decoder)
-    model.save_pretrained(tmp_path / "small", trainable_only=True)
+    model.save_pretrained(tmp_path / "small", trainable_only=trainable_only)
+    assert model.config.encoder_name_or_path == encoder  # the model in memory keeps what it was built from
     text = (tmp_path / "small" / "config.json").read_text()
     config = json.loads(text)
     assert config["encoder_name_or_path"] == "tiny/whisper-encoder"
@@ -80,6 +85,8 @@ def test_hub_style_trainable_only_checkpoint_rebuilds_identical_logits_through_a
     assert torch.equal(_logits(processor, loaded), expected)
     from_folder = AutoModel.from_pretrained(tmp_path / "small", cache_dir=str(cache), local_files_only=True)
     assert torch.equal(_logits(processor, from_folder), expected)
+    hub_processor = AutoProcessor.from_pretrained("me/speechlm-small", cache_dir=str(cache), local_files_only=True)
+    assert isinstance(hub_processor, SpeechLMProcessor) and hub_processor.prompt == "transcribe"
 
 
 def test_base_models_can_be_overridden_and_a_missing_one_is_named(model_dirs, tmp_path):
