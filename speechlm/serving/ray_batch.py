@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -150,16 +151,20 @@ def transcribe_dataset(
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = progress
+    # Blocks are what the driver appends as they finish and what actors share out: about 4 batches each, and at
+    # least 2 per actor so that no actor idles (a block is never split between actors); no more actors than blocks
+    # (a tiny resume would load the model in actors that get nothing).
+    blocks = min(len(todo), max(2 * num_actors, math.ceil(len(todo) / (4 * batch_size))))
     dataset = (
-        ray.data.from_items(todo)
-        .map_batches(_with_durations, batch_size=256)
+        ray.data.from_items(todo, override_num_blocks=blocks)
+        .map_batches(_with_durations, batch_size=None)  # block by block: the sort keeps this many partitions
         .sort("duration")
         .map_batches(
             Transcriber,
             fn_constructor_kwargs=dict(model_dir=str(model_dir), dtype=dtype, device=device, quantize=quantize,
                                        prompt=prompt, max_chunk_seconds=max_chunk_seconds, threads=threads,
                                        generate_kwargs={"max_new_tokens": max_new_tokens, "num_beams": num_beams}),
-            batch_size=batch_size, concurrency=num_actors, num_cpus=num_cpus, num_gpus=num_gpus,
+            batch_size=batch_size, concurrency=min(num_actors, blocks), num_cpus=num_cpus, num_gpus=num_gpus,
         )
     )  # fmt: skip
     path = Path(output)
