@@ -270,16 +270,19 @@ def float32_frozen_weights(model):
             parameter.data = parameter.data.to(torch.bfloat16)
 
 
-def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 20, max_steps: int | None = None):
+def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 20, max_steps: int | None = None,
+                         first_step: int = 0):
     """Warmup, then cosine decay to 10 % over the wall-clock budget (the step count is unknown in advance), or over
-    `max_steps` when that cap comes first."""
+    steps `first_step`..`max_steps` when that cap comes first. `first_step` is where a step-bounded CTC
+    pre-alignment ends: its steps are ~25x cheaper than LLM steps, and counting them would leave the LLM phase a
+    decayed learning rate."""
     start = time.monotonic()
 
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / warmup_steps)
         progress = min(1.0, (time.monotonic() - start) / budget_seconds)
         if max_steps:
-            progress = max(progress, min(1.0, step / max_steps))
+            progress = max(progress, min(1.0, max(0, step - first_step) / max(1, max_steps - first_step)))
         return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -398,7 +401,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     collator = FrameCollator(processor, masking=settings.frame_masking if pre_align else 0.0)
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=collator,
-        optimizers=(optimizer, time_cosine_schedule(optimizer, budget, max_steps=settings.max_steps)),
+        optimizers=(optimizer, time_cosine_schedule(optimizer, budget, max_steps=settings.max_steps,
+                                                    first_step=settings.ctc_steps or 0)),
         callbacks=[Budget()],
         ctc_head=model.ctc_head, ctc_weight=settings.ctc_weight, ctc_only=pre_align,
     )

@@ -185,3 +185,16 @@ def test_collator_gives_the_ctc_head_the_transcript_when_the_answer_differs(buil
                                      [transcript["text"]] * 2)["labels"]
     assert torch.equal(batch["ctc_labels"], expected)
     assert not torch.equal(batch["labels"], batch["ctc_labels"])
+
+
+def test_step_bounded_schedule_gives_the_llm_phase_its_full_learning_rate():
+    """With `--ctc-steps 80 --max-steps 100` the cosine runs over the 20 LLM steps, not over all 100."""
+    import torch
+
+    from speechlm.demo.run import time_cosine_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = time_cosine_schedule(optimizer, budget_seconds=1e9, warmup_steps=1, max_steps=100, first_step=80)
+    factors = [schedule.lr_lambdas[0](step) for step in (0, 50, 80, 90, 100)]
+    assert factors[:3] == [1.0, 1.0, 1.0]
+    assert abs(factors[3] - 0.55) < 1e-9 and abs(factors[4] - 0.1) < 1e-9
