@@ -1,0 +1,183 @@
+"""Records -> `SpeechLMDataset` items -> `SpeechLMCollator` batches, exactly what `SpeechLMProcessor` produces.
+
+Batches are the processor's own output, so training sees the same features as inference. With a frozen encoder,
+an `EncoderCache` (`speechlm.data.encoder_cache`) holds each clip's encoder frames and the collator feeds them back
+as `encoder_frames`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..audio import load_audio, validate_audio
+
+if TYPE_CHECKING:
+    from .encoder_cache import EncoderCache
+    from .manifests import Manifest
+
+
+def load_record_audio(record: Mapping[str, Any], sampling_rate: int) -> np.ndarray:
+    """A record's audio as mono float32 at `sampling_rate` (the encoder's rate)."""
+    if record.get("messages") is not None:
+        raise ValueError(f"{record.get('location')}: a chat row (messages) has no single audio clip; load it through "
+                         "SpeechLMDataset, which decodes every clip of the chat")
+    audio = record["audio"]
+    if isinstance(audio, np.ndarray):
+        return validate_audio(audio, record["sampling_rate"], name=record["location"],
+                              target_sampling_rate=sampling_rate)
+    if isinstance(audio, bytes):
+        return load_audio(audio, sampling_rate, name=record.get("name") or record.get("location"))
+    return load_audio(audio, sampling_rate)
+
+
+def resolve_prompt(record: Mapping[str, Any], task_prompts: Mapping[str, str] | None = None) -> str | None:
+    """The record's own prompt, else its task's prompt, else None (the processor's default prompt).
+
+    A chat row's instruction is in its messages: its `task` only labels it (e.g. for per-task loss), so it needs
+    no prompt.
+    """
+    if record.get("messages") is not None:
+        return None
+    if record.get("prompt") is not None:
+        return record["prompt"]
+    task = record.get("task")
+    if task is not None and task_prompts:
+        if task not in task_prompts:
+            raise KeyError(f"{record.get('location')}: task {task!r} has no prompt; known: {sorted(task_prompts)}")
+        return task_prompts[task]
+    return None
+
+
+class SpeechLMDataset(torch.utils.data.Dataset):
+    """Records -> `{"audio": float32 array at the encoder's rate, "text", "prompt", "task", "id"}`, decoded on access;
+    a chat row -> `{"messages": its chat with every clip decoded, "text", "task", "id"}`.
+
+    With an `encoder_cache` that holds a clip, the item carries its `cache_key` instead of audio, so a cached epoch
+    decodes no audio at all. Chat rows cannot use the cache (their clips are not cached one by one yet).
+    `audio_layout="prefix"` checks now that every chat row has exactly the one clip that layout takes.
+    """
+
+    def __init__(self, records: Manifest | Sequence[dict], sampling_rate: int,
+                 task_prompts: Mapping[str, str] | None = None, encoder_cache: EncoderCache | None = None,
+                 audio_layout: str | None = None):
+        self.records = list(records)
+        self.sampling_rate = int(sampling_rate)
+        self.task_prompts = dict(task_prompts or {})
+        self.encoder_cache = encoder_cache
+        for record in self.records:  # fail now, not at step 10 000, on a task without a prompt
+            resolve_prompt(record, self.task_prompts)
+        chats = [r for r in self.records if r.get("messages") is not None]
+        if chats and encoder_cache is not None:
+            raise ValueError(
+                f"{chats[0]['location']}: the encoder cache does not support chat rows ('messages') yet: train "
+                "without it (data.encoder_cache: null)"
+            )
+        if audio_layout == "prefix":
+            bad = [r["location"] for r in chats if sum(len(m.clips) for m in r["messages"]) != 1]
+            if bad:
+                raise ValueError(
+                    f"{len(bad)} chat row(s) without exactly one audio clip, e.g. {bad[0]}: the prefix audio layout "
+                    "takes one clip per conversation; build the model with audio_layout='placeholder' for several"
+                )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Per-clip lengths in milliseconds for length-grouped batching (text length when the duration is unknown)."""
+        return [
+            int(1000 * r["duration"]) if r.get("duration") else 60 * len(r["text"]) for r in self.records
+        ]
+
+    def load_audio(self, index: int) -> np.ndarray:
+        return load_record_audio(self.records[index], self.sampling_rate)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        if record.get("messages") is not None:
+            return {"messages": self._decoded_chat(record), "text": record["text"], "task": record.get("task"),
+                    "id": record["id"]}
+        item = {"text": record["text"], "prompt": resolve_prompt(record, self.task_prompts),
+                "task": record.get("task"), "id": record["id"]}
+        if self.encoder_cache is not None:
+            key = self.encoder_cache.key(record)
+            if key in self.encoder_cache:
+                item["cache_key"] = key
+                return item
+        item["audio"] = self.load_audio(index)
+        return item
+
+
+    def _decoded_chat(self, record: Mapping[str, Any]) -> list[dict]:
+        """The record's chat in the message format, every clip decoded to the encoder's rate."""
+        from ..chat import AudioPart, load_clip
+
+        messages = []
+        for message in record["messages"]:
+            content = [
+                {"type": "audio", "audio": load_clip(part, self.sampling_rate), "sampling_rate": self.sampling_rate}
+                if isinstance(part, AudioPart) else {"type": "text", "text": part}
+                for part in message.parts
+            ]
+            messages.append({"role": message.role, "content": content})
+        return messages
+
+
+class SpeechLMCollator:
+    """Items -> exactly what `SpeechLMModel.forward` takes: the processor's output, or cached encoder frames + text.
+
+    The audio path is `processor(audios, text=targets, prompt=prompts)` itself, so training batches cannot drift
+    from what inference feeds the model; chat items go through the processor's chat template path
+    (`apply_chat_template(..., return_labels=True)`), and a plain item in the same batch is encoded exactly as alone.
+    """
+
+    def __init__(self, processor, encoder_cache: EncoderCache | None = None):
+        self.processor = processor
+        self.encoder_cache = encoder_cache
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if any(f.get("messages") is not None for f in features):
+            return self._with_chats(features)
+        texts = [f["text"] for f in features]
+        prompts = [f.get("prompt") for f in features]
+        cached = ["cache_key" in f and "audio" not in f for f in features]
+        if not any(cached):
+            return dict(self.processor([f["audio"] for f in features], text=texts, prompt=prompts))
+        if not all(cached) or self.encoder_cache is None:
+            raise ValueError("a batch mixes cached and uncached clips: fill the EncoderCache before training")
+        frames = [self.encoder_cache.get(f["cache_key"]) for f in features]
+        lengths = torch.tensor([f.shape[0] for f in frames], dtype=torch.long)
+        padded = frames[0].new_zeros(len(frames), int(lengths.max()), frames[0].shape[-1])
+        for index, clip in enumerate(frames):
+            padded[index, : clip.shape[0]] = clip
+        batch = {"encoder_frames": padded, "encoder_frame_lengths": lengths}
+        batch.update(self.processor.encode_text([self.processor.build_prompt(p) for p in prompts], texts))
+        return batch
+
+    def _with_chats(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        from ..chat import ChatError
+
+        processor = self.processor
+        if any("audio" not in f and f.get("messages") is None for f in features):
+            raise ValueError("chat rows cannot be batched with cached encoder frames: train without the encoder cache")
+        clips, rows, label_rows = [], [], []
+        for index, feature in enumerate(features):
+            if feature.get("messages") is None:
+                clips.append(feature["audio"])
+                ids, labels = processor._text_row(processor.build_prompt(feature.get("prompt")), feature["text"])
+            else:
+                try:
+                    parsed = processor._parse_chat(feature["messages"], index, max_clips=None)
+                    chat_clips, (ids,), (labels,) = processor._chat_rows([parsed], add_generation_prompt=False,
+                                                                         return_labels=True)
+                except ChatError as error:
+                    raise ValueError(f"{feature.get('id')}: {error}") from None
+                clips += chat_clips
+            rows.append(ids)
+            label_rows.append(labels)
+        return processor._pack(clips, rows, label_rows)

@@ -1,0 +1,137 @@
+"""The frozen-encoder cache: each clip's encoder frames stored once, fed back as `encoder_frames` every epoch.
+
+With a frozen encoder (usually most of the compute of a projector/LoRA run) the frames of a clip never change, so
+`EncoderCache.fill` encodes every clip once and `SpeechLMCollator` batches the cached frames instead of audio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .dataset import SpeechLMDataset
+
+
+def encoder_fingerprint(model, processor) -> str:
+    """Identity of what produces encoder frames: encoder weights, dtype, encoder config, feature-extractor settings.
+
+    Weights are hashed, not the model's name, so an encoder fine-tuned by an earlier stage never reuses stale frames.
+    """
+    digest = hashlib.sha256()
+    digest.update(model.config.audio_config.to_json_string().encode())
+    digest.update(processor.feature_extractor.to_json_string().encode())
+    for name, tensor in sorted(model.audio_tower.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class EncoderCache:
+    """Frozen-encoder frames per clip, in memory (`directory=None`) or as safetensors files under `directory`.
+
+    Keys combine the encoder fingerprint with the clip's path, size and mtime (or a hash of its bytes/samples), so an
+    edited file or a different encoder is a cache miss, never a stale hit. Frames are kept in the encoder's dtype,
+    which makes a cached forward identical to an uncached one.
+    """
+
+    def __init__(self, fingerprint: str, directory: str | os.PathLike | None = None):
+        self.fingerprint = fingerprint
+        self.directory = Path(directory) / fingerprint[:16] if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._memory: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def for_model(cls, model, processor, storage: str = "memory", directory: str | os.PathLike | None = None):
+        """`storage="memory"` or `"disk"` (under `directory`, default `speechlm.cache.cache_dir("encoder_frames")`)."""
+        if storage not in ("memory", "disk"):
+            raise ValueError(f"encoder cache storage must be 'memory' or 'disk', got {storage!r}")
+        if any(p.requires_grad for p in model.audio_tower.parameters()):
+            raise ValueError("the encoder is being trained: its outputs change every step and cannot be cached")
+        if storage == "disk" and directory is None:
+            from ..cache import cache_dir
+
+            directory = cache_dir("encoder_frames")
+        return cls(encoder_fingerprint(model, processor), directory if storage == "disk" else None)
+
+    def key(self, record: Mapping[str, Any]) -> str:
+        audio = record["audio"]
+        digest = hashlib.sha256(self.fingerprint.encode())
+        if isinstance(audio, str):
+            stat = os.stat(audio)
+            digest.update(f"path:{os.path.abspath(audio)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        elif isinstance(audio, bytes):
+            digest.update(b"bytes:" + audio)
+        else:
+            digest.update(f"array:{record.get('sampling_rate')}:".encode() + np.ascontiguousarray(audio).tobytes())
+        return digest.hexdigest()[:40]
+
+    def _file(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._memory or (self.directory is not None and self._file(key).is_file())
+
+    def __len__(self) -> int:
+        if self.directory is None:
+            return len(self._memory)
+        return sum(1 for _ in self.directory.glob("*.safetensors"))
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._memory:
+            return self._memory[key]
+        if self.directory is None or not self._file(key).is_file():
+            raise KeyError(f"clip {key} is not in the encoder cache")
+        from safetensors.torch import load_file
+
+        return load_file(self._file(key))["frames"]
+
+    def put(self, key: str, frames: torch.Tensor) -> None:
+        frames = frames.detach().to("cpu").contiguous()
+        if self.directory is None:
+            self._memory[key] = frames
+            return
+        from safetensors.torch import save_file
+
+        partial = self._file(key).with_suffix(f".{os.getpid()}.tmp")
+        save_file({"frames": frames}, str(partial))
+        os.replace(partial, self._file(key))  # atomic: a killed run never leaves a truncated entry
+
+    @torch.no_grad()
+    def fill(self, model, processor, dataset: SpeechLMDataset, batch_size: int = 8, rank: int = 0,
+             world_size: int = 1, progress: bool = True) -> int:
+        """Encode every clip of `dataset` not cached yet (this rank's share with a disk cache); returns the count.
+
+        Clips are encoded in length-sorted batches; the encoder runs in eval mode as a frozen encoder does in training.
+        """
+        from tqdm.auto import tqdm
+
+        # With a disk cache the processes split the clips by index (not by what is missing at the moment they look,
+        # which differs between processes while others write), then wait for each other before training.
+        share = range(rank, len(dataset), world_size) if self.directory is not None else range(len(dataset))
+        missing = [i for i in share if self.key(dataset.records[i]) not in self]
+        lengths = dataset.lengths
+        missing.sort(key=lambda i: lengths[i])
+        device = next(model.audio_tower.parameters()).device
+        was_training = model.audio_tower.training
+        model.audio_tower.eval()
+        try:
+            for start in tqdm(range(0, len(missing), batch_size), desc="caching encoder frames",
+                              disable=not progress or not missing):
+                index = missing[start : start + batch_size]
+                batch = processor.extract_audio([dataset.load_audio(i) for i in index])
+                frames, frame_lengths = model.encode_audio(
+                    batch[model.audio_input_name].to(device), batch["attention_mask"].to(device)
+                )
+                for row, i in enumerate(index):
+                    self.put(self.key(dataset.records[i]), frames[row, : int(frame_lengths[row])])
+        finally:
+            model.audio_tower.train(was_training)
+        return len(missing)
