@@ -13,7 +13,7 @@ import sys
 SUBCOMMANDS = {
     "demo": ("speechlm.demo.run", "Train a real speech LLM offline on this machine and report its WER."),
     "train": ("speechlm.training", "Train a SpeechLM from a YAML config (+ CLI overrides)."),
-    "evaluate": ("speechlm.evaluation", "WER/CER of a trained model on a JSONL manifest."),
+    "evaluate": ("speechlm.evaluation.cli", "WER/CER of a trained model on a JSONL manifest."),
     "transcribe": ("speechlm.inference", "Transcribe files, folders or a manifest (txt/json/srt/vtt)."),
     "serve": ("speechlm.serving.app", "OpenAI-compatible transcription server with a web page."),
     "serve-ray": ("speechlm.serving.ray_serve", "The same server as N Ray Serve replicas (pip install -e .[ray])."),

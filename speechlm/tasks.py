@@ -25,7 +25,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .evaluation import _as_list, normalize_text, per_utterance_rows, word_error_rate
+from .evaluation.metrics import as_list, per_utterance_rows, word_error_rate
+from .evaluation.normalizers import normalize_text
 
 __all__ = [
     "HEADLINE",
@@ -68,7 +69,7 @@ def _cleaner(normalize: Normalize) -> Callable[[str], str]:
 
 
 def _pair(references, hypotheses) -> tuple[list[str], list[str]]:
-    references, hypotheses = _as_list(references, "references"), _as_list(hypotheses, "hypotheses")
+    references, hypotheses = as_list(references, "references"), as_list(hypotheses, "hypotheses")
     if len(references) != len(hypotheses):
         raise ValueError(f"got {len(references)} references but {len(hypotheses)} hypotheses; they must pair up")
     return references, hypotheses

@@ -1,4 +1,4 @@
-"""`evaluate_model` and `speechlm evaluate`: the shared decoding loop, per-record prompts, reports, skipped lines."""
+"""`evaluate_model`: the shared decoding loop, per-record prompts, per-task scoring, chat rows, reports."""
 
 from __future__ import annotations
 
@@ -8,25 +8,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from speechlm import cli
-from speechlm.evaluation import evaluate_model, word_error_rate
+from speechlm.evaluation.evaluate import evaluate_model
+from speechlm.evaluation.metrics import word_error_rate
 from speechlm.inference import transcribe_arrays
 from speechlm.tasks import score_json
 from tests.conftest import make_clips
-
-GENERATE = {"max_new_tokens": 4}
-
-
-@pytest.fixture
-def manifest(tmp_path):
-    rows = []
-    for index, clip in enumerate(make_clips()):
-        sf.write(tmp_path / f"{index}.wav", clip, 16000)
-        rows.append({"audio": f"{index}.wav", "text": f"call mom {index}", "id": f"u{index}"})
-    rows[2]["prompt"] = "spell it"
-    path = tmp_path / "eval.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+from tests.evaluation.conftest import GENERATE, PROMPTS, SLU
 
 
 def test_evaluate_model_uses_the_shared_decoding_loop(build, manifest, tmp_path):
@@ -50,38 +37,6 @@ def test_evaluate_model_uses_the_shared_decoding_loop(build, manifest, tmp_path)
     records[2]["prompt"] = "spell it"
     metrics = evaluate_model(model, processor, records, prompt="other", **GENERATE)
     assert metrics["wer"] == word_error_rate(references, other)["wer"]
-
-
-def test_speechlm_evaluate_prints_wer_and_counts_skipped_lines(build, manifest, tmp_path, capsys):
-    processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    with open(manifest, "a") as handle:
-        handle.write('{"audio": "missing.wav", "text": "gone"}\n')
-    argv = ["evaluate", str(manifest), "--model", str(tmp_path / "model"), "--max-new-tokens", "3", "--quiet"]
-    assert cli.main(argv) == 2
-    assert "eval.jsonl:4: audio file not found" in capsys.readouterr().err
-    assert cli.main([*argv, "--on-error", "skip", "--output-dir", str(tmp_path / "out")]) == 0
-    out = capsys.readouterr().out
-    assert "WER: " in out and "| Utterances | 3 |" in out and "| n_skipped | 1 |" in out
-    assert (tmp_path / "out" / "predictions.jsonl").is_file()
-
-
-SLU = '{"intent": "call", "contact": "mom"}'
-PROMPTS = {"transcribe": "transcribe", "slu": "intent as json"}
-
-
-@pytest.fixture
-def two_task_manifest(tmp_path):
-    rows = []
-    for index, clip in enumerate(make_clips(seconds=(0.55, 0.3, 0.8, 0.4))):
-        sf.write(tmp_path / f"{index}.wav", clip, 16000)
-        task = "transcribe" if index % 2 == 0 else "slu"
-        rows.append({"audio": f"{index}.wav", "text": "call mom" if task == "transcribe" else SLU, "task": task,
-                     "id": f"u{index}"})
-    path = tmp_path / "tasks.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def test_evaluate_model_scores_each_task_with_its_own_prompt_and_kind(build, two_task_manifest, tmp_path):
@@ -112,33 +67,6 @@ def test_explicit_task_metric_overrides_inference(build, two_task_manifest):
     metrics = evaluate_model(model, processor, two_task_manifest, task_prompts=PROMPTS,
                              task_metrics={"slu": "answer"}, **GENERATE)
     assert metrics["tasks"]["slu"]["kind"] == "answer" and "exact_match" in metrics["tasks"]["slu"]
-
-
-def test_speechlm_evaluate_prints_each_task(build, two_task_manifest, tmp_path, capsys):
-    processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    argv = ["evaluate", str(two_task_manifest), "--model", str(tmp_path / "model"), "--max-new-tokens", "3", "--quiet",
-            "--task-prompt", "slu=intent as json"]  # fmt: skip
-    assert cli.main(argv) == 2  # the transcribe task has no prompt: said before the model loads
-    assert "task 'transcribe' has no prompt" in capsys.readouterr().err
-    assert cli.main([*argv, "--task-prompt", "transcribe=transcribe", "--task-metric", "slu=answer"]) == 0
-    out = capsys.readouterr().out
-    assert "WER: " in out and "slu (answer): Exact match: " in out and "### Task transcribe (transcription)" in out
-
-
-def test_speechlm_evaluate_names_the_whisper_normaliser(build, manifest, tmp_path, capsys):
-    processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    (tmp_path / "spelling.json").write_text(json.dumps({"mum": "mom"}))
-    argv = ["evaluate", str(manifest), "--model", str(tmp_path / "model"), "--max-new-tokens", "3", "--quiet",
-            "--normalizer", "whisper", "--whisper-spelling", str(tmp_path / "spelling.json"),
-            "--output-dir", str(tmp_path / "out")]  # fmt: skip
-    assert cli.main(argv) == 0
-    assert "- Normaliser: Whisper EnglishTextNormalizer" in capsys.readouterr().out
-    summary = (tmp_path / "out" / "summary.md").read_text()
-    assert f"- Model: {tmp_path / 'model'}" in summary and "Normaliser: Whisper EnglishTextNormalizer" in summary
 
 
 def test_chat_rows_are_answered_from_their_conversation(build, tmp_path):

@@ -1,0 +1,51 @@
+"""`speechlm evaluate`: printed WER and tasks, skipped lines counted, the normaliser named, errors before loading."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from speechlm import cli
+
+
+def test_speechlm_evaluate_prints_wer_and_counts_skipped_lines(build, manifest, tmp_path, capsys):
+    processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    with open(manifest, "a") as handle:
+        handle.write('{"audio": "missing.wav", "text": "gone"}\n')
+    argv = ["evaluate", str(manifest), "--model", str(tmp_path / "model"), "--max-new-tokens", "3", "--quiet"]
+    assert cli.main(argv) == 2
+    assert "eval.jsonl:4: audio file not found" in capsys.readouterr().err
+    assert cli.main([*argv, "--on-error", "skip", "--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "WER: " in out and "| Utterances | 3 |" in out and "| n_skipped | 1 |" in out
+    assert (tmp_path / "out" / "predictions.jsonl").is_file()
+
+
+def test_speechlm_evaluate_prints_each_task(build, two_task_manifest, tmp_path, capsys):
+    processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    argv = ["evaluate", str(two_task_manifest), "--model", str(tmp_path / "model"), "--max-new-tokens", "3", "--quiet",
+            "--task-prompt", "slu=intent as json"]  # fmt: skip
+    assert cli.main(argv) == 2  # the transcribe task has no prompt: said before the model loads
+    assert "task 'transcribe' has no prompt" in capsys.readouterr().err
+    assert cli.main([*argv, "--task-prompt", "transcribe=transcribe", "--task-metric", "slu=answer"]) == 0
+    out = capsys.readouterr().out
+    assert "WER: " in out and "slu (answer): Exact match: " in out and "### Task transcribe (transcription)" in out
+
+
+def test_speechlm_evaluate_names_the_whisper_normaliser(build, manifest, tmp_path, capsys):
+    processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "spelling.json").write_text(json.dumps({"mum": "mom"}))
+    argv = ["evaluate", str(manifest), "--model", str(tmp_path / "model"), "--max-new-tokens", "3", "--quiet",
+            "--normalizer", "whisper", "--whisper-spelling", str(tmp_path / "spelling.json"),
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "- Normaliser: Whisper EnglishTextNormalizer" in capsys.readouterr().out
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert f"- Model: {tmp_path / 'model'}" in summary and "Normaliser: Whisper EnglishTextNormalizer" in summary
