@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import openai
 import pytest
 import torch
 from transformers import StoppingCriteria
@@ -47,3 +48,11 @@ def slow_down(monkeypatch, owner, name: str, **forced) -> dict:
 def slow_decoding(monkeypatch):
     """The server's transcription decoding, slowed (see `slow_down`)."""
     return slow_down(monkeypatch, batcher_module, "transcribe_arrays", min_new_tokens=400)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official `openai` client on the module's live `server` (its URL, or (URL, app))."""
+    url = server[0] if isinstance(server, tuple) else server
+    with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        yield client

@@ -42,12 +42,6 @@ def server(chat_model):
         yield url, app
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
-        yield client
-
-
 def audio_part(data: bytes, fmt: str = "wav") -> dict:
     return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
 

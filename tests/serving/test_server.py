@@ -71,12 +71,6 @@ def server(tiny):
         yield url, app
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
-        yield client
-
-
 def wav_bytes(audio: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, audio, SR, format="WAV", subtype="FLOAT")

@@ -28,12 +28,6 @@ def server(tiny):
         yield url
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
-        yield client
-
-
 def reference(tiny, data: bytes, prompt: str | None = None) -> str:
     processor, model = tiny
     from speechlm.audio import load_audio
