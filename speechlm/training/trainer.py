@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -50,6 +51,47 @@ class SpeechLMTrainer(Trainer):
             raise ValueError("CTC alignment (ctc_head) runs in a single process; drop it for distributed training")
         self.ctc_head = ctc_head.to(self.args.device) if ctc_head is not None else None
         self.ctc_weight, self.ctc_only = ctc_weight, ctc_only
+
+    # Checkpoints are written here, then renamed to `checkpoint-N` (not a `checkpoint-*` name: rotation ignores it).
+    staging_name = ".saving"
+
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, self.staging_name) if getattr(self, "_staging", False) else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint to a staging folder and rename it into place once every file is written.
+
+        transformers writes `checkpoint-N` file by file, so a kill mid-save leaves a half checkpoint under the name
+        `--resume` looks for; a rename is atomic, so `checkpoint-N` is either complete or absent. (Without fsync: a
+        killed process loses nothing the kernel holds; a power cut can.) Rotation runs after the rename.
+        """
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial)
+        staging = os.path.join(run_dir, self.staging_name)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are in the staging folder
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):  # an older, incomplete save of the same step (saves used not to be atomic)
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(
+                    self.state.best_model_checkpoint))  # fmt: skip
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
+        self.accelerator.wait_for_everyone()
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

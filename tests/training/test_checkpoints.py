@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -13,6 +18,8 @@ from safetensors.torch import load_file
 
 from speechlm import cli
 from speechlm.training import checkpoint_problem, train
+from speechlm.training.trainer import SpeechLMTrainer
+from tests.training.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +83,79 @@ def test_resume_from_a_truncated_checkpoint_path_is_a_clear_error(reference, bas
     config_path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=r"cannot resume from .*checkpoint-4: optimizer.pt is truncated or corrupt"):
         cli.main(["train", "--config", str(config_path), "--resume", str(stage / "checkpoint-4")])
+
+
+# Runs `train` on a YAML config; when the run reaches the named point it writes the marker file and stalls there, so
+# the test can SIGKILL it at exactly that moment: "save N" = inside the save of checkpoint-N (model weights written,
+# optimizer/scheduler/RNG/trainer state not yet), "step N" = in the training step after global step N.
+_STALLING_RUN = """
+import sys, time, yaml
+from pathlib import Path
+from speechlm.training import train
+from speechlm.training.trainer import SpeechLMTrainer
+
+config, marker, where, step = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+
+def stall():
+    marker.write_text(where)
+    time.sleep(600)
+
+if where == "save":
+    save = SpeechLMTrainer._save_optimizer_and_scheduler
+    def stalled_save(self, output_dir):
+        if self.state.global_step == step:
+            stall()
+        return save(self, output_dir)
+    SpeechLMTrainer._save_optimizer_and_scheduler = stalled_save
+else:
+    training_step = SpeechLMTrainer.training_step
+    def stalled_step(self, *args, **kwargs):
+        if self.state.global_step == step:
+            stall()
+        return training_step(self, *args, **kwargs)
+    SpeechLMTrainer.training_step = stalled_step
+train(yaml.safe_load(Path(config).read_text()))
+"""
+
+
+@pytest.mark.parametrize("where, step, resumes_from", [("save", 4, None), ("step", 6, 4), ("save", 8, 4)],
+                         ids=["inside-first-save", "between-saves", "inside-second-save"])  # fmt: skip
+def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(reference, base_config, tmp_path, where, step,
+                                                                  resumes_from):  # fmt: skip
+    """SIGKILL a real training process inside a save or between saves; only complete checkpoints are left, and
+    `--resume` ends with the uninterrupted run's weights.
+
+    Compared with `assert_close` (atol 1e-4, as the in-process resume test above), not bitwise: the reference run
+    trains in this process and the killed one in a child with one OMP thread, and thread counts change float
+    reduction order.
+    """
+    output = tmp_path / "run"
+    config = base_config(output)
+    config_path, marker = tmp_path / "config.yaml", tmp_path / "stalled"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", _STALLING_RUN, str(config_path), str(marker), where, str(step)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "the training run never reached the kill point"
+            time.sleep(0.1)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stderr.close()
+    stage = output / "stages" / "01-lora"
+    left = sorted(p.name for p in stage.glob("checkpoint-*"))
+    assert left == ([f"checkpoint-{resumes_from}"] if resumes_from else []), left
+    assert all(checkpoint_problem(stage / name) is None for name in left)
+    assert train(config, resume=True) == output
+    expected, got = load_file(reference / "model.safetensors"), load_file(output / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4, msg=name)
+    assert not (stage / SpeechLMTrainer.staging_name).exists()
