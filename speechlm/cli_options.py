@@ -14,8 +14,12 @@ from typing import Any
 from .loading import DTYPE_CHOICES, QUANTIZE_CHOICES
 
 PROMPT_HELP = "instruction for the LLM (default: the processor's)"
-# `default_generation_kwargs` fills in what a flag leaves unset; the help says what that is.
+# A decoding flag left unset takes the model's generation_config.json, else `DEFAULT_GENERATION` (what
+# `default_generation_kwargs` does); the help says so. Mirrors `configuration.DEFAULT_GENERATION` without importing
+# it (that module needs transformers, and --help stays light).
 DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_NUM_BEAMS = 1
+GENERATION_DEFAULT = "default: from the model's generation_config.json, else {}"
 DEFAULT_BATCH_SIZE = 8
 
 
@@ -56,13 +60,15 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, per: str = "clip", p
     parser.add_argument("--prompt", default=None, help=prompt_help)
     if batch_size:
         parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips decoded together")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help=f"generated tokens per {per} (default: {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip
-    parser.add_argument("--num-beams", type=int, default=None, help="beam search width (default: 1, greedy)")
+    tokens = GENERATION_DEFAULT.format(DEFAULT_MAX_NEW_TOKENS)
+    beams = GENERATION_DEFAULT.format(f"{DEFAULT_NUM_BEAMS}, greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help=f"generated tokens per {per} ({tokens})")
+    parser.add_argument("--num-beams", type=int, default=None, help=f"beam search width ({beams})")
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Generation keywords from the decoding flags; None leaves the choice to `default_generation_kwargs`."""
+    """Generation keywords from the decoding flags; None leaves the choice to the model's generation config (then
+    `default_generation_kwargs`' fallback)."""
     return {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
 
 

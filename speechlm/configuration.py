@@ -10,6 +10,12 @@ IGNORE_INDEX = -100  # the label the loss skips (audio, prompt and padding posit
 # (`REMOTE_CODE_MODULE`): `trust_remote_code=True` then works without `import speechlm`, and a machine without
 # speechlm gets transformers' "requires the following packages ... speechlm" instead of "update transformers".
 REMOTE_CODE_MODULE = "modeling_speechlm"
+# The decoding settings a new model's generation config gets (the decoder's own sampling defaults are meant for chat,
+# not transcription): greedy, a length cap, and a repetition guard, no 10-token sequence twice in one segment, so a
+# segment that starts looping is cut short instead of repeating itself up to the cap; ordinary speech rarely repeats
+# 10 tokens verbatim. The guard works per row, so batched output still equals one by one. Decoding (transcribe,
+# evaluate, serve) falls back to these where a model's generation_config.json does not set them.
+DEFAULT_GENERATION = {"max_new_tokens": 128, "do_sample": False, "num_beams": 1, "no_repeat_ngram_size": 10}
 AUTO_MAP = {
     "AutoConfig": f"{REMOTE_CODE_MODULE}.SpeechLMConfig",
     "AutoModel": f"{REMOTE_CODE_MODULE}.SpeechLMModel",
@@ -109,6 +115,10 @@ class SpeechLMConfig(PreTrainedConfig):
         return self.text_config.vocab_size
 
 
+# Registered where it is defined, so that whatever imports the class can load saved folders through AutoConfig.
+AutoConfig.register(SpeechLMConfig.model_type, SpeechLMConfig, exist_ok=True)
+
+
 def _as_config(value: dict | PreTrainedConfig | None, name: str) -> PreTrainedConfig | None:
     if value is None or isinstance(value, PreTrainedConfig):
         return value
@@ -120,6 +130,13 @@ def _as_config(value: dict | PreTrainedConfig | None, name: str) -> PreTrainedCo
     raise TypeError(f"{name} must be a dict or a PreTrainedConfig, got {type(value).__name__}")
 
 
+def one_value(name: str, value, old_name: str, old_value, default):
+    """One setting passed under its two accepted spellings: at most one value (or the same twice), else `default`."""
+    if value is not None and old_value is not None and value != old_value:
+        raise ValueError(f"{name}={value!r} and {old_name}={old_value!r} name the same setting: pass one")
+    return value if value is not None else old_value if old_value is not None else default
+
+
 def write_remote_code(save_directory: str) -> None:
     """Write the module `auto_map` names (see `REMOTE_CODE_MODULE`)."""
     import os
@@ -128,4 +145,4 @@ def write_remote_code(save_directory: str) -> None:
         handle.write(REMOTE_CODE)
 
 
-__all__ = ["SpeechLMConfig", "AUTO_MAP", "write_remote_code"]
+__all__ = ["SpeechLMConfig", "AUTO_MAP", "DEFAULT_GENERATION", "one_value", "write_remote_code"]

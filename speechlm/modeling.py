@@ -15,17 +15,28 @@ The whole concept in one place:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMultimodalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .alignment import CTCAlignmentHead
-from .configuration import IGNORE_INDEX, SpeechLMConfig
+from .base_models import make_portable, restore_names
+from .checkpoint_files import load_trainable_only, save_checkpoint_extras, save_trainable_only
+from .configuration import IGNORE_INDEX, SpeechLMConfig, one_value
 from .encoders import AudioTooShortError, encoder_adapter
 from .projector import SpeechLMProjector, default_stack_factor
+
+# The audio prompt is embeddings without ids, so `no_repeat_ngram_size` (the repetition guard in our generation
+# config) can only ever see the generated text, which is what it is meant for: transformers' warning says no more.
+warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`", category=UserWarning)
+
+
+# `add_lora`'s defaults for the settings it accepts under two names (the one place they live).
+LORA_DEFAULTS = {"lora_alpha": 32, "lora_dropout": 0.05}
 
 
 @dataclass
@@ -483,11 +494,18 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         return self
 
     # ------------------------------------------------------------------------------------------------ LoRA
-    def add_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05,
-                 target_modules: list[str] | str | None = None) -> None:
-        """Add LoRA adapters to the LLM (peft); the base LLM weights are frozen, the adapters train."""
+    def add_lora(self, r: int = 16, alpha: int | None = None, dropout: float | None = None,
+                 target_modules: list[str] | str | None = None, *, lora_alpha: int | None = None,
+                 lora_dropout: float | None = None) -> None:
+        """Add LoRA adapters to the LLM (peft); the base LLM weights are frozen, the adapters train.
+
+        `lora_alpha` / `lora_dropout` are peft's (and the config's) names for the seed's `alpha` / `dropout`: one
+        setting each, either spelling (defaults: `LORA_DEFAULTS`).
+        """
         if _has_lora(self.language_model):
             raise ValueError("the decoder already has LoRA adapters")
+        alpha = one_value("lora_alpha", lora_alpha, "alpha", alpha, LORA_DEFAULTS["lora_alpha"])
+        dropout = one_value("lora_dropout", lora_dropout, "dropout", dropout, LORA_DEFAULTS["lora_dropout"])
         lora = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                 "target_modules": target_modules or "all-linear"}
         self._inject_lora(lora)
@@ -544,12 +562,10 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
 
         A trainable-only folder holds the projector, the audio start/end embeddings, the CTC head and whatever else
         requires grad (MBs instead of GBs), with the base models recorded as hub ids + revision where known
-        (`factory.portable_base_model`); `from_pretrained` rebuilds them and loads these weights on top. Every
+        (`base_models.portable_base_model`); `from_pretrained` rebuilds them and loads these weights on top. Every
         folder also gets LoRA adapters in peft's format (`language_model_adapter/`), the module `auto_map` names
         and a model card (README.md: base models, `pipeline_tag`, `metrics` if given).
         """
-        from .factory import make_portable, restore_names, save_checkpoint_extras, save_trainable_only
-
         if trainable_only:
             save_trainable_only(self, str(save_directory))
         else:
@@ -583,11 +599,9 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
 
         `encoder` / `decoder` (hub id or folder) replace a trainable-only checkpoint's recorded base models.
         """
-        from .factory import load_trainable_only
-
         path = str(pretrained_model_name_or_path)
         options = {k: v for k, v in kwargs.items() if k not in ("config", "dtype", "torch_dtype")}
-        model = load_trainable_only(path, config=kwargs.get("config"), dtype=kwargs.get("dtype", kwargs.get(
+        model = load_trainable_only(cls, path, config=kwargs.get("config"), dtype=kwargs.get("dtype", kwargs.get(
             "torch_dtype")), encoder=encoder, decoder=decoder, **options)
         if model is not None:
             return model
@@ -595,6 +609,12 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
             raise ValueError(f"encoder= / decoder= replace the base models of a trainable-only checkpoint, but {path} "
                              "is a full checkpoint that holds its base weights")
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+# Registered where it is defined (see `speechlm/__init__.py`); AutoModelForMultimodalLM is the class transformers'
+# "any-to-any" pipeline loads (audio + text in, text out).
+AutoModel.register(SpeechLMConfig, SpeechLMModel, exist_ok=True)
+AutoModelForMultimodalLM.register(SpeechLMConfig, SpeechLMModel, exist_ok=True)
 
 
 def _set_trainable(module: nn.Module, trainable: bool) -> None:
@@ -618,4 +638,4 @@ def _linear_module_names(language_model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-__all__ = ["SpeechLMModel", "SpeechLMPreTrainedModel", "MergedInputs", "IGNORE_INDEX"]
+__all__ = ["SpeechLMModel", "SpeechLMPreTrainedModel", "MergedInputs", "IGNORE_INDEX", "LORA_DEFAULTS"]

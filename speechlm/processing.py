@@ -14,13 +14,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import ProcessorMixin
+from transformers import AutoProcessor, ProcessorMixin
 from transformers.utils import PROCESSOR_NAME
 
+from .base_models import AUDIO_TOKEN
 from .chat import DEFAULT_MAX_CLIPS
-from .configuration import AUTO_MAP
-from .factory import AUDIO_TOKEN
-from .modeling import IGNORE_INDEX
+from .configuration import AUTO_MAP, IGNORE_INDEX, SpeechLMConfig
 
 PROCESSOR_CONFIG_NAME = "speechlm_processor.json"
 DEFAULT_PROMPT = "Transcribe the audio."
@@ -160,6 +159,9 @@ class SpeechLMProcessor(ProcessorMixin):
         sampling_rate: int | None = None,
         return_labels: bool = False,
         max_clips: int | None = DEFAULT_MAX_CLIPS,
+        continue_final_message: bool = False,
+        return_tensors: str | None = None,
+        processor_kwargs: dict | None = None,
     ):
         """Chat messages with audio parts -> model inputs, so that instructions, questions and multi-turn chats about
         audio reach the model in the format it was trained on (message and part formats: `speechlm.chat`).
@@ -181,15 +183,41 @@ class SpeechLMProcessor(ProcessorMixin):
             return_labels: add `labels`: -100 everywhere but the assistant messages' content and the token that ends
                 each (the template's end-of-turn token, or EOS), so a multi-turn chat trains only the assistant's words.
             max_clips: the most clips one conversation may hold.
+            continue_final_message, return_tensors, processor_kwargs: what transformers' "any-to-any" pipeline passes.
+                Only `continue_final_message=False` (an answer always starts a new assistant turn) and
+                `return_tensors="pt"` (or None: the same torch tensors) are supported; `processor_kwargs` may hold
+                `sampling_rate`, `max_clips` and `return_tensors`.
 
         Returns:
-            Like `processor(...)`: the encoder inputs of every clip in row-major order with their `attention_mask`,
+            A `transformers.BatchFeature` (`.to(device)` / `.to(dtype=...)` work) holding, like `processor(...)`, the
+            encoder inputs of every clip in row-major order with their `attention_mask`,
             `input_ids`, `decoder_attention_mask` (and `labels`). A batch without any clip (placeholder layout) has no
             audio keys and, without labels, is left-padded for `generate`. Problems raise `speechlm.chat.ChatError`,
             which names the conversation, message and part.
         """
+        from transformers import BatchFeature
+
         from .chat import as_batch
 
+        if continue_final_message:
+            raise ValueError(
+                "continue_final_message=True (prefilling the assistant's answer) is not supported: every answer "
+                "starts a new assistant turn. Transformers' pipeline sets it when a chat ends with an assistant "
+                "message: end the chat with a user message, or pass continue_final_message=False"
+            )
+        for key, value in (processor_kwargs or {}).items():
+            if key == "sampling_rate":
+                sampling_rate = value
+            elif key == "max_clips":
+                max_clips = value
+            elif key == "return_tensors":
+                return_tensors = value
+            else:
+                raise TypeError(f"processor_kwargs: {key!r} is not supported (only sampling_rate, max_clips, "
+                                "return_tensors)")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported: SpeechLMProcessor returns torch "
+                             "tensors (return_tensors='pt' or None)")
         conversations, batched = as_batch(conversation)
         parsed = [self._parse_chat(c, i, max_clips) for i, c in enumerate(conversations)]
         if not tokenize:
@@ -197,7 +225,7 @@ class SpeechLMProcessor(ProcessorMixin):
             return texts if batched else texts[0]
         clips, rows, label_rows = self._chat_rows(parsed, add_generation_prompt, sampling_rate, return_labels)
         batch = self._pack(clips, rows, label_rows)
-        return batch if return_dict else batch["input_ids"]
+        return BatchFeature(batch) if return_dict else batch["input_ids"]
 
     def apply_transcription_request(self, audio, prompt: str | None = None, sampling_rate: int | None = None,
                                     **kwargs) -> dict:
@@ -364,6 +392,11 @@ class SpeechLMProcessor(ProcessorMixin):
         kwargs.setdefault("skip_special_tokens", True)
         return [t.strip() for t in self.tokenizer.batch_decode(token_ids, **kwargs)]
 
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """What transformers' multimodal pipelines decode with: `batch_decode`, so a pipeline's answer is the text
+        `processor.batch_decode(model.generate(...))` gives."""
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
     # ------------------------------------------------------------------------------------------ save / load
     def to_dict(self) -> dict:
         return {**super().to_dict(), "auto_map": {"AutoProcessor": AUTO_MAP["AutoProcessor"]}}
@@ -398,6 +431,10 @@ class SpeechLMProcessor(ProcessorMixin):
         if settings == loaded._settings():
             return loaded
         return cls(loaded.feature_extractor, loaded.tokenizer, **settings)
+
+
+# Registered where it is defined (see `speechlm/__init__.py`), so AutoProcessor returns it, not the tokenizer.
+AutoProcessor.register(SpeechLMConfig, SpeechLMProcessor, exist_ok=True)
 
 
 def _find(path, filename: str, kwargs: dict) -> str | None:

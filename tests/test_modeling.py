@@ -339,3 +339,18 @@ def test_training_mode_loss_equals_eval_mode_loss(build, clips):
         train_out = model(**batch)
     torch.testing.assert_close(train_out.loss, eval_loss)
     assert train_out.logits.shape[1] < model.eval()(**batch).logits.shape[1]
+
+
+def test_add_lora_takes_peft_names_beside_the_seed_names(build):
+    """`lora_alpha` / `lora_dropout` (peft's and the config's names) and `alpha` / `dropout` set the same thing."""
+    settings = []
+    for kwargs in ({"alpha": 8, "dropout": 0.1}, {"lora_alpha": 8, "lora_dropout": 0.1}, {"alpha": 8, "lora_alpha": 8,
+                                                                                       "lora_dropout": 0.1}):
+        _, model = build("wav2vec2-layer", "qwen2")
+        model.add_lora(r=2, **kwargs)
+        settings.append(model.config.lora)
+    assert settings[0] == settings[1] == settings[2]
+    assert settings[0]["lora_alpha"] == 8 and settings[0]["lora_dropout"] == 0.1
+    _, model = build("wav2vec2-layer", "qwen2")
+    with pytest.raises(ValueError, match="lora_alpha=16 and alpha=8 name the same setting"):
+        model.add_lora(alpha=8, lora_alpha=16)

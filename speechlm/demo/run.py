@@ -134,13 +134,13 @@ def load_parts(settings: DemoSettings, llm_dtype: torch.dtype = torch.float32):
 
     encoder, decoder, gguf_file = resolve_parts(settings)
     feature_extractor, tokenizer, model = create_speech_lm_model(
-        encoder, decoder, projection_hidden_size=settings.projector_hidden_size, stack_factor=settings.stack_factor,
+        encoder, decoder, projector_hidden_size=settings.projector_hidden_size, stack_factor=settings.stack_factor,
         gguf_file=gguf_file, decoder_kwargs={"dtype": llm_dtype}, projector_dtype=torch.float32,
     )
     model.freeze_encoder()
     model.freeze_decoder()
     if settings.lora_rank:
-        model.add_lora(r=settings.lora_rank, alpha=2 * settings.lora_rank, dropout=0.0,
+        model.add_lora(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
                        target_modules=settings.lora_targets.split(","))
     return SpeechLMProcessor(feature_extractor, tokenizer, prompt=PROMPT), model
 

@@ -294,7 +294,8 @@ def run_transcribe(args: argparse.Namespace) -> int:
     generate_kwargs = generation_options(args)
     try:  # the longest chunk must fit the LLM's positions: say so now, not after a crash on the first long file
         longest = audio_positions(model, processor, round(args.max_chunk_seconds * processor.sampling_rate))
-        check_positions(model, longest, prompt_positions(processor, args.prompt), new_token_budget(generate_kwargs),
+        check_positions(model, longest, prompt_positions(processor, args.prompt),
+                        new_token_budget(generate_kwargs, model),
                         f"a {args.max_chunk_seconds:g} s chunk (--max-chunk-seconds)")  # fmt: skip
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..factory import AUDIO_TOKEN
+from ..base_models import AUDIO_TOKEN
+from ..configuration import DEFAULT_GENERATION
 from ..modeling import SpeechLMModel
 from ..processing import SpeechLMProcessor
 
@@ -19,13 +20,38 @@ from ..processing import SpeechLMProcessor
 MIN_AUDIO_SECONDS = 0.1
 
 
-def default_generation_kwargs(model: SpeechLMModel, **overrides) -> dict:
-    """Greedy decoding with a length cap; the caller's options win."""
-    kwargs = {"max_new_tokens": 128, "do_sample": False, "num_beams": 1}
+# What decoding uses where neither the caller nor the model's generation_config.json says (see `DEFAULT_GENERATION`).
+FALLBACK_GENERATION = DEFAULT_GENERATION
+# The generation_config.json fields that choose how to decode (token ids and the like are read by `generate`).
+DECODING_FIELDS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "do_sample",
+    "num_beams",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "length_penalty",
+)
+_SAMPLING_ONLY = ("temperature", "top_p", "top_k")
+
+
+def saved_generation_settings(model: SpeechLMModel | None) -> dict:
+    """The decoding fields the model's generation config sets (from its generation_config.json when loaded)."""
+    config = getattr(model, "generation_config", None)
+    return {name: getattr(config, name) for name in DECODING_FIELDS if getattr(config, name, None) is not None}
+
+
+def default_generation_kwargs(model: SpeechLMModel | None, **overrides) -> dict:
+    """Generation keywords: the caller's (None means unset) over the model's generation config over
+    `FALLBACK_GENERATION`, so a saved generation_config.json is respected unless a flag or request overrides it."""
+    kwargs = {**FALLBACK_GENERATION, **saved_generation_settings(model)}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     if not kwargs.get("do_sample"):
-        kwargs.pop("temperature", None)
-        kwargs.pop("top_p", None)
+        for name in _SAMPLING_ONLY:
+            kwargs.pop(name, None)
     return kwargs
 
 
@@ -70,9 +96,9 @@ def prompt_positions(processor: SpeechLMProcessor, prompt: str | None = None) ->
     return len(ids) - ids.count(processor.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
 
 
-def new_token_budget(generate_kwargs: dict) -> int:
-    """Tokens `generate` may add with these options (`transcribe_arrays`' default when none is given)."""
-    kwargs = default_generation_kwargs(None, **generate_kwargs)
+def new_token_budget(generate_kwargs: dict, model: SpeechLMModel | None = None) -> int:
+    """Tokens `generate` may add with these options (else the model's generation config, else our default)."""
+    kwargs = default_generation_kwargs(model, **generate_kwargs)
     return int(kwargs.get("max_new_tokens") or kwargs.get("max_length") or 0)
 
 
@@ -109,7 +135,7 @@ def transcribe_arrays(
         raise ValueError(f"{len(audios)} clip(s) but {len(prompts)} prompt(s)")
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
     kwargs = default_generation_kwargs(model, **generate_kwargs)
-    limit, new_tokens = position_limit(model), new_token_budget(kwargs)
+    limit, new_tokens = position_limit(model), new_token_budget(kwargs, model)
     audio_token = processor.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
     device = next(model.parameters()).device
     results: list[str] = [""] * len(audios)
@@ -132,9 +158,12 @@ __all__ = [
     "MIN_AUDIO_SECONDS",
     "audio_positions",
     "check_positions",
+    "DECODING_FIELDS",
+    "FALLBACK_GENERATION",
     "default_generation_kwargs",
     "new_token_budget",
     "position_limit",
     "prompt_positions",
+    "saved_generation_settings",
     "transcribe_arrays",
 ]

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..chat import AudioPart, ChatError, parse_conversation
-from ..inference.decoding import audio_positions, check_positions
+from ..inference.decoding import audio_positions, check_positions, new_token_budget
 from .guard import APIError, decode_upload, first_or_disconnect
 from .settings import ServerSettings
 from .streaming import EventPump, sse, start_event_stream, stream_error
@@ -74,7 +74,8 @@ def generation_options(body: dict, settings: ServerSettings) -> dict:
     new_tokens = _number(body, "max_completion_tokens", 1, settings.max_completion_tokens, integer=True)
     if new_tokens is None:
         new_tokens = _number(body, "max_tokens", 1, settings.max_completion_tokens, integer=True)
-    options: dict[str, Any] = {"max_new_tokens": new_tokens or settings.max_new_tokens or 128}
+    # None: the model's generation_config.json decides (then `default_generation_kwargs`' fallback).
+    options: dict[str, Any] = {"max_new_tokens": new_tokens or settings.max_new_tokens}
     temperature, top_p = _number(body, "temperature", 0, 2), _number(body, "top_p", 0, 1)
     if top_p == 0:
         raise _bad("top_p must be greater than 0", "top_p")
@@ -216,7 +217,8 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
             raise _bad("stream_options takes only include_usage, and only with stream=true", "stream_options")
         messages = openai_messages(body.get("messages"), settings)
         conversation, _ = await load_conversation(messages, sampling_rate, settings)
-        text, audio = await run_in_threadpool(prompt_tokens, conversation, options["max_new_tokens"])
+        budget = new_token_budget(options, model)
+        text, audio = await run_in_threadpool(prompt_tokens, conversation, budget)
         usage = {"prompt_tokens": text + audio, "prompt_tokens_details": {"audio_tokens": audio, "cached_tokens": 0}}
         reply = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": settings.model_name}
         if stream:

@@ -6,9 +6,6 @@ import os
 
 from .config import StageConfig, TrainConfig
 
-# `SpeechLMModel.add_lora` still spells two of peft's LoRA names its own way; the config uses peft's.
-_ADD_LORA_PARAMETERS = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
-
 
 def build_model_and_processor(config: TrainConfig, init_from: str | os.PathLike | None = None):
     """(processor, model): fresh from the encoder/decoder pair, or loaded from a SpeechLM folder (a previous stage)."""
@@ -40,7 +37,7 @@ def apply_stage(model, stage: StageConfig) -> None:
     """Freeze/unfreeze for `stage` (adding its LoRA adapters first if the decoder has none yet)."""
     if stage.lora and not model.config.lora:  # config.lora is set whenever the decoder carries adapters
         # Only the keys the stage sets: the defaults stay those of `add_lora`, not a second copy here.
-        model.add_lora(**{_ADD_LORA_PARAMETERS.get(key, key): value for key, value in stage.lora.items()})
+        model.add_lora(**stage.lora)
     model.freeze_encoder(not stage.train_encoder)
     model.freeze_decoder(not stage.train_decoder)
     if not stage.train_lora:

@@ -1,12 +1,26 @@
-"""Sequence limits: audio + prompt + new tokens are checked against the LLM's positions before any work is done
-(`speechlm.inference.decoding`)."""
+"""Sequence limits: audio + prompt + new tokens are checked against the LLM's positions before any work is done;
+unset decoding options come from the model's generation config (`speechlm.inference.decoding`)."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
+import torch
+from transformers import GenerationConfig
 
-from speechlm.inference.decoding import audio_positions, position_limit, prompt_positions, transcribe_arrays
+from speechlm import SpeechLMModel, SpeechLMProcessor, create_speech_lm_model
+from speechlm.configuration import DEFAULT_GENERATION
+from speechlm.inference.decoding import (
+    audio_positions,
+    default_generation_kwargs,
+    new_token_budget,
+    position_limit,
+    prompt_positions,
+    saved_generation_settings,
+    transcribe_arrays,
+)
 from tests.conftest import make_clips
 
 
@@ -43,3 +57,42 @@ def test_too_many_new_tokens_is_a_clear_value_error(whisper_gpt2):
 def test_what_fits_the_positions_still_decodes(whisper_gpt2):
     processor, model = whisper_gpt2
     assert isinstance(transcribe_arrays(model, processor, make_clips((1.0,)), max_new_tokens=4)[0], str)
+
+
+# ------------------------------------------------------------------------------------------ generation config
+def test_unset_options_come_from_the_generation_config_then_the_fallback(build):
+    _, model = build("wav2vec2-layer", "qwen2")
+    model.generation_config.update(max_new_tokens=3, num_beams=2, no_repeat_ngram_size=0, temperature=0.7)
+    assert default_generation_kwargs(model, max_new_tokens=None, num_beams=None) == {
+        "max_new_tokens": 3, "do_sample": False, "num_beams": 2, "no_repeat_ngram_size": 0,
+    }  # fmt: skip
+    assert default_generation_kwargs(model, max_new_tokens=5)["max_new_tokens"] == 5  # the caller wins
+    assert default_generation_kwargs(None) == DEFAULT_GENERATION
+    assert new_token_budget({}, model) == 3 and new_token_budget({"max_new_tokens": 9}, model) == 9
+
+
+def test_a_new_model_decodes_greedy_with_the_repetition_guard(build, model_dirs, tmp_path):
+    """The decoder's own sampling defaults (chat models ship do_sample=True) do not leak into transcription."""
+    decoder = tmp_path / "sampling-decoder"
+    shutil.copytree(model_dirs("decoder", "qwen2"), decoder)
+    generation = GenerationConfig.from_pretrained(decoder)
+    generation.update(do_sample=True, temperature=0.6, top_p=0.9, max_new_tokens=2048)
+    generation.save_pretrained(decoder)
+    _, _, model = create_speech_lm_model(str(model_dirs("encoder", "wav2vec2-layer")), str(decoder),
+                                         projector_hidden_size=32)  # fmt: skip
+    assert saved_generation_settings(model) == DEFAULT_GENERATION
+
+
+@pytest.mark.parametrize("trainable_only", [False, True])
+def test_transcribe_uses_the_saved_generation_config(build, tmp_path, monkeypatch, trainable_only):
+    processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
+    model.generation_config.update(max_new_tokens=3, num_beams=2)
+    model.save_pretrained(tmp_path, trainable_only=trainable_only)
+    processor.save_pretrained(tmp_path)
+    loaded = SpeechLMModel.from_pretrained(tmp_path)
+    calls = []
+    real = loaded.generate
+    monkeypatch.setattr(loaded, "generate", lambda **kwargs: calls.append(kwargs) or real(**kwargs))
+    transcribe_arrays(loaded, SpeechLMProcessor.from_pretrained(tmp_path), make_clips((0.5,)))
+    transcribe_arrays(loaded, SpeechLMProcessor.from_pretrained(tmp_path), make_clips((0.5,)), max_new_tokens=4)
+    assert [(c["max_new_tokens"], c["num_beams"], c["no_repeat_ngram_size"]) for c in calls] == [(3, 2, 10), (4, 2, 10)]
