@@ -230,8 +230,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
                            code="prompt_too_long", param=param)  # fmt: skip
         chunk = min(samples, round(settings.max_chunk_seconds * sampling_rate))
         try:
-            check_positions(model, audio_positions(model, processor, chunk), tokens, new_token_budget(generate_kwargs),
-                            "this request")  # fmt: skip
+            check_positions(model, audio_positions(model, processor, chunk), tokens,
+                            new_token_budget(generate_kwargs, model), "this request")  # fmt: skip
         except ValueError as error:
             raise APIError(400, str(error), code="context_length_exceeded", param=param) from None
 
