@@ -104,7 +104,8 @@ def _render(fmt: str, segments: list[Segment], duration: float, language: str | 
 def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
     """The server around an already loaded (processor, model); tests and `speechlm serve` both build it here."""
     settings = settings or ServerSettings()
-    batcher = DynamicBatcher(model, processor, settings.max_batch_size, settings.batch_wait_ms)
+    batcher = DynamicBatcher(model, processor, settings.max_batch_size, settings.batch_wait_ms,
+                             settings.max_batch_audio_seconds)  # fmt: skip
     sampling_rate = processor.sampling_rate
 
     @asynccontextmanager
@@ -173,7 +174,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             for block in array_blocks(audio, 4.0, sampling_rate):
                 if stop.is_set():
                     return
-                yield block
+                with batcher.turn(len(block) / sampling_rate, stop):  # splitting waits its turn with decoding
+                    yield block
 
         # A long upload has at most one batch of chunks queued at a time, so others' clips join the next batch.
         slots = asyncio.Semaphore(settings.max_batch_size)
@@ -371,8 +373,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="1 disables batching")
     parser.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
                         help="how long a batch waits for more requests")  # fmt: skip
+    parser.add_argument("--max-batch-audio-seconds", type=float, default=defaults.max_batch_audio_seconds,
+                        help="padded audio per batch (clips x the longest clip)")  # fmt: skip
     parser.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 1024 / 1024,
                         help="largest upload")  # fmt: skip
+    parser.add_argument("--max-upload-rate-mb", type=float, default=defaults.max_upload_rate / 1024 / 1024,
+                        help="MB/s a request's body is read at past its first --upload-burst-mb (0: unlimited)")
+    parser.add_argument("--upload-burst-mb", type=float, default=defaults.upload_burst_bytes / 1024 / 1024,
+                        help="MB of a body read at full speed")  # fmt: skip
     parser.add_argument("--max-audio-seconds", type=float, default=defaults.max_audio_seconds,
                         help="longest upload, in seconds of audio")  # fmt: skip
     parser.add_argument("--min-audio-seconds", type=float, default=defaults.min_audio_seconds,
@@ -414,11 +422,14 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         model_name=args.model_name or Path(args.model).resolve().name,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_upload_rate=args.max_upload_rate_mb * 1024 * 1024,
+        upload_burst_bytes=int(args.upload_burst_mb * 1024 * 1024),
         max_audio_seconds=args.max_audio_seconds,
         min_audio_seconds=args.min_audio_seconds,
         request_timeout=args.request_timeout,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
+        max_batch_audio_seconds=args.max_batch_audio_seconds,
         max_chunk_seconds=args.max_chunk_seconds,
         prompt=args.prompt,
         **generation_options(args),

@@ -9,16 +9,27 @@ Chat requests (`chat`) share the worker and its queue: a batch holds requests of
 options, so a chat conversation and a transcription wait in the same line and neither kind can starve the other.
 A request with a `seed` is decoded alone, so its sampled text depends on its seed only.
 A request with a `sink` gets its text as it is decoded (`streaming.TextDeltas`), token by token.
+
+Fairness (issue 14): the worker is one, so the order of the line decides who waits. Waiting clips are served in
+order of a fair-queueing tag, not of arrival: each *flow* (one request, `request_flow`: a long upload's chunks share
+one) is charged the rough work of its clips (audio seconds), so a request that queued 30 minutes of chunks gets one
+chunk's turn while a short request arriving later goes ahead of the rest. A batch also holds at most
+`max_batch_seconds` of padded audio, so short clips never ride in (and wait for) a batch padded to 25 s chunks.
+Model work done outside the worker (the server's silence splitting of long uploads, ~13 ms of CPU per second of
+audio) takes its `turn` in the same line and runs while the worker waits, so it never competes with decoding for the
+cores: measured, four 30-minute uploads split concurrently made good requests 3.7x slower.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -31,6 +42,9 @@ from .streaming import BatchStreamer, TextDeltas, cut_at_stop, eos_token_ids
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+_flows = itertools.count()
+# The flow a request's clips are charged to; `RequestGuard` sets one per API request. Unset: each clip is its own flow.
+request_flow: contextvars.ContextVar[object | None] = contextvars.ContextVar("speechlm_request_flow", default=None)
 
 
 @dataclass
@@ -52,9 +66,23 @@ class _Job:
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
     abandoned: threading.Event = field(default_factory=threading.Event)  # nobody waits for the text any more
+    flow: object = field(default_factory=lambda: request_flow.get() or next(_flows))
+    tag: float = 0.0  # fair-queueing finish tag, set by the worker when it takes the job in
+    turn_samples: int = 0  # a `turn`: the audio it covers (its cost)
+    released: threading.Event | None = None  # a `turn`: set when the work it covers is done
+    max_hold: float = 10.0  # a `turn`: the longest the worker waits for `released`
 
     def gone(self) -> bool:
         return self.abandoned.is_set() or self.future.cancelled()
+
+    def samples(self) -> int:
+        """Audio samples of the clip (of every clip of a chat): what padding and decoding cost scale with."""
+        if self.audio is not None:
+            return len(self.audio)
+        if self.released is not None:
+            return self.turn_samples
+        return sum(len(part["audio"]) for message in self.conversation or () for part in message.get("content", ())
+                   if isinstance(part, dict) and part.get("type") == "audio")  # fmt: skip
 
 
 class _StopWhenAbandoned:
@@ -79,17 +107,26 @@ class DynamicBatcher:
     Args:
         max_batch_size: most clips per `transcribe_arrays` call; 1 turns batching off (clips decoded one at a time).
         max_wait_ms: how long the oldest waiting clip may wait for others to join its batch.
+        max_batch_seconds: most padded audio per batch (clips x the longest clip's seconds); a batch's first clip
+            always fits. None: no limit.
     """
 
-    def __init__(self, model, processor, max_batch_size: int = 16, max_wait_ms: float = 10.0):
+    def __init__(self, model, processor, max_batch_size: int = 16, max_wait_ms: float = 10.0,
+                 max_batch_seconds: float | None = None):  # fmt: skip
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
         self.processor = processor
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
+        extractor = getattr(processor, "feature_extractor", None)
+        self.sampling_rate = getattr(extractor, "sampling_rate", None) or 16000
+        self.max_batch_samples = None if max_batch_seconds is None else max_batch_seconds * self.sampling_rate
         self._queue: queue.Queue = queue.Queue()
-        self._held: deque[_Job] = deque()  # jobs taken from the queue whose options differ from the current batch's
+        self._waiting: list[_Job] = []  # taken from the queue by the worker, not yet decoded
+        self._flow_finish: dict[object, float] = {}  # each flow's last finish tag
+        self._virtual_time = 0.0  # the start tag of the batch last chosen
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -140,8 +177,33 @@ class DynamicBatcher:
             job.future.cancel()  # still waiting: never decoded
             raise
 
+    @contextlib.contextmanager
+    def turn(self, seconds: float, stop: threading.Event | None = None, max_hold: float = 10.0):
+        """Wait (blocking; call it off the event loop) for the worker to reach this work in the fair line, then hold
+        the worker while the body runs: model work done elsewhere, charged to the request's flow as `seconds` of
+        audio. Waiting ends early once `stop` is set; the worker takes the line back after `max_hold` seconds."""
+        if self._closed or threading.current_thread() is self._thread:
+            yield
+            return
+        job = _Job(None, None, (("kind", "turn"),), turn_samples=round(seconds * self.sampling_rate),
+                   released=threading.Event(), max_hold=max_hold)  # fmt: skip
+        self._submit(job)
+        try:
+            while True:
+                try:
+                    job.future.result(timeout=0.1)
+                    break
+                except TimeoutError:
+                    if stop is not None and stop.is_set():
+                        job.abandoned.set()
+                        job.future.cancel()
+                        break
+            yield
+        finally:
+            job.released.set()
+
     def pending(self) -> int:
-        return self._queue.qsize() + len(self._held)
+        return self._queue.qsize() + len(self._waiting)
 
     def stats(self) -> dict:
         return {
@@ -168,42 +230,86 @@ class DynamicBatcher:
     # ------------------------------------------------------------------------------------------------ worker side
     def _run(self) -> None:
         while True:
-            batch, stop = self._collect()
+            batch = self._collect()
             if batch:
                 self._decode(batch)
-            if stop:
-                while self._held:  # jobs of other options that were waiting behind the stop marker
-                    self._decode([self._held.popleft()])
+            elif self._stopping:
                 return
 
-    def _collect(self) -> tuple[list[_Job], bool]:
-        first = self._held.popleft() if self._held else self._queue.get()
-        if first is _STOP:
-            return [], True
-        batch = [first]
-        if "seed" in dict(first.options):  # a seeded request samples alone: its draws must not depend on others
-            return batch, False
-        for job in list(self._held):
-            if len(batch) < self.max_batch_size and job.options == first.options:
-                self._held.remove(job)
-                batch.append(job)
-        deadline = first.arrived + self.max_wait
-        while len(batch) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
+    def _take_in(self, job) -> None:
+        """Tag a job from the queue: its flow's finish so far (or now, if the flow is idle) plus its work."""
+        if job is _STOP:
+            self._stopping = True
+            return
+        job.tag = max(self._virtual_time, self._flow_finish.get(job.flow, 0.0)) + self._cost(job)
+        self._flow_finish[job.flow] = job.tag
+        self._waiting.append(job)
+
+    def _cost(self, job: _Job) -> float:
+        """A job's work for fairness: seconds of audio, at least 1 (the fixed cost of a request)."""
+        return max(job.samples() / self.sampling_rate, 1.0)
+
+    def _drain(self, timeout: float | None = None) -> bool:
+        """Take in what is queued, waiting up to `timeout` for the first item (None: forever); False if nothing."""
+        try:
+            item = self._queue.get_nowait() if timeout is not None and timeout <= 0 else self._queue.get(
+                timeout=timeout)  # fmt: skip
+        except queue.Empty:
+            return False
+        self._take_in(item)
+        while True:
             try:
-                # Past the deadline, still take what is already queued (it arrived while the last batch decoded).
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                self._take_in(self._queue.get_nowait())
             except queue.Empty:
+                return True
+
+    def _collect(self) -> list[_Job]:
+        """The next batch: the waiting job with the lowest tag, then jobs with its options in tag order while they
+        fit (`max_batch_size`, `max_batch_seconds`). Empty when stopping and nothing is left."""
+        while not self._waiting:
+            if self._stopping:
+                return []
+            self._drain()
+        # The batch window: until `max_wait` after the oldest waiting clip arrived, more may join.
+        deadline = min(job.arrived for job in self._waiting) + self.max_wait
+        while not self._stopping and len(self._waiting) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._drain(remaining):
                 break
-            if job is _STOP:
-                return batch, True
-            if job.options == first.options:
+        self._drain(0)  # past the deadline, still take what is already queued
+        ordered = sorted(self._waiting, key=lambda job: (job.tag, job.arrived))
+        first = ordered[0]
+        batch, longest = [first], first.samples()
+        # A turn goes alone; so does a seeded request (its draws must not depend on others).
+        if first.released is None and "seed" not in dict(first.options):
+            for job in ordered[1:]:
+                if len(batch) >= self.max_batch_size:
+                    break
+                if job.options != first.options:
+                    continue
+                padded = max(longest, job.samples()) * (len(batch) + 1)
+                if self.max_batch_samples is not None and padded > self.max_batch_samples:
+                    continue
                 batch.append(job)
-            else:
-                self._held.append(job)
-        return batch, False
+                longest = max(longest, job.samples())
+        # Virtual time runs at the rate each backlogged flow would be served if the worker were shared equally: the
+        # batch's work over the flows waiting now. A new request starts at it, so it neither jumps ahead of work
+        # queued long ago (no starvation of long clips under steady load) nor waits behind a flow's whole backlog.
+        flows = {job.flow for job in self._waiting}
+        self._virtual_time += sum(self._cost(job) for job in batch) / len(flows)
+        chosen = {id(job) for job in batch}
+        self._waiting = [job for job in self._waiting if id(job) not in chosen]
+        waiting_flows = {job.flow for job in self._waiting}
+        self._flow_finish = {flow: tag for flow, tag in self._flow_finish.items()
+                             if tag > self._virtual_time or flow in waiting_flows}  # fmt: skip
+        return batch
 
     def _decode(self, batch: list[_Job]) -> None:
+        if batch[0].released is not None:  # a turn: let its holder run, wait until it is done
+            if batch[0].future.set_running_or_notify_cancel():
+                batch[0].future.set_result(None)
+                batch[0].released.wait(batch[0].max_hold)
+            return
         jobs = [job for job in batch if job.future.set_running_or_notify_cancel()]  # skip abandoned requests
         if not jobs:
             return
@@ -297,4 +403,4 @@ class DynamicBatcher:
         return results
 
 
-__all__ = ["ChatResult", "DynamicBatcher"]
+__all__ = ["ChatResult", "DynamicBatcher", "request_flow"]

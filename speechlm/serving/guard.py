@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import logging
 import secrets
 import threading
@@ -16,6 +17,7 @@ import unicodedata
 
 from fastapi.responses import JSONResponse
 
+from .batcher import request_flow
 from .settings import ServerSettings
 
 # Multipart framing around the file; a body larger than the upload limit plus this cannot be a valid request.
@@ -96,15 +98,16 @@ class RequestGuard:
     """ASGI middleware: what must hold before and while a request's body is read, and what a failure may say.
 
     On `/v1/`: the API key, the browser origin, a limit on requests in flight (503 + Retry-After), the upload limit
-    counted on the bytes as they arrive (chunked or not, nothing past the limit is read or spooled) and a stall
-    timeout on the body. Everywhere: an internal error answers a generic 500 with a reference; the details go to
-    the log (one line), never to the client.
+    counted on the bytes as they arrive (chunked or not, nothing past the limit is read or spooled), a read rate
+    past the first megabytes (`max_upload_rate`) and a stall timeout on the body. Everywhere: an internal error
+    answers a generic 500 with a reference; the details go to the log (one line), never to the client.
     """
 
     def __init__(self, app, settings: ServerSettings):
         self.app = app
         self.settings = settings
         self.active = 0
+        self._requests = itertools.count()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -115,6 +118,7 @@ class RequestGuard:
         rejected: APIError | None = None
         received, body_done = 0, False
         limit = settings.max_upload_bytes + _MULTIPART_SLACK
+        body_started = time.monotonic()
 
         async def guarded_receive():
             nonlocal received, body_done, rejected
@@ -132,6 +136,11 @@ class RequestGuard:
                 if received > limit:
                     rejected = too_large(settings, None)
                     raise _BodyRejected
+                if settings.max_upload_rate and received > settings.upload_burst_bytes and not body_done:
+                    # Not reading is the throttle: uvicorn stops reading the socket and TCP slows the sender.
+                    due = body_started + (received - settings.upload_burst_bytes) / settings.max_upload_rate
+                    if (wait := due - time.monotonic()) > 0:
+                        await asyncio.sleep(wait)
             return message
 
         async def guarded_send(message):
@@ -155,6 +164,7 @@ class RequestGuard:
                     raise APIError(503, f"The server is busy ({self.active} requests in flight); retry shortly.",
                                    type="server_error", code="server_busy", headers={"Retry-After": "1"})  # fmt: skip
                 self.active, counted = self.active + 1, True
+                request_flow.set(("request", next(self._requests)))  # the batcher's fair share is per request
             await self.app(scope, guarded_receive if guarded else receive, guarded_send)
         except _BodyRejected:
             pass

@@ -14,11 +14,17 @@ class ServerSettings:
     model_name: str = "speechlm"
     api_key: str | None = None
     max_upload_bytes: int = 25 * 1024 * 1024  # OpenAI's limit
+    # Past its first `upload_burst_bytes`, a request's body is read at most this fast: every byte read costs the
+    # event loop (parsing, spooling), and a client looping on 25 MB uploads otherwise took a core from everyone.
+    max_upload_rate: float = 8 * 1024 * 1024  # bytes per second per request; 0: unlimited
+    upload_burst_bytes: int = 2 * 1024 * 1024
     max_audio_seconds: float = 1800.0
     min_audio_seconds: float = MIN_AUDIO_SECONDS
     request_timeout: float = 300.0
     max_batch_size: int = 16
     batch_wait_ms: float = 10.0
+    # Padded audio per batch (clips x longest): short clips do not wait in a batch padded to long chunks.
+    max_batch_audio_seconds: float = 120.0
     max_chunk_seconds: float = 25.0
     prompt: str | None = None
     max_new_tokens: int | None = None

@@ -276,3 +276,42 @@ def test_other_web_origins_cannot_drive_the_server(tiny):
         assert from_origin("https://app.example").status_code == 200
     assert exposure_warning("0.0.0.0", None).startswith("WARNING: listening on 0.0.0.0 without an API key")
     assert exposure_warning("0.0.0.0", "key") is None and exposure_warning("127.0.0.1", None) is None
+
+
+def test_upload_bodies_are_read_at_a_bounded_rate_past_the_burst(monkeypatch):
+    """Past `upload_burst_bytes` the guard reads a body no faster than `max_upload_rate` (a client looping on
+    25 MB uploads took a core from everyone): checked on the pauses it asks for, not on a clock."""
+    import asyncio
+
+    import speechlm.serving.guard as guard_module
+    from speechlm.serving.guard import RequestGuard
+
+    pauses: list[float] = []
+
+    async def no_sleep(seconds):
+        pauses.append(seconds)
+
+    monkeypatch.setattr(guard_module.asyncio, "sleep", no_sleep)
+    mb = 2**20
+    messages = [{"type": "http.request", "body": b"\0" * mb, "more_body": i < 7} for i in range(8)]
+
+    async def receive():
+        return messages.pop(0)
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    guard = RequestGuard(app, settings(max_upload_bytes=100 * mb, max_upload_rate=2 * mb, upload_burst_bytes=2 * mb))
+    scope = {"type": "http", "path": ENDPOINT, "method": "POST", "headers": []}
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 200
+    # 8 MB, the last piece ends the body: pauses after pieces 3-7 (1 MB each past the 2 MB burst, at 2 MB/s).
+    assert len(pauses) == 5 and 2.4 < max(pauses) <= 2.5, pauses
