@@ -3,8 +3,12 @@
 Builds a small random SpeechLM (Whisper-style encoder + Qwen2-style decoder, big enough that the model rather than
 HTTP dominates), saves it like a trained checkpoint, starts `speechlm serve` on 127.0.0.1 twice (`--max-batch-size
 16` and `--max-batch-size 1`) and sends the same bounded load to each: REQUESTS uploads, CONCURRENCY at a time.
-Any failed request fails the benchmark. A random model never emits end-of-sequence, so every request generates
-exactly `--max-new-tokens` tokens and both runs do the same work.
+Any failed request (or any 5xx) fails the benchmark. A random model never emits end-of-sequence, so every request
+generates exactly `--max-new-tokens` tokens and both runs do the same work.
+
+With batching on, the good load runs in `--rounds` clean segments interleaved with as many hostile ones (one hostile
+client beside every four good ones: 30-minute uploads, maximal prompts, dribbled, oversized and stalled uploads), so
+the p95 ratio hostile / clean compares segments that ran on the same (busy) machine at nearly the same time.
 
     PYTHONPATH=. python benchmarks/serving.py [--requests 200] [--concurrency 16] [--device cpu] [--threads 1]
 
@@ -119,16 +123,18 @@ def start_server(model_dir: Path, port: int, max_batch_size: int, args,
     raise RuntimeError("server did not start in time")
 
 
-async def load(url: str, uploads: list[bytes], requests: int, concurrency: int) -> tuple[list[float], int, float]:
-    """Send `requests` uploads with at most `concurrency` in flight; (latencies in s, errors, wall seconds)."""
+async def load(url: str, uploads: list[bytes], requests: int, concurrency: int,
+               first: int = 0) -> tuple[list[float], int, float, int]:  # fmt: skip
+    """Send `requests` uploads (from index `first`) with at most `concurrency` in flight; (latencies in s, errors,
+    wall seconds, 5xx answers)."""
     latencies: list[float] = []
-    errors = 0
+    errors = server_errors = 0
     queue: asyncio.Queue = asyncio.Queue()
-    for index in range(requests):
+    for index in range(first, first + requests):
         queue.put_nowait(index)
 
     async def worker(client: httpx.AsyncClient):
-        nonlocal errors
+        nonlocal errors, server_errors
         while True:
             try:
                 index = queue.get_nowait()
@@ -140,6 +146,7 @@ async def load(url: str, uploads: list[bytes], requests: int, concurrency: int) 
                     url, files={"file": (f"{index}.wav", uploads[index % len(uploads)])}, data={"model": "bench"}
                 )
                 ok = response.status_code == 200 and isinstance(response.json().get("text"), str)
+                server_errors += response.status_code >= 500
             except httpx.HTTPError:
                 ok = False
             latencies.append(time.perf_counter() - started)
@@ -150,24 +157,55 @@ async def load(url: str, uploads: list[bytes], requests: int, concurrency: int) 
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return latencies, errors, wall
+    return latencies, errors, wall, server_errors
 
 
-async def hostile(url: str, kind: str, stop: asyncio.Event, counts: dict) -> None:
-    """One hostile client, looping until `stop`: a stalled slowloris header, a huge chunked upload, a 60k-character
-    prompt, or a tiny WAV declaring a 1 Hz sample rate (issue 14). Every answer it gets is counted by status."""
-    host, port = url.split("//")[1].split("/")[0].split(":")
+def hostile_payloads(max_prompt_tokens: int = 200) -> dict[str, bytes | str]:
+    """What the hostile clients send. Within the limits: 30 min of 8 kHz 8-bit WAV (14 MB, the most audio a 25 MB
+    upload under a 1,800 s limit can hold: 72 encoder windows of work) and the longest prompt the limits allow.
+    Past them: a 1 Hz WAV and a 60k-character prompt."""
+    rng = np.random.default_rng(7)
+    long_wav = io.BytesIO()
+    t = np.arange(1800 * 8000) / 8000
+    audio = 0.3 * np.sin(2 * np.pi * 180 * t) + 0.05 * rng.standard_normal(t.shape)  # no silence: cut every 25 s
+    sf.write(long_wav, audio.astype(np.float32), 8000, format="WAV", subtype="PCM_U8")
     tiny = io.BytesIO()
     sf.write(tiny, np.zeros(1800, dtype=np.int16), 1, format="WAV", subtype="PCM_16")
-    good = make_uploads(1, seed=99)[0]
+    tokenizer, words = make_tokenizer(), []
+    while len(tokenizer(" ".join(words + ["remind"]))["input_ids"]) <= max_prompt_tokens:
+        words.append("remind")
+        if len(" ".join(words)) > 1900:
+            break
+    return {"long": long_wav.getvalue(), "rate": tiny.getvalue(), "max_prompt": " ".join(words),
+            "good": make_uploads(1, seed=99)[0]}  # fmt: skip
+
+
+# One hostile client in five: the first three always do their own attack, the fourth rotates through the rest.
+HOSTILE_KINDS = (("long",), ("max_prompt",), ("huge",), ("slow", "dribble", "prompt", "rate"))
+
+
+async def hostile(url: str, kinds: tuple[str, ...], payloads: dict, stop: asyncio.Event, counts: dict) -> None:
+    """One hostile client, looping until `stop`: 30 minutes of audio, a maximal valid prompt, a 64 MB chunked
+    upload, a stalled slowloris header, a slow upload that never stalls long enough to be cut, a 60k-character
+    prompt, a 1 Hz WAV (issue 14). Every answer it gets is counted by kind and status."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    good = payloads["good"]
 
     async def huge_body():
         yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="huge.wav"\r\n\r\n'
         for _ in range(1024):  # 64 MB
             yield b"\0" * 65536
 
+    async def dribble_body(body: bytes):
+        for start in range(0, len(body), 16384):  # ~10 s for a 3-4 s clip; never a pause the server cuts
+            yield body[start : start + 16384]
+            await asyncio.sleep(1.0)
+
+    iteration = 0
     async with httpx.AsyncClient(timeout=60) as client:
         while not stop.is_set():
+            kind = kinds[iteration % len(kinds)]
+            iteration += 1
             try:
                 if kind == "slow":
                     reader, writer = await asyncio.open_connection(host, int(port))
@@ -180,29 +218,68 @@ async def hostile(url: str, kind: str, stop: asyncio.Event, counts: dict) -> Non
                     headers = {"Content-Type": "multipart/form-data; boundary=b"}
                     response = await client.post(url, content=huge_body(), headers=headers)
                     status = response.status_code
-                elif kind == "prompt":
-                    response = await client.post(url, files={"file": ("p.wav", good)}, data={"prompt": "x" * 60000})
+                elif kind == "dribble":
+                    request = client.build_request("POST", url, files={"file": ("d.wav", good)})
+                    body = b"".join([part async for part in request.stream])
+                    headers = {"Content-Type": request.headers["Content-Type"]}
+                    response = await client.post(url, content=dribble_body(body), headers=headers)
+                    status = response.status_code
+                elif kind in ("prompt", "max_prompt"):
+                    text = "x" * 60000 if kind == "prompt" else payloads["max_prompt"]
+                    response = await client.post(url, files={"file": ("p.wav", good)}, data={"prompt": text})
                     status = response.status_code
                 else:
-                    status = (await client.post(url, files={"file": ("hz.wav", tiny.getvalue())})).status_code
+                    response = await client.post(url, files={"file": (f"{kind}.wav", payloads[kind])})
+                    status = response.status_code
             except (httpx.HTTPError, OSError, TimeoutError):
                 status = "closed"
+            except asyncio.CancelledError:  # cut off at the end of its segment
+                counts[(kind, "cut off")] = counts.get((kind, "cut off"), 0) + 1
+                raise
             counts[(kind, status)] = counts.get((kind, status), 0) + 1
 
 
-async def hostile_load(url: str, uploads: list[bytes], args) -> tuple[list[float], int, float, dict]:
-    """The good load of `load`, with one hostile client beside every four good ones (20 % of the clients)."""
-    stop, counts = asyncio.Event(), {}
-    kinds = ["slow", "huge", "prompt", "rate"]
-    tasks = [asyncio.create_task(hostile(url, kinds[i % 4], stop, counts)) for i in range(args.concurrency // 4)]
+async def hostile_load(url: str, uploads: list[bytes], requests: int, first: int, payloads: dict, counts: dict,
+                       args) -> tuple[list[float], int, float, int]:  # fmt: skip
+    """The good load of `load`, with one hostile client beside every four good ones (20 % of the clients); the
+    hostile clients are cut off (their requests cancelled) when the good requests are done."""
+    stop = asyncio.Event()
+    kinds = [(args.hostile_only,)] * len(HOSTILE_KINDS) if args.hostile_only else HOSTILE_KINDS
+    tasks = [asyncio.create_task(hostile(url, kinds[i % len(kinds)], payloads, stop, counts))
+             for i in range(args.concurrency // 4)]  # fmt: skip
     try:
-        latencies, errors, wall = await load(url, uploads, args.requests, args.concurrency)
+        return await load(url, uploads, requests, args.concurrency, first)
     finally:
         stop.set()
-        await asyncio.wait(tasks, timeout=90)
         for task in tasks:
             task.cancel()
-    return latencies, errors, wall, counts
+        await asyncio.wait(tasks, timeout=30)
+
+
+def interleaved(url: str, uploads: list[bytes], pid: int, args) -> tuple[dict, dict]:
+    """Clean and hostile segments in turn (`--rounds` of each, the same good requests in both), so a busy machine
+    slows both alike; (clean, hostile) pooled results."""
+    payloads = hostile_payloads()
+    rows = [{"latencies": [], "errors": 0, "wall": 0.0, "server_errors": 0} for _ in range(2)]
+    counts: dict = {}
+    per_round = args.requests // args.rounds
+    clean_memory = None
+    for round_ in range(args.rounds):
+        for row, hostile_mix in zip(rows, (False, True)):
+            first = round_ * per_round
+            if hostile_mix:
+                result = asyncio.run(hostile_load(url, uploads, per_round, first, payloads, counts, args))
+            else:
+                result = asyncio.run(load(url, uploads, per_round, args.concurrency, first))
+                clean_memory = clean_memory or peak_memory_mb(pid)
+            row["latencies"] += result[0]
+            row["errors"] += result[1]
+            row["wall"] += result[2]
+            row["server_errors"] += result[3]
+    clean, bad = rows
+    bad |= {"counts": counts, "memory_clean": clean_memory, "memory": peak_memory_mb(pid)}
+    bad["server_errors"] += sum(n for (_, status), n in counts.items() if isinstance(status, int) and status >= 500)
+    return clean, bad
 
 
 def peak_memory_mb(pid: int) -> float:
@@ -217,28 +294,30 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+def _summary(latencies: list[float], errors: int, wall: float, requests: int) -> dict:
+    return {"errors": errors, "rps": requests / wall, "p50": percentile(latencies, 50) * 1000, "wall": wall,
+            "p95": percentile(latencies, 95) * 1000, "mean": float(np.mean(latencies)) * 1000}  # fmt: skip
+
+
 def run_mode(model_dir: Path, uploads: list[bytes], max_batch_size: int, args, replicas: int | None = None) -> dict:
     port = free_port()
     server = start_server(model_dir, port, max_batch_size, args, replicas)
     base = f"http://127.0.0.1:{port}"
+    url = base + "/v1/audio/transcriptions"
+    hostile_row = None
     try:
-        asyncio.run(load(base + "/v1/audio/transcriptions", uploads, args.concurrency, args.concurrency))  # warm-up
+        asyncio.run(load(url, uploads, args.concurrency, args.concurrency))  # warm-up
         before = httpx.get(base + "/health").json()["batching"]
-        latencies, errors, wall = asyncio.run(
-            load(base + "/v1/audio/transcriptions", uploads, args.requests, args.concurrency)
-        )
-        after = httpx.get(base + "/health").json()["batching"]
-        hostile_row = None
         if args.hostile and max_batch_size > 1 and replicas is None:
-            clean_memory = peak_memory_mb(server.pid)
-            bad_latencies, bad_errors, bad_wall, counts = asyncio.run(
-                hostile_load(base + "/v1/audio/transcriptions", uploads, args)
-            )
-            hostile_row = {
-                "errors": bad_errors, "rps": args.requests / bad_wall, "p50": percentile(bad_latencies, 50) * 1000,
-                "p95": percentile(bad_latencies, 95) * 1000, "mean": float(np.mean(bad_latencies)) * 1000,
-                "counts": counts, "memory_clean": clean_memory, "memory": peak_memory_mb(server.pid),
-            }  # fmt: skip
+            clean, bad = interleaved(url, uploads, server.pid, args)
+            requests = len(clean["latencies"])
+            hostile_row = _summary(bad["latencies"], bad["errors"], bad["wall"], requests) | {
+                key: bad[key] for key in ("counts", "memory_clean", "memory", "server_errors")}  # fmt: skip
+            latencies, errors, wall = clean["latencies"], clean["errors"], clean["wall"]
+        else:
+            latencies, errors, wall, _ = asyncio.run(load(url, uploads, args.requests, args.concurrency))
+            requests = args.requests
+        after = httpx.get(base + "/health").json()["batching"]
     finally:
         server.terminate()  # serve-ray: SIGTERM drains the replicas, then stops Ray
         try:
@@ -249,13 +328,9 @@ def run_mode(model_dir: Path, uploads: list[bytes], max_batch_size: int, args, r
     return {
         "replicas": replicas,
         "max_batch_size": max_batch_size,
-        "errors": errors,
-        "rps": args.requests / wall,
-        "p50": percentile(latencies, 50) * 1000,
-        "p95": percentile(latencies, 95) * 1000,
-        "mean": float(np.mean(latencies)) * 1000,
+        **_summary(latencies, errors, wall, requests),
+        # With the hostile mix the counters include its batches too.
         "mean_batch": (after["clips"] - before["clips"]) / batches if batches else 0.0,
-        "wall": wall,
         "hostile": hostile_row,
     }
 
@@ -320,9 +395,12 @@ def table(rows: list[dict], args, params: int) -> str:
     if bad := batched.get("hostile"):
         answered = ", ".join(f"{kind} {status}: {n}" for (kind, status), n in sorted(bad["counts"].items(), key=str))
         lines += [
-            f"Hostile mix (same server, same run, after the clean run): the same {args.requests} good requests with "
-            f"{args.concurrency // 4} hostile clients beside the {args.concurrency} good ones (slowloris headers, "
-            "64 MB chunked uploads, 60k-character prompts, 1 Hz WAVs).",
+            f"Hostile mix (same server, same run, {args.rounds} clean and {args.rounds} hostile segments in turn, "
+            f"{args.requests // args.rounds} good requests each): {args.concurrency // 4} hostile clients beside the "
+            f"{args.concurrency} good ones. Within the limits: 30 min of 8 kHz audio per upload (72 chunks of 25 s), "
+            "the longest allowed prompt, uploads dribbled in 16 kB a second; past them: 64 MB chunked uploads, "
+            "slowloris headers, 60k-character prompts, 1 Hz WAVs. Hostile clients give up after 60 s (a cancelled "
+            "request's work stops). The on/off rows above use the clean segments; mean batch counts both.",
             "",
             "| Good requests | Errors (good) | Requests/s | p50 latency (ms) | p95 latency (ms) | Server peak memory"
             " (MB) |",
@@ -333,7 +411,8 @@ def table(rows: list[dict], args, params: int) -> str:
             f"{bad['memory']:.0f} |",
             "",
             f"Hostile / clean: throughput x{bad['rps'] / batched['rps']:.2f}, p95 latency "
-            f"x{bad['p95'] / batched['p95']:.2f}. Hostile requests answered: {answered}.",
+            f"x{bad['p95'] / batched['p95']:.2f}; 5xx answers (good and hostile): {bad['server_errors']}. "
+            f"Hostile requests answered: {answered}.",
             "",
         ]
     return "\n".join(lines)
@@ -351,6 +430,10 @@ def main() -> int:
         help="the server's torch threads; 0 = torch's default. 1 keeps CPU runs reproducible on a shared machine, "
         "where idle-spinning OpenMP threads made 2-thread runs vary 20x between runs",
     )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="clean and hostile segments in turn (each --requests / --rounds good requests)")
+    parser.add_argument("--hostile-only", default=None, help="every hostile client sends only this kind (to find "
+                        "which one costs): long, max_prompt, huge, slow, dribble, prompt, rate")  # fmt: skip
     parser.add_argument("--no-hostile", dest="hostile", action="store_false",
                         help="skip the hostile-mix run (good requests beside hostile clients)")  # fmt: skip
     parser.add_argument("--replicas", type=int, default=0,
@@ -371,7 +454,8 @@ def main() -> int:
     print(text)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
-    failed = sum(row["errors"] + (row["hostile"] or {}).get("errors", 0) for row in rows)
+    bad = [row["hostile"] or {} for row in rows]
+    failed = sum(row["errors"] + b.get("errors", 0) + b.get("server_errors", 0) for row, b in zip(rows, bad))
     if failed:
         print(f"error: {failed} request(s) failed", file=sys.stderr)
     return 1 if failed else 0

@@ -14,7 +14,8 @@ Fairness (issue 14): the worker is one, so the order of the line decides who wai
 order of a fair-queueing tag, not of arrival: each *flow* (one request, `request_flow`: a long upload's chunks share
 one) is charged the rough work of its clips (audio seconds), so a request that queued 30 minutes of chunks gets one
 chunk's turn while a short request arriving later goes ahead of the rest. A batch also holds at most
-`max_batch_seconds` of padded audio, so short clips never ride in (and wait for) a batch padded to 25 s chunks.
+`max_batch_seconds` of padded audio, so short clips never ride in (and wait for) a batch padded to 25 s chunks,
+and only clips with prompts of similar length (a maximal prompt pads every row of its batch).
 Model work done outside the worker (the server's silence splitting of long uploads, ~13 ms of CPU per second of
 audio) takes its `turn` in the same line and runs while the worker waits, so it never competes with decoding for the
 cores: measured, four 30-minute uploads split concurrently made good requests 3.7x slower.
@@ -42,6 +43,11 @@ from .streaming import BatchStreamer, TextDeltas, cut_at_stop, eos_token_ids
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+# Prompt characters that cost about what a second of audio costs (~25 tokens ~ the LLM positions of a second).
+PROMPT_CHARS_PER_SECOND = 100
+# Clips share a batch only if their prompts differ by at most this many characters: every row is padded to the
+# longest prompt, so one maximal prompt in a batch of short ones multiplies the whole batch's work.
+PROMPT_CHARS_TOLERANCE = 200
 _flows = itertools.count()
 # The flow a request's clips are charged to; `RequestGuard` sets one per API request. Unset: each clip is its own flow.
 request_flow: contextvars.ContextVar[object | None] = contextvars.ContextVar("speechlm_request_flow", default=None)
@@ -246,8 +252,9 @@ class DynamicBatcher:
         self._waiting.append(job)
 
     def _cost(self, job: _Job) -> float:
-        """A job's work for fairness: seconds of audio, at least 1 (the fixed cost of a request)."""
-        return max(job.samples() / self.sampling_rate, 1.0)
+        """A job's work for fairness: seconds of audio, plus one per `PROMPT_CHARS_PER_SECOND` characters of its
+        prompt, at least 1 (the fixed cost of a request)."""
+        return max(job.samples() / self.sampling_rate + len(job.prompt or "") / PROMPT_CHARS_PER_SECOND, 1.0)
 
     def _drain(self, timeout: float | None = None) -> bool:
         """Take in what is queued, waiting up to `timeout` for the first item (None: forever); False if nothing."""
@@ -286,6 +293,8 @@ class DynamicBatcher:
                 if len(batch) >= self.max_batch_size:
                     break
                 if job.options != first.options:
+                    continue
+                if abs(len(job.prompt or "") - len(first.prompt or "")) > PROMPT_CHARS_TOLERANCE:
                     continue
                 padded = max(longest, job.samples()) * (len(batch) + 1)
                 if self.max_batch_samples is not None and padded > self.max_batch_samples:

@@ -170,3 +170,21 @@ def test_work_outside_the_worker_takes_its_turn_in_the_line(decoded):
         start = log.index(f"turn-{block}")
         assert log[start + 1] == f"end-{block}", log  # nothing decoded while the turn was held
     assert log.index("turn-2") > log.index(["good-0"]), log  # the long upload does not take all its turns first
+
+
+def test_a_maximal_prompt_does_not_pad_a_batch_of_short_ones(decoded):
+    """Clips batch only with prompts of similar length: one 1,900-character prompt among short ones goes alone."""
+    batcher = DynamicBatcher(None, _Processor(), max_batch_size=16, max_wait_ms=0)
+    long_prompt = "remind " * 270
+    try:
+        futures = [_submit(batcher, "first", "first", 2)]
+        assert decoded["busy"].wait(30)
+        futures += [_submit(batcher, f"good-{i}", f"good-{i}", 2) for i in range(3)]
+        futures.append(_submit(batcher, "hostile", long_prompt, 2))
+        futures += [_submit(batcher, f"good-{i}", f"good-{i}", 2) for i in range(3, 6)]
+        decoded["release"].set()
+        _order(decoded, futures)
+    finally:
+        batcher.close()
+    batches = decoded["batches"]
+    assert sorted(batches[1]) == [f"good-{i}" for i in range(6)] and batches[2] == [long_prompt], batches
