@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import itertools
 import logging
 import queue
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..inference.decoding import default_generation_kwargs, transcribe_arrays
+from .guard import request_flow
 from .streaming import BatchStreamer, TextDeltas, cut_at_stop, eos_token_ids
 
 logger = logging.getLogger(__name__)
@@ -48,9 +48,7 @@ PROMPT_CHARS_PER_SECOND = 100
 # Clips share a batch only if their prompts differ by at most this many characters: every row is padded to the
 # longest prompt, so one maximal prompt in a batch of short ones multiplies the whole batch's work.
 PROMPT_CHARS_TOLERANCE = 200
-_flows = itertools.count()
-# The flow a request's clips are charged to; `RequestGuard` sets one per API request. Unset: each clip is its own flow.
-request_flow: contextvars.ContextVar[object | None] = contextvars.ContextVar("speechlm_request_flow", default=None)
+_flows = itertools.count()  # `request_flow` (set per API request by `RequestGuard`) unset: each clip is its own flow
 
 
 @dataclass

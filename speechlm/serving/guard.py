@@ -7,6 +7,7 @@ chat alike (issue 14).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import itertools
 import logging
@@ -17,8 +18,11 @@ import unicodedata
 
 from fastapi.responses import JSONResponse
 
-from .batcher import request_flow
 from .settings import ServerSettings
+
+# The flow (fair share in the batcher) the current request's clips are charged to: set per API request by
+# `RequestGuard`, read by the batcher (defined here so that the guard does not import the batcher).
+request_flow: contextvars.ContextVar[object | None] = contextvars.ContextVar("speechlm_request_flow", default=None)
 
 # Multipart framing around the file; a body larger than the upload limit plus this cannot be a valid request.
 _MULTIPART_SLACK = 64 * 1024
