@@ -13,7 +13,7 @@ so that building the `transcribe` parser imports neither torch nor the model cod
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 _HOMES = {
     "speechlm.inference.decoding": (
@@ -36,18 +36,7 @@ _HOMES = {
     ),
     "speechlm.cli_options": ("load_for_inference",),
 }  # fmt: skip
-_WHERE = {name: module for module, names in _HOMES.items() for name in names}
+_WHERE, __getattr__, __dir__ = lazy_exports(__name__, globals(), _HOMES)
 
 __all__ = sorted(set(_WHERE) - {"add_arguments", "run"})
 
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
