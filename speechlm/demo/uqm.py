@@ -135,7 +135,7 @@ def write_clips(root: Path, lines: list[Line], folder: str, max_seconds: float =
                 uqm_root: Path | None = None) -> list[dict]:
     """Decode each clip, drop those over `max_seconds` or whose transcript is not `plausible`, write 16 kHz wavs
     under root/audio/folder; manifest rows (source "uqm", with the character as speaker)."""
-    from .corpus import _row, _write16k
+    from .render import manifest_row, write16k
 
     rows = []
     with zipfile.ZipFile((uqm_root or nonfree_root()) / VOICE_ZIP) as voice:
@@ -144,7 +144,7 @@ def write_clips(root: Path, lines: list[Line], folder: str, max_seconds: float =
             if len(audio) / rate > max_seconds or not plausible(line.text, len(audio) / rate):
                 continue
             path = root / "audio" / folder / f"{Path(line.clip).stem}.wav"
-            duration = _write16k(audio, rate, path)
-            rows.append(_row(root, path, line.text, f"uqm-{Path(line.clip).stem}", duration, "uqm",
+            duration = write16k(audio, rate, path)
+            rows.append(manifest_row(root, path, line.text, f"uqm-{Path(line.clip).stem}", duration, "uqm",
                              speaker=line.character))
     return rows

@@ -1,57 +1,22 @@
-"""The demo corpus: grammar, text form, held-out splits, rendered audio, cache reuse and the missing-package error."""
+"""The demo corpus (speechlm/demo/corpus.py): texts, held-out splits, manifests of rendered audio, cache reuse."""
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 
 from speechlm.demo import corpus as c
+from speechlm.demo import render
+from speechlm.demo.system_packages import fortune_files, missing_system_packages
 
 WORDS = re.compile(r"[a-z']+( [a-z']+)*")
-MISSING = c.missing_system_packages("structured")
+MISSING = missing_system_packages("structured")
 needs_packages = pytest.mark.skipif(
     bool(MISSING), reason=f"Debian packages missing: {' '.join(MISSING)} (apt-get install -y {' '.join(MISSING)})"
 )
-
-
-def test_held_out_voices() -> None:
-    train, test = c.voices(held_out=False), c.voices(held_out=True)
-    assert len(train) > 100 and len(test) > 20
-    assert not set(train) & set(test)
-
-
-def test_missing_packages_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(c.shutil, "which", lambda name, *a, **k: None)
-    monkeypatch.setattr(c, "ASTERISK_TRANSCRIPTS", tmp_path / "nowhere.txt.gz")
-    with pytest.raises(c.MissingSystemPackage, match=r"apt-get install -y espeak-ng asterisk-core-sounds-en\b"):
-        c.build_demo_corpus(tmp_path / "corpus", n_train=2, n_test=1, progress=False)
-    with pytest.raises(c.MissingSystemPackage, match="apt-get install -y espeak-ng"):
-        c.ensure_system_packages(install=False)
-    assert not (tmp_path / "corpus").exists() or not any((tmp_path / "corpus").iterdir())
-
-
-def test_ensure_system_packages_installs_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    missing = [["espeak-ng", "fortunes"], []]  # before, then after installing
-    calls: list[list[str]] = []
-
-    def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
-        calls.append(command)
-        locked = command[1] == "install" and len(calls) == 2  # the first install meets a held dpkg lock
-        return subprocess.CompletedProcess(command, 100 if locked else 0, "", "Could not get lock" if locked else "")
-
-    monkeypatch.setattr(c, "missing_system_packages", lambda corpus="structured", real_speech=False: missing.pop(0))
-    monkeypatch.setattr(c, "_is_root", lambda: True)
-    monkeypatch.setattr(c.subprocess, "run", fake_run)
-    monkeypatch.setattr(c.time, "sleep", lambda seconds: None)
-    c.ensure_system_packages(install=True, corpus="mixed")
-    install = ["apt-get", "install", "-y", "espeak-ng", "fortunes"]
-    assert calls == [["apt-get", "update"], install, install]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +57,7 @@ def test_tiny_corpus_held_out(tiny: dict[str, Path]) -> None:
     test = c.read_manifest(tiny["test_synthetic"])
     train_voices = {r["voice"] for r in train if r["source"] == "synthetic"}
     test_voices = {r["voice"] for r in test}
-    assert not train_voices & test_voices and test_voices <= set(c.voices(held_out=True))
+    assert not train_voices & test_voices and test_voices <= set(render.voices(held_out=True))
     for name in ("test_synthetic", "test_asterisk"):
         assert not {r["text"] for r in train} & {r["text"] for r in c.read_manifest(tiny[name])}
 
@@ -116,8 +81,8 @@ def test_cache_is_reused(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch)
     def no_render(*args: object, **kwargs: object) -> None:
         raise AssertionError("re-rendered a cached corpus")
 
-    monkeypatch.setattr(c, "render", no_render)
-    monkeypatch.setattr(c, "convert", no_render)
+    monkeypatch.setattr(render, "render", no_render)
+    monkeypatch.setattr(render, "convert", no_render)
     assert c.build_demo_corpus(root, n_train=20, n_test=5, progress=False, uqm_test=False) == tiny
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
 
@@ -135,7 +100,7 @@ def test_changed_parameters_rebuild(tmp_path: Path) -> None:
     assert not orphan.exists() and (tmp_path / c.STAMP).is_file()
 
 
-@pytest.mark.skipif(not c._fortune_files(), reason="Debian package fortunes missing (apt-get install -y fortunes)")
+@pytest.mark.skipif(not fortune_files(), reason="Debian package fortunes missing (apt-get install -y fortunes)")
 def test_fortune_sentences() -> None:
     sentences = c.fortune_sentences()
     assert len(sentences) > 500
@@ -173,20 +138,3 @@ def test_float32_decoding_restores_bfloat16_weights_exactly(build):
     for name, parameter in model.named_parameters():
         if name in frozen:
             assert parameter.dtype == torch.bfloat16 and torch.equal(parameter, frozen[name]), name
-
-
-def test_natural_fraction_sends_that_share_of_sentences_to_pico_voices(tmp_path: Path) -> None:
-    items = [(f"sentence {i}", "synthetic") for i in range(400)]
-    jobs = c.render_jobs(items, ["en-us"], tmp_path, "train", 0, c.PICO_VOICES, 0.3)
-    share = sum(job.voice.startswith("pico:") for job in jobs) / len(jobs)
-    assert 0.22 < share < 0.38
-    assert all(job.voice == "en-us" for job in c.render_jobs(items, ["en-us"], tmp_path, "train", 0))
-
-
-@pytest.mark.skipif(shutil.which("pico2wave") is None, reason="needs Debian libttspico-utils")
-def test_pico_voice_renders_16k_speech(tmp_path: Path) -> None:
-    job = c.RenderJob("turn on the kitchen lights", "pico:en-GB", 190, 50, tmp_path / "a.wav")
-    seconds = c.render(job)
-    audio, rate = sf.read(job.path)
-    assert rate == 16_000 and 0.8 < seconds < 4 and np.abs(audio).max() > 0.05
-    assert not list(tmp_path.glob("*.pico.wav"))  # the raw 16 kHz file is removed

