@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,6 +27,7 @@ from .base_models import make_portable, restore_names
 from .checkpoint_files import load_trainable_only, save_checkpoint_extras, save_trainable_only
 from .configuration import IGNORE_INDEX, SpeechLMConfig, one_value
 from .encoders import AudioTooShortError, encoder_adapter
+from .merging import MergedInputs, merge_audio_and_text, position_ids_from_mask
 from .projector import SpeechLMProjector, default_stack_factor
 
 # The audio prompt is embeddings without ids, so `no_repeat_ngram_size` (the repetition guard in our generation
@@ -37,21 +37,6 @@ warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `
 
 # `add_lora`'s defaults for the settings it accepts under two names (the one place they live).
 LORA_DEFAULTS = {"lora_alpha": 32, "lora_dropout": 0.05}
-
-
-@dataclass
-class MergedInputs:
-    """The LLM-side view of a batch: what `merge_audio_and_text` produces."""
-
-    inputs_embeds: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor | None
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions count only attended tokens, so left padding never shifts them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class SpeechLMPreTrainedModel(PreTrainedModel):
@@ -227,113 +212,14 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
     ) -> MergedInputs:
         """Splice clips into the text, drop padding, pad the batch; labels are -100 on audio positions.
 
-        In the placeholder layout each `audio_token_id` in `input_ids` takes the next clip (row-major order). In the
-        prefix layout a placeholder is implied before each sample's text, so both layouts share this code path.
-
-        `padding_side` defaults to "left" (generation appends on the right) without labels and to "right" with them.
-        A left pad slot is a query that attends to no key at all (causal and padding masks together); transformers 5
-        no longer patches such rows, and CUDA attention kernels mishandle them: cuDNN SDPA (the default backend for
-        bf16/fp16 on H100/H200 since torch 2.11) returns NaN gradients whenever a row's logsumexp is -inf and the
-        width is 64 mod 128: the likely cause of our bf16 CUDA runs turning NaN after 25-300 steps (to be confirmed
-        on a GPU by benchmarks/gpu_check.py). A right pad slot attends to the real tokens before it, so a loss pass
-        never holds such a row; the real tokens see exactly the same keys.
+        The model's embeddings and layout around `speechlm.merging.merge_audio_and_text` (which documents the
+        layouts and why `padding_side` defaults to "left" without labels and "right" with them).
         """
-        num_clips = audio_embeds.shape[0]
-        if input_ids is None:
-            if self.config.audio_layout == "placeholder":
-                raise ValueError("the placeholder layout needs input_ids containing the audio token")
-            input_ids = torch.empty((num_clips, 0), dtype=torch.long, device=audio_embeds.device)
-        if text_mask is None:
-            text_mask = torch.ones_like(input_ids)
-        if text_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"decoder_attention_mask shape {tuple(text_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        audio_token = self.config.audio_token_id
-        if self.config.audio_layout == "prefix":
-            if input_ids.shape[0] != num_clips:
-                raise ValueError(
-                    f"batch size mismatch: {num_clips} audio clip(s) but {input_ids.shape[0]} text sequence(s)"
-                )
-            if audio_token is not None and bool((input_ids == audio_token).any()):
-                raise ValueError("input_ids contain the audio token but the model uses the prefix audio layout")
-            audio_token = -1 if audio_token is None else audio_token
-            column = torch.full((num_clips, 1), audio_token, dtype=input_ids.dtype, device=input_ids.device)
-            input_ids = torch.cat([column, input_ids], dim=1)
-            text_mask = torch.cat([torch.ones_like(column), text_mask], dim=1)
-            if labels is not None:
-                labels = torch.cat([torch.full_like(column, IGNORE_INDEX), labels], dim=1)
-
-        batch, text_len = input_ids.shape
-        is_audio = (input_ids == audio_token) & text_mask.bool()
-        if int(is_audio.sum()) != num_clips:
-            raise ValueError(f"found {int(is_audio.sum())} audio placeholder(s) in input_ids but {num_clips} clip(s)")
-
-        # How many output slots each input token expands to: 0 (padding), 1 (text), or start + audio + end.
-        flat_audio = is_audio.flatten()
-        counts = text_mask.flatten().long() * (~flat_audio)
-        counts = counts.masked_scatter(flat_audio, audio_lengths.to(counts.device) + 2)
-        seq_lens = counts.view(batch, text_len).sum(1)
-        width = int(seq_lens.max())
-        total = int(counts.sum())
-        device = input_ids.device
-
-        slot = torch.arange(total, device=device)
-        token = torch.repeat_interleave(torch.arange(batch * text_len, device=device), counts)
-        within = slot - (counts.cumsum(0) - counts)[token]
-        sample = token // text_len
-        sample_start = seq_lens.cumsum(0) - seq_lens
-        if padding_side is None:
-            padding_side = "left" if labels is None else "right"
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        pad = (width - seq_lens)[sample] if padding_side == "left" else 0
-        dest = sample * width + pad + (slot - sample_start[sample])
-
-        # Gather every output row from one bank: text embeddings, audio frames, start, end, and a zero row.
-        embed_layer = self.get_input_embeddings()
-        safe_ids = input_ids.masked_fill(is_audio | ~text_mask.bool() | (input_ids < 0), 0)
-        text_embeds = embed_layer(safe_ids)
-        dim = text_embeds.shape[-1]
-        audio_embeds = audio_embeds.to(text_embeds.dtype)
-        n_text, n_audio = batch * text_len, audio_embeds.shape[0] * audio_embeds.shape[1]
-        bank = torch.cat([
-            text_embeds.reshape(n_text, dim),
-            audio_embeds.reshape(n_audio, dim),
-            self.audio_start.to(text_embeds.dtype)[None],
-            self.audio_end.to(text_embeds.dtype)[None],
-            text_embeds.new_zeros(1, dim),
-        ])
-        source = token.clone()
-        audio_slot = flat_audio[token]
-        clip = (flat_audio.long().cumsum(0) - 1)[token[audio_slot]]
-        offset = within[audio_slot]
-        clip_len = audio_lengths.to(device)[clip]
-        audio_source = n_text + clip * audio_embeds.shape[1] + (offset - 1)
-        audio_source = torch.where(offset == 0, n_text + n_audio, audio_source)
-        audio_source = torch.where(offset == clip_len + 1, n_text + n_audio + 1, audio_source)
-        source[audio_slot] = audio_source
-        index = torch.full((batch * width,), n_text + n_audio + 2, device=device, dtype=torch.long)
-        index[dest] = source
-        inputs_embeds = bank.index_select(0, index).view(batch, width, dim)
-
-        attention_mask = torch.zeros(batch * width, device=device, dtype=torch.long)
-        attention_mask[dest] = 1
-        attention_mask = attention_mask.view(batch, width)
-        merged_labels = None
-        if labels is not None:
-            merged_labels = torch.full((batch * width,), IGNORE_INDEX, device=device, dtype=torch.long)
-            text_slot = ~audio_slot
-            merged_labels[dest[text_slot]] = labels.flatten()[token[text_slot]]
-            merged_labels = merged_labels.view(batch, width)
-            no_text = ((merged_labels != IGNORE_INDEX).sum(1) == 0).nonzero().flatten().tolist()
-            if no_text:
-                raise ValueError(
-                    f"labels of sample(s) {no_text} contain no text tokens (all -100): there is nothing to learn"
-                )
-        return MergedInputs(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask), merged_labels)
+        return merge_audio_and_text(
+            self.get_input_embeddings(), self.audio_start, self.audio_end, audio_embeds, audio_lengths, input_ids,
+            text_mask, labels, padding_side, audio_token_id=self.config.audio_token_id,
+            audio_layout=self.config.audio_layout,
+        )
 
     def prepare_inputs(
         self,
