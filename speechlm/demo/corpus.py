@@ -30,6 +30,7 @@ import soundfile as sf
 
 from speechlm.cache import cache_dir
 
+from ..evaluation.normalizers import normalize_text
 from .grammar import is_held_out, split_sentences
 from .render import PICO_VOICES, prompt_rows, render_jobs, synthetic_rows, voices
 from .system_packages import (
@@ -40,7 +41,6 @@ from .system_packages import (
     fortune_files,
     uqm_is_available,
 )
-from .text import normalise_text
 
 # Bump when generation changes, so that cached corpora built by older code are rebuilt.
 CORPUS_VERSION = 3
@@ -68,7 +68,7 @@ def fortune_sentences() -> list[str]:
             for sentence in re.split(r"(?<=[.!?])\s+", flat):
                 if not sentence.isascii() or not _FORTUNE_OK.fullmatch(sentence):
                     continue
-                text = normalise_text(sentence)
+                text = normalize_text(sentence, spell_numbers=True)
                 if 4 <= len(text.split()) <= 20:
                     sentences.add(text)
     return sorted(sentences)
@@ -123,7 +123,7 @@ def asterisk_prompts(max_seconds: float = MAX_PROMPT_SECONDS) -> list[Prompt]:
             if re.search(r"[\[\]<>()@$=+/\"]|\d{3,}|\d\.\d", raw):
                 continue
             path = sound_dir / f"{name.strip()}.wav"
-            text = normalise_text(raw)
+            text = normalize_text(raw, spell_numbers=True)
             if not text or not path.is_file() or sf.info(path).duration > max_seconds:
                 continue
             prompts.append(Prompt(name.strip(), path, text))
@@ -148,7 +148,8 @@ def librivox_prompts() -> list[Prompt]:
     for line in (LIBRIVOX_DIR / "transcription").read_text().splitlines():
         match = re.fullmatch(r"\s*(?:<s>)?(.*?)(?:</s>)?\s*\(([^)]+)\)\s*", line)
         if match and (LIBRIVOX_DIR / f"{match.group(2)}.wav").is_file():
-            prompts.append(Prompt(match.group(2), LIBRIVOX_DIR / f"{match.group(2)}.wav", normalise_text(match[1])))
+            text = normalize_text(match[1], spell_numbers=True)
+            prompts.append(Prompt(match.group(2), LIBRIVOX_DIR / f"{match.group(2)}.wav", text))
     return prompts
 
 

@@ -46,8 +46,8 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
     Whisper tiny.en alone on the same clips beside it (`reference`), both through the corpus's normaliser."""
     from ..audio import load_audio
     from ..evaluation import per_utterance_rows, word_error_rate
+    from ..evaluation.normalizers import normalize_text
     from .corpus import read_manifest
-    from .text import normalise_text
 
     results = {}
     for name in TEST_SETS:
@@ -60,7 +60,7 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
         start = time.monotonic()
         hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(name, 48), num_beams=num_beams)
         refs = [row["text"] for row in rows]
-        metrics = word_error_rate(refs, [normalise_text(h) for h in hyps])
+        metrics = word_error_rate(refs, [normalize_text(h, spell_numbers=True) for h in hyps])
         metrics["seconds"] = time.monotonic() - start
         metrics["rows"] = per_utterance_rows([row["id"] for row in rows], refs, hyps)
         if reference:
@@ -113,11 +113,11 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
 
 def whisper_for(manifest: Path, rows: list[dict]) -> list[str]:
     """Whisper tiny.en's normalised transcripts of `rows` (cached next to the manifest, shared with the WER table)."""
+    from ..evaluation.normalizers import normalize_text
     from .reference import whisper_transcripts
-    from .text import normalise_text
 
     hyps = whisper_transcripts([row["audio"] for row in rows], manifest.with_suffix(f".whisper-{len(rows)}.json"))
-    return [normalise_text(h) for h in hyps]
+    return [normalize_text(h, spell_numbers=True) for h in hyps]
 
 
 def _cascade_shots(train_manifest: Path, seed: int) -> list[tuple[str, object]]:

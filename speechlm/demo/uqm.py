@@ -84,10 +84,10 @@ def parse_transcripts(text: str, character: str) -> list[Line]:
 
 def clean_transcript(text: str) -> str:
     """Game script -> plain spoken words: `*emphasis*` marks, `--` dashes and quotes dropped, numbers as words."""
-    from .text import normalise_text
+    from ..evaluation.normalizers import normalize_text
 
     text = text.replace("*", " ").replace("--", " ").replace("`", "'").replace("_", " ")
-    return normalise_text(text)
+    return normalize_text(text, spell_numbers=True)
 
 
 def voiced_lines(root: Path | None = None) -> list[Line]:

@@ -12,24 +12,29 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
+from .number_words import spell_numbers as _spell_numbers
+
 # Typographic apostrophes and look-alikes, so "don’t" (as LLMs and word processors write it) matches "don't".
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u00b4": "'", "`": "'"})
 
 
-def normalize_text(text: str) -> str:
+def normalize_text(text: str, spell_numbers: bool = False) -> str:
     """A deliberately small English normaliser, so that WER counts recognition errors rather than formatting.
 
     In order: Unicode NFKC (full-width and ligature forms become plain ones), typographic apostrophes become `'`,
-    lowercase, every punctuation, symbol or control character becomes a space except an apostrophe between two
-    letters or digits ("don't", "o'clock" are kept; the quotes in "'hello'" and the apostrophe of "dogs'" are not),
-    and whitespace runs collapse to one space.
+    lowercase, with `spell_numbers` numbers and the symbols * # & % become spoken words
+    (`speechlm.evaluation.number_words`: "7.5%" -> "seven point five percent"), every punctuation, symbol or
+    control character becomes a space except an apostrophe between two letters or digits ("don't", "o'clock" are
+    kept; the quotes in "'hello'" and the apostrophe of "dogs'" are not), and whitespace runs collapse to one space.
 
-    Nothing else: numbers are not converted ("10" and "ten" differ), contractions are not expanded ("don't" and
-    "do not" differ), spellings are not unified ("colour"/"color"), and a hyphen or decimal point splits a token
-    ("well-known" -> "well known", "3.5" -> "3 5"). Use the same normaliser on both sides; for comparisons with
-    published numbers, check which normaliser they used (Whisper's is much more aggressive).
+    Nothing else: numbers are kept as written unless `spell_numbers` ("10" and "ten" differ), contractions are not
+    expanded ("don't" and "do not" differ), spellings are not unified ("colour"/"color"), and a hyphen or decimal
+    point splits a token ("well-known" -> "well known", "3.5" -> "3 5"). Use the same normaliser on both sides; for
+    comparisons with published numbers, check which normaliser they used (Whisper's is much more aggressive).
     """
     text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).lower()
+    if spell_numbers:
+        text = _spell_numbers(text)
     characters = []
     for index, character in enumerate(text):
         if character == "'":

@@ -36,6 +36,20 @@ def test_normalize_text(text, expected):
     assert normalize_text(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Please press 1 for sales, or # to exit.", "please press one for sales or pound to exit"),
+        ("Call-Forward on No Answer.", "call forward on no answer"),
+        ("The time is 7 o'clock A.M.", "the time is seven o'clock a m"),
+        ("3D audio... press *", "three d audio press star"),
+        ("Room 007, 2.5 miles", "room zero zero seven two point five miles"),
+    ],
+)
+def test_spell_numbers_gives_the_spoken_form(text, expected):
+    assert normalize_text(text, spell_numbers=True) == expected
+
+
 def test_normalizer_is_idempotent():
     text = "“Well,” she said — it's 10:30 A.M.!"
     assert normalize_text(normalize_text(text)) == normalize_text(text)
