@@ -283,3 +283,49 @@ def encoder_adapter(config: PreTrainedConfig) -> AudioEncoderAdapter:
         f"Unsupported audio encoder family {model_type!r}. Supported: Wav2Vec2/MMS, HuBERT, WavLM, Data2VecAudio, "
         "UniSpeech(-SAT), SEW and other conv-feature waveform encoders, and Whisper."
     )
+
+
+def validated_audio_lengths(adapter: AudioEncoderAdapter, encoder: nn.Module, audio: torch.Tensor,
+                            audio_mask: torch.Tensor | None) -> torch.Tensor:
+    """(N,) real lengths of a padded audio batch, after checking it is something `adapter.encode` can run.
+
+    Shape, emptiness and mask shape are checked on the host; non-finite values, too-short and too-long clips with
+    one device sync for all three (this runs in every forward and generate), and the encoder's minimum length comes
+    from the adapter's cache. Errors name the offending clips, for a bad clip in a large batch.
+    """
+    name = adapter.input_name
+    expected_dim = 2 if name == "input_values" else 3
+    if audio.dim() != expected_dim:
+        shape = "(batch, samples)" if name == "input_values" else "(batch, mel_bins, frames)"
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(audio.shape)}")
+    if audio.shape[0] == 0 or audio.shape[-1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(audio.shape)}): every clip needs audio")
+    if audio_mask is None:
+        lengths = torch.full((audio.shape[0],), audio.shape[-1], device=audio.device, dtype=torch.long)
+    else:
+        if audio_mask.shape != (audio.shape[0], audio.shape[-1]):
+            raise ValueError(
+                f"attention_mask for {name} must have shape {(audio.shape[0], audio.shape[-1])}, "
+                f"got {tuple(audio_mask.shape)}"
+            )
+        lengths = audio_mask.long().sum(-1)
+    valid = torch.arange(audio.shape[-1], device=audio.device)[None, :] < lengths[:, None]
+    if name == "input_features":
+        valid = valid[:, None, :].expand_as(audio)
+    finite = torch.isfinite(audio) | ~valid
+    all_finite, shortest, longest = torch.stack([finite.all().long(), lengths.min(), lengths.max()]).tolist()
+    if not all_finite:
+        bad = sorted({int(i) for i in (~finite).nonzero()[:, 0].tolist()})
+        raise ValueError(f"{name} contains NaN or inf values in clip(s) {bad}")
+    minimum = adapter.min_input_length(encoder)
+    if shortest < minimum:
+        too_short = (lengths < minimum).nonzero().flatten().tolist()
+        unit = "samples" if name == "input_values" else "mel frames"
+        raise AudioTooShortError(too_short, [int(lengths[i]) for i in too_short], minimum, unit)
+    maximum = adapter.max_input_length()
+    if maximum is not None and longest > maximum:
+        raise ValueError(
+            f"{name} has {longest} frames but this encoder's position table holds at most {maximum} "
+            f"({maximum / 100:.0f} s); split long audio into chunks (speechlm transcribe does this)"
+        )
+    return lengths

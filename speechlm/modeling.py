@@ -26,7 +26,7 @@ from .alignment import CTCAlignmentHead
 from .base_models import make_portable, restore_names
 from .checkpoint_files import load_trainable_only, save_checkpoint_extras, save_trainable_only
 from .configuration import IGNORE_INDEX, SpeechLMConfig, one_value
-from .encoders import AudioTooShortError, encoder_adapter
+from .encoders import encoder_adapter, validated_audio_lengths
 from .merging import MergedInputs, merge_audio_and_text, position_ids_from_mask
 from .projector import SpeechLMProjector, default_stack_factor
 
@@ -141,7 +141,7 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         The encoder half of `get_audio_features`, public so a frozen encoder's output can be cached once and fed
         back as `encoder_frames` every epoch.
         """
-        lengths = self._audio_lengths(audio, audio_mask)
+        lengths = validated_audio_lengths(self.adapter, self.audio_tower, audio, audio_mask)
         audio = audio.to(next(self.audio_tower.parameters()).dtype)
         frames = self.adapter.encode(self.audio_tower, audio, lengths)
         return frames, self.adapter.output_lengths(self.audio_tower, lengths)
@@ -162,43 +162,6 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
         embeds = self.multi_modal_projector(encoder_frames.to(projector_dtype))
         return embeds, self.multi_modal_projector.output_lengths(encoder_frame_lengths.to(embeds.device))
-
-    def _audio_lengths(self, audio: torch.Tensor, audio_mask: torch.Tensor | None) -> torch.Tensor:
-        name = self.audio_input_name
-        expected_dim = 2 if name == "input_values" else 3
-        if audio.dim() != expected_dim:
-            shape = "(batch, samples)" if name == "input_values" else "(batch, mel_bins, frames)"
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(audio.shape)}")
-        if audio.shape[0] == 0 or audio.shape[-1] == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(audio.shape)}): every clip needs audio")
-        if audio_mask is None:
-            lengths = torch.full((audio.shape[0],), audio.shape[-1], device=audio.device, dtype=torch.long)
-        else:
-            if audio_mask.shape != (audio.shape[0], audio.shape[-1]):
-                raise ValueError(
-                    f"attention_mask for {name} must have shape {(audio.shape[0], audio.shape[-1])}, "
-                    f"got {tuple(audio_mask.shape)}"
-                )
-            lengths = audio_mask.long().sum(-1)
-        valid = torch.arange(audio.shape[-1], device=audio.device)[None, :] < lengths[:, None]
-        if name == "input_features":
-            valid = valid[:, None, :].expand_as(audio)
-        finite = torch.isfinite(audio) | ~valid
-        if not bool(finite.all()):
-            bad = sorted({int(i) for i in (~finite).nonzero()[:, 0].tolist()})
-            raise ValueError(f"{name} contains NaN or inf values in clip(s) {bad}")
-        minimum = self.adapter.min_input_length(self.audio_tower)
-        too_short = (lengths < minimum).nonzero().flatten().tolist()
-        if too_short:
-            unit = "samples" if name == "input_values" else "mel frames"
-            raise AudioTooShortError(too_short, [int(lengths[i]) for i in too_short], minimum, unit)
-        maximum = self.adapter.max_input_length()
-        if maximum is not None and int(lengths.max()) > maximum:
-            raise ValueError(
-                f"{name} has {int(lengths.max())} frames but this encoder's position table holds at most {maximum} "
-                f"({maximum / 100:.0f} s); split long audio into chunks (speechlm transcribe does this)"
-            )
-        return lengths
 
     # ------------------------------------------------------------------------------------------------ merge
     def merge_audio_and_text(
