@@ -22,10 +22,11 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMultimodalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .adaptation import LORA_DEFAULTS, SpeechLMAdaptationMixin, has_lora
 from .alignment import CTCAlignmentHead
 from .base_models import make_portable, restore_names
 from .checkpoint_files import load_trainable_only, save_checkpoint_extras, save_trainable_only
-from .configuration import IGNORE_INDEX, SpeechLMConfig, one_value
+from .configuration import IGNORE_INDEX, SpeechLMConfig
 from .encoders import encoder_adapter, validated_audio_lengths
 from .merging import MergedInputs, merge_audio_and_text, position_ids_from_mask
 from .projector import SpeechLMProjector, default_stack_factor
@@ -33,10 +34,6 @@ from .projector import SpeechLMProjector, default_stack_factor
 # The audio prompt is embeddings without ids, so `no_repeat_ngram_size` (the repetition guard in our generation
 # config) can only ever see the generated text, which is what it is meant for: transformers' warning says no more.
 warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`", category=UserWarning)
-
-
-# `add_lora`'s defaults for the settings it accepts under two names (the one place they live).
-LORA_DEFAULTS = {"lora_alpha": 32, "lora_dropout": 0.05}
 
 
 class SpeechLMPreTrainedModel(PreTrainedModel):
@@ -77,8 +74,12 @@ def _mark_initialized(module: nn.Module) -> None:
         submodule._is_hf_initialized = True
 
 
-class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
-    """Any Hugging Face audio encoder + any decoder-only LLM, as one generating model."""
+class SpeechLMModel(SpeechLMAdaptationMixin, SpeechLMPreTrainedModel, GenerationMixin):
+    """Any Hugging Face audio encoder + any decoder-only LLM, as one generating model.
+
+    Only the architecture lives here; freezing, LoRA and the CTC head's life cycle come from
+    `SpeechLMAdaptationMixin` (before `PreTrainedModel` in the bases, so its `super()` calls reach transformers).
+    """
 
     def __init__(self, config: SpeechLMConfig, audio_tower: nn.Module | None = None,
                  language_model: nn.Module | None = None):
@@ -106,7 +107,7 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
         self.audio_start = nn.Parameter(torch.zeros(text_hidden))
         self.audio_end = nn.Parameter(torch.zeros(text_hidden))
         self.ctc_head = self._build_ctc_head(config.ctc_head) if config.ctc_head else None
-        if config.lora and not _has_lora(self.language_model):
+        if config.lora and not has_lora(self.language_model):
             self._inject_lora(config.lora)
         self.post_init()
 
@@ -301,109 +302,6 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
                                      encoder_frames=encoder_frames, encoder_frame_lengths=encoder_frame_lengths)
         return super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
 
-    # ------------------------------------------------------------------------------------------- freezing
-    def freeze_encoder(self, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) the audio encoder; a frozen encoder also stays in eval mode (no dropout/SpecAugment)."""
-        _set_trainable(self.audio_tower, not frozen)
-        self.train(self.training)
-
-    def freeze_decoder(self, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) the LLM; LoRA adapters, if any, stay trainable."""
-        for name, param in self.language_model.named_parameters():
-            param.requires_grad = (not frozen) or "lora_" in name
-        self.train(self.training)
-
-    def freeze_decoder_except_lm_head(self) -> None:
-        """Freeze the LLM but its output head (tied to the input embeddings in some models, which then train too)."""
-        self.freeze_decoder()
-        _set_trainable(self.get_output_embeddings(), True)
-
-    def freeze_projection(self, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) the projector, the learned audio start/end embeddings and the CTC head, if any."""
-        _set_trainable(self.multi_modal_projector, not frozen)
-        if self.ctc_head is not None:
-            _set_trainable(self.ctc_head, not frozen)
-        self.audio_start.requires_grad = not frozen
-        self.audio_end.requires_grad = not frozen
-
-    def unfreeze_encoder(self) -> None:
-        self.freeze_encoder(False)
-
-    def unfreeze_decoder(self) -> None:
-        self.freeze_decoder(False)
-
-    def unfreeze_projection(self) -> None:
-        self.freeze_projection(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in (self.audio_tower, self.language_model):
-            if mode and not any(p.requires_grad for p in module.parameters()):
-                module.eval()
-        return self
-
-    # ------------------------------------------------------------------------------------------------ LoRA
-    def add_lora(self, r: int = 16, alpha: int | None = None, dropout: float | None = None,
-                 target_modules: list[str] | str | None = None, *, lora_alpha: int | None = None,
-                 lora_dropout: float | None = None) -> None:
-        """Add LoRA adapters to the LLM (peft); the base LLM weights are frozen, the adapters train.
-
-        `lora_alpha` / `lora_dropout` are peft's (and the config's) names for the seed's `alpha` / `dropout`: one
-        setting each, either spelling (defaults: `LORA_DEFAULTS`).
-        """
-        if _has_lora(self.language_model):
-            raise ValueError("the decoder already has LoRA adapters")
-        alpha = one_value("lora_alpha", lora_alpha, "alpha", alpha, LORA_DEFAULTS["lora_alpha"])
-        dropout = one_value("lora_dropout", lora_dropout, "dropout", dropout, LORA_DEFAULTS["lora_dropout"])
-        lora = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-                "target_modules": target_modules or "all-linear"}
-        self._inject_lora(lora)
-        self.config.lora = lora
-
-    def _inject_lora(self, lora: dict) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        config = LoraConfig(**lora)
-        if config.target_modules == "all-linear" or config.target_modules == {"all-linear"}:
-            config.target_modules = _linear_module_names(self.language_model)
-        inject_adapter_in_model(config, self.language_model)
-        for name, param in self.language_model.named_parameters():
-            param.requires_grad = "lora_" in name
-
-    def merge_lora(self) -> None:
-        """Fold the LoRA adapters into the decoder weights (for serving: no adapter overhead, plain checkpoint)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for name, module in list(self.language_model.named_modules()):
-            if isinstance(module, BaseTunerLayer):
-                module.merge()
-                parent_name, _, child = name.rpartition(".")
-                parent = self.language_model.get_submodule(parent_name) if parent_name else self.language_model
-                setattr(parent, child, module.get_base_layer())
-        self.config.lora = None
-
-    # ------------------------------------------------------------------------------------------- CTC head
-    def add_ctc_head(self, vocabulary_ids: list[int] | None = None, ignore_token_ids: list[int] | None = None,
-                     compress: bool = False) -> CTCAlignmentHead:
-        """Add a CTC head over the projector's output (trainable, saved with the model).
-
-        Train it with `SpeechLMTrainer(ctc_head=model.ctc_head, ...)`. `compress=True` then feeds the LLM one
-        averaged audio token per label the head recognises instead of every audio token (blanks dropped).
-        """
-        if self.ctc_head is not None:
-            raise ValueError("the model already has a CTC head")
-        settings = {"vocabulary_ids": sorted(set(vocabulary_ids)) if vocabulary_ids is not None else None,
-                    "ignore_token_ids": sorted(set(ignore_token_ids or [])), "compress": compress}
-        self.ctc_head = self._build_ctc_head(settings)
-        self.config.ctc_head = settings
-        return self.ctc_head
-
-    def _build_ctc_head(self, settings: dict) -> CTCAlignmentHead:
-        projector = self.multi_modal_projector.linear_2.weight
-        head = CTCAlignmentHead(self.config.text_config.hidden_size, settings.get("ignore_token_ids") or (),
-                                vocabulary_ids=settings.get("vocabulary_ids"))
-        return head.to(device=projector.device, dtype=projector.dtype)
-
     # ------------------------------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike, *args, trainable_only: bool = False,
                         metrics: dict | None = None, pipeline_tag: str | None = None, **kwargs):
@@ -464,27 +362,6 @@ class SpeechLMModel(SpeechLMPreTrainedModel, GenerationMixin):
 # "any-to-any" pipeline loads (audio + text in, text out).
 AutoModel.register(SpeechLMConfig, SpeechLMModel, exist_ok=True)
 AutoModelForMultimodalLM.register(SpeechLMConfig, SpeechLMModel, exist_ok=True)
-
-
-def _set_trainable(module: nn.Module, trainable: bool) -> None:
-    for param in module.parameters():
-        param.requires_grad = trainable
-
-
-def _has_lora(module: nn.Module) -> bool:
-    return any("lora_" in name for name, _ in module.named_parameters())
-
-
-def _linear_module_names(language_model: nn.Module) -> list[str]:
-    """Names of the LLM's linear layers except the output head: the usual 'all-linear' LoRA target."""
-    head = language_model.get_output_embeddings()
-    names = set()
-    for name, module in language_model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head:
-            names.add(name.rsplit(".", 1)[-1])
-        elif type(module).__name__ == "Conv1D":  # GPT-2's fused projections
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
 
 
 __all__ = ["SpeechLMModel", "SpeechLMPreTrainedModel", "MergedInputs", "IGNORE_INDEX", "LORA_DEFAULTS"]
