@@ -43,7 +43,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder (model + processor, as saved by training)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                        help="weights dtype; auto = bfloat16 where the CPU does it natively, else float32 "
+                        help="weights dtype; auto = what this machine decodes fastest in (float32 on a CPU, where bf16 "
+                             "measured slower even natively; bfloat16 on a GPU that has it) "
                              "(default: the checkpoint's)")  # fmt: skip
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                         help="int8: dynamic int8 quantisation of the LLM's linear layers (CPU only; fewer bytes "

@@ -96,3 +96,17 @@ def choose_training_dtype(device: str | torch.device = "cpu") -> DtypeChoice:
     if device.type != "cpu":
         return DtypeChoice(torch.float32, f"float32: no dtype probe for {device.type} devices")
     return choose_cpu_dtype()
+
+
+def choose_decoding_dtype(device: str | torch.device = "cpu") -> DtypeChoice:
+    """The dtype for decoding (`--dtype auto`): float32 on a CPU, whatever its bf16 support.
+
+    Decoding one clip is a chain of matrix-vector products plus per-token Python work; bf16 wins the training-shaped
+    matmuls on an AMX Xeon but measured slower for whole transcription there (RTF per CPU-second 1.80 vs 2.32 at
+    batch 1, 1.89 vs 3.91 at batch 8: benchmarks/transcription.py), and CPUs without native bf16 emulate it. The
+    faster CPU option is int8 (`quantize="int8"`). GPUs decode in bf16 where supported."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return DtypeChoice(torch.float32, "float32: CPU decoding measured faster in float32 than in bfloat16, even "
+                                          "with native bf16 (use --quantize int8 for faster CPU decoding)")
+    return choose_training_dtype(device)

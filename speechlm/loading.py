@@ -51,20 +51,17 @@ def load_pretrained(path: str, dtype: torch.dtype | str | None = None, device: s
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = "cpu",
                   quantize: str | None = None) -> torch.dtype | None:
-    """The dtype to load with: `auto` = what the hardware computes natively (`speechlm.hardware`), None = the
-    checkpoint's own. int8 quantisation needs float32 weights to quantise, so it forces float32."""
+    """The dtype to load with: `auto` = what this hardware decodes fastest in (`hardware.choose_decoding_dtype`),
+    None = the checkpoint's own. int8 quantisation needs float32 weights to quantise, so it forces float32."""
     import torch
 
     if isinstance(dtype, str):
         if dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
         if dtype == "auto":
-            from .hardware import choose_cpu_dtype, choose_training_dtype
+            from .hardware import choose_decoding_dtype
 
-            if quantize:
-                return torch.float32
-            device = torch.device(device)
-            return (choose_cpu_dtype() if device.type == "cpu" else choose_training_dtype(device)).dtype
+            return torch.float32 if quantize else choose_decoding_dtype(device).dtype
         dtype = getattr(torch, dtype)
     if quantize and dtype not in (None, torch.float32):
         raise ValueError(f"quantize={quantize!r} quantises float32 weights; drop dtype={dtype} (or use float32)")

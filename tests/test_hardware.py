@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from speechlm.hardware import choose_cpu_dtype, cpu_flags, probe_seconds
+import speechlm.hardware
+from speechlm.hardware import choose_cpu_dtype, choose_decoding_dtype, cpu_flags, probe_seconds
 
 
 def fail_probe(dtype):
@@ -35,3 +36,8 @@ def test_cpu_flags_reads_the_kernels_flag_line(tmp_path):
 
 def test_probe_times_a_finite_positive_interval():
     assert 0 < probe_seconds(torch.float32, size=(8, 16, 32), repeats=1) < float("inf")
+
+
+def test_cpu_decoding_is_float32_even_with_native_bf16(monkeypatch):
+    monkeypatch.setattr(speechlm.hardware, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
+    assert choose_decoding_dtype("cpu").dtype == torch.float32

@@ -82,7 +82,8 @@ def test_int8_decodes_like_float32(variants):
 
 def test_dtype_auto_follows_the_hardware_choice(lora_model_dir, monkeypatch):
     for chosen in (torch.bfloat16, torch.float32):
-        monkeypatch.setattr(speechlm.hardware, "choose_cpu_dtype", lambda chosen=chosen: DtypeChoice(chosen, "test"))
+        monkeypatch.setattr(speechlm.hardware, "choose_decoding_dtype",
+                            lambda device, chosen=chosen: DtypeChoice(chosen, "test"))
         _, model = load_pretrained(str(lora_model_dir), dtype="auto")
         assert model.language_model.dtype == chosen
 
