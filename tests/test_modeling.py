@@ -182,42 +182,6 @@ def test_loss_is_on_text_only(build, clips):
         assert not torch.equal(model(**changed).loss, out.loss)
 
 
-def test_labels_without_text_are_rejected(build, clips):
-    processor, model = build("wav2vec2-layer", "llama")
-    batch = processor(clips, text=["a", "b", "c"])
-    batch["labels"][1] = IGNORE_INDEX
-    with pytest.raises(ValueError, match=r"sample\(s\) \[1\] contain no text tokens"):
-        model(**batch)
-
-
-def test_placeholder_layout_with_several_clips_per_sample_and_a_chat_template(build, clips):
-    processor, model = build("whisper", "qwen2", layout="placeholder")
-    processor.use_chat_template = True
-    tokenizer = processor.tokenizer
-    audio = "<|audio|>"
-    texts = [f"first {audio} then {audio} compare them", f"{audio} what is said"]
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                             add_generation_prompt=True) for t in texts]
-    features = processor.extract_audio(clips)
-    text = processor.encode_text(prompts)
-    with torch.no_grad():
-        batched = model.generate(**features, **text, max_new_tokens=5, do_sample=False)
-        first = model.generate(**{k: v[:2] for k, v in features.items()},
-                               **processor.encode_text(prompts[:1]), max_new_tokens=5, do_sample=False)
-        second = model.generate(**_trim({**{k: v[2:] for k, v in features.items()},
-                                        **processor.encode_text(prompts[1:])}), max_new_tokens=5, do_sample=False)
-    assert batched[0].tolist()[: first.shape[1]] == first[0].tolist()
-    assert batched[1].tolist()[: second.shape[1]] == second[0].tolist()
-    merged = model.prepare_inputs(**features, **text)
-    lengths = model.audio_output_lengths(features["attention_mask"].sum(-1))
-    expected = (text["decoder_attention_mask"].sum(1) - 1 - torch.tensor([1, 0])) + torch.tensor(
-        [lengths[0] + lengths[1] + 4, lengths[2] + 2]
-    )
-    assert merged.attention_mask.sum(1).tolist() == (expected + torch.tensor([0, 0])).tolist()
-    with pytest.raises(ValueError, match="found 3 audio placeholder"):
-        model.generate(**{k: v[:2] for k, v in features.items()}, **text, max_new_tokens=2)
-
-
 BAD_INPUTS = {
     "empty audio": (lambda p: {"input_values": torch.zeros(1, 0)}, "empty"),
     "too short": (lambda p: {"input_values": torch.randn(1, 300)}, "shorter than the encoder's receptive field"),
