@@ -1,8 +1,8 @@
 """The files of a saved SpeechLM folder beside transformers' own: trainable-only weights (rebuilt on the recorded base
 models at load), LoRA adapters in peft's format, the `auto_map` module and the model card.
 
-Functions that create a model take its class as an argument, so `modeling` imports this module at the top and this
-module imports no model code.
+Functions that create a model take its class as an argument (and `SpeechLMCheckpointMixin` uses `cls`), so
+`modeling` imports this module at the top and this module imports no model code.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from .base_models import build_from_config, make_portable, portable_base_model
+from .base_models import build_from_config, make_portable, portable_base_model, restore_names
 from .configuration import SpeechLMConfig
 
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
@@ -159,6 +159,67 @@ def save_checkpoint_extras(model, save_directory: str, trainable_only: bool = Fa
     write_model_card(model, save_directory, metrics, pipeline_tag, trainable_only)
 
 
-__all__ = ["LORA_ADAPTER_DIR", "MODEL_CARD_MARK", "TRAINABLE_WEIGHTS_NAME", "load_trainable_only",
-           "lora_state_from_peft", "lora_state_to_peft", "save_checkpoint_extras", "save_lora_adapter",
-           "save_trainable_only", "write_model_card"]
+class SpeechLMCheckpointMixin:
+    """`save_pretrained` / `push_to_hub` / `from_pretrained` that also handle these files.
+
+    Listed before `PreTrainedModel` in the model's bases, so each override's `super()` reaches transformers' own.
+    """
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, trainable_only: bool = False,
+                        metrics: dict | None = None, pipeline_tag: str | None = None, **kwargs):
+        """Save the model; with `trainable_only=True` save just the trained weights plus the base models' ids.
+
+        A trainable-only folder holds the projector, the audio start/end embeddings, the CTC head and whatever else
+        requires grad (MBs instead of GBs), with the base models recorded as hub ids + revision where known
+        (`base_models.portable_base_model`); `from_pretrained` rebuilds them and loads these weights on top. Every
+        folder also gets LoRA adapters in peft's format (`language_model_adapter/`), the module `auto_map` names
+        and a model card (README.md: base models, `pipeline_tag`, `metrics` if given).
+        """
+        if trainable_only:
+            save_trainable_only(self, str(save_directory))
+        else:
+            old_names = make_portable(self.config)  # no machine-specific paths in a folder that may be shared
+            try:
+                super().save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                restore_names(self.config, old_names)
+        save_checkpoint_extras(self, str(save_directory), trainable_only, metrics, pipeline_tag)
+
+    def push_to_hub(self, repo_id: str, *, trainable_only: bool = False, metrics: dict | None = None,
+                    pipeline_tag: str | None = None, commit_message: str | None = None, private: bool | None = None,
+                    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False, **kwargs):
+        """Upload what `save_pretrained` writes (with its model card, not transformers' generic one)."""
+        import tempfile
+
+        from transformers.utils import hub
+
+        repo_id = hub.hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, trainable_only=trainable_only, metrics=metrics, pipeline_tag=pipeline_tag,
+                                 **kwargs)
+            return self._upload_modified_files(folder, repo_id, files_timestamps={},
+                                               commit_message=commit_message or "Upload SpeechLM model",
+                                               token=token, create_pr=create_pr, revision=revision)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, encoder: str | None = None,
+                        decoder: str | None = None, **kwargs):
+        """Load a full checkpoint, or a trainable-only one (folder or hub repo) on top of its base models.
+
+        `encoder` / `decoder` (hub id or folder) replace a trainable-only checkpoint's recorded base models.
+        """
+        path = str(pretrained_model_name_or_path)
+        options = {k: v for k, v in kwargs.items() if k not in ("config", "dtype", "torch_dtype")}
+        model = load_trainable_only(cls, path, config=kwargs.get("config"), dtype=kwargs.get("dtype", kwargs.get(
+            "torch_dtype")), encoder=encoder, decoder=decoder, **options)
+        if model is not None:
+            return model
+        if encoder is not None or decoder is not None:
+            raise ValueError(f"encoder= / decoder= replace the base models of a trainable-only checkpoint, but {path} "
+                             "is a full checkpoint that holds its base weights")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+__all__ = ["LORA_ADAPTER_DIR", "MODEL_CARD_MARK", "TRAINABLE_WEIGHTS_NAME", "SpeechLMCheckpointMixin",
+           "load_trainable_only", "lora_state_from_peft", "lora_state_to_peft", "save_checkpoint_extras",
+           "save_lora_adapter", "save_trainable_only", "write_model_card"]

@@ -10,11 +10,13 @@ The whole concept in one place:
    same positions for the same tokens.
 3. `forward` hands the merged embeddings to the LLM (loss on text only); `generate` merges once and lets
    transformers' `GenerationMixin` do greedy, beam search, sampling and the KV cache.
+
+Only the architecture lives here: the merge itself is `merging`, input validation `encoders`, what training does to
+the model (freezing, LoRA, the CTC head) `adaptation`, and the saved folder's extra files `checkpoint_files`.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -24,8 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adaptation import LORA_DEFAULTS, SpeechLMAdaptationMixin, has_lora
 from .alignment import CTCAlignmentHead
-from .base_models import make_portable, restore_names
-from .checkpoint_files import load_trainable_only, save_checkpoint_extras, save_trainable_only
+from .checkpoint_files import SpeechLMCheckpointMixin
 from .configuration import IGNORE_INDEX, SpeechLMConfig
 from .encoders import encoder_adapter, validated_audio_lengths
 from .merging import MergedInputs, merge_audio_and_text, position_ids_from_mask
@@ -74,11 +75,12 @@ def _mark_initialized(module: nn.Module) -> None:
         submodule._is_hf_initialized = True
 
 
-class SpeechLMModel(SpeechLMAdaptationMixin, SpeechLMPreTrainedModel, GenerationMixin):
+class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPreTrainedModel, GenerationMixin):
     """Any Hugging Face audio encoder + any decoder-only LLM, as one generating model.
 
     Only the architecture lives here; freezing, LoRA and the CTC head's life cycle come from
-    `SpeechLMAdaptationMixin` (before `PreTrainedModel` in the bases, so its `super()` calls reach transformers).
+    `SpeechLMAdaptationMixin`, the checkpoint files from `SpeechLMCheckpointMixin` (both before `PreTrainedModel`
+    in the bases, so their `super()` calls reach transformers).
     """
 
     def __init__(self, config: SpeechLMConfig, audio_tower: nn.Module | None = None,
@@ -301,61 +303,6 @@ class SpeechLMModel(SpeechLMAdaptationMixin, SpeechLMPreTrainedModel, Generation
         merged = self.prepare_inputs(input_values, input_features, attention_mask, input_ids, decoder_attention_mask,
                                      encoder_frames=encoder_frames, encoder_frame_lengths=encoder_frame_lengths)
         return super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
-
-    # ------------------------------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, trainable_only: bool = False,
-                        metrics: dict | None = None, pipeline_tag: str | None = None, **kwargs):
-        """Save the model; with `trainable_only=True` save just the trained weights plus the base models' ids.
-
-        A trainable-only folder holds the projector, the audio start/end embeddings, the CTC head and whatever else
-        requires grad (MBs instead of GBs), with the base models recorded as hub ids + revision where known
-        (`base_models.portable_base_model`); `from_pretrained` rebuilds them and loads these weights on top. Every
-        folder also gets LoRA adapters in peft's format (`language_model_adapter/`), the module `auto_map` names
-        and a model card (README.md: base models, `pipeline_tag`, `metrics` if given).
-        """
-        if trainable_only:
-            save_trainable_only(self, str(save_directory))
-        else:
-            old_names = make_portable(self.config)  # no machine-specific paths in a folder that may be shared
-            try:
-                super().save_pretrained(save_directory, *args, **kwargs)
-            finally:
-                restore_names(self.config, old_names)
-        save_checkpoint_extras(self, str(save_directory), trainable_only, metrics, pipeline_tag)
-
-    def push_to_hub(self, repo_id: str, *, trainable_only: bool = False, metrics: dict | None = None,
-                    pipeline_tag: str | None = None, commit_message: str | None = None, private: bool | None = None,
-                    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False, **kwargs):
-        """Upload what `save_pretrained` writes (with its model card, not transformers' generic one)."""
-        import tempfile
-
-        from transformers.utils import hub
-
-        repo_id = hub.hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, trainable_only=trainable_only, metrics=metrics, pipeline_tag=pipeline_tag,
-                                 **kwargs)
-            return self._upload_modified_files(folder, repo_id, files_timestamps={},
-                                               commit_message=commit_message or "Upload SpeechLM model",
-                                               token=token, create_pr=create_pr, revision=revision)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, encoder: str | None = None,
-                        decoder: str | None = None, **kwargs):
-        """Load a full checkpoint, or a trainable-only one (folder or hub repo) on top of its base models.
-
-        `encoder` / `decoder` (hub id or folder) replace a trainable-only checkpoint's recorded base models.
-        """
-        path = str(pretrained_model_name_or_path)
-        options = {k: v for k, v in kwargs.items() if k not in ("config", "dtype", "torch_dtype")}
-        model = load_trainable_only(cls, path, config=kwargs.get("config"), dtype=kwargs.get("dtype", kwargs.get(
-            "torch_dtype")), encoder=encoder, decoder=decoder, **options)
-        if model is not None:
-            return model
-        if encoder is not None or decoder is not None:
-            raise ValueError(f"encoder= / decoder= replace the base models of a trainable-only checkpoint, but {path} "
-                             "is a full checkpoint that holds its base weights")
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 # Registered where it is defined (see `speechlm/__init__.py`); AutoModelForMultimodalLM is the class transformers'
