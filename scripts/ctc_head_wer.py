@@ -18,17 +18,18 @@ import torch
 
 from speechlm.alignment import CTCAlignmentHead
 from speechlm.cache import cache_dir
+from speechlm.data import EncoderCache, SpeechLMCollator, SpeechLMDataset
 from speechlm.demo import run as demo
-from speechlm.demo.corpus import build_demo_corpus, read_manifest
+from speechlm.demo.corpus import build_demo_corpus, manifest_records
 from speechlm.evaluation import word_error_rate
 
 
 @torch.no_grad()
-def greedy_ctc(model, head: CTCAlignmentHead, collator: demo.FrameCollator, frames: list[torch.Tensor]) -> list[str]:
-    """The head's greedy CTC transcripts of cached frames, 32 clips at a time."""
+def greedy_ctc(model, head: CTCAlignmentHead, collator: SpeechLMCollator, dataset: SpeechLMDataset) -> list[str]:
+    """The head's greedy CTC transcripts of a dataset's cached frames, 32 clips at a time."""
     texts = []
-    for start in range(0, len(frames), 32):
-        batch = collator([{"frames": f, "text": ""} for f in frames[start : start + 32]])
+    for start in range(0, len(dataset), 32):
+        batch = collator([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
         token_ids = head.greedy_token_ids(*head.logits(model, batch))
         texts += [text.strip() for text in collator.processor.tokenizer.batch_decode(token_ids)]
     return texts
@@ -48,25 +49,27 @@ def main() -> None:
     manifests = build_demo_corpus(root, corpus="structured", n_train=settings.n_train, n_test=settings.n_test,
                                   seed=settings.seed)
     processor, model = demo.load_parts(settings)
-    frames_dir = cache_dir("demo", "ctc-head-wer")
-    key = demo.encoder_fingerprint(model)
+    cache = EncoderCache.for_model(model, processor, dtype=torch.float16)
+    cache_file = cache_dir("demo", "ctc-head-wer") / f"frames-{settings.n_train}-{cache.fingerprint[:10]}.safetensors"
+    if cache_file.is_file():
+        cache.load(cache_file)
     sets = {}
     for name in ("train", "test_synthetic", "test_asterisk"):
-        rows = read_manifest(manifests[name], absolute=True)
-        cache_file = frames_dir / f"{name}-{settings.n_train}-{key}.pt"
-        sets[name] = rows, demo.encode_frames(model, processor, rows, cache_file)
+        sets[name] = SpeechLMDataset(manifest_records(manifests[name]), processor.sampling_rate, encoder_cache=cache)
+        if cache.fill(model, processor, sets[name], batch_size=32):
+            cache.save(cache_file)
 
-    rows, frames = sets["train"]
-    texts = [row["text"] for row in rows]
-    collator = demo.FrameCollator(processor, masking=args.masking)
+    dataset = sets["train"]
+    texts = [record["text"] for record in dataset.records]
+    collator = SpeechLMCollator(processor, cache, frame_masking=args.masking)
     head = CTCAlignmentHead(model.config.text_config.hidden_size, processor.tokenizer.all_special_ids,
                             vocabulary_ids=demo.corpus_token_ids(processor, texts))
     parameters = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
     start, step = time.monotonic(), 0
     while time.monotonic() - start < args.seconds:
-        index = random.sample(range(len(rows)), args.batch_size)
-        loss = head(model, collator([{"frames": frames[i], "text": texts[i]} for i in index]))
+        index = random.sample(range(len(dataset)), args.batch_size)
+        loss = head(model, collator([dataset[i] for i in index]))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -76,17 +79,18 @@ def main() -> None:
             print(f"step {step}: CTC loss {loss.item():.3f} ({time.monotonic() - start:.0f} s)", flush=True)
 
     model.eval()
-    collator.masking = 0.0
-    evaluated = {"train (first 500)": (rows[:500], frames[:500]), "synthetic": sets["test_synthetic"],
-                 "asterisk": sets["test_asterisk"]}
-    for name, (eval_rows, eval_frames) in evaluated.items():
-        hypotheses = greedy_ctc(model, head, collator, eval_frames)
+    collator.frame_masking = 0.0
+    first = SpeechLMDataset(dataset.records[:500], processor.sampling_rate, encoder_cache=cache)
+    evaluated = {"train (first 500)": first, "synthetic": sets["test_synthetic"], "asterisk": sets["test_asterisk"]}
+    for name, eval_set in evaluated.items():
+        eval_rows = eval_set.records
+        hypotheses = greedy_ctc(model, head, collator, eval_set)
         metrics = word_error_rate([row["text"] for row in eval_rows], hypotheses)
         print(f"CTC head alone, {name}: WER {metrics['wer']:.1%}  CER {metrics['cer']:.1%}  ({len(eval_rows)} clips)")
         if name == "synthetic":
             by_accent = collections.defaultdict(list)
             for row, hypothesis in zip(eval_rows, hypotheses):
-                by_accent[row.get("voice", "?").split("+")[0]].append((row["text"], hypothesis))
+                by_accent[row["extra"].get("voice", "?").split("+")[0]].append((row["text"], hypothesis))
             for accent, pairs in sorted(by_accent.items()):
                 wer = word_error_rate([r for r, _ in pairs], [h for _, h in pairs])["wer"]
                 print(f"    {accent}: {wer:.1%} ({len(pairs)} clips)")

@@ -59,12 +59,16 @@ class SpeechLMDataset(torch.utils.data.Dataset):
     With an `encoder_cache` that holds a clip, the item carries its `cache_key` instead of audio, so a cached epoch
     decodes no audio at all. Chat rows cannot use the cache (their clips are not cached one by one yet).
     `audio_layout="prefix"` checks now that every chat row has exactly the one clip that layout takes.
+    `lengths` replaces the durations for length-grouped batching (e.g. the frame counts of cached clips).
     """
 
     def __init__(self, records: Manifest | Sequence[dict], sampling_rate: int,
                  task_prompts: Mapping[str, str] | None = None, encoder_cache: EncoderCache | None = None,
-                 audio_layout: str | None = None):
+                 audio_layout: str | None = None, lengths: Sequence[int] | None = None):
         self.records = list(records)
+        if lengths is not None and len(lengths) != len(self.records):
+            raise ValueError(f"{len(lengths)} lengths for {len(self.records)} records")
+        self._lengths = None if lengths is None else [int(n) for n in lengths]
         self.sampling_rate = int(sampling_rate)
         self.task_prompts = dict(task_prompts or {})
         self.encoder_cache = encoder_cache
@@ -89,7 +93,10 @@ class SpeechLMDataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self) -> list[int]:
-        """Per-clip lengths in milliseconds for length-grouped batching (text length when the duration is unknown)."""
+        """Per-clip lengths in milliseconds for length-grouped batching (text length when the duration is unknown),
+        or the `lengths` given."""
+        if self._lengths is not None:
+            return self._lengths
         return [
             int(1000 * r["duration"]) if r.get("duration") else 60 * len(r["text"]) for r in self.records
         ]
@@ -103,7 +110,7 @@ class SpeechLMDataset(torch.utils.data.Dataset):
             return {"messages": self._decoded_chat(record), "text": record["text"], "task": record.get("task"),
                     "id": record["id"]}
         item = {"text": record["text"], "prompt": resolve_prompt(record, self.task_prompts),
-                "task": record.get("task"), "id": record["id"]}
+                "task": record.get("task"), "id": record["id"], "transcript": record.get("transcript")}
         if self.encoder_cache is not None:
             key = self.encoder_cache.key(record)
             if key in self.encoder_cache:
@@ -134,11 +141,18 @@ class SpeechLMCollator:
     The audio path is `processor(audios, text=targets, prompt=prompts)` itself, so training batches cannot drift
     from what inference feeds the model; chat items go through the processor's chat template path
     (`apply_chat_template(..., return_labels=True)`), and a plain item in the same batch is encoded exactly as alone.
+
+    An item whose `transcript` differs from its `text` (an understanding answer learned from the clip) gives the
+    batch `ctc_labels`: every row's transcript, for a CTC alignment head. `frame_masking` > 0 zeroes that fraction of
+    whole frames and of channels of cached encoder frames (SpecAugment on the encoder output; the labels stay).
     """
 
-    def __init__(self, processor, encoder_cache: EncoderCache | None = None):
+    def __init__(self, processor, encoder_cache: EncoderCache | None = None, frame_masking: float = 0.0):
+        if not 0 <= frame_masking < 1:
+            raise ValueError(f"frame_masking must be in [0, 1), got {frame_masking}")
         self.processor = processor
         self.encoder_cache = encoder_cache
+        self.frame_masking = frame_masking
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if any(f.get("messages") is not None for f in features):
@@ -147,7 +161,8 @@ class SpeechLMCollator:
         prompts = [f.get("prompt") for f in features]
         cached = ["cache_key" in f and "audio" not in f for f in features]
         if not any(cached):
-            return dict(self.processor([f["audio"] for f in features], text=texts, prompt=prompts))
+            batch = dict(self.processor([f["audio"] for f in features], text=texts, prompt=prompts))
+            return self._with_ctc_labels(batch, features, prompts)
         if not all(cached) or self.encoder_cache is None:
             raise ValueError("a batch mixes cached and uncached clips: fill the EncoderCache before training")
         frames = [self.encoder_cache.get(f["cache_key"]) for f in features]
@@ -155,8 +170,19 @@ class SpeechLMCollator:
         padded = frames[0].new_zeros(len(frames), int(lengths.max()), frames[0].shape[-1])
         for index, clip in enumerate(frames):
             padded[index, : clip.shape[0]] = clip
+        if self.frame_masking > 0:
+            padded *= torch.rand(padded.shape[0], padded.shape[1], 1) >= self.frame_masking
+            padded *= torch.rand(padded.shape[0], 1, padded.shape[2]) >= self.frame_masking
         batch = {"encoder_frames": padded, "encoder_frame_lengths": lengths}
         batch.update(self.processor.encode_text([self.processor.build_prompt(p) for p in prompts], texts))
+        return self._with_ctc_labels(batch, features, prompts)
+
+    def _with_ctc_labels(self, batch: dict, features: Sequence[Mapping[str, Any]], prompts: list) -> dict:
+        texts = [f["text"] for f in features]
+        transcripts = [f.get("transcript") or f["text"] for f in features]
+        if transcripts != texts:
+            prompts = [self.processor.build_prompt(p) for p in prompts]
+            batch["ctc_labels"] = self.processor.encode_text(prompts, transcripts)["labels"]
         return batch
 
     def _with_chats(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,18 +38,22 @@ class EncoderCache:
 
     Keys combine the encoder fingerprint with the clip's path, size and mtime (or a hash of its bytes/samples), so an
     edited file or a different encoder is a cache miss, never a stale hit. Frames are kept in the encoder's dtype,
-    which makes a cached forward identical to an uncached one.
+    which makes a cached forward identical to an uncached one, unless `dtype` says otherwise (float16 halves the
+    memory of a large in-memory cache; the projector reads the rounded frames). An in-memory cache can be kept as
+    one file between runs (`save`, `load`).
     """
 
-    def __init__(self, fingerprint: str, directory: str | os.PathLike | None = None):
+    def __init__(self, fingerprint: str, directory: str | os.PathLike | None = None, dtype: torch.dtype | None = None):
         self.fingerprint = fingerprint
         self.directory = Path(directory) / fingerprint[:16] if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
+        self.dtype = dtype
         self._memory: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def for_model(cls, model, processor, storage: str = "memory", directory: str | os.PathLike | None = None):
+    def for_model(cls, model, processor, storage: str = "memory", directory: str | os.PathLike | None = None,
+                  dtype: torch.dtype | None = None):
         """`storage="memory"` or `"disk"` (under `directory`, default `speechlm.cache.cache_dir("encoder_frames")`)."""
         if storage not in ("memory", "disk"):
             raise ValueError(f"encoder cache storage must be 'memory' or 'disk', got {storage!r}")
@@ -59,7 +63,7 @@ class EncoderCache:
             from ..cache import cache_dir
 
             directory = cache_dir("encoder_frames")
-        return cls(encoder_fingerprint(model, processor), directory if storage == "disk" else None)
+        return cls(encoder_fingerprint(model, processor), directory if storage == "disk" else None, dtype)
 
     def key(self, record: Mapping[str, Any]) -> str:
         audio = record["audio"]
@@ -94,7 +98,8 @@ class EncoderCache:
         return load_file(self._file(key))["frames"]
 
     def put(self, key: str, frames: torch.Tensor) -> None:
-        frames = frames.detach().to("cpu").contiguous()
+        # A copy, not a view: a slice of the padded batch would keep the whole batch alive (and shares its storage).
+        frames = frames.detach().to("cpu", self.dtype or frames.dtype).clone(memory_format=torch.contiguous_format)
         if self.directory is None:
             self._memory[key] = frames
             return
@@ -103,6 +108,28 @@ class EncoderCache:
         partial = self._file(key).with_suffix(f".{os.getpid()}.tmp")
         save_file({"frames": frames}, str(partial))
         os.replace(partial, self._file(key))  # atomic: a killed run never leaves a truncated entry
+
+    def save(self, path: str | os.PathLike, keys: Iterable[str] | None = None) -> None:
+        """The in-memory frames (only `keys`, when given) as one safetensors file, written atomically."""
+        from safetensors.torch import save_file
+
+        keys = self._memory if keys is None else keys
+        path = Path(path)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({key: self._memory[key] for key in keys}, str(partial), metadata={"fingerprint": self.fingerprint})
+        os.replace(partial, path)
+
+    def load(self, path: str | os.PathLike) -> int:
+        """Add the frames `save` wrote to `path`, if it was written for this encoder; returns how many."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as handle:
+            if (handle.metadata() or {}).get("fingerprint") != self.fingerprint:
+                return 0
+        frames = load_file(str(path))
+        self._memory.update(frames)
+        return len(frames)
 
     @torch.no_grad()
     def fill(self, model, processor, dataset: SpeechLMDataset, batch_size: int = 8, rank: int = 0,

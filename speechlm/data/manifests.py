@@ -54,7 +54,9 @@ class ManifestError(ValueError):
 @dataclass
 class Manifest:
     """Usable records plus what was skipped. Records are dicts with `audio` (path, bytes or array), `text`,
-    `prompt`, `task`, `id`, `duration` (seconds, None if unknown), `sampling_rate` (arrays only) and `location`."""
+    `prompt`, `task`, `transcript` (what the clip says, when `text` is another answer), `id`, `duration` (seconds,
+    None if unknown), `sampling_rate` (arrays only) and `location`; a manifest's other fields are kept as they are
+    in `extra` (e.g. a `source` or `speaker` column)."""
 
     records: list[dict[str, Any]]
     skipped: list[ManifestIssue] = field(default_factory=list)
@@ -121,7 +123,9 @@ def read_manifest(path: str | os.PathLike, on_error: str = "raise", probe_audio:
                     raw = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise EntryProblem(f"invalid JSON ({error.msg} at column {error.colno})") from None
-                records.append(normalise_entry(raw, location, base_dir, probe_audio))
+                record = normalise_entry(raw, location, base_dir, probe_audio)
+                record["extra"] = {key: value for key, value in raw.items() if key not in record and key != "messages"}
+                records.append(record)
             except EntryProblem as problem:
                 issues.append(ManifestIssue(location, str(problem)))
     return _filter_durations(_finish(records, issues, str(path), on_error, total), min_seconds, max_seconds)

@@ -81,6 +81,7 @@ def normalise_entry(
         raise EntryProblem(f"empty '{text_key}': nothing to learn from or to score against")
     prompt = _text_field(raw, "prompt", required=False)
     task = _text_field(raw, "task", required=False)
+    transcript = _text_field(raw, "transcript", required=False)
     audio, record_rate, name = _audio_field(raw[audio_key], base_dir, raw.get("sampling_rate", sampling_rate))
     name = name or location
     if isinstance(audio, str) and not os.path.isfile(audio):
@@ -93,6 +94,7 @@ def normalise_entry(
         "text": text,
         "prompt": prompt,
         "task": task,
+        "transcript": transcript,
         "id": str(record_id) if record_id is not None else location,
         "duration": duration,
         "location": location,

@@ -161,14 +161,15 @@ MANIFESTS = ("train", "test_synthetic", "test_asterisk", "test_librivox", "test_
 STAMP = "corpus.json"
 
 
-def read_manifest(path: Path | str, absolute: bool = False) -> list[dict]:
-    """Manifest lines as dicts; `absolute` turns audio paths (stored relative to the manifest) into absolute ones."""
+def manifest_records(path: Path | str) -> list[dict]:
+    """A demo manifest's records through the library's reader (`speechlm.data.read_manifest`: audio paths absolute,
+    durations as written, `source` and the other demo columns in `extra`); [] for an empty set (no UQM data)."""
+    from ..data import read_manifest
+
     path = Path(path)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if absolute:
-        for row in rows:
-            row["audio"] = str((path.parent / row["audio"]).resolve())
-    return rows
+    if not path.read_text().strip():
+        return []
+    return read_manifest(path, probe_audio=False).records
 
 
 def _write_manifest(path: Path, rows: Sequence[dict]) -> None:

@@ -47,13 +47,13 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
     from ..audio import load_audio
     from ..evaluation import per_utterance_rows, word_error_rate
     from ..evaluation.normalizers import normalize_text
-    from .corpus import read_manifest
+    from .corpus import manifest_records
 
     results = {}
     for name in TEST_SETS:
         if not manifests[name].is_file():
             continue
-        rows = read_manifest(manifests[name], absolute=True)[:limit]
+        rows = manifest_records(manifests[name])[:limit]
         if not rows:
             continue
         audio = [load_audio(row["audio"]) for row in rows]
@@ -81,10 +81,10 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
     from ..audio import load_audio
     from ..inference import transcribe_arrays
     from ..tasks import score_task, task_rows
-    from .corpus import read_manifest
+    from .corpus import manifest_records
     from .grammar import utterances
 
-    rows = read_manifest(manifests["test_synthetic"], absolute=True)[:limit]
+    rows = manifest_records(manifests["test_synthetic"])[:limit]
     meanings = utterances([row["text"] for row in rows], seed)
     rows = [row for row in rows if row["text"] in meanings]
     audio = {row["id"]: load_audio(row["audio"]) for row in rows}
@@ -122,10 +122,11 @@ def whisper_for(manifest: Path, rows: list[dict]) -> list[str]:
 
 def _cascade_shots(train_manifest: Path, seed: int) -> list[tuple[str, object]]:
     """(transcript, example) pairs from the first training sentences: the cascade's few-shot examples."""
-    from .corpus import read_manifest
+    from .corpus import manifest_records
     from .grammar import utterances
 
-    rows = [row for row in read_manifest(train_manifest) if row["source"] == "synthetic"][:4 * CASCADE_SHOTS]
+    rows = [row for row in manifest_records(train_manifest) if row["extra"].get("source") == "synthetic"]
+    rows = rows[: 4 * CASCADE_SHOTS]
     meanings = utterances([row["text"] for row in rows], seed)
     shots = []
     for task in ("slu", "qa"):

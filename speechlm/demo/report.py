@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .run import DemoSettings
+    from .settings import DemoSettings
 
 _HEADLINES = {"slu": (("valid_json", "valid JSON"), ("intent_accuracy", "intent accuracy"), ("slot_f1", "slot F1")),
               "qa": (("exact_match", "exact match"), ("token_f1", "token F1"))}

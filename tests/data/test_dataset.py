@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,49 @@ def test_chat_rows_refuse_the_encoder_cache(build, chat_manifest):
 def test_prefix_layout_dataset_refuses_chat_rows_without_one_clip(chat_manifest):
     with pytest.raises(ValueError, match=r"1 chat row\(s\) without exactly one audio clip, e\.g\. .*chat\.jsonl:1"):
         SpeechLMDataset(read_manifest(chat_manifest), 16000, audio_layout="prefix")
+
+
+def cached_items(processor, texts, transcripts=None, lengths=(40, 25)):
+    """Dataset items over an in-memory encoder cache filled by hand (no encoder run)."""
+    records = [{"audio": np.full(160, i, np.float32), "sampling_rate": 16000, "text": text, "id": str(i),
+                "transcript": (transcripts or texts)[i]} for i, text in enumerate(texts)]
+    cache = EncoderCache("encoder")
+    for record, n in zip(records, lengths, strict=True):
+        cache.put(cache.key(record), torch.randn(n, 16).add(5))
+    dataset = SpeechLMDataset(records, 16000, encoder_cache=cache)
+    return cache, [dataset[i] for i in range(len(records))]
+
+
+def test_collator_gives_the_ctc_head_the_transcript_when_the_answer_differs(build):
+    processor, _ = build("whisper", "llama")
+    cache, items = cached_items(processor, ["turn on the lights", '{"intent": "turn"}'], ["turn on the lights"] * 2)
+    batch = SpeechLMCollator(processor, cache)(items)
+    expected = processor.encode_text([processor.build_prompt(None)] * 2, ["turn on the lights"] * 2)["labels"]
+    assert torch.equal(batch["ctc_labels"], expected)
+
+
+def test_collator_adds_no_ctc_labels_when_every_text_is_the_transcript(build):
+    processor, _ = build("whisper", "llama")
+    cache, items = cached_items(processor, ["turn on the lights", "call mom"])
+    assert "ctc_labels" not in SpeechLMCollator(processor, cache)(items)
+
+
+def test_frame_masking_zeroes_whole_frames_and_channels_only(build):
+    """SpecAugment on cached frames: masked frames/channels are all zero, the rest is the input, labels untouched."""
+    processor, _ = build("whisper", "llama")
+    cache, items = cached_items(processor, ["turn on the lights", "call mom"])
+    plain = SpeechLMCollator(processor, cache)(items)
+    masked = SpeechLMCollator(processor, cache, frame_masking=0.3)(items)
+    frames, original = masked["encoder_frames"], plain["encoder_frames"]
+    zero = frames == 0
+    dropped_frames, dropped_channels = zero.all(-1), zero.all(-2)
+    assert dropped_frames[0].any() and dropped_channels[0].any()
+    assert not dropped_frames[0].all() and not dropped_channels[0].all()
+    kept = ~dropped_frames[..., None] & ~dropped_channels[:, None, :]
+    assert torch.equal(frames[kept], original[kept])  # whatever is not masked is the input, bit for bit
+    assert torch.equal(masked["labels"], plain["labels"])
+
+
+def test_given_lengths_replace_durations_for_batching(corpus):
+    _, manifest, _ = corpus
+    assert SpeechLMDataset(read_manifest(manifest), 16000, lengths=[7, 8, 9]).lengths == [7, 8, 9]

@@ -51,3 +51,27 @@ def test_encoder_cache_keys_follow_file_and_encoder(build, corpus):
     model.unfreeze_encoder()
     with pytest.raises(ValueError, match="encoder is being trained"):
         EncoderCache.for_model(model, processor)
+
+
+def test_a_storage_dtype_keeps_the_frames_rounded_to_it():
+    cache = EncoderCache("encoder", dtype=torch.float16)
+    frames = torch.randn(5, 4)
+    cache.put("clip", frames)
+    assert torch.equal(cache.get("clip"), frames.half())
+
+
+def test_an_in_memory_cache_saved_as_one_file_loads_back(tmp_path):
+    cache = EncoderCache("encoder")
+    cache.put("a", torch.randn(5, 4))
+    cache.put("b", torch.randn(3, 4))
+    cache.save(tmp_path / "frames.safetensors", keys=["a"])
+    again = EncoderCache("encoder")
+    assert again.load(tmp_path / "frames.safetensors") == 1
+    assert torch.equal(again.get("a"), cache.get("a")) and "b" not in again
+
+
+def test_a_cache_file_of_another_encoder_loads_nothing(tmp_path):
+    cache = EncoderCache("encoder")
+    cache.put("a", torch.randn(5, 4))
+    cache.save(tmp_path / "frames.safetensors")
+    assert EncoderCache("another encoder").load(tmp_path / "frames.safetensors") == 0

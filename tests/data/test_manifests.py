@@ -122,3 +122,16 @@ def test_a_line_that_is_not_utf8_is_skipped_and_named_not_a_traceback(corpus):
     records = read_manifest(manifest, on_error="skip")
     assert len(records) == 3
     assert records.skipped[0].location == f"{manifest}:4" and "not UTF-8" in str(records.skipped[0])
+
+
+def test_manifest_columns_speechlm_does_not_know_are_kept_in_extra(corpus):
+    tmp_path, manifest, rows = corpus
+    manifest.write_text("".join(json.dumps({**row, "source": "asterisk", "voice": "en-us"}) + "\n" for row in rows))
+    assert read_manifest(manifest)[0]["extra"] == {"source": "asterisk", "voice": "en-us"}
+
+
+def test_a_transcript_column_is_read_as_what_the_clip_says(corpus):
+    tmp_path, manifest, rows = corpus
+    answer = {**rows[0], "text": '{"intent": "call"}', "task": "slu", "transcript": "call mom"}
+    manifest.write_text(json.dumps(answer) + "\n")
+    assert read_manifest(manifest)[0]["transcript"] == "call mom"

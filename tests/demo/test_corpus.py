@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from speechlm.demo.system_packages import fortune_files, missing_system_packages
 from speechlm.evaluation.normalizers import normalize_text
 
 WORDS = re.compile(r"[a-z']+( [a-z']+)*")
+
+
+def lines(manifest: Path) -> list[dict]:
+    """A manifest's lines as written (audio paths relative to it, the demo's own columns)."""
+    return [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
 MISSING = missing_system_packages("structured")
 needs_packages = pytest.mark.skipif(
     bool(MISSING), reason=f"Debian packages missing: {' '.join(MISSING)} (apt-get install -y {' '.join(MISSING)})"
@@ -31,11 +37,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @needs_packages
 def test_tiny_corpus_audio_matches_manifests(tiny: dict[str, Path]) -> None:
     assert set(tiny) == {"train", "test_synthetic", "test_asterisk", "test_librivox", "test_uqm"}
-    assert c.read_manifest(tiny["test_uqm"]) == []  # built without the UQM held-out set
+    assert c.manifest_records(tiny["test_uqm"]) == []  # built without the UQM held-out set
     for name, manifest in tiny.items():
         if name == "test_uqm":
             continue
-        rows = c.read_manifest(manifest)
+        rows = lines(manifest)
         assert rows and len({r["id"] for r in rows}) == len(rows)
         for row in rows:
             assert not Path(row["audio"]).is_absolute()
@@ -43,35 +49,35 @@ def test_tiny_corpus_audio_matches_manifests(tiny: dict[str, Path]) -> None:
             assert (info.samplerate, info.channels, info.subtype) == (16_000, 1, "PCM_16")
             assert info.duration == pytest.approx(row["duration"], abs=1e-3)
             assert row["source"] in c.SOURCES and WORDS.fullmatch(row["text"])
-    train = c.read_manifest(tiny["train"])
+    train = lines(tiny["train"])
     assert sum(r["source"] == "synthetic" for r in train) == 20
     assert sum(r["source"] == "asterisk" for r in train) > 300
-    assert len(c.read_manifest(tiny["test_synthetic"])) == 5
-    assert 50 <= len(c.read_manifest(tiny["test_asterisk"])) <= 80
-    assert len(c.read_manifest(tiny["test_librivox"])) == 5
-    assert all(Path(r["audio"]).is_file() for r in c.read_manifest(tiny["test_librivox"], absolute=True))
+    assert len(lines(tiny["test_synthetic"])) == 5
+    assert 50 <= len(lines(tiny["test_asterisk"])) <= 80
+    assert len(lines(tiny["test_librivox"])) == 5
+    assert all(Path(r["audio"]).is_file() for r in c.manifest_records(tiny["test_librivox"]))
 
 
 @needs_packages
 def test_tiny_corpus_held_out(tiny: dict[str, Path]) -> None:
-    train = c.read_manifest(tiny["train"])
-    test = c.read_manifest(tiny["test_synthetic"])
+    train = lines(tiny["train"])
+    test = lines(tiny["test_synthetic"])
     train_voices = {r["voice"] for r in train if r["source"] == "synthetic"}
     test_voices = {r["voice"] for r in test}
     assert not train_voices & test_voices and test_voices <= set(render.voices(held_out=True))
     for name in ("test_synthetic", "test_asterisk"):
-        assert not {r["text"] for r in train} & {r["text"] for r in c.read_manifest(tiny[name])}
+        assert not {r["text"] for r in train} & {r["text"] for r in lines(tiny[name])}
 
 
 @needs_packages
 def test_real_transcripts_are_normalised(tiny: dict[str, Path]) -> None:
-    rows = [r for r in c.read_manifest(tiny["train"]) if r["source"] == "asterisk"]
-    rows += c.read_manifest(tiny["test_asterisk"])
+    rows = [r for r in lines(tiny["train"]) if r["source"] == "asterisk"]
+    rows += lines(tiny["test_asterisk"])
     assert all(r["text"] == normalize_text(r["text"], spell_numbers=True) for r in rows)
     assert all(r["duration"] <= c.MAX_PROMPT_SECONDS for r in rows)
     texts = {r["text"] for r in rows}
     assert "please enter your password followed by the pound key" in texts
-    librivox = c.read_manifest(tiny["test_librivox"])
+    librivox = lines(tiny["test_librivox"])
     assert "he was not an ill disposed young man" in {r["text"] for r in librivox}
 
 
@@ -93,7 +99,7 @@ def test_cache_is_reused(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch)
 def test_changed_parameters_rebuild(tmp_path: Path) -> None:
     c.build_demo_corpus(tmp_path, n_train=3, n_test=2, progress=False)
     manifests = c.build_demo_corpus(tmp_path, n_train=3, n_test=3, progress=False)
-    assert len(c.read_manifest(manifests["test_synthetic"])) == 3
+    assert len(lines(manifests["test_synthetic"])) == 3
     assert len(list((tmp_path / "audio" / "synthetic" / "test").iterdir())) == 3
     (tmp_path / c.STAMP).unlink()  # an interrupted build leaves no stamp: it is rebuilt, orphans removed
     orphan = tmp_path / "audio" / "synthetic" / "test" / "orphan.wav"
@@ -109,34 +115,3 @@ def test_fortune_sentences() -> None:
     assert all(4 <= len(s.split()) <= 20 and WORDS.fullmatch(s) for s in sentences)
     train, test = c.split_fortunes(100, 20, seed=0)
     assert len(train) == 100 and len(test) == 20 and not set(train) & set(test)
-
-
-def test_frame_cache_key_follows_the_encoder_weights(build):
-    """Cached frames are keyed on the encoder's weights: equal weights, equal key; any change, a new key."""
-    import torch
-
-    from speechlm.demo.run import encoder_fingerprint
-
-    _, first = build("whisper", "llama")
-    _, second = build("whisper", "llama")
-    assert encoder_fingerprint(first) == encoder_fingerprint(second)
-    with torch.no_grad():
-        second.audio_tower.conv1.weight[0, 0, 0] += 1e-3
-    assert encoder_fingerprint(first) != encoder_fingerprint(second)
-
-
-def test_float32_decoding_restores_bfloat16_weights_exactly(build):
-    import torch
-
-    from speechlm.demo.run import float32_frozen_weights
-
-    _, model = build("whisper", "llama", dtype=torch.bfloat16)
-    model.freeze_encoder()
-    model.freeze_decoder()
-    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
-    with float32_frozen_weights(model):
-        assert all(p.dtype == torch.float32 for p in model.parameters() if not p.requires_grad)
-        assert model.multi_modal_projector.linear_1.weight.dtype == torch.bfloat16  # trainable: left alone
-    for name, parameter in model.named_parameters():
-        if name in frozen:
-            assert parameter.dtype == torch.bfloat16 and torch.equal(parameter, frozen[name]), name

@@ -1,0 +1,240 @@
+"""The demo's training: the examples over cached frozen-encoder frames (the library's `EncoderCache`,
+`SpeechLMDataset`, `SpeechLMCollator`), then transformers' Trainer (`SpeechLMTrainer`) stopped by the clock, a CTC
+pre-alignment of the projector first, with a held-out WER curve along the way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..data import EncoderCache, SpeechLMCollator, SpeechLMDataset
+from ..hardware import DtypeChoice
+from ..processing import SpeechLMProcessor
+from .evaluate import MAX_NEW_TOKENS, transcribe_capped
+from .settings import DemoSettings
+from .understanding import training_examples
+
+# The defaults were tuned on a 2-core Xeon with AMX (bfloat16 LLM): ~50 LLM steps of batch 8 per minute. Far below
+# that, a time-budgeted run trains a different, much weaker model, and the demo says so.
+EXPECTED_LLM_STEPS_PER_MINUTE = 50
+RATE_CHECK_STEPS = 10
+REAL_SOURCES = ("asterisk", "uqm")  # manifest `source`s of real speech, repeated by --real-speech-repeats
+
+
+def training_records(records: Sequence[dict], real_speech_repeats: int = 1, tasks: Sequence[str] = ("transcribe",),
+                     meanings: dict | None = None) -> list[dict]:
+    """Manifest records -> the examples the trainer sees. Each real-speech record (`source` "asterisk" or "uqm")
+    comes `real_speech_repeats` times (the few hundred real prompts would otherwise be a few percent of a large
+    synthetic corpus); with understanding `tasks`, each grammar clip whose meaning is in `meanings` also gives one
+    understanding example. An example's `text` is what the LLM learns, its `transcript` what the clip says (the CTC
+    head's target whatever the task)."""
+    meanings = meanings or {}
+    examples = []
+    for record in records:
+        repeats = real_speech_repeats if record.get("extra", {}).get("source") in REAL_SOURCES else 1
+        for example in training_examples(record["text"], meanings.get(record["text"]), tasks) * repeats:
+            examples.append({**record, "text": example.target, "prompt": example.prompt, "task": example.task,
+                             "transcript": record["text"]})
+    return examples
+
+
+def cached_training_set(model, processor: SpeechLMProcessor, records: Sequence[dict], examples: Sequence[dict],
+                        cache_file: Path) -> SpeechLMDataset:
+    """`examples` over the frozen encoder's frames of every clip of `records`: encoded once (length-sorted batches),
+    kept in memory in float16 and on disk as one file (`cache_file`, reused while the encoder and the clips are the
+    same); batched by frame count."""
+    cache = EncoderCache.for_model(model, processor, dtype=torch.float16)
+    if cache_file.is_file():
+        cache.load(cache_file)
+    clips = SpeechLMDataset(records, processor.sampling_rate, encoder_cache=cache)
+    if cache.fill(model, processor, clips, batch_size=32):
+        cache.save(cache_file, keys=[cache.key(record) for record in records])
+    lengths = [cache.get(cache.key(example)).shape[0] for example in examples]
+    return SpeechLMDataset(examples, processor.sampling_rate, encoder_cache=cache, lengths=lengths)
+
+
+def corpus_token_ids(processor: SpeechLMProcessor, texts: list[str]) -> list[int]:
+    """Every token id the training transcripts use (as labels): the CTC head's classes, ~1k instead of 49k."""
+    ids: set[int] = set()
+    for start in range(0, len(texts), 256):
+        chunk = texts[start : start + 256]
+        labels = processor.encode_text([processor.build_prompt()] * len(chunk), chunk)["labels"]
+        ids.update(labels[labels >= 0].tolist())
+    return sorted(ids)
+
+
+@contextmanager
+def float32_frozen_weights(model):
+    """Upcast the frozen bfloat16 weights while decoding, then restore them bit-exactly.
+
+    bfloat16 halves a training step on this CPU, but its one-token decode steps are several times slower than
+    float32's; the trainable float32 parts are left alone.
+    """
+    frozen = [p for p in model.parameters() if p.dtype == torch.bfloat16 and not p.requires_grad]
+    for parameter in frozen:
+        parameter.data = parameter.data.float()
+    try:
+        yield
+    finally:
+        for parameter in frozen:
+            parameter.data = parameter.data.to(torch.bfloat16)
+
+
+def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 20, max_steps: int | None = None,
+                         first_step: int = 0):
+    """Warmup, then cosine decay to 10 % over the wall-clock budget (the step count is unknown in advance), or over
+    steps `first_step`..`max_steps` when that cap comes first. `first_step` is where a step-bounded CTC
+    pre-alignment ends: its steps are ~25x cheaper than LLM steps, and counting them would leave the LLM phase a
+    decayed learning rate."""
+    start = time.monotonic()
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps)
+        progress = min(1.0, (time.monotonic() - start) / budget_seconds)
+        if max_steps:
+            progress = max(progress, min(1.0, max(0, step - first_step) / max(1, max_steps - first_step)))
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def slow_machine_warning(per_minute: float, settings: DemoSettings, dtype_choice: DtypeChoice) -> str | None:
+    """A loud sentence when this machine trains less than half the LLM steps per minute the defaults expect."""
+    if per_minute >= EXPECTED_LLM_STEPS_PER_MINUTE / 2:
+        return None
+    return (f"WARNING: this machine trains {per_minute:.1f} LLM steps per minute, less than half of the "
+            f"~{EXPECTED_LLM_STEPS_PER_MINUTE} the defaults were tuned on; within --minutes {settings.minutes:g} the "
+            "model sees far fewer examples and its WER will be much worse than the README's (raise --minutes). "
+            f"Frozen weights are in {dtype_choice.reason}.")
+
+
+def train_within_budget(model, processor, dataset, settings: DemoSettings, curve_sets: dict[str, tuple[list, list]],
+                        output: Path, dtype_choice: DtypeChoice | None = None):
+    """transformers' Trainer on cached frames, stopped by the clock (or `max_steps`); returns the loss and WER
+    history, the steps reached in each phase and any warning about this machine's speed."""
+    dtype_choice = dtype_choice or DtypeChoice(torch.float32, "float32")
+    pre_align = settings.ctc_fraction > 0 or settings.ctc_steps is not None
+    from tqdm.auto import tqdm
+    from transformers import PrinterCallback, TrainerCallback, TrainingArguments
+
+    from ..evaluation import word_error_rate
+    from ..training import SpeechLMTrainer
+
+    budget = settings.minutes * 60
+    history = {"ctc_loss": [], "loss": [], "wer": [], "warnings": []}
+
+    class Budget(TrainerCallback):
+        def __init__(self):
+            self.start = time.monotonic()
+            self.next_eval = settings.eval_every_minutes * 60
+            self.phase_changed = False
+            self.llm_start: tuple[float, int] | None = None if pre_align else (0.0, 0)  # (seconds, step)
+            self.rate_checked = False
+            self.bar = tqdm(total=round(budget), desc="training (seconds of budget)", unit="s")
+
+        def _pre_alignment_done(self, elapsed: float, step: int) -> bool:
+            if settings.ctc_steps is not None:
+                return step >= settings.ctc_steps
+            return elapsed >= settings.ctc_fraction * budget
+
+        def _check_rate(self, elapsed: float, step: int) -> None:
+            """Once, after a few LLM steps: warn loudly when this machine will train far fewer than expected."""
+            start_seconds, start_step = self.llm_start
+            if self.rate_checked or step - start_step < RATE_CHECK_STEPS:
+                return
+            self.rate_checked = True
+            per_minute = (step - start_step) / max(elapsed - start_seconds, 1e-9) * 60
+            history["llm_steps_per_minute"] = per_minute
+            message = slow_machine_warning(per_minute, settings, dtype_choice)
+            if message:
+                history["warnings"].append(message)
+                self.bar.write(f"[demo] {message}")
+
+        def _elapsed(self) -> float:
+            return time.monotonic() - self.start
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            if self.phase_changed:  # this logged mean still covers CTC-only steps: on neither curve
+                self.phase_changed = False
+            else:
+                curve = "ctc_loss" if trainer.ctc_only else "loss"
+                history[curve].append((self._elapsed() / 60, state.global_step, float(logs["loss"])))
+                self.bar.set_postfix(step=state.global_step, **{curve: f"{logs['loss']:.3f}"})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            elapsed = self._elapsed()
+            if trainer.ctc_only and self._pre_alignment_done(elapsed, state.global_step):
+                trainer.ctc_only, collator.frame_masking, self.phase_changed = False, 0.0, True
+                self.llm_start = (elapsed, state.global_step)
+                history["ctc_steps"], history["ctc_minutes"] = state.global_step, elapsed / 60
+                self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: CTC pre-alignment done, "
+                               "training through the LLM")
+            elif self.llm_start is not None:
+                self._check_rate(elapsed, state.global_step)
+            self.bar.update(min(round(elapsed), round(budget)) - self.bar.n)
+            if elapsed >= budget or (settings.max_steps and state.global_step >= settings.max_steps):
+                control.should_training_stop = True
+            elif elapsed >= self.next_eval and curve_sets:
+                self.next_eval += settings.eval_every_minutes * 60
+                model.eval()
+                for name, (audio, texts) in curve_sets.items():
+                    with float32_frozen_weights(model):
+                        hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(f"test_{name}", 48),
+                                                 batch_size=24)
+                    wer = word_error_rate(texts, hyps)["wer"]
+                    history.setdefault("wer" if name == "synthetic" else f"wer_{name}", []).append(
+                        (elapsed / 60, state.global_step, wer))
+                    self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: WER on "
+                                   f"{len(audio)} held-out {name} clips {wer:.1%}")
+                model.train()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    if pre_align or settings.ctc_weight > 0 or settings.ctc_compression:
+        transcripts = [record["transcript"] or record["text"] for record in dataset.records]
+        model.add_ctc_head(corpus_token_ids(processor, transcripts), processor.tokenizer.all_special_ids,
+                           compress=settings.ctc_compression)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for name, p in trainable if "lora_" not in name], "lr": settings.learning_rate},
+        {"params": [p for name, p in trainable if "lora_" in name], "lr": settings.lora_learning_rate},
+    ]
+    optimizer = torch.optim.AdamW([group for group in groups if group["params"]], weight_decay=0.0)
+    arguments = TrainingArguments(
+        output_dir=str(output / "trainer"), per_device_train_batch_size=settings.batch_size, max_steps=10**7,
+        logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
+        remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, seed=settings.seed,
+        log_level="warning", train_sampling_strategy="group_by_length",
+    )
+    masking = settings.frame_masking if pre_align else 0.0
+    collator = SpeechLMCollator(processor, dataset.encoder_cache, frame_masking=masking)
+    trainer = SpeechLMTrainer(
+        model=model, args=arguments, train_dataset=dataset, data_collator=collator,
+        optimizers=(optimizer, time_cosine_schedule(optimizer, budget, max_steps=settings.max_steps,
+                                                    first_step=settings.ctc_steps or 0)),
+        callbacks=[Budget()],
+        ctc_head=model.ctc_head, ctc_weight=settings.ctc_weight, ctc_only=pre_align,
+    )
+    trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no log dict every 10 steps
+    started = time.monotonic()
+    result = trainer.train()
+    llm_minutes = (time.monotonic() - started) / 60 - history.get("ctc_minutes", 0.0)
+    if "ctc_steps" in history or not pre_align:
+        overall = (result.global_step - history.get("ctc_steps", 0)) / max(llm_minutes, 1e-9)
+        message = slow_machine_warning(overall, settings, dtype_choice)
+        if message and not history["warnings"]:  # the early check saw fast steps; the whole phase did not
+            history["warnings"].append(message)
+    history["steps"] = result.global_step
+    history["llm_steps"] = result.global_step - history.get("ctc_steps", result.global_step if pre_align else 0)
+    history["minutes"] = min(budget, time.monotonic() - started) / 60
+    history["dtype"], history["dtype_reason"] = dtype_choice.name, dtype_choice.reason
+    return history

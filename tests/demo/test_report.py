@@ -1,0 +1,34 @@
+"""The demo's report (speechlm/demo/report.py)."""
+
+from __future__ import annotations
+
+from speechlm.demo.report import write_report
+from speechlm.demo.settings import DemoSettings
+
+
+def test_report_states_loss_and_decoding(tmp_path):
+    results = {"test_synthetic": {"n_utterances": 1, "wer": 0.5, "cer": 0.25, "seconds": 1.0, "insertions": 0,
+                                  "rows": [{"id": "a", "ref": "turn on", "hyp": "turn off", "wer": 0.5}]}}
+    history = {"loss": [(0.1, 10, 3.0), (1.0, 20, 1.0)], "wer": [(0.5, 15, 0.8)], "steps": 20, "minutes": 1.0}
+    text = write_report(tmp_path, DemoSettings(ctc_weight=0.5, num_beams=3), history, results).read_text()
+    assert "LLM loss + 0.5 x CTC alignment loss" in text and "beam width 3" in text
+    assert "the first 15% of the budget: CTC pre-alignment" in text
+    assert "| test_synthetic | 1 | 50.0% | 25.0% | 0 | - | 1 |" in text
+    text = write_report(tmp_path, DemoSettings(ctc_weight=0.0, ctc_fraction=0.0), history, results).read_text()
+    assert "CTC" not in text and "greedily" in text and "real-speech" not in text
+    text = write_report(tmp_path, DemoSettings(ctc_compression=True, real_speech_repeats=3), history,
+                        results).read_text()
+    assert "CTC-compressed audio" in text and "real-speech clips x3" in text
+
+
+def test_report_puts_whisper_beside_each_set_and_states_steps_dtype_and_warnings(tmp_path):
+    results = {"test_uqm": {"n_utterances": 2, "wer": 0.4, "cer": 0.2, "seconds": 3.0, "insertions": 7,
+                            "whisper": {"wer": 0.18}, "rows": []}}
+    history = {"loss": [], "steps": 900, "ctc_steps": 300, "llm_steps": 600, "minutes": 20.0,
+               "dtype": "float32", "dtype_reason": "float32: this CPU has no native bfloat16",
+               "warnings": ["WARNING: this machine trains 3.0 LLM steps per minute"]}
+    text = write_report(tmp_path, DemoSettings(), history, results).read_text()
+    assert "| test_uqm | 2 | 40.0% | 20.0% | 7 | 18.0% | 3 |" in text
+    assert "300 CTC pre-alignment steps, 600 through the LLM" in text
+    assert "float32: this CPU has no native bfloat16" in text
+    assert "**WARNING: this machine trains 3.0 LLM steps per minute**" in text

@@ -1,0 +1,107 @@
+"""The demo's training (speechlm/demo/training.py): its examples, its batches over cached frames, its schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from speechlm.data import EncoderCache, SpeechLMCollator, SpeechLMDataset
+from speechlm.demo.grammar import Utterance
+from speechlm.demo.training import float32_frozen_weights, training_records
+
+
+def record(text: str, source: str, seed: int = 0) -> dict:
+    audio = np.random.default_rng(seed).standard_normal(1600).astype(np.float32)
+    return {"audio": audio, "sampling_rate": 16_000, "text": text, "prompt": None, "task": None, "transcript": None,
+            "id": text, "duration": 0.1, "location": text, "extra": {"source": source}}
+
+
+def test_real_speech_repeats_only_repeat_real_clips():
+    records = [record("a", "synthetic"), record("b", "asterisk"), record("c", "synthetic")]
+    assert [r["text"] for r in training_records(records, real_speech_repeats=3)] == ["a", "b", "b", "b", "c"]
+    assert [r["text"] for r in training_records(records)] == ["a", "b", "c"]
+
+
+def test_understanding_tasks_add_one_example_per_grammar_clip():
+    records = [record("set an alarm for noon", "synthetic"), record("goodbye", "asterisk")]
+    meanings = {"set an alarm for noon": Utterance("set an alarm for noon", "set_alarm", (("time", "noon"),))}
+    examples = training_records(records, tasks=("transcribe", "slu"), meanings=meanings)
+    assert [r["task"] for r in examples] == ["transcribe", "slu", "transcribe"]
+    assert [r["transcript"] for r in examples] == ["set an alarm for noon", "set an alarm for noon", "goodbye"]
+    assert examples[1]["text"] == '{"intent": "set_alarm", "time": "noon"}'
+
+
+def former_frame_collator(processor, frames: list[torch.Tensor], examples: list[dict], masking: float) -> dict:
+    """The demo's own FrameCollator before it used the library's: float16 frames zero-padded in float32, SpecAugment
+    on whole frames and channels, prompt + target ids, the transcripts as `ctc_labels` when a target differs."""
+    lengths = torch.tensor([f.shape[0] for f in frames])
+    padded = torch.zeros(len(frames), int(lengths.max()), frames[0].shape[1])
+    for i, clip in enumerate(frames):
+        padded[i, : lengths[i]] = clip.float()
+    if masking > 0:
+        padded *= torch.rand(padded.shape[0], padded.shape[1], 1) >= masking
+        padded *= torch.rand(padded.shape[0], 1, padded.shape[2]) >= masking
+    prompts = [processor.build_prompt(e["prompt"]) for e in examples]
+    batch = processor.encode_text(prompts, [e["text"] for e in examples])
+    if [e["text"] for e in examples] != [e["transcript"] for e in examples]:
+        batch["ctc_labels"] = processor.encode_text(prompts, [e["transcript"] for e in examples])["labels"]
+    return {"encoder_frames": padded, "encoder_frame_lengths": lengths, **batch}
+
+
+def test_batches_over_the_library_cache_are_the_former_demo_batches(build):
+    """Same frames (float16-rounded), lengths, labels, ctc_labels and masks as the demo's former FrameCollator."""
+    processor, _ = build("whisper", "llama")
+    records = [record("set an alarm for noon", "synthetic", 1), record("goodbye", "asterisk", 2)]
+    meanings = {"set an alarm for noon": Utterance("set an alarm for noon", "set_alarm", (("time", "noon"),))}
+    examples = training_records(records, 2, ("transcribe", "slu"), meanings)
+    cache = EncoderCache("encoder", dtype=torch.float16)
+    encoded = {r["id"]: torch.randn(n, 16) for r, n in zip(records, (40, 25), strict=True)}
+    for r in records:
+        cache.put(cache.key(r), encoded[r["id"]])
+    lengths = [cache.get(cache.key(e)).shape[0] for e in examples]
+    dataset = SpeechLMDataset(examples, 16_000, encoder_cache=cache, lengths=lengths)
+    assert dataset.lengths == [40, 40, 25, 25]  # batched by frame count, as before
+    torch.manual_seed(0)
+    batch = SpeechLMCollator(processor, cache, frame_masking=0.3)([dataset[i] for i in range(len(dataset))])
+    torch.manual_seed(0)
+    frames = [encoded[e["id"]].half() for e in examples]
+    expected = former_frame_collator(processor, frames, examples, masking=0.3)
+    assert set(batch) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(batch[key].to(value.dtype), value), key
+
+
+def test_a_slow_machine_gets_a_loud_warning_and_a_normal_one_none():
+    from speechlm.demo.settings import DemoSettings
+    from speechlm.demo.training import EXPECTED_LLM_STEPS_PER_MINUTE, slow_machine_warning
+    from speechlm.hardware import DtypeChoice
+
+    choice = DtypeChoice(torch.float32, "float32: this CPU has no native bfloat16")
+    assert slow_machine_warning(EXPECTED_LLM_STEPS_PER_MINUTE, DemoSettings(), choice) is None
+    message = slow_machine_warning(1.2, DemoSettings(minutes=20), choice)
+    assert message.startswith("WARNING: this machine trains 1.2 LLM steps per minute")
+    assert "--minutes 20" in message and "no native bfloat16" in message
+
+
+def test_step_bounded_schedule_gives_the_llm_phase_its_full_learning_rate():
+    """With `--ctc-steps 80 --max-steps 100` the cosine runs over the 20 LLM steps, not over all 100."""
+    from speechlm.demo.training import time_cosine_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = time_cosine_schedule(optimizer, budget_seconds=1e9, warmup_steps=1, max_steps=100, first_step=80)
+    factors = [schedule.lr_lambdas[0](step) for step in (0, 50, 80, 90, 100)]
+    assert factors[:3] == [1.0, 1.0, 1.0]
+    assert abs(factors[3] - 0.55) < 1e-9 and abs(factors[4] - 0.1) < 1e-9
+
+
+def test_float32_decoding_restores_bfloat16_weights_exactly(build):
+    _, model = build("whisper", "llama", dtype=torch.bfloat16)
+    model.freeze_encoder()
+    model.freeze_decoder()
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    with float32_frozen_weights(model):
+        assert all(p.dtype == torch.float32 for p in model.parameters() if not p.requires_grad)
+        assert model.multi_modal_projector.linear_1.weight.dtype == torch.bfloat16  # trainable: left alone
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert parameter.dtype == torch.bfloat16 and torch.equal(parameter, frozen[name]), name
