@@ -89,8 +89,14 @@ def merge_audio_and_text(
 
     batch, text_len = input_ids.shape
     is_audio = (input_ids == audio_token) & text_mask.bool()
-    if int(is_audio.sum()) != num_clips:
-        raise ValueError(f"found {int(is_audio.sum())} audio placeholder(s) in input_ids but {num_clips} clip(s)")
+    found, expanded = (int(n) for n in torch.stack([is_audio.sum(), (audio_lengths + 2).sum().to(is_audio.device)]))
+    if found == expanded and found != num_clips:
+        return scatter_expanded_audio(embed_layer, audio_start, audio_end, audio_embeds, audio_lengths, input_ids,
+                                      text_mask, labels, is_audio)
+    if found != num_clips:
+        raise ValueError(f"found {found} audio placeholder(s) in input_ids but {num_clips} clip(s), which take one "
+                         f"placeholder each, or {expanded} when the processor expands them (each clip's tokens + "
+                         "start/end)")
 
     # How many output slots each input token expands to: 0 (padding), 1 (text), or start + audio + end.
     flat_audio = is_audio.flatten()
@@ -148,12 +154,45 @@ def merge_audio_and_text(
         text_slot = ~audio_slot
         merged_labels[dest[text_slot]] = labels.flatten()[token[text_slot]]
         merged_labels = merged_labels.view(batch, width)
-        no_text = ((merged_labels != IGNORE_INDEX).sum(1) == 0).nonzero().flatten().tolist()
-        if no_text:
-            raise ValueError(
-                f"labels of sample(s) {no_text} contain no text tokens (all -100): there is nothing to learn"
-            )
+    _check_labels(merged_labels)
     return MergedInputs(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask), merged_labels)
 
 
-__all__ = ["MergedInputs", "merge_audio_and_text", "position_ids_from_mask"]
+def scatter_expanded_audio(
+    embed_layer: nn.Module, audio_start: torch.Tensor, audio_end: torch.Tensor, audio_embeds: torch.Tensor,
+    audio_lengths: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor, labels: torch.Tensor | None,
+    is_audio: torch.Tensor,
+) -> MergedInputs:
+    """The processor already expanded each clip's placeholder into start + its tokens + end: `masked_scatter` the
+    framed clips into those positions and keep the processor's layout and padding as they are.
+
+    Gives the same embeddings, mask and positions per sample as the one-placeholder merge (tested); the count was
+    checked by the caller. CTC compression cannot take this path: its token count depends on what the head hears.
+    """
+    device = input_ids.device
+    spans = audio_lengths.to(device) + 2
+    clip = torch.repeat_interleave(torch.arange(len(spans), device=device), spans)
+    within = torch.arange(int(clip.numel()), device=device) - (spans.cumsum(0) - spans)[clip]
+    text_embeds = embed_layer(input_ids.masked_fill(is_audio | ~text_mask.bool() | (input_ids < 0), 0))
+    audio_embeds = audio_embeds.to(text_embeds.dtype)
+    n_audio = audio_embeds.shape[0] * audio_embeds.shape[1]
+    bank = torch.cat([audio_embeds.reshape(n_audio, -1), audio_start.to(text_embeds.dtype)[None],
+                      audio_end.to(text_embeds.dtype)[None]])
+    source = clip * audio_embeds.shape[1] + within - 1
+    source = torch.where(within == 0, n_audio, torch.where(within == spans[clip] - 1, n_audio + 1, source))
+    inputs_embeds = text_embeds.masked_scatter(is_audio[..., None], bank.index_select(0, source))
+    attention_mask = text_mask.long()
+    merged_labels = None if labels is None else labels.masked_fill(is_audio | ~text_mask.bool(), IGNORE_INDEX)
+    _check_labels(merged_labels)
+    return MergedInputs(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask), merged_labels)
+
+
+def _check_labels(labels: torch.Tensor | None) -> None:
+    if labels is None:
+        return
+    no_text = ((labels != IGNORE_INDEX).sum(1) == 0).nonzero().flatten().tolist()
+    if no_text:
+        raise ValueError(f"labels of sample(s) {no_text} contain no text tokens (all -100): there is nothing to learn")
+
+
+__all__ = ["MergedInputs", "merge_audio_and_text", "position_ids_from_mask", "scatter_expanded_audio"]

@@ -38,16 +38,24 @@ class SpeechLMProcessor(ProcessorMixin):
             (inside the user turn when a chat template is used); `"prefix"` lets the model put audio first.
         prompt: the default instruction; a per-call `prompt=` overrides it, `""` means audio only.
         use_chat_template: wrap the prompt in the tokenizer's chat template (instruct LLMs expect their format).
+        audio_tokens: the model's audio token arithmetic (`speechlm.audio_tokens.audio_token_rule`; see
+            `expanding_for`). Given, each placeholder becomes exactly its clip's tokens + start/end, as Voxtral's and
+            Qwen2-Audio's processors do and vLLM needs, and the model only scatters; generation inputs are then
+            left-padded here. None (default) keeps one placeholder per clip: the model expands it, which CTC
+            compression (a count that depends on what the head hears) requires.
     """
 
     def __init__(self, feature_extractor, tokenizer, audio_layout: str = "prefix", prompt: str = DEFAULT_PROMPT,
-                 use_chat_template: bool = False):
+                 use_chat_template: bool = False, audio_tokens: dict | None = None):
         super().__init__(feature_extractor, tokenizer)
         self.audio_layout = audio_layout
         self.prompt = prompt
         self.use_chat_template = use_chat_template
+        self.audio_tokens = audio_tokens
         if use_chat_template and not getattr(tokenizer, "chat_template", None):
             raise ValueError("use_chat_template=True but the tokenizer has no chat template")
+        if audio_tokens is not None and audio_layout != "placeholder":
+            raise ValueError("audio_tokens (placeholder expansion) needs audio_layout='placeholder'")
         if AUDIO_TOKEN not in tokenizer.get_vocab():
             raise ValueError(f"the tokenizer lacks {AUDIO_TOKEN}; build it with create_speech_lm_model")
 
@@ -146,7 +154,37 @@ class SpeechLMProcessor(ProcessorMixin):
         prompts = [prompt] * size if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != size:
             raise ValueError(f"batch size mismatch: {size} audio clip(s) but {len(prompts)} prompt(s)")
-        batch.update(self.encode_text([self.build_prompt(p) for p in prompts], text))
+        rows = [self._text_row(self.build_prompt(p), None if text is None else text[i]) for i, p in enumerate(prompts)]
+        return self._with_text(batch, [r[0] for r in rows], [r[1] for r in rows] if text is not None else None)
+
+    # ------------------------------------------------------------------------------------- audio token count
+    def expanding_for(self, config) -> SpeechLMProcessor:
+        """This processor, expanding placeholders by the arithmetic of `config` (a `SpeechLMConfig`)."""
+        from .audio_tokens import audio_token_rule
+
+        return type(self)(self.feature_extractor, self.tokenizer, **{
+            **self._settings(), "audio_layout": "placeholder",
+            "audio_tokens": audio_token_rule(config.audio_config, config.stack_factor)})
+
+    def audio_token_counts(self, audio_mask: torch.Tensor) -> list[int]:
+        """LLM audio tokens per clip (without start/end) for the clips of an `attention_mask` over encoder inputs."""
+        from .audio_tokens import count_audio_tokens
+
+        if self.audio_tokens is None:
+            raise ValueError("this processor has no audio token arithmetic: build it with expanding_for(config)")
+        return count_audio_tokens(self.audio_tokens, audio_mask.long().sum(-1).tolist())
+
+    def _with_text(self, batch: dict, rows: list[list[int]], label_rows: list[list[int]] | None) -> dict:
+        """Add the padded text; with `audio_tokens`, each placeholder first becomes its clip's start + tokens + end
+        (row-major clip order) and rows for generation are padded on the left (the model will not re-pad)."""
+        left = not batch and label_rows is None
+        if self.audio_tokens is not None and batch:
+            from .audio_tokens import expand_audio_placeholders
+
+            rows, label_rows = expand_audio_placeholders(rows, label_rows, self.tokenizer.convert_tokens_to_ids(
+                AUDIO_TOKEN), self.audio_token_counts(batch["attention_mask"]))
+            left = label_rows is None
+        batch.update(self._pad_rows(rows, label_rows, left=left))
         return batch
 
     # ------------------------------------------------------------------------------------------------- chat
@@ -384,9 +422,7 @@ class SpeechLMProcessor(ProcessorMixin):
     def _pack(self, clips: Sequence[np.ndarray], rows: Sequence[list[int]],
               label_rows: Sequence[list[int]] | None = None) -> dict[str, torch.Tensor]:
         """Clips + token rows -> a batch; a text-only batch has no audio keys and is left-padded for `generate`."""
-        batch = self.extract_audio(clips) if clips else {}
-        batch.update(self._pad_rows(rows, label_rows, left=not clips and label_rows is None))
-        return batch
+        return self._with_text(self.extract_audio(clips) if clips else {}, rows, label_rows)
 
     def batch_decode(self, token_ids, **kwargs) -> list[str]:
         kwargs.setdefault("skip_special_tokens", True)
@@ -413,13 +449,15 @@ class SpeechLMProcessor(ProcessorMixin):
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def _settings(self) -> dict:
-        return {"audio_layout": self.audio_layout, "prompt": self.prompt, "use_chat_template": self.use_chat_template}
+        return {"audio_layout": self.audio_layout, "prompt": self.prompt, "use_chat_template": self.use_chat_template,
+                "audio_tokens": self.audio_tokens}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SpeechLMProcessor:
         """Load a processor folder or hub repo; `audio_layout` / `prompt` / `use_chat_template` override the saved
         settings. A folder without `processor_config.json` (the older format) takes `speechlm_processor.json`."""
-        overrides = {key: kwargs.pop(key) for key in ("audio_layout", "prompt", "use_chat_template") if key in kwargs}
+        overrides = {key: kwargs.pop(key) for key in ("audio_layout", "prompt", "use_chat_template", "audio_tokens")
+                     if key in kwargs}
         loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         settings = loaded._settings()
         if _find(pretrained_model_name_or_path, PROCESSOR_NAME, kwargs) is None:

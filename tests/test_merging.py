@@ -8,6 +8,7 @@ from torch import nn
 
 from speechlm.merging import MergedInputs, merge_audio_and_text, position_ids_from_mask
 from speechlm.modeling import IGNORE_INDEX
+from tests.conftest import make_clips
 from tests.test_modeling import _trim
 
 AUDIO = 9  # the audio placeholder id of these hand-made batches
@@ -155,3 +156,50 @@ def test_placeholder_layout_with_several_clips_per_sample_and_a_chat_template(bu
     assert merged.attention_mask.sum(1).tolist() == (expected + torch.tensor([0, 0])).tolist()
     with pytest.raises(ValueError, match="found 3 audio placeholder"):
         model.generate(**{k: v[:2] for k, v in features.items()}, **text, max_new_tokens=2)
+
+
+# ------------------------------------------------------------------ processor-expanded placeholders (masked_scatter)
+@pytest.mark.parametrize("family", ["whisper", "wav2vec2-layer"])
+def test_expanded_placeholders_give_the_same_loss_and_logits(build, family):
+    processor, model = build(family, "llama", layout="placeholder")
+    clips, texts = make_clips((0.55, 0.3, 0.8)), ["one two", "three", "four five six"]
+    one, expanded = processor(clips, text=texts), processor.expanding_for(model.config)(clips, text=texts)
+    with torch.no_grad():
+        a, b = model(**one), model(**expanded)
+    torch.testing.assert_close(a.loss, b.loss)
+    real = expanded["decoder_attention_mask"].bool()  # both right-padded: the same layout, position for position
+    torch.testing.assert_close(a.logits[real], b.logits[real])
+
+
+@pytest.mark.parametrize("family", ["whisper", "wav2vec2-layer"])
+def test_expanded_placeholders_generate_what_one_placeholder_does(build, family):
+    processor, model = build(family, "qwen2", layout="placeholder")
+    clips = make_clips((0.55, 0.3, 0.8))
+    kwargs = {"max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        one = model.generate(**processor(clips), **kwargs)
+        expanded = model.generate(**processor.expanding_for(model.config)(clips), **kwargs)
+    assert torch.equal(one, expanded)
+
+
+def test_expanded_batch_generates_what_each_clip_generates_alone(build):
+    processor, model = build("whisper", "llama", layout="placeholder")
+    processor = processor.expanding_for(model.config)
+    clips = make_clips((0.55, 0.3, 0.8))
+    kwargs = {"max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        batched = model.generate(**processor(clips), **kwargs)
+        alone = [model.generate(**processor([clip]), **kwargs)[0] for clip in clips]
+    for row, tokens in enumerate(alone):
+        assert torch.equal(batched[row, : len(tokens)], tokens)
+
+
+def test_a_wrong_expanded_count_names_both_counts(build):
+    processor, model = build("whisper", "llama", layout="placeholder")
+    batch = processor.expanding_for(model.config)(make_clips((0.55,)))
+    audio_id = model.config.audio_token_id
+    first = int((batch["input_ids"][0] == audio_id).nonzero()[0])
+    batch["input_ids"] = torch.cat([batch["input_ids"][:, :first], batch["input_ids"][:, first + 1:]], dim=1)
+    batch["decoder_attention_mask"] = batch["decoder_attention_mask"][:, 1:]
+    with pytest.raises(ValueError, match="when the processor expands them"):
+        model(**batch)

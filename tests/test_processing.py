@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoProcessor, ProcessorMixin
 
@@ -74,3 +75,26 @@ def test_push_to_hub_uploads_a_loadable_processor(build, tmp_path, monkeypatch):
     processor.push_to_hub("me/speechlm")
     loaded = SpeechLMProcessor.from_pretrained(tmp_path / "uploaded")
     assert loaded.prompt == "transcribe" and len(loaded.tokenizer) == len(processor.tokenizer)
+
+
+def test_an_expanding_processor_keeps_its_arithmetic_through_save_and_load(build, clips, tmp_path):
+    processor, model = build("whisper", "qwen2", layout="placeholder")
+    processor = processor.expanding_for(model.config)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.audio_tokens == processor.audio_tokens
+    _same_batches(loaded(clips), processor(clips))
+
+
+def test_chat_inputs_expand_like_plain_inputs(build, clips):
+    processor, model = build("whisper", "qwen2", layout="placeholder")
+    processor = processor.expanding_for(model.config)
+    chat = [{"role": "user", "content": [{"type": "audio", "audio": clips[0]}, {"type": "text", "text": "say it"}]}]
+    _same_batches(processor.apply_chat_template(chat), processor([clips[0]], prompt="say it"))
+
+
+def test_expansion_needs_the_placeholder_layout(build):
+    processor, model = build("whisper", "qwen2")
+    with pytest.raises(ValueError, match="placeholder"):
+        SpeechLMProcessor(processor.feature_extractor, processor.tokenizer, audio_layout="prefix",
+                          audio_tokens={"convs": [], "stack_factor": 1})
