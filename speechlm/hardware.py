@@ -101,10 +101,10 @@ def choose_training_dtype(device: str | torch.device = "cpu") -> DtypeChoice:
 def choose_decoding_dtype(device: str | torch.device = "cpu") -> DtypeChoice:
     """The dtype for decoding (`--dtype auto`): float32 on a CPU, whatever its bf16 support.
 
-    Decoding one clip is a chain of matrix-vector products plus per-token Python work; bf16 wins the training-shaped
-    matmuls on an AMX Xeon but measured slower for whole transcription there (RTF per CPU-second 1.80 vs 2.32 at
-    batch 1, 1.89 vs 3.91 at batch 8: benchmarks/transcription.py), and CPUs without native bf16 emulate it. The
-    faster CPU option is int8 (`quantize="int8"`). GPUs decode in bf16 where supported."""
+    Decoding one clip is a chain of matrix-vector products plus per-token Python work: on an AMX Xeon, bf16 decoded
+    0.95x (1 thread) and 0.78x (2 threads) of float32's audio per CPU-second at batch 1 and won only batched at one
+    thread (1.26x); CPUs without native bf16 emulate it (benchmarks/results/transcription.md). The faster CPU option
+    is int8 (`quantize="int8"`, x1.9). GPUs decode in bf16 where supported."""
     device = torch.device(device)
     if device.type == "cpu":
         return DtypeChoice(torch.float32, "float32: CPU decoding measured faster in float32 than in bfloat16, even "

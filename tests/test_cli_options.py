@@ -141,7 +141,7 @@ def clip(tmp_path_factory):
 def test_transcribe_passes_quantize_and_dtype(lora_model_dir, clip, spy):
     assert main(["transcribe", str(clip), "--model", str(lora_model_dir), "--quantize", "int8", "--max-new-tokens", "3",
                  "--quiet"]) == 0  # fmt: skip
-    assert spy == [{"dtype": None, "device": "cpu", "quantize": "int8", "merge_lora": True}]
+    assert spy == [{"dtype": "auto", "device": "cpu", "quantize": "int8", "merge_lora": True}]
 
 
 def test_evaluate_passes_quantize_and_dtype(lora_model_dir, clip, spy, tmp_path):
@@ -162,6 +162,14 @@ def test_serve_options_reach_the_model(lora_model_dir):
     args = parser_for("serve").parse_args(["--model", str(lora_model_dir), "--quantize", "int8", "--dtype", "auto"])
     _, model = load_for_inference(args, "cpu")
     assert quantized_linears(model) > 0 and model.config.lora is None
+
+
+def test_decoding_commands_default_to_the_machines_dtype_without_quantisation():
+    for command in ("transcribe", "evaluate", "serve"):
+        required = ["--model", "folder"] + (["input.wav"] if command == "transcribe" else [])
+        required += ["dev.jsonl"] if command == "evaluate" else []
+        args = parser_for(command).parse_args(required)
+        assert (args.dtype, args.quantize) == ("auto", "none")
 
 
 def test_serve_refuses_an_unknown_quantisation():

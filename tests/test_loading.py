@@ -8,9 +8,10 @@ import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 import speechlm.hardware
+from speechlm import SpeechLMProcessor, create_speech_lm_model
 from speechlm.hardware import DtypeChoice
 from speechlm.inference.decoding import transcribe_arrays
-from speechlm.loading import load_pretrained, quantize_language_model
+from speechlm.loading import load_pretrained, quantize_language_model, resolve_quantize
 from tests.conftest import make_clips
 
 
@@ -107,3 +108,34 @@ def test_quantising_before_merging_lora_is_a_value_error(lora_model_dir):
     _, model = load_pretrained(str(lora_model_dir), dtype="float32")
     with pytest.raises(ValueError, match="merge the LoRA adapters"):
         quantize_language_model(model)
+
+
+def test_a_checkpoint_saved_in_bf16_decodes_in_float32_on_a_cpu(model_dirs, tmp_path):
+    # A demo trained on an AMX CPU keeps its LLM in bf16; decoding that on a CPU was slower and made a clip's
+    # output depend on its batch-mates (bf16 rounding of left-padded batches).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    decoder = tmp_path / "decoder-bf16"
+    AutoModelForCausalLM.from_pretrained(model_dirs("decoder", "llama"), dtype=torch.bfloat16).save_pretrained(decoder)
+    AutoTokenizer.from_pretrained(model_dirs("decoder", "llama")).save_pretrained(decoder)
+    feature_extractor, tokenizer, model = create_speech_lm_model(str(model_dirs("encoder", "whisper")), str(decoder))
+    model.save_pretrained(tmp_path / "model", trainable_only=True)
+    SpeechLMProcessor(feature_extractor, tokenizer).save_pretrained(tmp_path / "model")
+    assert load_pretrained(str(tmp_path / "model"), dtype=None)[1].language_model.dtype == torch.bfloat16
+    assert load_pretrained(str(tmp_path / "model"))[1].language_model.dtype == torch.float32
+
+
+def test_quantize_auto_is_int8_on_a_cpu():
+    assert resolve_quantize("auto", "cpu") == "int8"
+    assert resolve_quantize("auto", "cpu", "float32") == "int8"
+
+
+def test_quantize_auto_leaves_16_bit_dtypes_and_gpus_alone():
+    assert resolve_quantize("auto", "cpu", "bfloat16") is None
+    assert resolve_quantize("auto", "cpu", torch.float16) is None
+    assert resolve_quantize("auto", "cuda") is None
+
+
+def test_load_pretrained_with_quantize_auto_quantises_on_the_cpu(lora_model_dir):
+    _, model = load_pretrained(str(lora_model_dir), quantize="auto")
+    assert quantized_linears(model) > 0

@@ -33,6 +33,7 @@ _HOMES = {
     ),
     "speechlm.loading": (
         "DTYPE_CHOICES", "QUANTIZE_CHOICES", "load_pretrained", "quantize_language_model", "resolve_dtype",
+        "resolve_quantize",
     ),
     "speechlm.cli_options": ("load_for_inference",),
 }  # fmt: skip

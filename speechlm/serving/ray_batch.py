@@ -75,7 +75,7 @@ def _with_durations(batch: dict[str, Any]) -> dict[str, Any]:
 class Transcriber:
     """A Ray Data actor: loads the model once, then decodes batch after batch with `transcribe_files`."""
 
-    def __init__(self, model_dir: str, dtype: str | None = None, device: str | None = None, quantize: str = "none",
+    def __init__(self, model_dir: str, dtype: str | None = "auto", device: str | None = None, quantize: str = "none",
                  prompt: str | None = None, max_chunk_seconds: float = 25.0, threads: int | None = None,
                  generate_kwargs: dict | None = None):  # fmt: skip
         import torch
@@ -122,7 +122,7 @@ def transcribe_dataset(
     prompt: str | None = None,
     max_new_tokens: int | None = None,
     num_beams: int | None = None,
-    dtype: str | None = None,
+    dtype: str | None = "auto",
     device: str | None = None,
     quantize: str = "none",
     max_chunk_seconds: float = 25.0,

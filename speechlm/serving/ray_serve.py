@@ -48,7 +48,7 @@ class ModelOptions:
 
     model: str
     device: str | None = None
-    dtype: str | None = None
+    dtype: str | None = "auto"
     quantize: str = "none"
     threads: int | None = None
 
