@@ -5,7 +5,7 @@ projector, `torch.cat` of [start | audio | end | text] embeddings, then the LLM 
 validation, exact masking and the merge; this measures what that costs. Timings interleave the two sides and take
 the median of repeats (process CPU time), in one run, so machine noise hits both alike.
 
-    python benchmarks/overhead.py            # writes benchmarks/results/overhead.md
+    python benchmarks/overhead.py [--threads 1] [--repeats 15]     # writes benchmarks/results/overhead.md
 """
 
 from __future__ import annotations
@@ -102,8 +102,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=REPEATS)
-    repeats = parser.parse_args().repeats
-    torch.set_num_threads(2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (1: process CPU time is then free of the spinning of waiting threads)")
+    args = parser.parse_args()
+    repeats = args.repeats
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         processor, model = build(Path(tmp))
     clips = make_clips((2.0, 3.1, 2.6, 1.7, 3.4, 2.2, 2.9, 2.4))
