@@ -19,7 +19,7 @@ from speechlm.audio import load_audio
 from speechlm.serving import create_app
 from tests.conftest import make_clips
 from tests.serving.conftest import slow_down
-from tests.serving.test_server import live_server, settings, wav_bytes
+from tests.serving.test_app import live_server, settings, wav_bytes
 
 TOKENS = 10
 ENDPOINT = "/v1/chat/completions"

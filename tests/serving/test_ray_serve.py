@@ -30,7 +30,7 @@ from speechlm.serving.ray_serve import (
     scaling_from_args,
 )
 from tests.conftest import make_clips
-from tests.serving.test_server import live_server, settings, wav_bytes
+from tests.serving.test_app import live_server, settings, wav_bytes
 
 try:  # ray itself without its serve extra counts as absent
     import ray.serve  # noqa: F401

@@ -11,7 +11,7 @@ import pytest
 
 from speechlm.serving import create_app
 from tests.conftest import make_clips
-from tests.serving.test_server import live_server, settings, wav_bytes
+from tests.serving.test_app import live_server, settings, wav_bytes
 
 ENDPOINT = "/v1/audio/transcriptions"
 

@@ -23,11 +23,12 @@ import speechlm.serving.batcher as batcher_module
 from speechlm.audio import load_audio
 from speechlm.inference import transcribe_arrays
 from speechlm.serving import ServerSettings, create_app
-from speechlm.serving.app import add_serve_arguments, settings_from_args, uvicorn_config
+from speechlm.serving.app import add_serve_arguments, exposure_warning, settings_from_args, uvicorn_config
 from tests.conftest import make_clips
 
 SR = 16000
 TOKENS = 6
+ENDPOINT = "/v1/audio/transcriptions"
 
 
 @contextlib.contextmanager
@@ -75,6 +76,11 @@ def wav_bytes(audio: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, audio, SR, format="WAV", subtype="FLOAT")
     return buffer.getvalue()
+
+
+def post(url, name="a.wav", data=None, timeout=30, **form):
+    data = wav_bytes(make_clips((0.5,))[0]) if data is None else data
+    return httpx.post(url + ENDPOINT, files={"file": (name, data)}, data=form, timeout=timeout)
 
 
 def expected_texts(tiny, wavs: list[bytes], prompt: str | None = None) -> list[str]:
@@ -221,6 +227,35 @@ def test_bad_uploads_are_4xx_and_the_server_keeps_serving(server, client):
     assert httpx.get(url + "/v1/nope").status_code == 404
 
 
+@pytest.fixture(scope="module")
+def gpt2(build):
+    return build("whisper", "gpt2")  # GPT-2's learned position table (512) crashed with an IndexError past its end
+
+
+def test_prompt_and_position_limits_are_400(gpt2):
+    processor, model = gpt2
+    app = create_app(model, processor, settings(max_prompt_tokens=2000, max_prompt_chars=1200))
+    with live_server(app) as url:
+        response = post(url, prompt="x" * 60_000)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "prompt_too_long"
+        response = post(url, prompt="x " * 520)  # 1,040 characters: fits the limits, not GPT-2's 512 positions
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded" and "512 positions" in error["message"]
+        assert post(url, prompt="x " * 100).status_code == 200
+    with live_server(create_app(model, processor, settings(max_new_tokens=500))) as url:
+        response = post(url)
+        assert response.status_code == 400 and "max_new_tokens (500)" in response.json()["error"]["message"]
+
+
+def test_prompt_token_limit(tiny):
+    processor, model = tiny
+    with live_server(create_app(model, processor, settings(max_prompt_tokens=50))) as url:
+        response = post(url, prompt="x " * 200)
+        assert response.status_code == 400
+        assert "tokens, more than the limit of 50" in response.json()["error"]["message"]
+
+
 def test_request_timeout_is_504(tiny, monkeypatch):
     processor, model = tiny
     real = batcher_module.transcribe_arrays
@@ -239,6 +274,11 @@ def test_request_timeout_is_504(tiny, monkeypatch):
             "type": "timeout", "param": None, "code": "request_timeout",
         }  # fmt: skip
         assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_listening_beyond_loopback_without_an_api_key_warns():
+    assert exposure_warning("0.0.0.0", None).startswith("WARNING: listening on 0.0.0.0 without an API key")
+    assert exposure_warning("0.0.0.0", "key") is None and exposure_warning("127.0.0.1", None) is None
 
 
 # ------------------------------------------------------------------------------------------------ web page
