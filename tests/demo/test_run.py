@@ -1,4 +1,4 @@
-"""The demo's parts and decoding (speechlm/demo/run.py, speechlm/demo/evaluate.py), without training."""
+"""The demo's parts (speechlm/demo/run.py), without training."""
 
 from __future__ import annotations
 
@@ -17,24 +17,3 @@ def test_load_parts_puts_lora_on_the_chosen_modules_only(model_dirs):
     assert model.config.lora["r"] == 4
     frozen = [p.requires_grad for name, p in model.language_model.named_parameters() if "lora_" not in name]
     assert frozen and not any(frozen) and not any(p.requires_grad for p in model.audio_tower.parameters())
-
-
-def test_decoding_cap_follows_the_longest_clip_of_each_batch(monkeypatch):
-    import numpy as np
-
-    import speechlm.inference
-    from speechlm.demo.run import transcribe_capped
-
-    caps = []
-
-    def spy(model, processor, audio, batch_size, max_new_tokens, **kwargs):
-        caps.append(max_new_tokens)
-        return [f"clip of {len(a)} samples" for a in audio]
-
-    monkeypatch.setattr(speechlm.inference, "transcribe_arrays", spy)
-    audio = [np.zeros(160_000), np.zeros(16_000)]  # 10 s, then 1 s: decoded shortest first
-    assert transcribe_capped(None, None, audio, max_new_tokens=96, batch_size=1) == [
-        "clip of 160000 samples", "clip of 16000 samples"]
-    assert caps == [13, 58]  # 5 tokens/s + 8
-    transcribe_capped(None, None, audio, max_new_tokens=20, batch_size=2)
-    assert caps[-1] == 20  # never above the caller's cap
