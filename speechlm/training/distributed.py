@@ -1,8 +1,10 @@
-"""Several processes: FSDP2 sharding helpers, the weight hash that tells whether DDP ranks stayed in sync, and the
-rank-0 / barrier primitives the run uses. Nothing here replaces what transformers' `Trainer` and accelerate drive."""
+"""Several processes: FSDP2 sharding helpers, DeepSpeed ZeRO configs and the ZeRO-3 gather, the weight hash that tells
+whether DDP ranks stayed in sync, and the rank-0 / barrier primitives the run uses. Nothing here replaces what
+transformers' `Trainer`, accelerate and DeepSpeed drive."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
@@ -10,13 +12,68 @@ import torch
 
 
 def trainable_weights_sha256(model) -> str:
-    """Hash of the trainable weights: equal on every DDP rank when the replicas stayed in sync."""
+    """Hash of the trainable weights: equal on every DDP rank when the replicas stayed in sync. Under DeepSpeed
+    ZeRO-3 every rank must call it (the trainable weights are gathered from their partitions first)."""
     digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        if param.requires_grad:
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    with gathered_parameters([param for _, param in trainable]):
+        for name, param in trainable:
             digest.update(name.encode())
             digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def deepspeed_config(stage: int = 2, **zero_options) -> dict:
+    """A DeepSpeed config for `TrainingArguments(deepspeed=...)`: ZeRO `stage` (2: optimizer state and gradients
+    partitioned; 3: the parameters too), everything the Trainer already knows left "auto" (batch sizes, gradient
+    accumulation, clipping, bf16/fp16), and no "optimizer" section, so the Trainer's own AdamW over the trainable
+    parameters is used (no DeepSpeed fused/CPU Adam op to compile). Under ZeRO-3 the 16-bit weights are gathered when
+    the Trainer saves, so `trainer.save_model` writes a full checkpoint. `zero_options` update "zero_optimization"
+    (e.g. `offload_optimizer={"device": "cpu"}`)."""
+    if stage not in (1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 1, 2 or 3, not {stage!r}")
+    zero: dict = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    zero.update(zero_options)
+    return {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }
+
+
+def is_zero3_partitioned(parameters) -> bool:
+    """Whether any of these parameters is a DeepSpeed ZeRO-3 partition (its data lives spread over the ranks)."""
+    return any(hasattr(param, "ds_id") for param in parameters)
+
+
+@contextlib.contextmanager
+def gathered_parameters(parameters, modifier_rank: int | None = None):
+    """Inside the block, ZeRO-3-partitioned `parameters` (a model or an iterable of them) hold their full data on
+    every rank (DeepSpeed's `zero.GatheredParameters`; every rank must enter it); with `modifier_rank`, what that rank
+    writes into them is partitioned again on exit. A no-op for plain, DDP, ZeRO-1/2 or FSDP parameters."""
+    parameters = list(parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters)
+    if not is_zero3_partitioned(parameters):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank):
+        yield
+
+
+def save_trainable_only(model, save_directory) -> None:
+    """`model.save_pretrained(save_directory, trainable_only=True)` from any process layout: under ZeRO-3 the weights
+    are gathered first (every rank must call this); rank 0 writes. `SpeechLMModel.from_pretrained` reloads it."""
+    with gathered_parameters(model):
+        if is_main_process():
+            model.save_pretrained(save_directory, trainable_only=True)
+    barrier()
 
 
 def fsdp_layer_classes(model) -> list[str]:
