@@ -1,5 +1,6 @@
-"""Shared fixtures of the converter tests: the real Whisper tiny.en folder, its load, and a small CTranslate2 writer
-so that every error path runs on a file that differs from the real one in exactly one way."""
+"""Shared fixtures of the converter tests: the real Whisper tiny.en folder, its load, a small CTranslate2 writer
+so that every error path runs on a file that differs from the real one in exactly one way, and a tiny GGUF LLM with
+the conversion cache in a temporary folder."""
 
 from __future__ import annotations
 
@@ -93,3 +94,89 @@ def expect_error(folder: Path, pattern: str) -> None:
     message = str(info.value)
     assert str(folder / "model.bin") in message or str(folder) in message, message
     assert re.search(pattern, message), message
+
+
+# ------------------------------------------------------------------------------------- GGUF and the conversion cache
+GGUF_NAME = "tiny-llama.gguf"
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A 2-layer llama with a byte-level BPE tokenizer, float32 tensors, in the GGUF format llama.cpp reads."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(seed)
+    tokens = [*bytes_to_unicode().values(), "he", "ll", "<|endoftext|>", "<|im_start|>"]
+    vocab, hidden, ffn, layers, heads, kv_heads = len(tokens), 16, 32, 2, 4, 2
+    head_dim = hidden // heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_block_count(layers)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (vocab - 2) + [3, 3])
+    writer.add_token_merges(["h e", "l l"])
+    writer.add_bos_token_id(vocab - 1)
+    writer.add_eos_token_id(vocab - 2)
+
+    def tensor(name: str, *shape: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+
+    tensor("token_embd.weight", vocab, hidden)
+    tensor("output_norm.weight", hidden)
+    for i in range(layers):
+        for name, shape in (("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)),
+                            ("attn_k", (head_dim * kv_heads, hidden)), ("attn_v", (head_dim * kv_heads, hidden)),
+                            ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)),
+                            ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))):
+            tensor(f"blk.{i}.{name}.weight", *shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("SPEECHLM_CACHE", str(folder))
+    monkeypatch.delenv("SPEECHLM_CONVERSION_CACHE", raising=False)
+    return folder
+
+
+@pytest.fixture
+def gguf_dir(tmp_path) -> Path:
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    write_tiny_gguf(folder / GGUF_NAME)
+    return folder
+
+
+@pytest.fixture
+def reads(monkeypatch) -> dict[str, int]:
+    """How often each source format's reader is constructed (GGUF via gguf-py, CTranslate2 via our index)."""
+    import speechlm.converters.ctranslate2 as ct2_module
+
+    gguf = pytest.importorskip("gguf")
+    counts = {"gguf": 0, "ct2": 0}
+    gguf_reader, ct2_file = gguf.GGUFReader, ct2_module.CTranslate2ModelFile
+
+    def counting(kind, factory):
+        def make(*args, **kwargs):
+            counts[kind] += 1
+            return factory(*args, **kwargs)
+
+        return make
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting("gguf", gguf_reader))
+    monkeypatch.setattr(ct2_module, "CTranslate2ModelFile", counting("ct2", ct2_file))
+    return counts
