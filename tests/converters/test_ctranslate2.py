@@ -110,16 +110,6 @@ def test_an_interrupted_conversion_is_redone(whisper_dir, tmp_path):
     assert weights.stat().st_mtime_ns != written
 
 
-def test_cli_convert(whisper_dir, tmp_path, capsys):
-    from speechlm.cli import main
-
-    assert main(["convert", str(whisper_dir), "--output", str(tmp_path / "out")]) == 0
-    assert Path(capsys.readouterr().out.strip()) == tmp_path / "out"
-    assert (tmp_path / "out" / "model.safetensors").is_file()
-    assert main(["convert", str(tmp_path)]) == 2
-    assert "model.bin" in capsys.readouterr().err
-
-
 def test_folders_are_recognised_without_raising(whisper_dir, tmp_path):
     assert is_ctranslate2_whisper(whisper_dir)
     assert not is_ctranslate2_whisper("openai/whisper-tiny.en")
