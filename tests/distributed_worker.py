@@ -20,6 +20,7 @@ shards) and, distributed, a trainable-only checkpoint written from the shards (O
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -98,8 +99,9 @@ def run_loop(args) -> None:
     world = torch.distributed.get_world_size() if distributed else 1
 
     feature_extractor, tokenizer, model = build(args.encoder, args.decoder, args.lora)
-    if args.checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+    if args.checkpointing:  # transformers 5 renamed gradient_checkpointing_enable (still there, deprecated)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     model.train()
     processor = SpeechLMProcessor(feature_extractor, tokenizer, prompt="transcribe")
     batch = processor(clips(), text=TEXTS)
@@ -187,9 +189,11 @@ def run_trainer(args) -> None:
         learning_rate=5e-3, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=1,
         save_strategy="no", report_to=[], remove_unused_columns=False, label_names=["labels"], use_cpu=True,
         dataloader_num_workers=0, seed=0, disable_tqdm=True,
-        gradient_checkpointing=args.checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.checkpointing else None,
     )  # fmt: skip
+    if args.checkpointing:  # the name `speechlm train` uses (make_training_arguments): whichever this version has
+        fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+        name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+        options.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
     if distributed:
         options["ddp_backend"] = "gloo"
     if args.trainer.startswith("zero"):
