@@ -55,9 +55,10 @@ def merge_audio_and_text(
     A left pad slot is a query that attends to no key at all (causal and padding masks together); transformers 5
     no longer patches such rows, and CUDA attention kernels mishandle them: cuDNN SDPA (the default backend for
     bf16/fp16 on H100/H200 since torch 2.11) returns NaN gradients whenever a row's logsumexp is -inf and the
-    width is 64 mod 128: the likely cause of our bf16 CUDA runs turning NaN after 25-300 steps (to be confirmed
-    on a GPU by benchmarks/gpu_check.py). A right pad slot attends to the real tokens before it, so a loss pass
-    never holds such a row; the real tokens see exactly the same keys.
+    width is 64 mod 128: the cause of our bf16 CUDA runs turning NaN after 25-300 steps (confirmed on an H200 by
+    benchmarks/gpu_check.py: left-padded training went NaN on its first such batch, right-padded trained on). A
+    right pad slot attends to the real tokens before it, so a loss pass never holds such a row; the real tokens see
+    exactly the same keys.
     """
     num_clips = audio_embeds.shape[0]
     if input_ids is None:
