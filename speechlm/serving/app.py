@@ -385,6 +385,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest upload, in seconds of audio")  # fmt: skip
     parser.add_argument("--min-audio-seconds", type=float, default=defaults.min_audio_seconds,
                         help="shortest upload, in seconds of audio")  # fmt: skip
+    parser.add_argument("--min-sampling-rate", type=int, default=defaults.min_sampling_rate,
+                        help="lowest sample rate an upload may declare, in Hz")  # fmt: skip
+    parser.add_argument("--max-sampling-rate", type=int, default=defaults.max_sampling_rate,
+                        help="highest sample rate an upload may declare, in Hz")  # fmt: skip
     parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout, help="seconds")
     parser.add_argument("--max-chunk-seconds", type=float, default=defaults.max_chunk_seconds,
                         help="longer uploads are cut on silence (silero-vad) into chunks of at most this length")
@@ -426,6 +430,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         upload_burst_bytes=int(args.upload_burst_mb * 1024 * 1024),
         max_audio_seconds=args.max_audio_seconds,
         min_audio_seconds=args.min_audio_seconds,
+        min_sampling_rate=args.min_sampling_rate,
+        max_sampling_rate=args.max_sampling_rate,
         request_timeout=args.request_timeout,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,

@@ -12,7 +12,6 @@ from speechlm.serving.app import add_serve_arguments, settings_from_args
 from speechlm.serving.settings import ServerSettings
 
 FIELDS = [field.name for field in dataclasses.fields(ServerSettings)]
-NO_FLAG_YET = {"min_sampling_rate", "max_sampling_rate"}  # reported: the docstring promises a flag for them
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,10 +46,7 @@ def _fields_each_flag_reaches() -> frozenset[str]:
     return frozenset(reached)
 
 
-@pytest.mark.parametrize("field", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="no `speechlm serve` flag for this field yet"))
-    if name in NO_FLAG_YET else name for name in FIELDS
-])  # fmt: skip
+@pytest.mark.parametrize("field", FIELDS)
 def test_every_field_has_a_serve_flag(field):
     assert field in _fields_each_flag_reaches()
 
