@@ -50,13 +50,14 @@ def load_decoder(name_or_path: str, with_tokenizer: bool = True, **loading_kwarg
     cached = cached_gguf_folder(name_or_path, loading_kwargs)
     if cached is not None:
         name_or_path, loading_kwargs = str(cached[0]), cached[1]
-    tokenizer = None
-    if with_tokenizer:
-        tokenizer_kwargs = {k: v for k, v in loading_kwargs.items() if k in (*_SHARED_LOADING_KEYS, "gguf_file")}
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_kwargs)
+    file_kwargs = {k: v for k, v in loading_kwargs.items() if k in (*_SHARED_LOADING_KEYS, "gguf_file")}
+    # Asked of the folder's config: transformers loads Whisper or BART folders as *ForCausalLM (their text
+    # decoder, is_encoder_decoder=False), which would silently drop the encoder the user meant to pass elsewhere.
+    if getattr(AutoConfig.from_pretrained(name_or_path, **file_kwargs), "is_encoder_decoder", False):
+        raise ValueError(f"{name_or_path} is an encoder-decoder model; SpeechLM needs a decoder-only LLM as the "
+                         "decoder (an audio encoder such as Whisper's goes in encoder_name)")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **file_kwargs) if with_tokenizer else None
     language_model = AutoModelForCausalLM.from_pretrained(name_or_path, **loading_kwargs)
-    if language_model.config.is_encoder_decoder:
-        raise ValueError(f"{name_or_path} is an encoder-decoder model; SpeechLM needs a decoder-only LLM")
     return tokenizer, language_model
 
 

@@ -3,6 +3,7 @@ on the tiny real checkpoints of tests/tiny_models.py."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from speechlm import create_speech_lm_model
@@ -59,3 +60,10 @@ def test_our_parts_follow_the_llms_dtype_and_a_new_model_decodes_greedily(model_
     assert {name: getattr(generation, name) for name in DEFAULT_GENERATION} == DEFAULT_GENERATION
     assert generation.temperature is None and generation.top_p is None and generation.top_k is None
     assert generation.pad_token_id == model.config.text_config.pad_token_id
+
+
+def test_an_encoder_decoder_folder_is_refused_as_the_decoder(model_dirs):
+    from speechlm.base_models import load_decoder
+
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        load_decoder(str(model_dirs("encoder", "whisper")))
