@@ -14,7 +14,9 @@ the p95 ratio hostile / clean compares segments that ran on the same (busy) mach
 
 `--replicas N` adds a Ray Serve comparison in the same run (needs the ray extra): `speechlm serve-ray --replicas 1`
 and `--replicas N`, each replica with `--threads` CPUs, same load; `--skip-batching` runs only that comparison.
-Replicas only help when the machine has the cores (or GPUs) for them: on 2 shared cores expect no gain.
+Replicas only help when the machine has the cores (or GPUs) for them: with one thread each, 2 replicas on 2 cores
+served x1.42 the requests/s of one (benchmarks/results/serving_replicas.md:
+`--replicas 2 --skip-batching --no-hostile --requests 120 --output benchmarks/results/serving_replicas.md`).
 
 The table goes to stdout and to benchmarks/results/serving.md.
 """
