@@ -44,6 +44,11 @@ def slow_down(monkeypatch, owner, name: str, **forced) -> dict:
     return record
 
 
+def stopped_early(record: dict, steps: int = 400) -> bool:
+    """A slowed decoding (`slow_down`'s record) ended within 10 s, before its `steps` tokens."""
+    return record["ended"].wait(10) and record["criteria"][0].steps < steps
+
+
 @pytest.fixture
 def slow_decoding(monkeypatch):
     """The server's transcription decoding, slowed (see `slow_down`)."""
