@@ -49,9 +49,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "has it")  # fmt: skip
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                         help="int8: dynamic int8 quantisation of the LLM's linear layers (CPU only; ~2x the audio per "
-                             "CPU-second, same WER on the demo's held-out clips, but activation scales are shared by a "
-                             "batch, so batched output can differ from one-by-one); auto = int8 on a CPU, none on a "
-                             "GPU")  # fmt: skip
+                             "CPU-second, but it can cost accuracy, and activation scales are shared by a batch, so "
+                             "batched output differs from one-by-one); auto = int8 on a CPU, none on a GPU")
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser, per: str = "clip", prompt_help: str = PROMPT_HELP,

@@ -105,7 +105,7 @@ def choose_decoding_dtype(device: str | torch.device = "cpu") -> DtypeChoice:
     0.95x (1 thread) and 0.78x (2 threads) of float32's audio per CPU-second at batch 1 and won only batched at one
     thread (1.26x); CPUs without native bf16 emulate it (benchmarks/results/transcription.md). bf16 rounding also
     changed 2 of 16 demo clips between batch 8 and batch 1 (float32: none). The faster CPU option is int8
-    (`quantize="int8"`, x1.9). GPUs decode in bf16 where supported."""
+    (`quantize="int8"`, x1.9, at a cost in accuracy). GPUs decode in bf16 where supported."""
     device = torch.device(device)
     if device.type == "cpu":
         return DtypeChoice(torch.float32, "float32: bf16 CPU decoding measured no faster at batch 1, even with "

@@ -54,10 +54,10 @@ def resolve_quantize(quantize: str | None, device: str | torch.device = "cpu",
     """None or "int8". `auto` = int8 on a CPU that has a quantised-kernel engine, unless `dtype` asks for 16 bits.
 
     Measured on the demo model (benchmarks/results/transcription.md, same clips, same run): int8 decodes ~1.9x more
-    audio per CPU-second than float32 at batch 1 and ~2x at batch 8, with the same WER on the held-out synthetic
-    clips (29.9 vs 29.6 %). Not a default: torch's dynamic int8 quantises each linear layer's input with one scale
-    per batch, so a clip's output can depend on its batch-mates (8 of 16 demo clips changed between batch 8 and
-    batch 1). GPUs decode in their own dtype (these are CPU kernels).
+    audio per CPU-second than float32 at batch 1 and ~2x at batch 8. Not a default: torch's dynamic int8 quantises
+    each linear layer's input with one scale per batch, so a clip's output depends on its batch-mates (8 of 16 demo
+    clips changed between batch 8 and batch 1), and the session-8 demo model's held-out synthetic WER rose from 18.2
+    to 24.1 % (batch 1) and 32.3 % (batch 8) (benchmarks/results/int8_wer.md). GPUs decode in their own dtype.
     """
     import torch
 
