@@ -138,10 +138,7 @@ def merge_audio_and_text(
     clip = (flat_audio.long().cumsum(0) - 1)[token[audio_slot]]
     offset = within[audio_slot]
     clip_len = audio_lengths.to(device)[clip]
-    audio_source = n_text + clip * audio_embeds.shape[1] + (offset - 1)
-    audio_source = torch.where(offset == 0, n_text + n_audio, audio_source)
-    audio_source = torch.where(offset == clip_len + 1, n_text + n_audio + 1, audio_source)
-    source[audio_slot] = audio_source
+    source[audio_slot] = n_text + _framed_clip_rows(clip, offset, clip_len, audio_embeds.shape)
     index = torch.full((batch * width,), n_text + n_audio + 2, device=device, dtype=torch.long)
     index[dest] = source
     inputs_embeds = bank.index_select(0, index).view(batch, width, dim)
@@ -179,13 +176,21 @@ def scatter_expanded_audio(
     n_audio = audio_embeds.shape[0] * audio_embeds.shape[1]
     bank = torch.cat([audio_embeds.reshape(n_audio, -1), audio_start.to(text_embeds.dtype)[None],
                       audio_end.to(text_embeds.dtype)[None]])
-    source = clip * audio_embeds.shape[1] + within - 1
-    source = torch.where(within == 0, n_audio, torch.where(within == spans[clip] - 1, n_audio + 1, source))
+    source = _framed_clip_rows(clip, within, spans[clip] - 2, audio_embeds.shape)
     inputs_embeds = text_embeds.masked_scatter(is_audio[..., None], bank.index_select(0, source))
     attention_mask = text_mask.long()
     merged_labels = None if labels is None else labels.masked_fill(is_audio | ~text_mask.bool(), IGNORE_INDEX)
     _check_labels(merged_labels)
     return MergedInputs(inputs_embeds, attention_mask, position_ids_from_mask(attention_mask), merged_labels)
+
+
+def _framed_clip_rows(clip: torch.Tensor, offset: torch.Tensor, clip_len: torch.Tensor,
+                      shape: torch.Size) -> torch.Tensor:
+    """Rows of a bank [all clips' frames (N*A) | start | end] for slot `offset` of a framed clip: 0 is the start
+    marker, `clip_len + 1` the end marker, anything between the clip's frame `offset - 1`."""
+    n_audio = shape[0] * shape[1]
+    rows = clip * shape[1] + offset - 1
+    return torch.where(offset == 0, n_audio, torch.where(offset == clip_len + 1, n_audio + 1, rows))
 
 
 def _check_labels(labels: torch.Tensor | None) -> None:
