@@ -103,21 +103,12 @@ class EncoderCache:
         if self.directory is None:
             self._memory[key] = frames
             return
-        from safetensors.torch import save_file
-
-        partial = self._file(key).with_suffix(f".{os.getpid()}.tmp")
-        save_file({"frames": frames}, str(partial))
-        os.replace(partial, self._file(key))  # atomic: a killed run never leaves a truncated entry
+        _save_atomically({"frames": frames}, self._file(key))
 
     def save(self, path: str | os.PathLike, keys: Iterable[str] | None = None) -> None:
         """The in-memory frames (only `keys`, when given) as one safetensors file, written atomically."""
-        from safetensors.torch import save_file
-
         keys = self._memory if keys is None else keys
-        path = Path(path)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({key: self._memory[key] for key in keys}, str(partial), metadata={"fingerprint": self.fingerprint})
-        os.replace(partial, path)
+        _save_atomically({key: self._memory[key] for key in keys}, Path(path), {"fingerprint": self.fingerprint})
 
     def load(self, path: str | os.PathLike) -> int:
         """Add the frames `save` wrote to `path`, if it was written for this encoder; returns how many."""
@@ -162,3 +153,12 @@ class EncoderCache:
         finally:
             model.audio_tower.train(was_training)
         return len(missing)
+
+
+def _save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors written beside `path`, then renamed onto it: a killed run never leaves a truncated file."""
+    from safetensors.torch import save_file
+
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, path)
