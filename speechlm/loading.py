@@ -53,11 +53,10 @@ def resolve_quantize(quantize: str | None, device: str | torch.device = "cpu",
                      dtype: torch.dtype | str | None = None) -> str | None:
     """None or "int8". `auto` = int8 on a CPU that has a quantised-kernel engine, unless `dtype` asks for 16 bits.
 
-    Measured on the demo model (benchmarks/results/transcription.md, same clips, same run): int8 decodes ~1.9x more
-    audio per CPU-second than float32 at batch 1 and ~2x at batch 8. Not a default: torch's dynamic int8 quantises
-    each linear layer's input with one scale per batch, so a clip's output depends on its batch-mates (8 of 16 demo
-    clips changed between batch 8 and batch 1), and the session-8 demo model's held-out synthetic WER rose from 18.2
-    to 24.1 % (batch 1) and 32.3 % (batch 8) (benchmarks/results/int8_wer.md). GPUs decode in their own dtype.
+    Not the default, because float32 is the exact path: with int8, a clip's tokens can change with its batch-mates
+    (per-token scales keep the linear layers row-exact, but rounding to int8 turns float noise from padded attention
+    into whole quantisation steps: 41 of 200 demo clips differed between batch 1 and 8). Accuracy is kept: see
+    benchmarks/results/int8_wer.md. GPUs decode in their own dtype.
     """
     import torch
 
@@ -93,26 +92,17 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = 
 def quantize_language_model(model: SpeechLMModel, scheme: str = "int8") -> SpeechLMModel:
     """Dynamic int8 quantisation of every linear layer of the LLM (LM head included), in place, for CPU decoding.
 
-    Decoding a small LLM on a CPU is bound by reading its weights once per token; int8 weights read 4x fewer bytes
-    (activations are quantised on the fly, per channel weights keep the error small). The encoder and projector
-    stay in floating point: they run once per clip. LoRA adapters must be merged first.
+    Per-channel weight scales, per-token activation scales (`speechlm.quantization`): a clip decodes the same
+    tokens in any batch. The encoder and projector stay in floating point: they run once per clip. LoRA adapters must
+    be merged first.
     """
-    import warnings
+    from .quantization import QUANTIZATION_SCHEMES, quantize_linear_layers
 
-    import torch
-    from torch import nn
-
-    if scheme != "int8":
-        raise ValueError(f"unsupported quantisation scheme {scheme!r}; supported: int8")
+    if scheme not in QUANTIZATION_SCHEMES:
+        raise ValueError(f"unsupported quantisation scheme {scheme!r}; supported: {', '.join(QUANTIZATION_SCHEMES)}")
     if any("lora_" in name for name, _ in model.language_model.named_parameters()):
         raise ValueError("merge the LoRA adapters (model.merge_lora()) before quantising the LLM")
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():  # torch deprecates eager-mode quantisation in favour of torchao (not installed)
-        warnings.simplefilter("ignore")
-        model.language_model = quantize_dynamic(
-            model.language_model.float(), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
-        )
+    quantize_linear_layers(model.language_model.float())
     return model
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 import speechlm.hardware
 from speechlm import SpeechLMProcessor, create_speech_lm_model
 from speechlm.hardware import DtypeChoice
 from speechlm.inference.decoding import transcribe_arrays
 from speechlm.loading import load_pretrained, quantize_language_model, resolve_quantize
+from speechlm.quantization import PerTokenInt8Linear
 from tests.conftest import make_clips
 
 
@@ -34,7 +34,7 @@ def lora_model_dir(build, tmp_path_factory):
 
 
 def quantized_linears(model) -> int:
-    return sum(isinstance(m, DynamicQuantizedLinear) for m in model.language_model.modules())
+    return sum(isinstance(m, PerTokenInt8Linear) for m in model.language_model.modules())
 
 
 @pytest.fixture(scope="module")
