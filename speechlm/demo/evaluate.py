@@ -7,7 +7,6 @@ tiny.en's transcript handed to the same base LLM with the same instruction, few-
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -23,21 +22,12 @@ TOKENS_PER_SECOND = 5.0  # fast speech is ~4 words/s; a transcript longer than t
 
 
 def transcribe_capped(model, processor, audio: list, max_new_tokens: int, batch_size: int = 16, **kwargs) -> list[str]:
-    """Length-sorted batches whose new-token cap follows the longest clip in the batch (`TOKENS_PER_SECOND`): a
-    model that has not learned when to stop cannot run on for 96 tokens after a one-second clip."""
+    """`transcribe_arrays` with each clip's new tokens capped by its length (`TOKENS_PER_SECOND`): a model that has
+    not learned when to stop cannot run on for 96 tokens after a one-second clip."""
     from ..inference import transcribe_arrays
 
-    order = sorted(range(len(audio)), key=lambda i: len(audio[i]))
-    texts = [""] * len(audio)
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        seconds = max(len(audio[i]) for i in index) / 16_000
-        cap = min(max_new_tokens, math.ceil(TOKENS_PER_SECOND * seconds) + 8)
-        batch = transcribe_arrays(model, processor, [audio[i] for i in index], batch_size=batch_size,
-                                  max_new_tokens=cap, **kwargs)
-        for i, text in zip(index, batch):
-            texts[i] = text
-    return texts
+    return transcribe_arrays(model, processor, audio, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             tokens_per_second=TOKENS_PER_SECOND, **kwargs)
 
 
 def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None, num_beams: int = 1,

@@ -19,6 +19,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_decoding_arguments(parser, prompt_help="instruction for records without their own prompt (default: the "
                                                "processor's)")  # fmt: skip
+    parser.add_argument("--tokens-per-second", type=float, default=None, metavar="RATE",
+                        help="cap each transcription clip's new tokens at RATE x its seconds + 8 (the demo reports "
+                             "with 5; answers of other tasks are not capped; default: no cap)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N utterances (default: all)")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                         help="bad manifest lines: stop with a list of them, or skip them (counted and reported)")
@@ -57,7 +60,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_model(
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
         limit=args.limit, normalize=normalize, progress=not args.quiet, task_metrics=task_metrics,
-        task_prompts=task_prompts or None, model_name=args.model, **generation_options(args),
+        task_prompts=task_prompts or None, model_name=args.model, tokens_per_second=args.tokens_per_second,
+        **generation_options(args),
     )  # fmt: skip
     notes = [f"Normaliser: {normalizer_description(normalize)}"]
     print(format_report(metrics, f"{args.model} on {args.manifest}", notes))

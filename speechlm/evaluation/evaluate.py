@@ -31,6 +31,8 @@ def transcribe_records(
     prompt: str | None = None,
     task_prompts: dict[str, str] | None = None,
     progress: bool = False,
+    tokens_per_second: float | None = None,
+    kinds: dict[str, str] | None = None,
     **generate_kwargs,
 ) -> list[str]:
     """Hypotheses for manifest records (see `speechlm.data`), in record order, through `transcribe_arrays`.
@@ -38,11 +40,21 @@ def transcribe_records(
     A record's own `prompt` wins, then its `task`'s prompt from `task_prompts`, then `prompt`, then the processor's
     default. A chat record (`messages`) is answered from its conversation up to its last assistant message (that
     message is its reference) through the processor's chat path, stopping at the end-of-turn token.
+    `tokens_per_second` caps the new tokens of transcription records by their length (`transcribe_arrays`); the
+    other tasks' answers are not capped. `kinds` ({task: metric kind}, default `resolve_kinds(records)`) says which.
     """
     from tqdm.auto import tqdm
 
     from ..data.dataset import load_record_audio, resolve_prompt
     from ..inference.decoding import transcribe_arrays
+    from ..tasks import UNTAGGED, resolve_kinds
+
+    if tokens_per_second is not None and kinds is None:
+        kinds = resolve_kinds(records)
+
+    def length_capped(record: dict[str, Any]) -> bool:
+        task = record.get("task")
+        return tokens_per_second is not None and kinds.get(UNTAGGED if task is None else task) == "transcription"
 
     hypotheses: list[str] = []
     group = max(1, batch_size) * _BATCHES_PER_GROUP
@@ -56,8 +68,15 @@ def transcribe_records(
             for i in plain:
                 own = resolve_prompt(chunk[i], task_prompts)
                 prompts.append(own if own is not None else prompt if prompt is not None else processor.prompt)
-            texts = dict(zip(plain, transcribe_arrays(model, processor, audios, prompt=prompts,
-                                                      batch_size=batch_size, **generate_kwargs)))
+            texts = {}
+            for capped in (True, False):
+                rows = [n for n, i in enumerate(plain) if length_capped(chunk[i]) == capped]
+                if rows:
+                    decoded = transcribe_arrays(model, processor, [audios[n] for n in rows],
+                                                prompt=[prompts[n] for n in rows], batch_size=batch_size,
+                                                tokens_per_second=tokens_per_second if capped else None,
+                                                **generate_kwargs)
+                    texts.update(zip((plain[n] for n in rows), decoded))
             if chats:
                 conversations = [_chat_history(chunk[i], processor.sampling_rate) for i in chats]
                 texts.update(zip(chats, _answer_chats(model, processor, conversations, batch_size, **generate_kwargs)))
@@ -110,6 +129,7 @@ def evaluate_model(
     normalize: bool | Callable[[str], str] = True,
     model_name: str | None = None,
     progress: bool = False,
+    tokens_per_second: float | None = None,
     **generate_kwargs,
 ) -> dict[str, Any]:
     """Transcribe a manifest (path, `speechlm.data.Manifest`, `datasets.Dataset` or list of record dicts) and score it.
@@ -121,6 +141,7 @@ def evaluate_model(
     and `n_utterances` counts every record. Each record is decoded with its own prompt (`transcribe_records`).
     With `output_dir`, also writes `predictions.jsonl` (one row per utterance, with its `task` and `kind` when there
     are tasks, for error analysis), `metrics.json` and `summary.md` (naming `model_name` and the normaliser) there.
+    `tokens_per_second` caps each transcription record's new tokens by its audio length (`transcribe_arrays`).
     `generate_kwargs` reach `model.generate` (max_new_tokens, num_beams, ...).
     """
     from ..data.manifests import load_records
@@ -131,7 +152,7 @@ def evaluate_model(
     kinds = resolve_kinds(records, task_metrics)
     started = time.perf_counter()
     hypotheses = transcribe_records(model, processor, records, batch_size, prompt, task_prompts, progress,
-                                    **generate_kwargs)
+                                    tokens_per_second, kinds, **generate_kwargs)
     elapsed = time.perf_counter() - started
     references = [record["text"] for record in records]
     per_task = bool(kinds) and kinds != {UNTAGGED: "transcription"}

@@ -6,6 +6,7 @@ LLM's position limit first (a clear `ValueError` instead of an `IndexError` or g
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,6 +19,8 @@ from ..processing import SpeechLMProcessor
 
 # Shorter clips are below every encoder's receptive field / STFT window: refused with a clear message up front.
 MIN_AUDIO_SECONDS = 0.1
+# Added to a clip's length-based token cap (`tokens_per_second`): room for a short clip's few words and the end token.
+LENGTH_CAP_MARGIN = 8
 
 
 # What decoding uses where neither the caller nor the model's generation_config.json says (see `DEFAULT_GENERATION`).
@@ -113,6 +116,12 @@ def check_positions(model: SpeechLMModel, audio: int, prompt: int, new_tokens: i
         )
 
 
+def length_cap(seconds: float, tokens_per_second: float, budget: int | None = None) -> int:
+    """New tokens a transcript of a `seconds`-long clip may have: rate x length + margin, within `budget`."""
+    cap = math.ceil(tokens_per_second * seconds) + LENGTH_CAP_MARGIN
+    return min(cap, budget) if budget else cap
+
+
 @torch.no_grad()
 def transcribe_arrays(
     model: SpeechLMModel,
@@ -120,16 +129,22 @@ def transcribe_arrays(
     audios: Sequence[np.ndarray],
     prompt: str | Sequence[str] | None = None,
     batch_size: int = 8,
+    tokens_per_second: float | None = None,
     **generate_kwargs,
 ) -> list[str]:
     """Decode clips (1-D float arrays at the encoder's rate) in length-sorted batches; results keep input order.
 
     Sorting by length keeps padding (wasted compute) small; batched output equals one-by-one output by
     construction of the model, so sorting never changes a transcript. A clip whose audio + prompt + new tokens
-    exceed the LLM's positions raises a `ValueError` before anything is generated.
+    exceed the LLM's positions raises a `ValueError` before anything is generated. `tokens_per_second` (for
+    transcription, not for answers that may be longer than the audio) caps each clip's new tokens at that rate
+    times its length plus `LENGTH_CAP_MARGIN`: a model that has not learned to stop cannot run on for 100 tokens
+    after a one-second clip. Each clip's cap is its own, so a clip's text does not depend on its batch-mates.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokens_per_second is not None and not tokens_per_second > 0:
+        raise ValueError(f"tokens_per_second must be > 0, got {tokens_per_second}")
     prompts = [prompt] * len(audios) if prompt is None or isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(audios):
         raise ValueError(f"{len(audios)} clip(s) but {len(prompts)} prompt(s)")
@@ -148,8 +163,14 @@ def transcribe_arrays(
             for row, i in enumerate(index):
                 check_positions(model, int(audio_lengths[row]), int(prompt_lengths[row]), new_tokens, f"clip {i}")
         batch = {k: v.to(device) for k, v in batch.items()}
+        caps = None
+        if tokens_per_second is not None:
+            caps = [length_cap(len(audios[i]) / processor.sampling_rate, tokens_per_second, new_tokens) for i in index]
+            kwargs["max_new_tokens"] = max(caps)
+            kwargs.pop("max_length", None)
         tokens = model.generate(**batch, **kwargs)
-        for i, text in zip(index, processor.batch_decode(tokens)):
+        rows = [row[:cap].tolist() for row, cap in zip(tokens, caps)] if caps else tokens
+        for i, text in zip(index, processor.batch_decode(rows)):
             results[i] = text
     return results
 
@@ -160,6 +181,8 @@ __all__ = [
     "check_positions",
     "DECODING_FIELDS",
     "FALLBACK_GENERATION",
+    "LENGTH_CAP_MARGIN",
+    "length_cap",
     "default_generation_kwargs",
     "new_token_budget",
     "position_limit",

@@ -62,6 +62,21 @@ def test_evaluate_model_scores_each_task_with_its_own_prompt_and_kind(build, two
     assert "### Task slu (json)" in summary and "| Valid JSON |" in summary and "- Model: tiny" in summary
 
 
+def test_the_length_cap_applies_to_transcription_rows_only(build, two_task_manifest, tmp_path):
+    # An answer (JSON frame, reply) may be longer than the audio; a transcript may not.
+    processor, model = build("whisper", "qwen2", dtype=torch.float32)
+    clips = make_clips(seconds=(0.55, 0.3, 0.8, 0.4))
+    forced = {"min_new_tokens": 30, "max_new_tokens": 30}
+    evaluate_model(model, processor, two_task_manifest, batch_size=2, task_prompts=PROMPTS, tokens_per_second=1.0,
+                   output_dir=tmp_path / "report", **forced)
+    rows = (tmp_path / "report" / "predictions.jsonl").read_text().splitlines()
+    hyps = [json.loads(line)["hyp"] for line in rows]
+    capped = transcribe_arrays(model, processor, clips[0::2], prompt=PROMPTS["transcribe"], tokens_per_second=1.0,
+                               **forced)
+    free = transcribe_arrays(model, processor, clips[1::2], prompt=PROMPTS["slu"], **forced)
+    assert hyps[0::2] == capped and hyps[1::2] == free
+
+
 def test_explicit_task_metric_overrides_inference(build, two_task_manifest):
     processor, model = build("whisper", "qwen2", dtype=torch.float32)
     metrics = evaluate_model(model, processor, two_task_manifest, task_prompts=PROMPTS,

@@ -13,8 +13,10 @@ from transformers import GenerationConfig
 from speechlm import SpeechLMModel, SpeechLMProcessor, create_speech_lm_model
 from speechlm.configuration import DEFAULT_GENERATION
 from speechlm.inference.decoding import (
+    LENGTH_CAP_MARGIN,
     audio_positions,
     default_generation_kwargs,
+    length_cap,
     new_token_budget,
     position_limit,
     prompt_positions,
@@ -57,6 +59,32 @@ def test_too_many_new_tokens_is_a_clear_value_error(whisper_gpt2):
 def test_what_fits_the_positions_still_decodes(whisper_gpt2):
     processor, model = whisper_gpt2
     assert isinstance(transcribe_arrays(model, processor, make_clips((1.0,)), max_new_tokens=4)[0], str)
+
+
+# ------------------------------------------------------------------------------------------ length caps
+def test_length_cap_is_rate_times_seconds_plus_margin_within_the_budget():
+    assert length_cap(2.0, 5.0) == 10 + LENGTH_CAP_MARGIN
+    assert length_cap(0.3, 5.0) == 2 + LENGTH_CAP_MARGIN  # rounded up
+    assert length_cap(60.0, 5.0, budget=64) == 64
+
+
+def test_each_clip_gets_its_own_length_cap_whatever_its_batch_mates(whisper_gpt2):
+    # A one-second clip batched with a four-second one must stop where it stops alone.
+    processor, model = whisper_gpt2
+    clips = make_clips((1.0, 4.0))
+    forced = {"min_new_tokens": 40, "max_new_tokens": 40}  # a random model: never stops on its own
+    together = transcribe_arrays(model, processor, clips, tokens_per_second=3.0, **forced)
+    for clip, text in zip(clips, together):
+        cap = length_cap(len(clip) / processor.sampling_rate, 3.0)
+        alone = transcribe_arrays(model, processor, [clip], min_new_tokens=40, max_new_tokens=cap)
+        assert text == alone[0]
+    assert len(together[0]) < len(together[1])
+
+
+def test_a_non_positive_token_rate_is_a_value_error(whisper_gpt2):
+    processor, model = whisper_gpt2
+    with pytest.raises(ValueError, match="tokens_per_second must be > 0"):
+        transcribe_arrays(model, processor, make_clips((1.0,)), tokens_per_second=0)
 
 
 # ------------------------------------------------------------------------------------------ generation config
