@@ -91,6 +91,20 @@ def expected_texts(tiny, wavs: list[bytes], prompt: str | None = None) -> list[s
 
 
 # ------------------------------------------------------------------------------------------------ happy paths
+def test_an_int8_model_serves_what_it_decodes_alone(tiny):
+    # `speechlm serve --quantize int8`: the server's batches go through the int8 layers like the offline path.
+    import copy
+
+    from speechlm.loading import quantize_language_model
+
+    processor, model = tiny
+    int8 = quantize_language_model(copy.deepcopy(model))
+    wavs = [wav_bytes(clip) for clip in make_clips((0.5, 0.9))]
+    with live_server(create_app(int8, processor, settings())) as url:
+        texts = [post(url, data=data).json()["text"] for data in wavs]
+    assert texts == expected_texts((processor, int8), wavs)
+
+
 def test_health_and_models(server, client):
     url, _ = server
     health = httpx.get(url + "/health").json()
