@@ -70,6 +70,13 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, per: str = "clip", p
     parser.add_argument("--num-beams", type=int, default=None, help=f"beam search width ({beams})")
 
 
+def add_length_cap_argument(parser: argparse.ArgumentParser, per: str = "clip") -> None:
+    """--tokens-per-second: transcripts no longer than the audio can hold (`transcribe_arrays(tokens_per_second=)`)."""
+    parser.add_argument("--tokens-per-second", type=float, default=None, metavar="RATE",
+                        help=f"cap each {per}'s new tokens at RATE x its seconds + 8, for transcription (the demo "
+                             "reports with 5: fast speech is ~4 words/s); default: no cap")
+
+
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """Generation keywords from the decoding flags; None leaves the choice to the model's generation config (then
     `default_generation_kwargs`' fallback)."""
@@ -103,6 +110,7 @@ def load_or_explain(args: argparse.Namespace):
 __all__ = [
     "DefaultsHelpFormatter",
     "add_decoding_arguments",
+    "add_length_cap_argument",
     "add_model_arguments",
     "generation_options",
     "load_for_inference",

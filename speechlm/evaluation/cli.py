@@ -13,15 +13,13 @@ from .outputs import LABELS, format_report, format_value
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """`speechlm evaluate`'s flags: the shared model and decoding options (`speechlm.cli_options`) plus its own."""
-    from ..cli_options import add_decoding_arguments, add_model_arguments
+    from ..cli_options import add_decoding_arguments, add_length_cap_argument, add_model_arguments
 
     parser.add_argument("manifest", help="JSONL manifest: {\"audio\": path, \"text\": reference, \"prompt\"?: ...}")
     add_model_arguments(parser)
     add_decoding_arguments(parser, prompt_help="instruction for records without their own prompt (default: the "
                                                "processor's)")  # fmt: skip
-    parser.add_argument("--tokens-per-second", type=float, default=None, metavar="RATE",
-                        help="cap each transcription clip's new tokens at RATE x its seconds + 8 (the demo reports "
-                             "with 5; answers of other tasks are not capped; default: no cap)")
+    add_length_cap_argument(parser, per="transcription clip (answers of other tasks are not capped)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N utterances (default: all)")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                         help="bad manifest lines: stop with a list of them, or skip them (counted and reported)")

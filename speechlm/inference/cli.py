@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..cli_options import add_decoding_arguments, add_model_arguments, generation_options, load_or_explain
+from ..cli_options import (
+    add_decoding_arguments,
+    add_length_cap_argument,
+    add_model_arguments,
+    generation_options,
+    load_or_explain,
+)
 from .formats import Segment, Transcript
 
 if TYPE_CHECKING:
@@ -266,6 +272,7 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="audio files, folders (recursive) or JSONL manifests")
     add_model_arguments(parser)
     add_decoding_arguments(parser, per="chunk")
+    add_length_cap_argument(parser, per="chunk")
     parser.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt", help="output format")
     parser.add_argument("--output", default="-", help="folder for one output file per input, or - for stdout")
     parser.add_argument(
@@ -292,6 +299,8 @@ def run_transcribe(args: argparse.Namespace) -> int:
         return 2
     processor, model = loaded
     generate_kwargs = generation_options(args)
+    if args.tokens_per_second is not None:
+        generate_kwargs["tokens_per_second"] = args.tokens_per_second
     try:  # the longest chunk must fit the LLM's positions: say so now, not after a crash on the first long file
         longest = audio_positions(model, processor, round(args.max_chunk_seconds * processor.sampling_rate))
         check_positions(model, longest, prompt_positions(processor, args.prompt),

@@ -86,6 +86,17 @@ def test_cli_stdout_keeps_input_order(saved_model, tmp_path, capsys):
     assert out == f"==> {first} <==\n{texts[0]}\n==> {second} <==\n{texts[1]}\n"
 
 
+def test_cli_caps_each_chunk_by_its_length(saved_model, tmp_path, capsys):
+    clip = make_clips((0.9,))[0]
+    path = write_wav(tmp_path / "clip.wav", clip)
+    code = main(["transcribe", str(path), "--model", str(saved_model), "--max-new-tokens", "40", "--tokens-per-second",
+                 "2", "--quiet"])  # fmt: skip
+    processor, model = load_pretrained(str(saved_model))
+    capped = transcribe_arrays(model, processor, [clip], max_new_tokens=40, tokens_per_second=2.0)
+    assert capped != transcribe_arrays(model, processor, [clip], max_new_tokens=40)  # the cap cut something
+    assert code == 0 and capsys.readouterr().out == f"{capped[0]}\n"
+
+
 @needs_espeak
 def test_cli_long_file_to_subtitles(saved_model, recording, capsys):
     path, intervals = recording
