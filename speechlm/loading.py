@@ -55,7 +55,7 @@ def resolve_quantize(quantize: str | None, device: str | torch.device = "cpu",
 
     Not the default, because float32 is the exact path: with int8, a clip's tokens can change with its batch-mates
     (per-token scales keep the linear layers row-exact, but rounding to int8 turns float noise from padded attention
-    into whole quantisation steps: 41 of 200 demo clips differed between batch 1 and 8). Accuracy is kept: see
+    into whole quantisation steps: 45 of 200 demo clips differed between batch 1 and 8). Accuracy is kept: see
     benchmarks/results/int8_wer.md. GPUs decode in their own dtype.
     """
     import torch
