@@ -92,9 +92,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = 
 def quantize_language_model(model: SpeechLMModel, scheme: str = "int8") -> SpeechLMModel:
     """Dynamic int8 quantisation of every linear layer of the LLM (LM head included), in place, for CPU decoding.
 
-    Per-channel weight scales, per-token activation scales (`speechlm.quantization`): a clip decodes the same
-    tokens in any batch. The encoder and projector stay in floating point: they run once per clip. LoRA adapters must
-    be merged first.
+    Per-channel weight scales, per-token activation scales (`speechlm.quantization`): a loud batch-mate or audio
+    token no longer sets a quiet token's step. The encoder and projector stay in floating point: they run once per
+    clip. LoRA adapters must be merged first.
     """
     from .quantization import QUANTIZATION_SCHEMES, quantize_linear_layers
 

@@ -27,7 +27,7 @@ VNNI_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 def full_range_activations(flags: set[str] | None = None) -> bool:
     """Whether activations may use all 8 bits here. Measured on the session-8 demo model's 200 held-out synthetic
-    clips: 17.7 % WER with 8 bits, 21.1 % with 7, 18.2 % in float32 (benchmarks/results/int8_wer.md)."""
+    clips at batch 8: 19.0 % WER with 8 bits, 20.2 % with 7, 18.2 % in float32 (benchmarks/results/int8_wer.md)."""
     from .hardware import cpu_flags
 
     return bool(set(VNNI_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
