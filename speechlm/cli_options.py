@@ -70,9 +70,20 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, per: str = "clip", p
     parser.add_argument("--num-beams", type=int, default=None, help=f"beam search width ({beams})")
 
 
+def positive_number(text: str) -> float:
+    """argparse type: a number > 0, refused at parse time with the flag's name (not after the model has loaded)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def add_length_cap_argument(parser: argparse.ArgumentParser, per: str = "clip") -> None:
     """--tokens-per-second: transcripts no longer than the audio can hold (`transcribe_arrays(tokens_per_second=)`)."""
-    parser.add_argument("--tokens-per-second", type=float, default=None, metavar="RATE",
+    parser.add_argument("--tokens-per-second", type=positive_number, default=None, metavar="RATE",
                         help=f"cap each {per}'s new tokens at RATE x its seconds + 8, for transcription (the demo "
                              "reports with 5: fast speech is ~4 words/s); default: no cap")
 
@@ -111,6 +122,7 @@ __all__ = [
     "DefaultsHelpFormatter",
     "add_decoding_arguments",
     "add_length_cap_argument",
+    "positive_number",
     "add_model_arguments",
     "generation_options",
     "load_for_inference",

@@ -35,7 +35,7 @@ def full_range_activations(flags: set[str] | None = None) -> bool:
 
 class PerTokenInt8Linear(nn.Module):
     """A float linear layer computed with int8 weights (one scale per output channel) and int8 activations (one
-    scale per token). A row's output does not depend on the other rows of the call (batch-mates, padding)."""
+    scale per token). In a multi-row call, a row's output does not depend on the other rows (batch-mates, padding)."""
 
     def __init__(self, linear: nn.Linear, reduce_range: bool = True):
         super().__init__()

@@ -49,6 +49,22 @@ def test_batch_size_is_shared_by_the_commands_that_take_it():
     assert signature(transcribe) == signature(evaluate) == (["--batch-size"], 8, int, None, False)
 
 
+@pytest.mark.parametrize("command", ["transcribe", "evaluate"])
+@pytest.mark.parametrize("rate", ["0", "-2", "nan", "inf", "fast"])
+def test_a_token_rate_that_is_not_a_positive_number_is_refused_by_name(command, rate, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parser_for(command).parse_args(["in.wav" if command == "transcribe" else "m.jsonl", "--model", "m",
+                                        "--tokens-per-second", rate])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert f"argument --tokens-per-second: expected a number > 0, got '{rate}'" in capsys.readouterr().err
+
+
+def test_the_token_rate_is_shared_by_transcribe_and_evaluate():
+    rates = [options(parser_for(command))["tokens_per_second"] for command in ("transcribe", "evaluate")]
+    assert [rate.default for rate in rates] == [None, None] and parser_for("evaluate").parse_args(
+        ["m.jsonl", "--model", "m", "--tokens-per-second", "5"]).tokens_per_second == 5.0
+
+
 @pytest.mark.parametrize("command", ADDERS)
 def test_every_flag_shows_its_default_in_help(command):
     parser = parser_for(command)
