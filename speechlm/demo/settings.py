@@ -16,6 +16,13 @@ from .understanding import parse_tasks
 
 BUNDLED = "bundled"
 EVALUATION_ONLY = ("eval_limit", "eval_every_minutes", "curve_clips", "num_beams")  # not part of the model's key
+# Named recipes (`--preset NAME`): settings that need more than the default 20 minutes; options given beside a preset
+# still win. real-speech: the settings of the README's "Real speech" rows (UQM voice acting, Asterisk x3, LoRA on
+# every linear layer of the LLM, 100 minutes).
+PRESETS = {
+    "real-speech": {"real_speech": True, "real_speech_repeats": 3, "lora_targets": "all-linear", "minutes": 100.0,
+                    "eval_every_minutes": 20.0},
+}
 
 
 @dataclass
@@ -87,6 +94,9 @@ class DemoSettings:
 
 def add_arguments(parser) -> None:
     defaults = DemoSettings()
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="a named recipe that sets several options (those given beside it win): "
+                        + "; ".join(f"{name}: {describe_preset(name)}" for name in sorted(PRESETS)))
     parser.add_argument("--minutes", type=float, default=defaults.minutes, help="training time budget")
     parser.add_argument("--corpus", choices=["structured", "open", "mixed"], default=defaults.corpus,
                         help="structured everyday domain (default), open-domain fortunes, or both")
@@ -139,8 +149,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fresh", action="store_true", help="retrain even if a model with these settings exists")
     parser.add_argument("--install-system-packages", action="store_true",
                         help="apt-get install missing Debian packages (needs root)")
+    # An option left out is absent from the parsed namespace (not set to its default), so that a preset can tell
+    # "not given" from "given with the default value".
+    names = {f.name for f in fields(DemoSettings)}
+    for action in parser._actions:
+        if action.dest in names:
+            action.default = argparse.SUPPRESS
+
+
+def describe_preset(name: str) -> str:
+    return ", ".join(f"--{key.replace('_', '-')} {value}" if value is not True else f"--{key.replace('_', '-')}"
+                     for key, value in PRESETS[name].items())
 
 
 def settings_from_args(args) -> DemoSettings:
-    """Every command-line option named like a DemoSettings field sets that field (no hand-kept list to forget one)."""
-    return DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings) if hasattr(args, f.name)})
+    """Every command-line option named like a DemoSettings field sets that field (no hand-kept list to forget one),
+    over the preset's value, over the field's default."""
+    given = {f.name: getattr(args, f.name) for f in fields(DemoSettings) if hasattr(args, f.name)}
+    preset = PRESETS[args.preset] if getattr(args, "preset", None) else {}
+    return DemoSettings(**{**preset, **given})

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from speechlm.demo.settings import DemoSettings, add_arguments, settings_from_args
+from speechlm.demo.settings import PRESETS, DemoSettings, add_arguments, settings_from_args
 
 
 def parse(*argv: str) -> DemoSettings:
@@ -39,3 +39,21 @@ def test_model_key_ignores_evaluation_only_settings():
 def test_out_of_range_settings_are_refused_by_name(option, value):
     with pytest.raises(ValueError, match=option):
         DemoSettings(**{option: value})
+
+
+def test_a_preset_sets_its_recipe():
+    settings = parse("--preset", "real-speech")
+    assert settings == DemoSettings(**PRESETS["real-speech"])
+    assert settings.real_speech and settings.minutes == 100
+
+
+def test_an_option_given_beside_a_preset_wins_in_either_order():
+    assert parse("--preset", "real-speech", "--minutes", "30").minutes == 30
+    assert parse("--minutes", "20", "--preset", "real-speech").minutes == 20  # the default value, given explicitly
+    assert parse("--no-real-speech", "--preset", "real-speech").real_speech is False
+
+
+def test_an_unknown_preset_is_refused_at_parse_time(capsys):
+    with pytest.raises(SystemExit):
+        parse("--preset", "fastest")
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
