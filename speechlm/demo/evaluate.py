@@ -31,16 +31,17 @@ def transcribe_capped(model, processor, audio: list, max_new_tokens: int, batch_
 
 
 def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None, num_beams: int = 1,
-                  reference: bool = True) -> dict[str, dict]:
+                  reference: bool = True, sets: tuple[str, ...] = TEST_SETS, **generate_kwargs) -> dict[str, dict]:
     """WER/CER and hypotheses on every held-out set, through the same path users take (audio in, text out), with
-    Whisper tiny.en alone on the same clips beside it (`reference`), both through the corpus's normaliser."""
+    Whisper tiny.en alone on the same clips beside it (`reference`), both through the corpus's normaliser.
+    `generate_kwargs` (e.g. `repetition_penalty`) override the model's saved decoding settings."""
     from ..audio import load_audio
     from ..evaluation import per_utterance_rows, word_error_rate
     from ..evaluation.normalizers import normalize_text
     from .corpus import manifest_records
 
     results = {}
-    for name in TEST_SETS:
+    for name in sets:
         if not manifests[name].is_file():
             continue
         rows = manifest_records(manifests[name])[:limit]
@@ -48,7 +49,8 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
             continue
         audio = [load_audio(row["audio"]) for row in rows]
         start = time.monotonic()
-        hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(name, 48), num_beams=num_beams)
+        hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(name, 48), num_beams=num_beams,
+                                 **generate_kwargs)
         refs = [row["text"] for row in rows]
         metrics = word_error_rate(refs, [normalize_text(h, spell_numbers=True) for h in hyps])
         metrics["seconds"] = time.monotonic() - start

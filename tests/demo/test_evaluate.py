@@ -12,3 +12,27 @@ def test_the_demo_caps_new_tokens_by_clip_length_at_its_rate(monkeypatch):
     monkeypatch.setattr(speechlm.inference, "transcribe_arrays", lambda *args, **kwargs: calls.append(kwargs) or [])
     transcribe_capped(None, None, [], max_new_tokens=96, batch_size=4)
     assert calls == [{"batch_size": 4, "max_new_tokens": 96, "tokens_per_second": TOKENS_PER_SECOND}]
+
+
+def test_held_out_sets_decode_with_the_callers_keywords_on_the_sets_asked(monkeypatch, tmp_path):
+    # benchmarks/decoding_levers.py measures decoding levers through this: a keyword that did not reach the decoder
+    # would make every row of its table the baseline.
+    import json
+
+    import soundfile as sf
+
+    import speechlm.inference
+    from speechlm.demo.evaluate import TEST_SETS, evaluate_sets
+    from tests.audio_files import tone
+
+    sf.write(tmp_path / "a.wav", tone(1.0, 16000), 16000)
+    for name in TEST_SETS:
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": "a", "audio": "a.wav", "text": "hello there"}) + "\n")
+    calls = []
+    monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
+                        lambda model, processor, audio, **kwargs: calls.append(kwargs) or ["hello there"] * len(audio))
+    manifests = {name: tmp_path / f"{name}.jsonl" for name in TEST_SETS}
+    results = evaluate_sets(None, None, manifests, None, reference=False, sets=("test_asterisk",),
+                            repetition_penalty=1.2)
+    assert list(results) == ["test_asterisk"] and results["test_asterisk"]["wer"] == 0
+    assert [call["repetition_penalty"] for call in calls] == [1.2]
