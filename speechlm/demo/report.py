@@ -59,8 +59,7 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         f"{history.get('llm_steps', '?')} through the LLM; frozen weights in {dtype_reason}; "
         f"projector{' + LoRA r=' + str(settings.lora_rank) if settings.lora_rank else ''} trained, "
         "encoder and LLM frozen"
-        + (f"; the first {settings.ctc_fraction:.0%} of the budget: CTC pre-alignment of the projector alone"
-           if settings.ctc_fraction else "")
+        + f"; budget: {settings.describe_budget()}"
         + (f"; loss = LLM loss + {settings.ctc_weight:g} x CTC alignment loss" if settings.ctc_weight else "")
         + ("; the LLM reads the CTC-compressed audio" if settings.ctc_compression else "")
         + (f"; real-speech clips x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else "")

@@ -120,8 +120,8 @@ def run(args) -> int:
         dataset = cached_training_set(model, processor, train_records, examples,
                                       root / f"train-frames-{fingerprint}-{manifest_key}.safetensors")
         repeats = f", real speech x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else ""
-        print(f"[demo] 3/5 training for {settings.minutes:g} minutes on {len(train_records)} clips{repeats} (the first "
-              f"{settings.ctc_fraction * settings.minutes:.1f}: CTC pre-alignment of the projector alone)", flush=True)
+        print(f"[demo] 3/5 training on {len(train_records)} clips{repeats} for {settings.describe_budget()}",
+              flush=True)
         model.train()
         history = train_within_budget(model, processor, dataset, settings, curve_sets, output, dtype_choice)
         model.eval()

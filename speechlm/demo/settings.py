@@ -81,6 +81,16 @@ class DemoSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.tasks = ",".join(parse_tasks(self.tasks))
 
+    def describe_budget(self) -> str:
+        """What bounds the run, in the words of the options that set it: minutes, or steps where given."""
+        total = f"{self.max_steps} steps or {self.minutes:g} minutes" if self.max_steps else f"{self.minutes:g} minutes"
+        if self.ctc_steps is not None:
+            return f"{total}, the first {self.ctc_steps} steps: CTC pre-alignment of the projector alone"
+        if self.ctc_fraction:
+            return (f"{total}, the first {self.ctc_fraction:.0%} of the time ({self.ctc_fraction * self.minutes:.1f} "
+                    "minutes): CTC pre-alignment of the projector alone")
+        return total
+
     def training_dtype(self) -> DtypeChoice:
         """The dtype of the frozen weights during training, and why (`auto` asks the hardware)."""
         if self.dtype == "auto":

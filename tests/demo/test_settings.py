@@ -57,3 +57,13 @@ def test_an_unknown_preset_is_refused_at_parse_time(capsys):
     with pytest.raises(SystemExit):
         parse("--preset", "fastest")
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+def test_the_budget_is_described_by_time_by_default():
+    assert DemoSettings(minutes=20).describe_budget() == (
+        "20 minutes, the first 15% of the time (3.0 minutes): CTC pre-alignment of the projector alone")
+
+
+def test_the_budget_is_described_by_steps_where_steps_bound_it():
+    text = DemoSettings(ctc_steps=4000, max_steps=6000).describe_budget()
+    assert text == "6000 steps or 20 minutes, the first 4000 steps: CTC pre-alignment of the projector alone"
