@@ -63,7 +63,7 @@ def load_parts(settings: DemoSettings, llm_dtype: torch.dtype = torch.float32):
     model.freeze_encoder()
     model.freeze_decoder()
     if settings.lora_rank:
-        model.add_lora(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
+        model.add_lora(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=settings.lora_dropout,
                        target_modules=settings.lora_targets.split(","))
     return SpeechLMProcessor(feature_extractor, tokenizer, prompt=PROMPT), model
 

@@ -43,10 +43,12 @@ class DemoSettings:
     projector_hidden_size: int = 1024
     lora_rank: int = 8
     lora_targets: str = "q_proj,v_proj"
+    lora_dropout: float = 0.0  # regularisation lever for the real-speech recipe, which overfits its few real clips
     ctc_fraction: float = 0.15  # share of the budget spent on CTC pre-alignment of the projector alone
     ctc_weight: float = 1.0
     ctc_compression: bool = False  # the LLM reads one audio token per label the CTC head hears (blanks dropped)
     frame_masking: float = 0.0
+    llm_frame_masking: float = 0.0  # the same masking kept on through the LLM phase (regularisation)
     real_speech_repeats: int = 1  # each real (Asterisk) training clip appears this many times per epoch
     # Train on The Ur-Quan Masters voice acting (+ Pico readings of its lines): off by default, because within 20 CPU
     # minutes it slowed the LLM phase (longer clips) without moving real-speech WER (README); the held-out UQM
@@ -67,7 +69,7 @@ class DemoSettings:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("ctc_fraction", "frame_masking", "natural_fraction"):
+        for name in ("ctc_fraction", "frame_masking", "llm_frame_masking", "lora_dropout", "natural_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.real_speech_repeats < 1:
@@ -121,6 +123,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0: projector only")
     parser.add_argument("--lora-targets", default=defaults.lora_targets,
                         help="comma-separated LLM module names that get LoRA adapters")
+    parser.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout,
+                        help="dropout on the LoRA adapters' input")
     parser.add_argument("--stack-factor", type=int, default=defaults.stack_factor,
                         help="encoder frames stacked into one audio token (Whisper: 50 frames/s)")
     parser.add_argument("--ctc-fraction", type=float, default=defaults.ctc_fraction,
@@ -133,6 +137,8 @@ def add_arguments(parser) -> None:
                         "(measured: 1.3x the LLM steps per minute, worse final WER on real speech)")
     parser.add_argument("--frame-masking", type=float, default=defaults.frame_masking,
                         help="fraction of encoder frames and channels zeroed during the CTC pre-alignment")
+    parser.add_argument("--llm-frame-masking", type=float, default=defaults.llm_frame_masking,
+                        help="fraction of encoder frames and channels zeroed while training through the LLM")
     parser.add_argument("--real-speech-repeats", type=int, default=defaults.real_speech_repeats,
                         help="times each real (Asterisk) training clip appears per epoch, against the synthetic ones")
     parser.add_argument("--tasks", default=defaults.tasks,

@@ -114,6 +114,12 @@ def slow_machine_warning(per_minute: float, settings: DemoSettings, dtype_choice
             f"Frozen weights are in {dtype_choice.reason}.")
 
 
+def phase_frame_masking(settings: DemoSettings, ctc_phase: bool) -> float:
+    """Share of cached frames and channels zeroed in a batch: `frame_masking` while CTC pre-aligns the projector,
+    `llm_frame_masking` once training goes through the LLM."""
+    return settings.frame_masking if ctc_phase else settings.llm_frame_masking
+
+
 def train_within_budget(model, processor, dataset, settings: DemoSettings, curve_sets: dict[str, tuple[list, list]],
                         output: Path, dtype_choice: DtypeChoice | None = None):
     """transformers' Trainer on cached frames, stopped by the clock (or `max_steps`); returns the loss and WER
@@ -172,7 +178,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
         def on_step_end(self, args, state, control, **kwargs):
             elapsed = self._elapsed()
             if trainer.ctc_only and self._pre_alignment_done(elapsed, state.global_step):
-                trainer.ctc_only, collator.frame_masking, self.phase_changed = False, 0.0, True
+                trainer.ctc_only, self.phase_changed = False, True
+                collator.frame_masking = phase_frame_masking(settings, ctc_phase=False)
                 self.llm_start = (elapsed, state.global_step)
                 history["ctc_steps"], history["ctc_minutes"] = state.global_step, elapsed / 60
                 self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: CTC pre-alignment done, "
@@ -215,8 +222,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
         remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, seed=settings.seed,
         log_level="warning", train_sampling_strategy="group_by_length",
     )
-    masking = settings.frame_masking if pre_align else 0.0
-    collator = SpeechLMCollator(processor, dataset.encoder_cache, frame_masking=masking)
+    collator = SpeechLMCollator(processor, dataset.encoder_cache,
+                                frame_masking=phase_frame_masking(settings, ctc_phase=pre_align))
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=collator,
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget, max_steps=settings.max_steps,

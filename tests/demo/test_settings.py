@@ -35,7 +35,8 @@ def test_model_key_ignores_evaluation_only_settings():
 
 
 @pytest.mark.parametrize(("option", "value"), [("ctc_fraction", 1.0), ("frame_masking", -0.1), ("minutes", 0),
-                                               ("real_speech_repeats", 0)])
+                                               ("real_speech_repeats", 0), ("llm_frame_masking", 1.0),
+                                               ("lora_dropout", -0.5)])
 def test_out_of_range_settings_are_refused_by_name(option, value):
     with pytest.raises(ValueError, match=option):
         DemoSettings(**{option: value})

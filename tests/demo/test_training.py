@@ -7,7 +7,8 @@ import torch
 
 from speechlm.data import EncoderCache, SpeechLMCollator, SpeechLMDataset
 from speechlm.demo.grammar import Utterance
-from speechlm.demo.training import float32_frozen_weights, training_records
+from speechlm.demo.settings import DemoSettings
+from speechlm.demo.training import float32_frozen_weights, phase_frame_masking, training_records
 
 
 def record(text: str, source: str, seed: int = 0) -> dict:
@@ -105,3 +106,9 @@ def test_float32_decoding_restores_bfloat16_weights_exactly(build):
     for name, parameter in model.named_parameters():
         if name in frozen:
             assert parameter.dtype == torch.bfloat16 and torch.equal(parameter, frozen[name]), name
+
+
+def test_frame_masking_follows_the_phase():
+    """`--frame-masking` masks frames while CTC pre-aligns; `--llm-frame-masking` takes over through the LLM."""
+    settings = DemoSettings(frame_masking=0.2, llm_frame_masking=0.1)
+    assert (phase_frame_masking(settings, ctc_phase=True), phase_frame_masking(settings, ctc_phase=False)) == (0.2, 0.1)
