@@ -56,6 +56,7 @@ def load_parts(settings: DemoSettings, llm_dtype: torch.dtype = torch.float32):
     from ..factory import create_speech_lm_model
 
     encoder, decoder, gguf_file = resolve_parts(settings)
+    torch.manual_seed(settings.training_seed)  # the projector's (and adapters') initialisation
     feature_extractor, tokenizer, model = create_speech_lm_model(
         encoder, decoder, projector_hidden_size=settings.projector_hidden_size, stack_factor=settings.stack_factor,
         gguf_file=gguf_file, decoder_kwargs={"dtype": llm_dtype}, projector_dtype=torch.float32,
@@ -77,7 +78,6 @@ def run(args) -> int:
         settings = settings_from_args(args)
     except ValueError as error:
         raise SystemExit(f"speechlm demo: {error}") from None
-    torch.manual_seed(settings.seed)
     corpus = "fortunes" if settings.corpus == "open" else settings.corpus
     ensure_system_packages(install=args.install_system_packages, corpus=corpus, real_speech=settings.real_speech)
     print(f"[demo] 1/5 data: building or reusing the {settings.corpus} corpus", flush=True)

@@ -58,7 +58,8 @@ class DemoSettings:
     # Understanding tasks trained beside transcription on the grammar's clips (speechlm.demo.understanding): each
     # clip gives its transcription plus one of the others.
     tasks: str = "transcribe"
-    seed: int = 0
+    seed: int = 0  # the corpus (sentences, voices, held-out split); also training's, unless `train_seed` is given
+    train_seed: int | None = None  # the projector's initialisation and the batch order alone: run-to-run spread
     dtype: str = "auto"  # frozen weights during training: "auto" = bfloat16 only where the CPU does it natively
     ctc_steps: int | None = None  # pre-align for exactly this many steps instead of `ctc_fraction` of the budget
     max_steps: int | None = None  # stop after this many steps in all (CTC + LLM) even if time is left
@@ -82,6 +83,10 @@ class DemoSettings:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.tasks = ",".join(parse_tasks(self.tasks))
+
+    @property
+    def training_seed(self) -> int:
+        return self.seed if self.train_seed is None else self.train_seed
 
     def describe_budget(self) -> str:
         """What bounds the run, in the words of the options that set it: minutes, or steps where given."""
@@ -144,6 +149,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tasks", default=defaults.tasks,
                         help="comma-separated tasks to train: transcribe (always), slu (intent + slots as JSON), qa "
                         "(a question about one slot); each grammar clip gives its transcription + one of the others")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="seed of the initialisation and batch order only, on the same corpus (default: the "
+                        "corpus seed): repeat a run with another to measure its run-to-run spread")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=defaults.dtype,
                         help="frozen LLM weights during training; auto: bfloat16 only where the CPU has native bf16 "
                         "(AVX-512-BF16 / AMX) and a probe confirms it is faster, else float32")

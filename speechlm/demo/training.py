@@ -219,7 +219,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     arguments = TrainingArguments(
         output_dir=str(output / "trainer"), per_device_train_batch_size=settings.batch_size, max_steps=10**7,
         logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
-        remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, seed=settings.seed,
+        remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, seed=settings.training_seed,
         log_level="warning", train_sampling_strategy="group_by_length",
     )
     collator = SpeechLMCollator(processor, dataset.encoder_cache,

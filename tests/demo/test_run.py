@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from speechlm.demo.settings import DemoSettings
 
 
@@ -29,3 +31,17 @@ def test_load_parts_gives_the_adapters_the_chosen_dropout(model_dirs):
     modules = model.language_model.named_modules()
     dropouts = {module.p for name, module in modules if name.endswith("lora_dropout.default")}
     assert dropouts == {0.2}
+
+
+def test_load_parts_initialises_the_projector_from_the_training_seed(model_dirs):
+    """`--train-seed` changes the starting point (and only it names the run-to-run spread); equal seeds repeat it."""
+    from speechlm.demo.run import load_parts
+
+    parts = dict(encoder=str(model_dirs("encoder", "whisper")), decoder=str(model_dirs("decoder", "llama")))
+
+    def projector(**seeds):
+        _, model = load_parts(DemoSettings(**parts, **seeds))
+        return model.multi_modal_projector.linear_1.weight.detach().clone()
+
+    assert torch.equal(projector(train_seed=1), projector(train_seed=1))
+    assert not torch.equal(projector(train_seed=1), projector(train_seed=2))

@@ -68,3 +68,12 @@ def test_the_budget_is_described_by_time_by_default():
 def test_the_budget_is_described_by_steps_where_steps_bound_it():
     text = DemoSettings(ctc_steps=4000, max_steps=6000).describe_budget()
     assert text == "6000 steps or 20 minutes, the first 4000 steps: CTC pre-alignment of the projector alone"
+
+
+def test_training_follows_the_corpus_seed_unless_a_train_seed_is_given():
+    assert DemoSettings(seed=3).training_seed == 3
+    assert parse("--train-seed", "1").training_seed == 1
+
+
+def test_a_train_seed_names_another_model_on_the_same_corpus():
+    assert DemoSettings(train_seed=1).fingerprint() != DemoSettings().fingerprint()
