@@ -290,14 +290,22 @@ def intent_of(template: str) -> str:
     return "_".join(words[:2])
 
 
+def slot_keys(template: str) -> list[str]:
+    """The JSON keys of a template's top-level slots in spoken order (a repeated name gets `_2`, `_3`, ...)."""
+    keys, counts = [], {}
+    for match in _SLOT.finditer(template):
+        key = _SLOT_KEYS.get(match.group(1), match.group(1))
+        counts[key] = counts.get(key, 0) + 1
+        keys.append(key if counts[key] == 1 else f"{key}_{counts[key]}")
+    return keys
+
+
 def expand_template(template: str, rng: random.Random) -> Utterance:
     """Fill `template` as `_expand` would (same draws, same text) and keep each top-level slot's value."""
-    pieces, slots, keys, last = [], [], {}, 0
-    for match in _SLOT.finditer(template):
+    pieces, slots, last = [], [], 0
+    for match, key in zip(_SLOT.finditer(template), slot_keys(template), strict=True):
         value = _expand(rng.choice(SLOTS[match.group(1)]), rng)
-        key = _SLOT_KEYS.get(match.group(1), match.group(1))
-        keys[key] = keys.get(key, 0) + 1
-        slots.append((key if keys[key] == 1 else f"{key}_{keys[key]}", value))
+        slots.append((key, value))
         pieces += [template[last : match.start()], value]
         last = match.end()
     text = " ".join("".join([*pieces, template[last:]]).split())

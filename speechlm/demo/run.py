@@ -155,7 +155,8 @@ def run(args) -> int:
         print(f"WER {label}: {100 * metrics['wer']:.1f}%  (CER {100 * metrics['cer']:.1f}%, "
               f"{metrics['insertions']} inserted words, {metrics['n_utterances']} clips{whisper})")
     for task, metrics in understanding.items():
-        print(f"{task.upper()} {task_summary(metrics)} ({metrics['n_utterances']} held-out clips; cascade "
+        free = f"; free decoding: {task_summary(metrics['free'])}" if "free" in metrics else ""
+        print(f"{task.upper()} {task_summary(metrics)} ({metrics['n_utterances']} held-out clips{free}; cascade "
               f"Whisper tiny.en -> same LLM few-shot: {task_summary(metrics['cascade'])})")
     print(f"[demo] report: {report}")
 

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .grammar import Utterance
+from .grammar import TEMPLATES, Utterance, intent_of, slot_keys
 
 TASKS = ("transcribe", "slu", "qa")
 TRANSCRIBE_PROMPT = "Transcribe:"
@@ -45,6 +45,19 @@ def parse_tasks(value: str | Sequence[str]) -> tuple[str, ...]:
 def slu_target(utterance: Utterance) -> str:
     """The JSON answer: the intent first, then the slots in spoken order (keys made unique by the grammar)."""
     return json.dumps({"intent": utterance.intent, **dict(utterance.slots)})
+
+
+def slu_schema() -> dict:
+    """The domain's ontology as a JSON schema, what an SLU deployment would hand the decoder (`response_format`): one
+    frame per (intent, slot keys) a template can say, the intent first, slot values free text, laid out as
+    `slu_target` writes them."""
+    frames = dict.fromkeys((intent_of(t), tuple(slot_keys(t))) for templates in TEMPLATES.values() for t in templates)
+    return {
+        "anyOf": [{"type": "object", "additionalProperties": False, "required": ["intent", *keys],
+                   "properties": {"intent": {"const": intent}, **{key: {"type": "string"} for key in keys}}}
+                  for intent, keys in frames],
+        "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+    }
 
 
 def question(utterance: Utterance) -> tuple[str, str] | None:

@@ -2,6 +2,8 @@
 
 - `decoding`: `transcribe_arrays`, the one decoding loop (evaluation, `speechlm transcribe` and the server call it),
   with the LLM's position limits and the default generation options;
+- `structured`: answers held to a JSON schema while decoding (`transcribe_arrays(..., json_schema=...)`, the
+  server's `response_format`);
 - `segmentation`: long audio cut on silence by a streaming VAD (`SilenceSplitter`) and decoded chunk by chunk;
 - `formats`: timed segments as text, SubRip, WebVTT and JSON;
 - `cli`: `speechlm transcribe` (inputs, manifests, writing the outputs);
@@ -19,6 +21,9 @@ _HOMES = {
     "speechlm.inference.decoding": (
         "MIN_AUDIO_SECONDS", "audio_positions", "check_positions", "default_generation_kwargs", "new_token_budget",
         "position_limit", "prompt_positions", "transcribe_arrays",
+    ),
+    "speechlm.inference.structured": (
+        "JSON_OBJECT_SCHEMA", "JsonSchemaLogitsProcessor", "schema_grammar", "with_json_schema",
     ),
     "speechlm.inference.segmentation": (
         "SilenceSplitter", "SpeechChunk", "array_blocks", "iter_transcribe_chunks", "iter_transcribe_long",

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..inference.decoding import default_generation_kwargs, transcribe_arrays
+from ..inference.structured import with_json_schema
 from .guard import request_flow
 from .streaming import BatchStreamer, TextDeltas, cut_at_stop, eos_token_ids
 
@@ -393,7 +394,7 @@ class DynamicBatcher:
                                                tokenize=True, return_dict=True)  # fmt: skip
         device = next(model.parameters()).device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        tokens = model.generate(**inputs, **kwargs)
+        tokens = model.generate(**inputs, **with_json_schema(kwargs, model, processor.tokenizer))
         eos = set(eos_token_ids(model, processor.tokenizer))
         pad = model.generation_config.pad_token_id
         results = []

@@ -10,6 +10,7 @@ never silently given something other than what it asked for.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -29,12 +30,12 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # `user` and `metadata` are accepted as what they are at OpenAI (labels that do not change the answer), and so is a
 # message's `name` (chat templates have no place for it); `model` may be any id, as for transcriptions.
 HONOURED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed", "stop",
-            "stream", "stream_options", "user", "metadata"}  # fmt: skip
+            "stream", "stream_options", "user", "metadata", "response_format"}  # fmt: skip
 # Parameters accepted only at their neutral value (what OpenAI does when they are absent).
 NEUTRAL: dict[str, tuple] = {
     "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
     "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (False, True),
-    "response_format": ({"type": "text"},), "modalities": (["text"],), "service_tier": ("auto", "default"),
+    "modalities": (["text"],), "service_tier": ("auto", "default"),
     "store": (False,),
 }  # fmt: skip
 MAX_STOPS, MAX_STOP_CHARS = 4, 200
@@ -97,7 +98,36 @@ def generation_options(body: dict, settings: ServerSettings) -> dict:
             raise _bad(f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings of at most "
                        f"{MAX_STOP_CHARS} characters", "stop")  # fmt: skip
         options["stop"] = tuple(stops)
+    schema = response_schema(body.get("response_format"))
+    if schema is not None:
+        options["json_schema"] = json.dumps(schema)  # text: batch options must be hashable
     return options
+
+
+def response_schema(response_format: Any) -> dict | None:
+    """OpenAI's `response_format` -> the JSON schema the answer must follow (None: free text). `json_object` is
+    any JSON object; `json_schema` is enforced while decoding (`speechlm.inference.structured`), `strict` or not."""
+    from ..inference.structured import JSON_OBJECT_SCHEMA, schema_grammar
+
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise _bad("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": "
+                   "\"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", "response_format")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise _bad("response_format.json_schema.schema must be a JSON schema object",
+                   "response_format.json_schema.schema")  # fmt: skip
+    try:
+        schema_grammar(spec["schema"])
+    except ValueError as error:
+        raise _bad(f"response_format: {error}", "response_format.json_schema.schema") from None
+    return spec["schema"]
 
 
 def openai_messages(messages: Any, settings: ServerSettings) -> list[dict]:

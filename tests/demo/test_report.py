@@ -32,3 +32,15 @@ def test_report_puts_whisper_beside_each_set_and_states_steps_dtype_and_warnings
     assert "300 CTC pre-alignment steps, 600 through the LLM" in text
     assert "float32: this CPU has no native bfloat16" in text
     assert "**WARNING: this machine trains 3.0 LLM steps per minute**" in text
+
+
+def test_report_puts_free_decoding_and_the_cascade_beside_each_understanding_task(tmp_path):
+    def slu(valid, intent, f1):
+        return {"valid_json": valid, "intent_accuracy": intent, "slot_f1": f1}
+
+    understanding = {"slu": {**slu(1.0, 0.96, 0.7), "n_utterances": 2, "seconds": 4.0, "rows": [], "prompts": [],
+                             "free": slu(0.99, 0.75, 0.6), "cascade": slu(0.94, 0.1, 0.02)}}
+    history = {"loss": [], "steps": 10, "minutes": 1.0}
+    text = write_report(tmp_path, DemoSettings(tasks="transcribe,slu"), history, {}, understanding).read_text()
+    assert ("| slu | 2 | valid JSON 100.0%, intent accuracy 96.0%, slot F1 70.0% | valid JSON 99.0%, intent accuracy "
+            "75.0%, slot F1 60.0% | valid JSON 94.0%, intent accuracy 10.0%, slot F1 2.0% | 4 |") in text

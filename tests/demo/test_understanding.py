@@ -14,9 +14,12 @@ from speechlm.demo.understanding import (
     examples,
     parse_tasks,
     question,
+    slu_schema,
     slu_target,
     training_examples,
 )
+from speechlm.inference.structured import schema_grammar
+from tests.tiny_models import make_tokenizer
 
 ALARM = Utterance("set an alarm for seven thirty tomorrow", "set_alarm",
                   (("time", "seven thirty"), ("date", "tomorrow")))
@@ -64,3 +67,39 @@ def test_cascade_prompt_holds_the_task_examples_then_the_query():
     assert prompt.endswith(f"Transcript: wake me up at six\n{SLU_PROMPT}")
     assert f"Transcript: {ALARM.text}\n{SLU_PROMPT} {slu_target(ALARM)}" in prompt
     assert "What" not in prompt and TRANSCRIBE_PROMPT not in prompt
+
+
+@pytest.fixture(scope="module")
+def slu_matcher():
+    """`text` -> whether decoding under `slu_schema` may produce it (llguidance checks bytes: any tokenization)."""
+    import llguidance.hf
+    from llguidance import LLMatcher
+
+    tokenizer = make_tokenizer()
+    matcher = LLMatcher(llguidance.hf.from_tokenizer(tokenizer), schema_grammar(slu_schema()))
+
+    def accepts(text: str) -> bool:
+        matcher.reset()
+        return matcher.consume_tokens(tokenizer(text, add_special_tokens=False)["input_ids"]) and matcher.is_accepting()
+
+    return accepts
+
+
+def test_the_slu_schema_admits_an_answer_of_every_frame_the_grammar_teaches(slu_matcher):
+    from speechlm.demo.grammar import _utterance_stream
+
+    frames, stream = {}, _utterance_stream(0)
+    for _ in range(20000):
+        utterance = next(stream)
+        frames.setdefault((utterance.intent, tuple(key for key, _ in utterance.slots)), slu_target(utterance))
+    assert len(frames) == len(slu_schema()["anyOf"])  # every frame was drawn
+    assert all(slu_matcher(target) for target in frames.values())
+
+
+@pytest.mark.parametrize("answer", [
+    '{"intent": "set_alarm_clock", "time": "seven"}',  # an intent the domain does not have
+    '{"intent": "set_alarm", "city": "paris"}',  # a slot that intent does not take
+    '{"time": "seven", "intent": "set_alarm"}',  # the intent first, as trained
+])
+def test_the_slu_schema_refuses_what_the_domain_cannot_mean(slu_matcher, answer):
+    assert not slu_matcher(answer)

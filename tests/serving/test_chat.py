@@ -18,6 +18,7 @@ from speechlm import SpeechLMProcessor
 from speechlm.audio import load_audio
 from speechlm.serving import create_app
 from tests.conftest import make_clips
+from tests.inference.test_structured import SCHEMA, follows_schema
 from tests.serving.conftest import slow_down
 from tests.serving.test_app import live_server, settings, wav_bytes
 
@@ -176,6 +177,16 @@ def test_stop_strings_and_seeds(chat_model, client):
     assert sampled[0] == sampled[1]
 
 
+def test_response_format_json_schema_holds_the_answer_to_the_schema(client):
+    """OpenAI's structured outputs, streamed or not; the tiny untrained model would not write JSON by itself."""
+    kwargs = dict(model="m", messages=ask("The intent as JSON.", clip(seed=6)), max_tokens=40,
+                  response_format={"type": "json_schema", "json_schema": {"name": "frame", "schema": SCHEMA}})
+    reply = client.chat.completions.create(**kwargs)
+    assert follows_schema(reply.choices[0].message.content) and reply.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_chat_requests_are_400_naming_the_part(client, server):
     wav = clip()
@@ -207,6 +218,12 @@ def test_bad_chat_requests_are_400_naming_the_part(client, server):
         ({"messages": ask("?", wav), "stream_options": {"include_usage": True}}, "stream_options", "stream=true"),
         ({"messages": ask("?", wav), "max_tokens": 600}, "messages", "512 positions"),
         ({"messages": ask("x" * 20000, wav)}, "messages", "characters of text, more than the limit"),
+        ({"messages": ask("?", wav), "response_format": {"type": "yaml"}}, "response_format", "must be"),
+        ({"messages": ask("?", wav), "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+         "response_format.json_schema.schema", "must be a JSON schema object"),
+        ({"messages": ask("?", wav), "response_format": {"type": "json_schema",
+                                                          "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+         "response_format.json_schema.schema", "objekt"),
     ]  # fmt: skip
     for body, param, message in cases:
         response = httpx.post(server[0] + ENDPOINT, json={"model": "m"} | body, timeout=60)

@@ -1,0 +1,129 @@
+"""Structured outputs: answers that follow a JSON schema, enforced token by token while decoding.
+
+A speech LLM asked for "intent and slots as JSON" will, when it half-hears a clip, invent an intent name the
+application does not have. Given the application's schema (its intents as an `enum`, its slots as properties) the
+decoder can only say what the schema allows, and the model's own probabilities choose among those answers. The
+grammar engine is llguidance (the one behind OpenAI-style structured outputs in several serving engines); this
+module only adapts it to `generate` as a `LogitsProcessor`.
+
+Used by `transcribe_arrays(..., json_schema=...)`, the server's `response_format` and the demo's SLU evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+# OpenAI's `response_format: {"type": "json_object"}`: any JSON object.
+JSON_OBJECT_SCHEMA: dict = {"type": "object"}
+
+
+def schema_grammar(schema: dict | str) -> str:
+    """llguidance's grammar for a JSON schema (a dict or its JSON text); a `ValueError` that says what is wrong with
+    an invalid one."""
+    from llguidance import LLMatcher
+
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"json_schema is not valid JSON: {error}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"json_schema must be a JSON object, got {type(schema).__name__}")
+    grammar = LLMatcher.grammar_from_json_schema(schema)
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise ValueError(f"json_schema is not usable: {messages[0][:300]}")
+    return grammar
+
+
+def _engine_tokenizer(tokenizer, vocab_size: int, eos: list[int]):
+    """llguidance's view of a Hugging Face fast tokenizer (about a second to build): kept on the tokenizer."""
+    import llguidance.hf
+
+    key = (vocab_size, tuple(eos))
+    cache = tokenizer.__dict__.setdefault("_speechlm_llguidance", {})
+    if key not in cache:
+        cache[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
+    return cache[key]
+
+
+class JsonSchemaLogitsProcessor(LogitsProcessor):
+    """Masks every token that would leave the schema's language; one grammar state per distinct generated prefix,
+    so beam search (rows reordered between steps) and batches of different answers are both handled.
+
+    Stateful: use one instance per `generate` call (`with_json_schema` makes one per call). The end token is
+    allowed only where the JSON may end, and once it is complete nothing else is.
+    """
+
+    def __init__(self, tokenizer, grammar: str, eos_token_id: int | list[int] | None):
+        self.tokenizer, self.grammar = tokenizer, grammar
+        ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+        self.eos_token_ids = [int(i) for i in ids if i is not None]
+        self.prompt_length: int | None = None
+        self.states: dict[tuple, Any] = {}
+
+    def _state(self, prefix: tuple, vocab_size: int):
+        from llguidance import LLMatcher
+
+        if prefix in self.states:
+            return self.states[prefix]
+        if not prefix:
+            return LLMatcher(_engine_tokenizer(self.tokenizer, vocab_size, self.eos_token_ids or None), self.grammar)
+        parent = self.states.get(prefix[:-1])
+        if parent is None or parent.is_stopped() or parent.is_error():
+            return None
+        state = parent.deep_copy()
+        state.consume_token(prefix[-1])
+        return state
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+
+        if self.prompt_length is None:  # the first call sees the prompt (or nothing, when generating from embeddings)
+            self.prompt_length = input_ids.shape[1]
+        vocab_size = scores.shape[-1]
+        states, rows, complete = {}, [], []
+        bitmask = allocate_token_bitmask(input_ids.shape[0], vocab_size)
+        for row, ids in enumerate(input_ids[:, self.prompt_length :].tolist()):
+            prefix = tuple(ids)
+            state = states[prefix] = states.get(prefix) or self._state(prefix, vocab_size)
+            if state is None or state.is_error():
+                continue
+            if state.is_stopped():  # the answer is complete: only the end token may follow
+                complete.append(row)
+            else:
+                fill_next_token_bitmask(state, bitmask, row)
+                rows.append(row)
+        self.states = states
+        if rows:
+            bits = torch.arange(32, dtype=torch.int32)
+            allowed = ((bitmask[rows].unsqueeze(-1) >> bits) & 1).flatten(1)[:, :vocab_size].bool()
+            scores[rows] = scores[rows].masked_fill(~allowed.to(scores.device), float("-inf"))
+        if complete and self.eos_token_ids:
+            ended = torch.full_like(scores[complete], float("-inf"))
+            ended[:, self.eos_token_ids] = 0.0
+            scores[complete] = ended
+        return scores
+
+
+def with_json_schema(generate_kwargs: dict, model, tokenizer) -> dict:
+    """`generate` options with a `json_schema` option (a schema dict or its JSON text) swapped for a fresh
+    `JsonSchemaLogitsProcessor`; other options are passed through."""
+    schema = generate_kwargs.get("json_schema")
+    kwargs = {k: v for k, v in generate_kwargs.items() if k != "json_schema"}
+    if schema is None:
+        return kwargs
+    grammar = schema_grammar(schema)
+    eos = model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    processors = LogitsProcessorList(kwargs.get("logits_processor") or [])
+    processors.append(JsonSchemaLogitsProcessor(tokenizer, grammar, eos))
+    kwargs["logits_processor"] = processors
+    return kwargs
+
+
+__all__ = ["JSON_OBJECT_SCHEMA", "JsonSchemaLogitsProcessor", "schema_grammar", "with_json_schema"]

@@ -1,0 +1,79 @@
+"""Structured outputs (speechlm/inference/structured.py): answers held to a JSON schema while decoding.
+
+The model is tiny and untrained, so free decoding gives byte soup: an answer that parses and follows the schema can
+only come from the constraint.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from speechlm.inference.decoding import transcribe_arrays
+from speechlm.inference.structured import schema_grammar
+from tests.conftest import make_clips
+
+# Whitespace fixed (x-guidance): an untrained model would otherwise pad the JSON with spaces until max_new_tokens.
+SCHEMA = {
+    "type": "object",
+    "properties": {"intent": {"enum": ["play_music", "set_alarm", "call"]}, "when": {"enum": ["now", "later"]}},
+    "required": ["intent", "when"],
+    "additionalProperties": False,
+    "x-guidance": {"whitespace_flexible": False},
+}
+TOKENS = 40
+
+
+def follows_schema(text: str) -> bool:
+    try:
+        answer = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return set(answer) == {"intent", "when"} and answer["intent"] in {"play_music", "set_alarm", "call"} and \
+        answer["when"] in {"now", "later"}
+
+
+def test_untrained_model_answers_follow_the_schema(whisper_qwen):
+    processor, model = whisper_qwen
+    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS, json_schema=SCHEMA)
+    assert all(map(follows_schema, answers)), answers
+
+
+def test_free_decoding_of_the_same_model_does_not(whisper_qwen):
+    """The contrast that makes the test above mean something."""
+    processor, model = whisper_qwen
+    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS)
+    assert not any(map(follows_schema, answers)), answers
+
+
+def test_batched_schema_answers_equal_one_by_one(whisper_qwen):
+    processor, model = whisper_qwen
+    clips = make_clips((0.55, 0.3, 0.8, 1.1), seed=3)
+    batched = transcribe_arrays(model, processor, clips, batch_size=4, max_new_tokens=TOKENS, json_schema=SCHEMA)
+    alone = [transcribe_arrays(model, processor, [clip], max_new_tokens=TOKENS, json_schema=SCHEMA)[0]
+             for clip in clips]
+    assert batched == alone
+
+
+def test_beam_search_answers_follow_the_schema(whisper_qwen):
+    """Beams are reordered between steps: each keeps the grammar state of its own prefix."""
+    processor, model = whisper_qwen
+    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS, num_beams=3,
+                                json_schema=json.dumps(SCHEMA))
+    assert all(map(follows_schema, answers)), answers
+
+
+@pytest.mark.parametrize(("schema", "message"), [
+    ("{not json", "is not valid JSON"), ([1, 2], "must be a JSON object"),
+    ({"type": "objekt"}, "is not usable: .*objekt"),
+])
+def test_an_unusable_schema_is_refused_with_the_reason(schema, message):
+    with pytest.raises(ValueError, match=f"json_schema {message}"):
+        schema_grammar(schema)
+
+
+def test_an_unusable_schema_fails_before_decoding(whisper_qwen):
+    processor, model = whisper_qwen
+    with pytest.raises(ValueError, match="json_schema"):
+        transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS, json_schema={"type": "objekt"})
