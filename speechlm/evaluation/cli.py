@@ -36,6 +36,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-prompt", action="append", default=[], metavar="TASK=PROMPT",
                         help="instruction for records of TASK that carry no prompt of their own (default: the "
                              "model's config.yaml, else --prompt)")  # fmt: skip
+    parser.add_argument("--task-schema", action="append", default=[], metavar="TASK=SCHEMA.json",
+                        help="hold TASK's answers to this JSON schema while decoding (e.g. an SLU task's intents and "
+                             "slots; see speechlm.inference.structured)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -48,6 +51,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:  # read (and check) the manifest and the task options before spending time on loading the model
         manifest = read_manifest(args.manifest, on_error=args.on_error)
         task_prompts, task_metrics = _task_options(args, manifest)
+        task_schemas = _task_schemas(args.task_schema)
         normalize = build_normalizer("none" if args.no_normalize else args.normalizer, args.whisper_spelling)
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -59,7 +63,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
         limit=args.limit, normalize=normalize, progress=not args.quiet, task_metrics=task_metrics,
         task_prompts=task_prompts or None, model_name=args.model, tokens_per_second=args.tokens_per_second,
-        **generation_options(args),
+        task_schemas=task_schemas, **generation_options(args),
     )  # fmt: skip
     notes = [f"Normaliser: {normalizer_description(normalize)}"]
     print(format_report(metrics, f"{args.model} on {args.manifest}", notes))
@@ -110,3 +114,23 @@ def _task_options(args: argparse.Namespace, records) -> tuple[dict[str, str], di
 
 add_arguments = add_evaluate_arguments
 run = run_evaluate
+
+
+def _task_schemas(items: list[str]) -> dict[str, dict]:
+    """`--task-schema TASK=PATH` -> {task: schema}, every file read and its schema checked before the model loads."""
+    import json
+
+    from ..inference.structured import schema_grammar
+
+    schemas = {}
+    for item in items:
+        task, sep, path = item.partition("=")
+        if not sep or not task.strip() or not path:
+            raise ValueError(f"--task-schema expects TASK=SCHEMA.json, got {item!r}")
+        try:
+            schema = json.loads(Path(path).read_text(encoding="utf-8"))
+            schema_grammar(schema)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--task-schema {task.strip()}: {path}: {error}") from None
+        schemas[task.strip()] = schema
+    return schemas

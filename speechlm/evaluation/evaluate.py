@@ -33,6 +33,7 @@ def transcribe_records(
     progress: bool = False,
     tokens_per_second: float | None = None,
     kinds: dict[str, str] | None = None,
+    task_schemas: dict[str, dict] | None = None,
     **generate_kwargs,
 ) -> list[str]:
     """Hypotheses for manifest records (see `speechlm.data`), in record order, through `transcribe_arrays`.
@@ -42,6 +43,8 @@ def transcribe_records(
     message is its reference) through the processor's chat path, stopping at the end-of-turn token.
     `tokens_per_second` caps the new tokens of transcription records by their length (`transcribe_arrays`); the
     other tasks' answers are not capped. `kinds` ({task: metric kind}, default `resolve_kinds(records)`) says which.
+    `task_schemas` ({task: JSON schema}) holds that task's answers to its schema while decoding
+    (`speechlm.inference.structured`), e.g. an SLU task to its intents and slots.
     """
     from tqdm.auto import tqdm
 
@@ -51,6 +54,7 @@ def transcribe_records(
 
     if tokens_per_second is not None and kinds is None:
         kinds = resolve_kinds(records)
+    schemas = task_schemas or {}
 
     def length_capped(record: dict[str, Any]) -> bool:
         task = record.get("task")
@@ -69,14 +73,16 @@ def transcribe_records(
                 own = resolve_prompt(chunk[i], task_prompts)
                 prompts.append(own if own is not None else prompt if prompt is not None else processor.prompt)
             texts = {}
-            for capped in (True, False):
-                rows = [n for n, i in enumerate(plain) if length_capped(chunk[i]) == capped]
-                if rows:
-                    decoded = transcribe_arrays(model, processor, [audios[n] for n in rows],
-                                                prompt=[prompts[n] for n in rows], batch_size=batch_size,
-                                                tokens_per_second=tokens_per_second if capped else None,
-                                                **generate_kwargs)
-                    texts.update(zip((plain[n] for n in rows), decoded))
+            groups: dict[tuple, list[int]] = {}  # rows decoded alike: (length-capped?, task whose schema holds)
+            for n, i in enumerate(plain):
+                task = chunk[i].get("task")
+                groups.setdefault((length_capped(chunk[i]), task if task in schemas else None), []).append(n)
+            for (capped, schema_task), rows in groups.items():
+                decoded = transcribe_arrays(model, processor, [audios[n] for n in rows],
+                                            prompt=[prompts[n] for n in rows], batch_size=batch_size,
+                                            tokens_per_second=tokens_per_second if capped else None,
+                                            json_schema=schemas.get(schema_task), **generate_kwargs)
+                texts.update(zip((plain[n] for n in rows), decoded))
             if chats:
                 conversations = [_chat_history(chunk[i], processor.sampling_rate) for i in chats]
                 texts.update(zip(chats, _answer_chats(model, processor, conversations, batch_size, **generate_kwargs)))
@@ -130,6 +136,7 @@ def evaluate_model(
     model_name: str | None = None,
     progress: bool = False,
     tokens_per_second: float | None = None,
+    task_schemas: dict[str, dict] | None = None,
     **generate_kwargs,
 ) -> dict[str, Any]:
     """Transcribe a manifest (path, `speechlm.data.Manifest`, `datasets.Dataset` or list of record dicts) and score it.
@@ -141,8 +148,9 @@ def evaluate_model(
     and `n_utterances` counts every record. Each record is decoded with its own prompt (`transcribe_records`).
     With `output_dir`, also writes `predictions.jsonl` (one row per utterance, with its `task` and `kind` when there
     are tasks, for error analysis), `metrics.json` and `summary.md` (naming `model_name` and the normaliser) there.
-    `tokens_per_second` caps each transcription record's new tokens by its audio length (`transcribe_arrays`).
-    `generate_kwargs` reach `model.generate` (max_new_tokens, num_beams, ...).
+    `tokens_per_second` caps each transcription record's new tokens by its audio length (`transcribe_arrays`);
+    `task_schemas` ({task: JSON schema}) holds a task's answers to its schema while decoding. `generate_kwargs`
+    reach `model.generate` (max_new_tokens, num_beams, ...).
     """
     from ..data.manifests import load_records
     from ..tasks import UNTAGGED, resolve_kinds, score_records, transcription_scores
@@ -152,7 +160,7 @@ def evaluate_model(
     kinds = resolve_kinds(records, task_metrics)
     started = time.perf_counter()
     hypotheses = transcribe_records(model, processor, records, batch_size, prompt, task_prompts, progress,
-                                    tokens_per_second, kinds, **generate_kwargs)
+                                    tokens_per_second, kinds, task_schemas, **generate_kwargs)
     elapsed = time.perf_counter() - started
     references = [record["text"] for record in records]
     per_task = bool(kinds) and kinds != {UNTAGGED: "transcription"}

@@ -37,6 +37,15 @@ def test_speechlm_evaluate_prints_each_task(build, two_task_manifest, tmp_path, 
     assert "WER: " in out and "slu (answer): Exact match: " in out and "### Task transcribe (transcription)" in out
 
 
+def test_speechlm_evaluate_refuses_an_unusable_task_schema_before_loading(two_task_manifest, tmp_path, capsys):
+    (tmp_path / "bad.json").write_text('{"type": "objekt"}')
+    argv = ["evaluate", str(two_task_manifest), "--model", str(tmp_path / "no-model"), "--quiet",
+            "--task-prompt", "slu=intent as json", "--task-prompt", "transcribe=transcribe"]  # fmt: skip
+    for schema, message in (("missing.json", "No such file"), ("bad.json", "not usable: Invalid type: objekt")):
+        assert cli.main([*argv, "--task-schema", f"slu={tmp_path / schema}"]) == 2
+        assert f"--task-schema slu: {tmp_path / schema}: " in (err := capsys.readouterr().err) and message in err
+
+
 def test_speechlm_evaluate_names_the_whisper_normaliser(build, manifest, tmp_path, capsys):
     processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
     model.save_pretrained(tmp_path / "model")

@@ -15,6 +15,10 @@ from speechlm.tasks import score_json
 from tests.conftest import make_clips
 from tests.evaluation.conftest import GENERATE, PROMPTS, SLU
 
+SLU_SCHEMA = {"type": "object", "properties": {"intent": {"enum": ["call"]}, "contact": {"enum": ["mom", "dad"]}},
+              "required": ["intent", "contact"], "additionalProperties": False,
+              "x-guidance": {"whitespace_flexible": False}}
+
 
 def test_evaluate_model_uses_the_shared_decoding_loop(build, manifest, tmp_path):
     processor, model = build("whisper", "qwen2", dtype=torch.float32)
@@ -75,6 +79,19 @@ def test_the_length_cap_applies_to_transcription_rows_only(build, two_task_manif
                                **forced)
     free = transcribe_arrays(model, processor, clips[1::2], prompt=PROMPTS["slu"], **forced)
     assert hyps[0::2] == capped and hyps[1::2] == free
+
+
+def test_a_task_schema_holds_that_tasks_answers_only(build, two_task_manifest, tmp_path):
+    processor, model = build("whisper", "qwen2", dtype=torch.float32)
+    clips = make_clips(seconds=(0.55, 0.3, 0.8, 0.4))
+    options = {"max_new_tokens": 40}
+    metrics = evaluate_model(model, processor, two_task_manifest, batch_size=2, task_prompts=PROMPTS,
+                             task_schemas={"slu": SLU_SCHEMA}, output_dir=tmp_path / "report", **options)
+    hyps = [json.loads(line)["hyp"] for line in (tmp_path / "report" / "predictions.jsonl").read_text().splitlines()]
+    assert hyps[1::2] == transcribe_arrays(model, processor, clips[1::2], prompt=PROMPTS["slu"], json_schema=SLU_SCHEMA,
+                                           **options)
+    assert hyps[0::2] == transcribe_arrays(model, processor, clips[0::2], prompt=PROMPTS["transcribe"], **options)
+    assert metrics["tasks"]["slu"]["valid_json"] == 1.0  # an untrained model, held to the schema
 
 
 def test_explicit_task_metric_overrides_inference(build, two_task_manifest):
