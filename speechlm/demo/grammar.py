@@ -290,20 +290,36 @@ def intent_of(template: str) -> str:
     return "_".join(words[:2])
 
 
-def slot_keys(template: str) -> list[str]:
-    """The JSON keys of a template's top-level slots in spoken order (a repeated name gets `_2`, `_3`, ...)."""
-    keys, counts = [], {}
+def template_slots(template: str) -> list[tuple[str, str]]:
+    """(JSON key, slot name) of a template's top-level slots in spoken order (a repeated key gets `_2`, `_3`, ...)."""
+    slots, counts = [], {}
     for match in _SLOT.finditer(template):
         key = _SLOT_KEYS.get(match.group(1), match.group(1))
         counts[key] = counts.get(key, 0) + 1
-        keys.append(key if counts[key] == 1 else f"{key}_{counts[key]}")
-    return keys
+        slots.append((key if counts[key] == 1 else f"{key}_{counts[key]}", match.group(1)))
+    return slots
+
+
+def slot_pattern(name: str) -> str:
+    """A regular expression matching exactly the values slot `name` can take (its fillers expanded recursively)."""
+    alternatives = []
+    for filler in SLOTS[name]:
+        pieces, last = [], 0
+        for match in _SLOT.finditer(filler):
+            pieces += [_literal(filler[last : match.start()]), f"(?:{slot_pattern(match.group(1))})"]
+            last = match.end()
+        alternatives.append("".join([*pieces, _literal(filler[last:])]))
+    return "|".join(dict.fromkeys(alternatives))
+
+
+def _literal(text: str) -> str:
+    return re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", text)
 
 
 def expand_template(template: str, rng: random.Random) -> Utterance:
     """Fill `template` as `_expand` would (same draws, same text) and keep each top-level slot's value."""
     pieces, slots, last = [], [], 0
-    for match, key in zip(_SLOT.finditer(template), slot_keys(template), strict=True):
+    for match, (key, _) in zip(_SLOT.finditer(template), template_slots(template), strict=True):
         value = _expand(rng.choice(SLOTS[match.group(1)]), rng)
         slots.append((key, value))
         pieces += [template[last : match.start()], value]

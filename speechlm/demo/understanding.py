@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .grammar import TEMPLATES, Utterance, intent_of, slot_keys
+from .grammar import TEMPLATES, Utterance, intent_of, slot_pattern, template_slots
 
 TASKS = ("transcribe", "slu", "qa")
 TRANSCRIBE_PROMPT = "Transcribe:"
@@ -47,15 +47,20 @@ def slu_target(utterance: Utterance) -> str:
     return json.dumps({"intent": utterance.intent, **dict(utterance.slots)})
 
 
-def slu_schema() -> dict:
+def slu_schema(values: bool = False) -> dict:
     """The domain's ontology as a JSON schema, what an SLU deployment would hand the decoder (`response_format`): one
-    frame per (intent, slot keys) a template can say, the intent first, slot values free text, laid out as
-    `slu_target` writes them."""
-    frames = dict.fromkeys((intent_of(t), tuple(slot_keys(t))) for templates in TEMPLATES.values() for t in templates)
+    frame per (intent, slot keys) a template can say, the intent first, laid out as `slu_target` writes them. Slot
+    values are free text, or with `values` only what the grammar can fill that slot with (an entity catalogue)."""
+
+    def value(name: str) -> dict:
+        return {"type": "string", "pattern": f"^(?:{slot_pattern(name)})$"} if values else {"type": "string"}
+
+    frames = dict.fromkeys((intent_of(t), tuple(s if values else (s[0], None) for s in template_slots(t)))
+                           for templates in TEMPLATES.values() for t in templates)
     return {
-        "anyOf": [{"type": "object", "additionalProperties": False, "required": ["intent", *keys],
-                   "properties": {"intent": {"const": intent}, **{key: {"type": "string"} for key in keys}}}
-                  for intent, keys in frames],
+        "anyOf": [{"type": "object", "additionalProperties": False, "required": ["intent", *(k for k, _ in slots)],
+                   "properties": {"intent": {"const": intent}, **{key: value(name) for key, name in slots}}}
+                  for intent, slots in frames],
         "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
     }
 

@@ -69,14 +69,14 @@ def test_cascade_prompt_holds_the_task_examples_then_the_query():
     assert "What" not in prompt and TRANSCRIBE_PROMPT not in prompt
 
 
-@pytest.fixture(scope="module")
-def slu_matcher():
-    """`text` -> whether decoding under `slu_schema` may produce it (llguidance checks bytes: any tokenization)."""
+def schema_matcher(values: bool):
+    """`text` -> whether decoding under `slu_schema(values=...)` may produce it (llguidance checks bytes: any
+    tokenization does)."""
     import llguidance.hf
     from llguidance import LLMatcher
 
     tokenizer = make_tokenizer()
-    matcher = LLMatcher(llguidance.hf.from_tokenizer(tokenizer), schema_grammar(slu_schema()))
+    matcher = LLMatcher(llguidance.hf.from_tokenizer(tokenizer), schema_grammar(slu_schema(values=values)))
 
     def accepts(text: str) -> bool:
         matcher.reset()
@@ -85,15 +85,21 @@ def slu_matcher():
     return accepts
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["ontology", "catalogue"])
+def slu_matcher(request):
+    return schema_matcher(request.param)
+
+
 def test_the_slu_schema_admits_an_answer_of_every_frame_the_grammar_teaches(slu_matcher):
     from speechlm.demo.grammar import _utterance_stream
 
     frames, stream = {}, _utterance_stream(0)
     for _ in range(20000):
         utterance = next(stream)
-        frames.setdefault((utterance.intent, tuple(key for key, _ in utterance.slots)), slu_target(utterance))
+        frames.setdefault((utterance.intent, tuple(key for key, _ in utterance.slots)), []).append(utterance)
     assert len(frames) == len(slu_schema()["anyOf"])  # every frame was drawn
-    assert all(slu_matcher(target) for target in frames.values())
+    answers = [slu_target(utterance) for drawn in frames.values() for utterance in drawn[:3]]
+    assert all(slu_matcher(answer) for answer in answers)
 
 
 @pytest.mark.parametrize("answer", [
@@ -103,3 +109,8 @@ def test_the_slu_schema_admits_an_answer_of_every_frame_the_grammar_teaches(slu_
 ])
 def test_the_slu_schema_refuses_what_the_domain_cannot_mean(slu_matcher, answer):
     assert not slu_matcher(answer)
+
+
+def test_the_catalogue_schema_also_refuses_a_value_the_slot_cannot_take():
+    answer = '{"intent": "open_covering", "covering": "court", "room": "dining room"}'  # "court": not a covering
+    assert schema_matcher(values=False)(answer) and not schema_matcher(values=True)(answer)
