@@ -93,11 +93,10 @@ def main() -> None:
         "| model | clips | " + " | ".join(header) + " | decode s (free / ontology / catalogue) |",
         "|---|---|" + "---|" * len(header) + "---|",
         *rows,
-        "",
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(table))
-    print(f"wrote {args.output}")
+    args.output.write_text("\n".join(table) + "\n")
+    print(f"table written to {args.output}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from .evaluate import evaluate_sets, evaluate_understanding, transcribe_capped  
 from .report import task_summary, write_report
 from .settings import BUNDLED, DemoSettings, add_arguments, settings_from_args  # noqa: F401 (the CLI's names)
 from .training import cached_training_set, corpus_token_ids, train_within_budget, training_records  # noqa: F401
-from .understanding import TRANSCRIBE_PROMPT, parse_tasks
+from .understanding import TRANSCRIBE_PROMPT, parse_tasks, write_schemas
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = TRANSCRIBE_PROMPT
@@ -130,6 +130,7 @@ def run(args) -> int:
         (output / "metrics.json").write_text(json.dumps({"history": history}, default=str))
         del model
 
+    write_schemas(model_dir, parse_tasks(settings.tasks))
     print("[demo] 4/5 evaluating the saved model (reloaded with SpeechLMModel.from_pretrained)", flush=True)
     # float32 for decoding: bfloat16 halves training time on this CPU, but its one-token decode steps are slower.
     processor, model = load_pretrained(str(model_dir), dtype=torch.float32)

@@ -13,6 +13,7 @@ import json
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .grammar import TEMPLATES, Utterance, intent_of, slot_pattern, template_slots
 
@@ -63,6 +64,16 @@ def slu_schema(values: bool = False) -> dict:
                   for intent, slots in frames],
         "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
     }
+
+
+def write_schemas(folder: Path, tasks: Sequence[str]) -> list[Path]:
+    """Next to a trained model, the schema of each JSON task it learned (`slu_schema.json`), for
+    `speechlm evaluate --task-schema slu=...` and the server's `response_format`."""
+    if "slu" not in tasks:
+        return []
+    path = folder / "slu_schema.json"
+    path.write_text(json.dumps(slu_schema(), indent=1) + "\n")
+    return [path]
 
 
 def question(utterance: Utterance) -> tuple[str, str] | None:

@@ -17,6 +17,7 @@ from speechlm.demo.understanding import (
     slu_schema,
     slu_target,
     training_examples,
+    write_schemas,
 )
 from speechlm.inference.structured import schema_grammar
 from tests.tiny_models import make_tokenizer
@@ -114,3 +115,9 @@ def test_the_slu_schema_refuses_what_the_domain_cannot_mean(slu_matcher, answer)
 def test_the_catalogue_schema_also_refuses_a_value_the_slot_cannot_take():
     answer = '{"intent": "open_covering", "covering": "court", "room": "dining room"}'  # "court": not a covering
     assert schema_matcher(values=False)(answer) and not schema_matcher(values=True)(answer)
+
+
+def test_a_model_that_learned_slu_gets_its_schema_beside_it(tmp_path):
+    assert write_schemas(tmp_path, ("transcribe", "qa")) == [] and not list(tmp_path.iterdir())
+    (path,) = write_schemas(tmp_path, ("transcribe", "slu"))
+    assert json.loads(path.read_text()) == slu_schema()
