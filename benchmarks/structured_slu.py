@@ -6,7 +6,7 @@ domain's ontology (`slu_schema()`: its intents and each intent's slot keys, valu
 and its entity catalogue (`slu_schema(values=True)`: each slot value one the grammar can say). The cascade (Whisper
 tiny.en's transcript -> the same base LLM, 8-shot, intent list in the prompt) is decoded the same three ways.
 
-    python benchmarks/structured_slu.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR
+    python benchmarks/structured_slu.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--no-cascade]
     # writes benchmarks/results/structured_slu.md
 """
 
@@ -36,7 +36,7 @@ def main() -> None:
     from speechlm.tasks import score_task
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=Path, nargs="+", required=True, help="demo runs' model folders")
+    parser.add_argument("--models", type=Path, nargs="*", default=[], help="demo runs' model folders")
     parser.add_argument("--corpus", type=Path, required=True, help="the demo corpus folder (test_*.jsonl)")
     parser.add_argument("--limit", type=int, default=None, help="at most N held-out clips")
     parser.add_argument("--no-cascade", action="store_true", help="models only (the anchor is the same every run)")
