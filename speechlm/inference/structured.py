@@ -101,8 +101,12 @@ class JsonSchemaLogitsProcessor(LogitsProcessor):
         self.states = states
         if rows:
             bits = torch.arange(32, dtype=torch.int32)
-            allowed = ((bitmask[rows].unsqueeze(-1) >> bits) & 1).flatten(1)[:, :vocab_size].bool()
-            scores[rows] = scores[rows].masked_fill(~allowed.to(scores.device), float("-inf"))
+            allowed = ((bitmask[rows].unsqueeze(-1) >> bits) & 1).flatten(1)[:, :vocab_size].bool().to(scores.device)
+            masked = scores[rows].masked_fill(~allowed, float("-inf"))
+            # An earlier processor (n-gram ban, bad words) may have ruled out every token the schema allows: choose
+            # among those alike rather than produce NaN or leave the schema.
+            dead = ~torch.isfinite(masked).any(-1, keepdim=True)
+            scores[rows] = torch.where(dead & allowed, torch.zeros_like(masked), masked)
         if complete and self.eos_token_ids:
             ended = torch.full_like(scores[complete], float("-inf"))
             ended[:, self.eos_token_ids] = 0.0
@@ -118,7 +122,7 @@ def with_json_schema(generate_kwargs: dict, model, tokenizer) -> dict:
     if schema is None:
         return kwargs
     grammar = schema_grammar(schema)
-    eos = model.generation_config.eos_token_id
+    eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)  # a chat may end at its end-of-turn
     eos = tokenizer.eos_token_id if eos is None else eos
     processors = LogitsProcessorList(kwargs.get("logits_processor") or [])
     processors.append(JsonSchemaLogitsProcessor(tokenizer, grammar, eos))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from speechlm.inference.decoding import transcribe_arrays
 from speechlm.inference.structured import schema_grammar
@@ -77,3 +79,23 @@ def test_an_unusable_schema_fails_before_decoding(whisper_qwen):
     processor, model = whisper_qwen
     with pytest.raises(ValueError, match="json_schema"):
         transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS, json_schema={"type": "objekt"})
+
+
+def test_sampled_answers_follow_the_schema(whisper_qwen):
+    """The mask comes before temperature and top-p, which then choose among allowed tokens only."""
+    processor, model = whisper_qwen
+    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS, do_sample=True,
+                                temperature=1.0, top_p=0.5, json_schema=SCHEMA)
+    assert all(map(follows_schema, answers)), answers
+
+
+class BanEverything(LogitsProcessor):
+    def __call__(self, input_ids, scores):
+        return torch.full_like(scores, float("-inf"))
+
+
+def test_answers_keep_to_the_schema_when_an_earlier_processor_bans_every_allowed_token(whisper_qwen):
+    processor, model = whisper_qwen
+    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS, json_schema=SCHEMA,
+                                logits_processor=LogitsProcessorList([BanEverything()]))
+    assert all(map(follows_schema, answers)), answers
