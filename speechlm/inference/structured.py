@@ -11,6 +11,7 @@ Used by `transcribe_arrays(..., json_schema=...)`, the server's `response_format
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -24,8 +25,6 @@ JSON_OBJECT_SCHEMA: dict = {"type": "object"}
 def schema_grammar(schema: dict | str) -> str:
     """llguidance's grammar for a JSON schema (a dict or its JSON text); a `ValueError` that says what is wrong with
     an invalid one."""
-    from llguidance import LLMatcher
-
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -33,7 +32,15 @@ def schema_grammar(schema: dict | str) -> str:
             raise ValueError(f"json_schema is not valid JSON: {error}") from None
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"json_schema must be a JSON object, got {type(schema).__name__}")
-    grammar = LLMatcher.grammar_from_json_schema(schema)
+    return _checked_grammar(json.dumps(schema))
+
+
+@functools.lru_cache(maxsize=32)
+def _checked_grammar(schema_text: str) -> str:
+    """Built and checked once per distinct schema (a large one takes ~0.5 s): every batch and request reuses it."""
+    from llguidance import LLMatcher
+
+    grammar = LLMatcher.grammar_from_json_schema(schema_text)
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
         raise ValueError(f"json_schema is not usable: {messages[0][:300]}")

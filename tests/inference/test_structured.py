@@ -13,7 +13,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from speechlm.inference.decoding import transcribe_arrays
-from speechlm.inference.structured import schema_grammar
+from speechlm.inference.structured import schema_grammar, with_json_schema
 from tests.conftest import make_clips
 
 # Whitespace fixed (x-guidance): an untrained model would otherwise pad the JSON with spaces until max_new_tokens.
@@ -99,3 +99,11 @@ def test_answers_keep_to_the_schema_when_an_earlier_processor_bans_every_allowed
     answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS, json_schema=SCHEMA,
                                 logits_processor=LogitsProcessorList([BanEverything()]))
     assert all(map(follows_schema, answers)), answers
+
+
+def test_the_callers_end_token_ends_a_schema_answer(whisper_qwen):
+    """A chat passes its end-of-turn token: the answer may end there, not only at the model's own end token."""
+    processor, model = whisper_qwen
+    turn_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    options = with_json_schema({"json_schema": SCHEMA, "eos_token_id": turn_end}, model, processor.tokenizer)
+    assert options["logits_processor"][-1].eos_token_ids == [turn_end] and "json_schema" not in options
