@@ -6,7 +6,8 @@ domain's ontology (`slu_schema()`: its intents and each intent's slot keys, valu
 and its entity catalogue (`slu_schema(values=True)`: each slot value one the grammar can say). The cascade (Whisper
 tiny.en's transcript -> the same base LLM, 8-shot, intent list in the prompt) is decoded the same three ways.
 
-    python benchmarks/structured_slu.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--no-cascade]
+    python benchmarks/structured_slu.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--no-cascade] \
+        [--num-beams 1 4]
     # writes benchmarks/results/structured_slu.md
 """
 
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most N held-out clips")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--no-cascade", action="store_true", help="models only (the anchor is the same every run)")
+    parser.add_argument("--num-beams", type=int, nargs="+", default=[1],
+                        help="beam widths to decode the models with (a row each; the cascade stays greedy)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "structured_slu.md")
     args = parser.parse_args()
 
@@ -68,9 +71,11 @@ def main() -> None:
     rows = []
     for folder in args.models:
         processor, model = load_pretrained(str(folder), dtype=torch.float32)
-        rows.append(row(f"`{folder}`", partial(transcribe_arrays, model, processor, audio,
-                                               prompt=[ex.prompt for _, ex in pairs], batch_size=16,
-                                               max_new_tokens=UNDERSTANDING_TOKENS["slu"])))
+        for beams in args.num_beams:
+            name = f"`{folder}`" + (f", {beams} beams" if beams > 1 else "")
+            rows.append(row(name, partial(transcribe_arrays, model, processor, audio,
+                                          prompt=[ex.prompt for _, ex in pairs], batch_size=16 // beams or 1,
+                                          max_new_tokens=UNDERSTANDING_TOKENS["slu"], num_beams=beams)))
         del model
 
     if not args.no_cascade:  # the anchor does not depend on the model
@@ -87,7 +92,8 @@ def main() -> None:
         "# Schema-constrained SLU decoding on trained demo models",
         "",
         "`python benchmarks/structured_slu.py --models ... --corpus ...`: the SLU instruction on every held-out "
-        "synthetic clip (held-out voices and sentences), greedy, decoded freely, held to the domain's ontology "
+        "synthetic clip (held-out voices and sentences), greedy unless the row names beams, decoded freely, held to "
+        "the domain's ontology "
         "(`slu_schema()`: 140 frames of intent + slot keys, values free text) and held to the ontology and its entity "
         "catalogue (`slu_schema(values=True)`: each slot value one the grammar can fill it with).",
         "",

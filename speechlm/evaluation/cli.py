@@ -118,9 +118,7 @@ run = run_evaluate
 
 def _task_schemas(items: list[str]) -> dict[str, dict]:
     """`--task-schema TASK=PATH` -> {task: schema}, every file read and its schema checked before the model loads."""
-    import json
-
-    from ..inference.structured import schema_grammar
+    from ..inference.structured import read_schema_file
 
     schemas = {}
     for item in items:
@@ -128,9 +126,7 @@ def _task_schemas(items: list[str]) -> dict[str, dict]:
         if not sep or not task.strip() or not path:
             raise ValueError(f"--task-schema expects TASK=SCHEMA.json, got {item!r}")
         try:
-            schema = json.loads(Path(path).read_text(encoding="utf-8"))
-            schema_grammar(schema)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"--task-schema {task.strip()}: {path}: {error}") from None
-        schemas[task.strip()] = schema
+            schemas[task.strip()] = read_schema_file(path)
+        except ValueError as error:
+            raise ValueError(f"--task-schema {task.strip()}: {error}") from None
     return schemas

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,17 @@ def schema_grammar(schema: dict | str) -> str:
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"json_schema must be a JSON object, got {type(schema).__name__}")
     return _checked_grammar(json.dumps(schema))
+
+
+def read_schema_file(path: str | Path) -> dict:
+    """A JSON schema read from a file and checked (commands do this before loading a model); a `ValueError` naming
+    the file says what is wrong."""
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+        schema_grammar(schema)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    return schema
 
 
 @functools.lru_cache(maxsize=32)
@@ -137,4 +149,4 @@ def with_json_schema(generate_kwargs: dict, model, tokenizer) -> dict:
     return kwargs
 
 
-__all__ = ["JSON_OBJECT_SCHEMA", "JsonSchemaLogitsProcessor", "schema_grammar", "with_json_schema"]
+__all__ = ["JSON_OBJECT_SCHEMA", "JsonSchemaLogitsProcessor", "read_schema_file", "schema_grammar", "with_json_schema"]

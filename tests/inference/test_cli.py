@@ -18,6 +18,7 @@ from speechlm.inference.decoding import transcribe_arrays
 from speechlm.loading import load_pretrained
 from tests.conftest import make_clips
 from tests.inference.conftest import SR, needs_espeak, save
+from tests.inference.test_structured import SCHEMA, TOKENS, follows_schema
 
 
 def write_wav(path, audio):
@@ -145,3 +146,41 @@ def test_cli_takes_what_fits_the_position_limit(gpt2_folder):
     folder, path = gpt2_folder
     assert main(["transcribe", str(path), "--model", str(folder), "--max-new-tokens", "4", "--max-chunk-seconds",
                  "10", "--quiet"]) == 0  # fmt: skip
+
+
+def test_cli_holds_each_answer_to_a_json_schema(saved_model, tmp_path, capsys):
+    clips = make_clips((0.9, 0.4))
+    paths = [write_wav(tmp_path / f"{name}.wav", clip) for name, clip in zip("ab", clips)]
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    code = main(["transcribe", *map(str, paths), "--model", str(saved_model), "--json-schema", str(schema),
+                 "--max-new-tokens", str(TOKENS), "--format", "json", "--quiet"])  # fmt: skip
+    texts = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+    processor, model = load_pretrained(str(saved_model))
+    assert code == 0 and all(map(follows_schema, texts))
+    assert texts == transcribe_arrays(model, processor, clips, max_new_tokens=TOKENS, json_schema=SCHEMA)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "Expecting property name"), ('{"type": "object", "minProperties": "x"}', "not usable"),
+])  # fmt: skip
+def test_cli_refuses_an_unusable_json_schema_before_loading(tmp_path, capsys, content, message):
+    clip = write_wav(tmp_path / "a.wav", make_clips((0.5,))[0])
+    schema = tmp_path / "schema.json"
+    schema.write_text(content)
+    code = main(["transcribe", str(clip), "--model", str(tmp_path / "no-model"), "--json-schema", str(schema)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: --json-schema {schema}: " in err and message in err
+
+
+def test_cli_refuses_a_file_longer_than_one_chunk_under_a_json_schema(saved_model, tmp_path, capsys):
+    """A file cut in chunks would get one JSON answer per chunk: refused, named, and the other files still done."""
+    short, long = (write_wav(tmp_path / f"{name}.wav", clip) for name, clip in zip("sl", make_clips((0.4, 1.2))))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    code = main(["transcribe", str(short), str(long), "--model", str(saved_model), "--json-schema", str(schema),
+                 "--max-chunk-seconds", "1", "--max-new-tokens", str(TOKENS), "--format", "json",
+                 "--quiet"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1 and f"{long}: 1.2 s is longer than --max-chunk-seconds (1 s)" in captured.err
+    assert "transcribed 1 file(s), 1 failed" in captured.err and follows_schema(json.loads(captured.out)["text"])

@@ -6,6 +6,7 @@ import argparse
 import base64
 import contextlib
 import io
+import json
 import shutil
 import socket
 import threading
@@ -299,16 +300,10 @@ def test_listening_beyond_loopback_without_an_api_key_warns():
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
-def test_web_page_upload_and_record(tiny, server, tmp_path):
+@contextlib.contextmanager
+def web_page(url: str):
+    """The server's page in headless Chromium (fake microphone allowed)."""
     playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    from tests.serving.test_chat import alone
-
-    url, _ = server
-    audio = make_clips((0.7,), seed=5)[0]
-    path = tmp_path / "page.wav"
-    path.write_bytes(wav_bytes(audio))
-    (text,) = expected_texts(tiny, [path.read_bytes()])
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
              "--use-fake-device-for-media-stream"]  # fmt: skip
@@ -318,38 +313,89 @@ def test_web_page_upload_and_record(tiny, server, tmp_path):
             page = browser.new_page()
             page.goto(url + "/")
             assert page.title() == "SpeechLM transcription"
-            page.set_input_files("#file", str(path))
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=30000)
-            assert page.inner_text("#transcript") == text
-
-            page.click("summary")  # the options are folded away
-            page.select_option("#format", "verbose_json")
-            page.click("#again")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=30000)
-            assert page.inner_text("#transcript") == f"[0.00 → 0.70] {text}"
-
-            # Ask about the same clip: /v1/chat/completions, streamed; a hostile question stays text.
-            question = '<img src=x onerror="window.pwned=1"> what was said?'
-            messages = [{"role": "user", "content": [
-                {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode()}},
-                {"type": "text", "text": question}]}]  # fmt: skip
-            answer = alone(tiny, messages, max_new_tokens=TOKENS)["text"]
-            page.fill("#question", question)
-            page.click("#ask")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('Answered')",
-                                   timeout=30000)  # fmt: skip
-            assert page.text_content("#answer") == answer and answer
-            assert page.text_content("#asked") == f"Q: {question}"
-            assert page.query_selector("img") is None and page.evaluate("window.pwned") is None
-
-            # Record a second from Chromium's fake microphone; the webm upload goes through ffmpeg on the server.
-            page.click("#record")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('Recording')")
-            page.wait_for_timeout(1200)
-            page.click("#stop")
-            page.wait_for_function(
-                "document.getElementById('status').textContent.startsWith('Done: recording')", timeout=30000
-            )
-            assert page.inner_text("#transcript").startswith("[0.00 → ")
+            yield page
         finally:
             browser.close()
+
+
+def wait_for_status(page, start: str) -> str:
+    page.wait_for_function(f"document.getElementById('status').textContent.startsWith({start!r})", timeout=30000)
+    return page.text_content("#status")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_web_page_upload_and_record(tiny, server, tmp_path):
+    from tests.serving.test_chat import alone
+
+    url, _ = server
+    audio = make_clips((0.7,), seed=5)[0]
+    path = tmp_path / "page.wav"
+    path.write_bytes(wav_bytes(audio))
+    (text,) = expected_texts(tiny, [path.read_bytes()])
+    with web_page(url) as page:
+        page.set_input_files("#file", str(path))
+        wait_for_status(page, "Done")
+        assert page.inner_text("#transcript") == text
+
+        page.click(".controls summary")  # the options are folded away
+        page.select_option("#format", "verbose_json")
+        page.click("#again")
+        wait_for_status(page, "Done")
+        assert page.inner_text("#transcript") == f"[0.00 → 0.70] {text}"
+
+        # Ask about the same clip: /v1/chat/completions, streamed; a hostile question stays text.
+        question = '<img src=x onerror="window.pwned=1"> what was said?'
+        messages = [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode()}},
+            {"type": "text", "text": question}]}]  # fmt: skip
+        answer = alone(tiny, messages, max_new_tokens=TOKENS)["text"]
+        page.fill("#question", question)
+        page.click("#ask")
+        wait_for_status(page, "Answered")
+        assert page.text_content("#answer") == answer and answer
+        assert page.text_content("#asked") == f"Q: {question}"
+        assert page.query_selector("img") is None and page.evaluate("window.pwned") is None
+
+        # Record a second from Chromium's fake microphone; the webm upload goes through ffmpeg on the server.
+        page.click("#record")
+        wait_for_status(page, "Recording")
+        page.wait_for_timeout(1200)
+        page.click("#stop")
+        wait_for_status(page, "Done: recording")
+        assert page.inner_text("#transcript").startswith("[0.00 → ")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_web_page_answers_as_json_following_a_schema(tiny, tmp_path):
+    """The page's "Answer as JSON" box sends OpenAI's response_format; the tiny untrained model would not write JSON
+    by itself, so an answer that follows the schema comes from the constraint."""
+    from tests.inference.test_structured import SCHEMA, follows_schema
+
+    processor, model = tiny
+    path = tmp_path / "page.wav"
+    path.write_bytes(wav_bytes(make_clips((0.7,), seed=5)[0]))
+    question = "The intent as JSON."
+    with live_server(create_app(model, processor, settings(max_new_tokens=40))) as url, web_page(url) as page:
+        messages = [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode()}},
+            {"type": "text", "text": question}]}]  # fmt: skip
+        response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+        reply = httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": messages,
+                                                               "response_format": response_format}, timeout=60)
+        expected = reply.json()["choices"][0]["message"]["content"]
+        page.set_input_files("#file", str(path))
+        wait_for_status(page, "Done")
+        page.click("#json-options summary")
+        page.fill("#schema", json.dumps(SCHEMA))
+        page.fill("#question", question)
+        page.click("#ask")
+        wait_for_status(page, "Answered")
+        assert page.text_content("#answer") == expected and follows_schema(expected)
+
+        page.fill("#schema", "{not json")  # refused in the page, nothing sent
+        page.click("#ask")
+        assert wait_for_status(page, "Error").startswith("Error: the JSON schema is not valid JSON")
+        page.fill("#schema", '{"type": "objekt"}')  # the server's 400, shown as the page's error
+        page.click("#ask")
+        page.wait_for_function("document.getElementById('status').textContent.includes('objekt')", timeout=30000)
+        assert page.text_content("#status").startswith("Error: ")

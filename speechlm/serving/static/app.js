@@ -130,6 +130,17 @@ async function ask(question) {
         { role: "user", content: [{ type: "input_audio", input_audio: audio }, { type: "text", text: question }] },
       ],
     };
+    const schema = $("schema").value.trim();
+    if (schema) {
+      let parsed;
+      try {
+        parsed = JSON.parse(schema);
+      } catch (error) {
+        setStatus(`Error: the JSON schema is not valid JSON (${error.message})`, "error");
+        return;
+      }
+      body.response_format = { type: "json_schema", json_schema: { name: "answer", schema: parsed } };
+    }
     const headers = { "Content-Type": "application/json" };
     if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
     const response = await fetch("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), headers });
