@@ -1,13 +1,16 @@
-"""Schema-constrained decoding on trained demo models: what does holding SLU answers to a schema change?
+"""Grammar-constrained decoding on trained demo models: what does holding SLU answers to a schema (and QA answers to
+the asked slot's catalogue) change?
 
 Session 11's error analysis: 34 of 50 wrong intents were names the domain does not have ("play_music" for
 "play"). Each model answers the SLU instruction on the held-out synthetic clips three ways: freely; held to the
 domain's ontology (`slu_schema()`: its intents and each intent's slot keys, values free text); held to the ontology
 and its entity catalogue (`slu_schema(values=True)`: each slot value one the grammar can say). The cascade (Whisper
 tiny.en's transcript -> the same base LLM, 8-shot, intent list in the prompt) is decoded the same three ways.
+With `--qa`, each model also answers the question about each clip freely and held to a regular expression of every
+value the asked slot can take (`answer_pattern`, the QA counterpart of the catalogue; models only).
 
     python benchmarks/structured_slu.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--no-cascade] \
-        [--num-beams 1 4]
+        [--num-beams 1 4] [--qa]
     # writes benchmarks/results/structured_slu.md
 """
 
@@ -32,7 +35,7 @@ def main() -> None:
     from speechlm.demo.grammar import utterances
     from speechlm.demo.run import resolve_parts
     from speechlm.demo.settings import DemoSettings
-    from speechlm.demo.understanding import examples, slu_schema
+    from speechlm.demo.understanding import answer_pattern, examples, slu_schema
     from speechlm.inference import load_pretrained, transcribe_arrays
     from speechlm.tasks import score_task
 
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--no-cascade", action="store_true", help="models only (the anchor is the same every run)")
     parser.add_argument("--num-beams", type=int, nargs="+", default=[1],
                         help="beam widths to decode the models with (a row each; the cascade stays greedy)")
+    parser.add_argument("--qa", action="store_true", help="also QA: free vs held to the asked slot's catalogue")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "structured_slu.md")
     args = parser.parse_args()
 
@@ -68,7 +72,25 @@ def main() -> None:
         print(line, flush=True)
         return line
 
-    rows = []
+    asked = [(row, ex, answer_pattern(meanings[row["text"]])) for row in test
+             for ex in examples(row["text"], meanings[row["text"]], ["qa"]) if ex.task == "qa"]
+    qa_audio = [load_audio(row["audio"]) for row, _, _ in asked]
+
+    def qa_answers(model, processor, beams: int, catalogue: bool) -> list[str]:
+        """Each question's answer, free or held to its slot's catalogue (one decoding group per pattern)."""
+        groups: dict[str | None, list[int]] = {}
+        for index, (_, _, pattern) in enumerate(asked):
+            groups.setdefault(pattern if catalogue else None, []).append(index)
+        answers = [""] * len(asked)
+        for pattern, indices in groups.items():
+            texts = transcribe_arrays(model, processor, [qa_audio[i] for i in indices],
+                                      prompt=[asked[i][1].prompt for i in indices], batch_size=16 // beams or 1,
+                                      max_new_tokens=UNDERSTANDING_TOKENS["qa"], num_beams=beams, regex=pattern)
+            for index, text in zip(indices, texts):
+                answers[index] = text
+        return answers
+
+    rows, qa_table = [], []
     for folder in args.models:
         processor, model = load_pretrained(str(folder), dtype=torch.float32)
         for beams in args.num_beams:
@@ -76,6 +98,14 @@ def main() -> None:
             rows.append(row(name, partial(transcribe_arrays, model, processor, audio,
                                           prompt=[ex.prompt for _, ex in pairs], batch_size=16 // beams or 1,
                                           max_new_tokens=UNDERSTANDING_TOKENS["slu"], num_beams=beams)))
+            if args.qa:
+                cells = []
+                for catalogue in (False, True):
+                    metrics = score_task("answer", [ex.target for _, ex, _ in asked],
+                                         qa_answers(model, processor, beams, catalogue))
+                    cells += [f"{100 * metrics['exact_match']:.1f}%", f"{100 * metrics['token_f1']:.1f}%"]
+                qa_table.append(f"| {name} | {len(asked)} | " + " | ".join(cells) + " |")
+                print(qa_table[-1], flush=True)
         del model
 
     if not args.no_cascade:  # the anchor does not depend on the model
@@ -101,6 +131,16 @@ def main() -> None:
         "|---|---|" + "---|" * len(header) + "---|",
         *rows,
     ]
+    if qa_table:
+        table += [
+            "",
+            "QA (`--qa`): the question about each held-out clip, answered freely and held to a regular expression of "
+            "every value the asked slot can take in any template (`answer_pattern`).",
+            "",
+            "| model | questions | free: exact match | free: token F1 | catalogue: exact match | catalogue: token F1 |",
+            "|---|---|---|---|---|---|",
+            *qa_table,
+        ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(table) + "\n")
     print(f"table written to {args.output}")

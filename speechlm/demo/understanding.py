@@ -76,15 +76,32 @@ def write_schemas(folder: Path, tasks: Sequence[str]) -> list[Path]:
     return [path]
 
 
-def question(utterance: Utterance) -> tuple[str, str] | None:
-    """One (question, answer) about a slot, chosen by a hash of the sentence (stable across runs); None when the
-    sentence has no slot to ask about."""
-    if not utterance.slots:
-        return None
+def _asked_slot(utterance: Utterance) -> tuple[str, str, str]:
+    """(slot key without its `_2`/`_3`, that index or "", value) of the slot a question asks about, chosen by a hash
+    of the sentence (stable across runs)."""
     key, value = utterance.slots[zlib.crc32(utterance.text.encode()) % len(utterance.slots)]
     name, _, index = key.rpartition("_") if key.rsplit("_", 1)[-1].isdigit() else (key, "", "")
+    return name, index, value
+
+
+def question(utterance: Utterance) -> tuple[str, str] | None:
+    """One (question, answer) about a slot; None when the sentence has no slot to ask about."""
+    if not utterance.slots:
+        return None
+    name, index, value = _asked_slot(utterance)
     ordinal = {"2": "second ", "3": "third "}.get(index, "")
     return f"What {ordinal}{name.replace('_', ' ')} does the speaker mention?", value
+
+
+def answer_pattern(utterance: Utterance) -> str | None:
+    """A regular expression for every value the asked slot can take in any template (the entity catalogue for a QA
+    answer, as `slu_schema(values=True)` is for SLU); None when nothing is asked."""
+    if not utterance.slots:
+        return None
+    asked = _asked_slot(utterance)[0]
+    names = sorted({name for templates in TEMPLATES.values() for t in templates for key, name in template_slots(t)
+                    if (key.rpartition("_")[0] if key.rsplit("_", 1)[-1].isdigit() else key) == asked})
+    return "|".join(f"(?:{slot_pattern(name)})" for name in names)
 
 
 def examples(text: str, utterance: Utterance | None, tasks: Sequence[str]) -> list[Example]:

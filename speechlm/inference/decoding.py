@@ -16,7 +16,7 @@ from ..base_models import AUDIO_TOKEN
 from ..configuration import DEFAULT_GENERATION
 from ..modeling import SpeechLMModel
 from ..processing import SpeechLMProcessor
-from .structured import schema_grammar, with_json_schema
+from .structured import structure_grammar, with_json_schema
 
 # Shorter clips are below every encoder's receptive field / STFT window: refused with a clear message up front.
 MIN_AUDIO_SECONDS = 0.1
@@ -141,8 +141,8 @@ def transcribe_arrays(
     transcription, not for answers that may be longer than the audio) caps each clip's new tokens at that rate
     times its length plus `LENGTH_CAP_MARGIN`: a model that has not learned to stop cannot run on for 100 tokens
     after a one-second clip. Each clip's cap is its own, so a clip's text does not depend on its batch-mates.
-    A `json_schema` option (a schema dict or its JSON text) holds every answer to that schema
-    (`speechlm.inference.structured`).
+    A `json_schema` option (a schema dict or its JSON text) holds every answer to that schema, a `regex` option
+    to that regular expression (`speechlm.inference.structured`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -151,8 +151,7 @@ def transcribe_arrays(
     prompts = [prompt] * len(audios) if prompt is None or isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(audios):
         raise ValueError(f"{len(audios)} clip(s) but {len(prompts)} prompt(s)")
-    if generate_kwargs.get("json_schema") is not None:
-        schema_grammar(generate_kwargs["json_schema"])  # an unusable schema fails before any work is done
+    structure_grammar(generate_kwargs)  # an unusable schema or regex fails before any work is done
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
     kwargs = default_generation_kwargs(model, **generate_kwargs)
     limit, new_tokens = position_limit(model), new_token_budget(kwargs, model)

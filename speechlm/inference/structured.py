@@ -6,7 +6,8 @@ decoder can only say what the schema allows, and the model's own probabilities c
 grammar engine is llguidance (the one behind OpenAI-style structured outputs in several serving engines); this
 module only adapts it to `generate` as a `LogitsProcessor`.
 
-Used by `transcribe_arrays(..., json_schema=...)`, the server's `response_format` and the demo's SLU evaluation.
+Used by `transcribe_arrays(..., json_schema=...)`, the server's `response_format` and the demo's SLU evaluation. A
+short free-text answer can be held to a regular expression the same way (`regex=...`, e.g. a time or a digit string).
 """
 
 from __future__ import annotations
@@ -59,6 +60,36 @@ def _checked_grammar(schema_text: str) -> str:
     return grammar
 
 
+def regex_grammar(pattern: str) -> str:
+    """llguidance's grammar for answers that match `pattern` as a whole (Python-style syntax, no lookarounds or
+    backreferences); a `ValueError` for one it cannot use."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"regex must be a non-empty string, got {pattern!r}")
+    return _checked_regex(pattern)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_regex(pattern: str) -> str:
+    from llguidance import LLMatcher
+
+    grammar = LLMatcher.grammar_from_regex(pattern)
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise ValueError(f"regex {pattern!r} is not usable: {messages[0][:300]}")
+    return grammar
+
+
+def structure_grammar(generate_kwargs: dict) -> str | None:
+    """The grammar that a `json_schema` or a `regex` option asks for (None: free text); checked, so a bad option
+    fails before any work is done."""
+    schema, pattern = generate_kwargs.get("json_schema"), generate_kwargs.get("regex")
+    if schema is not None and pattern is not None:
+        raise ValueError("give json_schema or regex, not both")
+    if schema is not None:
+        return schema_grammar(schema)
+    return None if pattern is None else regex_grammar(pattern)
+
+
 def _engine_tokenizer(tokenizer, vocab_size: int, eos: list[int]):
     """llguidance's view of a Hugging Face fast tokenizer (about a second to build): kept on the tokenizer."""
     import llguidance.hf
@@ -71,7 +102,8 @@ def _engine_tokenizer(tokenizer, vocab_size: int, eos: list[int]):
 
 
 class JsonSchemaLogitsProcessor(LogitsProcessor):
-    """Masks every token that would leave the schema's language; one grammar state per distinct generated prefix,
+    """Masks every token that would leave the grammar's language (a JSON schema's, or a regex's: any llguidance
+    grammar); one grammar state per distinct generated prefix,
     so beam search (rows reordered between steps) and batches of different answers are both handled.
 
     Stateful: use one instance per `generate` call (`with_json_schema` makes one per call). The end token is
@@ -134,13 +166,12 @@ class JsonSchemaLogitsProcessor(LogitsProcessor):
 
 
 def with_json_schema(generate_kwargs: dict, model, tokenizer) -> dict:
-    """`generate` options with a `json_schema` option (a schema dict or its JSON text) swapped for a fresh
-    `JsonSchemaLogitsProcessor`; other options are passed through."""
-    schema = generate_kwargs.get("json_schema")
-    kwargs = {k: v for k, v in generate_kwargs.items() if k != "json_schema"}
-    if schema is None:
+    """`generate` options with a `json_schema` option (a schema dict or its JSON text) or a `regex` option swapped
+    for a fresh `JsonSchemaLogitsProcessor`; other options are passed through."""
+    grammar = structure_grammar(generate_kwargs)
+    kwargs = {k: v for k, v in generate_kwargs.items() if k not in ("json_schema", "regex")}
+    if grammar is None:
         return kwargs
-    grammar = schema_grammar(schema)
     eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)  # a chat may end at its end-of-turn
     eos = tokenizer.eos_token_id if eos is None else eos
     processors = LogitsProcessorList(kwargs.get("logits_processor") or [])
@@ -149,4 +180,12 @@ def with_json_schema(generate_kwargs: dict, model, tokenizer) -> dict:
     return kwargs
 
 
-__all__ = ["JSON_OBJECT_SCHEMA", "JsonSchemaLogitsProcessor", "read_schema_file", "schema_grammar", "with_json_schema"]
+__all__ = [
+    "JSON_OBJECT_SCHEMA",
+    "JsonSchemaLogitsProcessor",
+    "read_schema_file",
+    "regex_grammar",
+    "schema_grammar",
+    "structure_grammar",
+    "with_json_schema",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -10,6 +11,7 @@ from speechlm.demo.grammar import Utterance
 from speechlm.demo.understanding import (
     SLU_PROMPT,
     TRANSCRIBE_PROMPT,
+    answer_pattern,
     cascade_prompt,
     examples,
     parse_tasks,
@@ -47,6 +49,19 @@ def test_question_asks_about_a_slot_and_its_answer_is_that_value():
     assert (asked, answer) in {("What city does the speaker mention?", "paris"),
                                ("What second city does the speaker mention?", "rome")}
     assert question(NO_SLOTS) is None
+
+
+def test_the_answer_pattern_matches_every_answer_the_grammar_teaches():
+    from speechlm.demo.grammar import _utterance_stream
+
+    stream = _utterance_stream(0)
+    drawn = [utterance for utterance in (next(stream) for _ in range(3000)) if utterance.slots]
+    assert all(re.fullmatch(answer_pattern(u), question(u)[1]) for u in drawn)
+
+
+def test_the_answer_pattern_refuses_a_value_of_another_slot():
+    assert re.fullmatch(answer_pattern(FLIGHT), "rome") and not re.fullmatch(answer_pattern(FLIGHT), "seven thirty")
+    assert answer_pattern(NO_SLOTS) is None
 
 
 def test_a_clip_without_a_known_meaning_is_only_transcribed():

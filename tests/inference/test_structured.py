@@ -7,6 +7,7 @@ only come from the constraint.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -107,3 +108,29 @@ def test_the_callers_end_token_ends_a_schema_answer(whisper_qwen):
     turn_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     options = with_json_schema({"json_schema": SCHEMA, "eos_token_id": turn_end}, model, processor.tokenizer)
     assert options["logits_processor"][-1].eos_token_ids == [turn_end] and "json_schema" not in options
+
+
+# A short answer (a time, a digit string) held to a regular expression: the same processor, another grammar.
+TIME = r"(seven|eight|nine) (fifteen|thirty)"
+
+
+def test_untrained_model_answers_match_a_regex(whisper_qwen):
+    processor, model = whisper_qwen
+    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS, regex=TIME)
+    assert all(re.fullmatch(TIME, answer) for answer in answers), answers
+
+
+def test_free_decoding_does_not_match_the_regex(whisper_qwen):
+    processor, model = whisper_qwen
+    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS)
+    assert not any(re.fullmatch(TIME, answer) for answer in answers), answers
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"regex": "(unclosed"}, "regex '(unclosed' is not usable"), ({"regex": ""}, "regex must be a non-empty"),
+    ({"regex": TIME, "json_schema": SCHEMA}, "json_schema or regex, not both"),
+])  # fmt: skip
+def test_a_bad_regex_option_fails_before_decoding(whisper_qwen, options, message):
+    processor, model = whisper_qwen
+    with pytest.raises(ValueError, match=re.escape(message)):
+        transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS, **options)

@@ -1,0 +1,89 @@
+"""Where do a demo model's SLU mistakes come from: hearing the words, or mapping heard words to the frame?
+
+A demo run trained with understanding tasks writes, per held-out clip, its transcription (`test_synthetic.hypotheses
+.jsonl`) and its SLU answer (`slu.hypotheses.jsonl`, held to the domain's schema). A wrong intent on a clip whose
+transcription was exact is a mapping error (the model heard every word and still chose the wrong frame: more SLU
+training would help); on a clip it mis-transcribed it is a hearing error (better acoustics would help). Slot errors
+are split the same way.
+
+    python benchmarks/slu_errors.py RUN [RUN ...]    # writes benchmarks/results/slu_errors.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    return {row["id"]: row for row in map(json.loads, path.read_text().splitlines()) if row}
+
+
+def intent(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value.get("intent") if isinstance(value, dict) else None
+
+
+def analyse(run: Path) -> tuple[list[str], Counter]:
+    """One table row for `run` (counts split by whether the transcription was exact) and its intent confusions."""
+    heard = read_rows(run / "test_synthetic.hypotheses.jsonl")
+    slu = read_rows(run / "slu.hypotheses.jsonl")
+    counts, confusions = Counter(), Counter()
+    for clip, row in slu.items():
+        exact = heard[clip]["wer"] == 0
+        side = "exact" if exact else "misheard"
+        counts[f"{side} clips"] += 1
+        if not row["intent_correct"]:
+            counts[f"{side} intent errors"] += 1
+            confusions[(intent(row["ref"]), intent(row["hyp"]))] += 1
+        counts[f"{side} slot errors"] += len(row["missing_slots"]) + len(row["extra_slots"])
+    cells = [str(run), str(len(slu))]
+    for side in ("exact", "misheard"):
+        clips = counts[f"{side} clips"]
+        errors = counts[f"{side} intent errors"]
+        cells += [str(clips), f"{errors} ({errors / max(clips, 1):.1%})", str(counts[f"{side} slot errors"])]
+    return cells, confusions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="demo output folders trained with --tasks ...slu...")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "slu_errors.md")
+    args = parser.parse_args()
+    rows, confusions = [], Counter()
+    for run in args.runs:
+        cells, found = analyse(run)
+        rows.append("| " + " | ".join(cells) + " |")
+        confusions += found
+    table = [
+        "# SLU errors: hearing or mapping? (benchmarks/slu_errors.py)",
+        "",
+        "Held-out synthetic clips of demo runs trained with understanding; SLU answers held to the domain's schema. "
+        "*Exact* clips are those the same model transcribed without a word error; a wrong intent there is a mapping "
+        "error, on a *misheard* clip a hearing error. Slot errors = missing + extra `key=value` pairs.",
+        "",
+        "| run | SLU clips | exact clips | intent errors on exact | slot errors on exact | misheard clips | "
+        "intent errors on misheard | slot errors on misheard |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Most frequent intent confusions (reference -> answer), all runs together:",
+        "",
+        "| reference intent | answered intent | clips |",
+        "|---|---|---|",
+        *[f"| {ref} | {hyp} | {n} |" for (ref, hyp), n in confusions.most_common(15)],
+    ]
+    print("\n".join(table))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()
