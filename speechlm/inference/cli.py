@@ -285,7 +285,8 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--json-schema", default=None, metavar="SCHEMA.json",
                         help="hold each answer to this JSON schema while decoding (with a --prompt that asks for it, "
-                             "e.g. intent and slots); files longer than --max-chunk-seconds are then refused")
+                             "e.g. intent and slots); files longer than --max-chunk-seconds are then refused "
+                             "(default: free text)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
