@@ -34,7 +34,7 @@ def schema_grammar(schema: dict | str) -> str:
             raise ValueError(f"json_schema is not valid JSON: {error}") from None
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"json_schema must be a JSON object, got {type(schema).__name__}")
-    return _checked_grammar(json.dumps(schema))
+    return _checked_grammar("json_schema", json.dumps(schema))
 
 
 def read_schema_file(path: str | Path) -> dict:
@@ -48,34 +48,25 @@ def read_schema_file(path: str | Path) -> dict:
     return schema
 
 
-@functools.lru_cache(maxsize=32)
-def _checked_grammar(schema_text: str) -> str:
-    """Built and checked once per distinct schema (a large one takes ~0.5 s): every batch and request reuses it."""
-    from llguidance import LLMatcher
-
-    grammar = LLMatcher.grammar_from_json_schema(schema_text)
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
-    if is_error:
-        raise ValueError(f"json_schema is not usable: {messages[0][:300]}")
-    return grammar
-
-
 def regex_grammar(pattern: str) -> str:
     """llguidance's grammar for answers that match `pattern` as a whole (Python-style syntax, no lookarounds or
     backreferences); a `ValueError` for one it cannot use."""
     if not isinstance(pattern, str) or not pattern:
         raise ValueError(f"regex must be a non-empty string, got {pattern!r}")
-    return _checked_regex(pattern)
+    return _checked_grammar("regex", pattern)
 
 
 @functools.lru_cache(maxsize=64)
-def _checked_regex(pattern: str) -> str:
+def _checked_grammar(kind: str, source: str) -> str:
+    """Built and checked once per distinct schema (JSON text) or regex (a large schema takes ~0.5 s): every batch and
+    request reuses it."""
     from llguidance import LLMatcher
 
-    grammar = LLMatcher.grammar_from_regex(pattern)
+    is_schema = kind == "json_schema"
+    grammar = (LLMatcher.grammar_from_json_schema if is_schema else LLMatcher.grammar_from_regex)(source)
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise ValueError(f"regex {pattern!r} is not usable: {messages[0][:300]}")
+        raise ValueError(f"{kind if is_schema else f'regex {source!r}'} is not usable: {messages[0][:300]}")
     return grammar
 
 
