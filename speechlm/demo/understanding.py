@@ -76,12 +76,17 @@ def write_schemas(folder: Path, tasks: Sequence[str]) -> list[Path]:
     return [path]
 
 
-def _asked_slot(utterance: Utterance) -> tuple[str, str, str]:
-    """(slot key without its `_2`/`_3`, that index or "", value) of the slot a question asks about, chosen by a hash
-    of the sentence (stable across runs)."""
-    key, value = utterance.slots[zlib.crc32(utterance.text.encode()) % len(utterance.slots)]
+def _split_key(key: str) -> tuple[str, str]:
+    """A slot key -> (the key without its `_2`/`_3`, that index or "")."""
     name, _, index = key.rpartition("_") if key.rsplit("_", 1)[-1].isdigit() else (key, "", "")
-    return name, index, value
+    return name, index
+
+
+def _asked_slot(utterance: Utterance) -> tuple[str, str, str]:
+    """(slot key without its index, the index or "", value) of the slot a question asks about, chosen by a hash of
+    the sentence (stable across runs)."""
+    key, value = utterance.slots[zlib.crc32(utterance.text.encode()) % len(utterance.slots)]
+    return *_split_key(key), value
 
 
 def question(utterance: Utterance) -> tuple[str, str] | None:
@@ -100,7 +105,7 @@ def answer_pattern(utterance: Utterance) -> str | None:
         return None
     asked = _asked_slot(utterance)[0]
     names = sorted({name for templates in TEMPLATES.values() for t in templates for key, name in template_slots(t)
-                    if (key.rpartition("_")[0] if key.rsplit("_", 1)[-1].isdigit() else key) == asked})
+                    if _split_key(key)[0] == asked})
     return "|".join(f"(?:{slot_pattern(name)})" for name in names)
 
 

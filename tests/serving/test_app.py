@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import io
 import json
@@ -325,7 +324,7 @@ def wait_for_status(page, start: str) -> str:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_web_page_upload_and_record(tiny, server, tmp_path):
-    from tests.serving.test_chat import alone
+    from tests.serving.test_chat import alone, ask
 
     url, _ = server
     audio = make_clips((0.7,), seed=5)[0]
@@ -345,10 +344,7 @@ def test_web_page_upload_and_record(tiny, server, tmp_path):
 
         # Ask about the same clip: /v1/chat/completions, streamed; a hostile question stays text.
         question = '<img src=x onerror="window.pwned=1"> what was said?'
-        messages = [{"role": "user", "content": [
-            {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode()}},
-            {"type": "text", "text": question}]}]  # fmt: skip
-        answer = alone(tiny, messages, max_new_tokens=TOKENS)["text"]
+        answer = alone(tiny, ask(question, path.read_bytes(), system=None), max_new_tokens=TOKENS)["text"]
         page.fill("#question", question)
         page.click("#ask")
         wait_for_status(page, "Answered")
@@ -370,15 +366,14 @@ def test_web_page_answers_as_json_following_a_schema(tiny, tmp_path):
     """The page's "Answer as JSON" box sends OpenAI's response_format; the tiny untrained model would not write JSON
     by itself, so an answer that follows the schema comes from the constraint."""
     from tests.inference.test_structured import SCHEMA, follows_schema
+    from tests.serving.test_chat import ask
 
     processor, model = tiny
     path = tmp_path / "page.wav"
     path.write_bytes(wav_bytes(make_clips((0.7,), seed=5)[0]))
     question = "The intent as JSON."
     with live_server(create_app(model, processor, settings(max_new_tokens=40))) as url, web_page(url) as page:
-        messages = [{"role": "user", "content": [
-            {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode()}},
-            {"type": "text", "text": question}]}]  # fmt: skip
+        messages = ask(question, path.read_bytes(), system=None)
         response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
         reply = httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": messages,
                                                                "response_format": response_format}, timeout=60)
