@@ -77,18 +77,10 @@ def main() -> None:
     qa_audio = [load_audio(row["audio"]) for row, _, _ in asked]
 
     def qa_answers(model, processor, beams: int, catalogue: bool) -> list[str]:
-        """Each question's answer, free or held to its slot's catalogue (one decoding group per pattern)."""
-        groups: dict[str | None, list[int]] = {}
-        for index, (_, _, pattern) in enumerate(asked):
-            groups.setdefault(pattern if catalogue else None, []).append(index)
-        answers = [""] * len(asked)
-        for pattern, indices in groups.items():
-            texts = transcribe_arrays(model, processor, [qa_audio[i] for i in indices],
-                                      prompt=[asked[i][1].prompt for i in indices], batch_size=16 // beams or 1,
-                                      max_new_tokens=UNDERSTANDING_TOKENS["qa"], num_beams=beams, regex=pattern)
-            for index, text in zip(indices, texts):
-                answers[index] = text
-        return answers
+        """Each question's answer, free or held to its slot's catalogue."""
+        return transcribe_arrays(model, processor, qa_audio, prompt=[ex.prompt for _, ex, _ in asked],
+                                 batch_size=16 // beams or 1, max_new_tokens=UNDERSTANDING_TOKENS["qa"],
+                                 num_beams=beams, regex=[pattern for _, _, pattern in asked] if catalogue else None)
 
     rows, qa_table = [], []
     for folder in args.models:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .understanding import METRIC_KINDS, cascade_prompt, examples, slu_schema
+from .understanding import METRIC_KINDS, answer_pattern, cascade_prompt, examples, slu_schema
 
 TEST_SETS = ("test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
 MAX_NEW_TOKENS = {"test_uqm": 96}  # UQM lines run up to 15 s (~45 words); the others are short
@@ -69,8 +69,8 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
                            decoder: tuple[str, str | None] | None = None) -> dict[str, dict]:
     """Each understanding task on the held-out synthetic clips (held-out voices and sentences), scored by its
     metric kind (`speechlm.tasks`), with the cascade beside it when `decoder` (the base LLM's path, GGUF file) is
-    given. SLU answers are held to the domain's schema (`slu_schema`), as a deployment would ask for them; the same
-    model decoding freely is scored beside (`free`)."""
+    given. Answers are held as a deployment would hold them (`held_structure`); the same model decoding freely is
+    scored beside (`free`)."""
     from ..audio import load_audio
     from ..inference import transcribe_arrays
     from ..tasks import score_task, task_rows
@@ -87,14 +87,14 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
         pairs = [(row, ex) for row in rows for ex in examples(row["text"], meanings[row["text"]], [task])
                  if ex.task == task]
         refs, kind = [ex.target for _, ex in pairs], METRIC_KINDS[task]
-        schema = slu_schema() if task == "slu" else None
+        structure = held_structure(task, [meanings[row["text"]] for row, _ in pairs])
         inputs = dict(audios=[audio[row["id"]] for row, _ in pairs], prompt=[ex.prompt for _, ex in pairs],
                       batch_size=16, max_new_tokens=UNDERSTANDING_TOKENS[task])
         start = time.monotonic()
-        hyps = transcribe_arrays(model, processor, json_schema=schema, **inputs)
+        hyps = transcribe_arrays(model, processor, **structure, **inputs)
         metrics = score_task(kind, refs, hyps)
         metrics["seconds"] = time.monotonic() - start
-        if schema is not None:  # the same model decoding freely: what the schema adds
+        if structure:  # the same model decoding freely: what the structure adds
             metrics["free"] = score_task(kind, refs, transcribe_arrays(model, processor, **inputs))
         metrics["rows"] = task_rows(kind, [row["id"] for row, _ in pairs], refs, hyps)
         metrics["prompts"] = [ex.prompt for _, ex in pairs]
@@ -102,10 +102,20 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
             transcripts = whisper_for(manifests["test_synthetic"], rows)
             by_id = dict(zip([row["id"] for row in rows], transcripts, strict=True))
             cascade = cascade_answers(decoder, task, [(by_id[row["id"]], ex.prompt) for row, ex in pairs], shots,
-                                      json_schema=schema)
+                                      **structure)
             metrics["cascade"] = score_task(kind, refs, cascade)
         results[task] = metrics
     return results
+
+
+def held_structure(task: str, utterances: list) -> dict:
+    """How a deployment would hold each answer: SLU to the domain's schema (`slu_schema`), a question's answer to
+    the values its slot can take (`answer_pattern`, one per clip)."""
+    if task == "slu":
+        return {"json_schema": slu_schema()}
+    if task == "qa":
+        return {"regex": [answer_pattern(utterance) for utterance in utterances]}
+    return {}
 
 
 def whisper_for(manifest: Path, rows: list[dict]) -> list[str]:
@@ -135,12 +145,13 @@ def _cascade_shots(train_manifest: Path, seed: int) -> list[tuple[str, object]]:
 
 @torch.no_grad()
 def cascade_answers(decoder: tuple[str, str | None], task: str, queries: list[tuple[str, str]], shots,
-                    batch_size: int = 8, json_schema: dict | None = None) -> list[str]:
+                    batch_size: int = 8, **structure) -> list[str]:
     """The base LLM's greedy answer to each (transcript, instruction) after the few-shot examples; the answer ends
     at the first line break (the model would go on with another example). For `slu` the instruction also lists
-    every intent name, which the LLM cannot guess from eight examples; `json_schema` holds it to the same schema as
-    the end-to-end model."""
+    every intent name, which the LLM cannot guess from eight examples; a `json_schema` or `regex` option (one, or
+    one per query) holds it to the same structure as the end-to-end model."""
     from ..factory import load_decoder
+    from ..inference.decoding import per_clip_structures, structured_batches
     from ..inference.structured import with_json_schema
     from .grammar import TEMPLATES, intent_of
 
@@ -153,12 +164,15 @@ def cascade_answers(decoder: tuple[str, str | None], task: str, queries: list[tu
     intents = sorted({intent_of(t) for templates in TEMPLATES.values() for t in templates})
     preamble = f"Intents: {', '.join(intents)}.\n\n" if task == "slu" else ""
     prompts = [preamble + cascade_prompt(task, instruction, transcript, shots) for transcript, instruction in queries]
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        options = with_json_schema({"json_schema": json_schema}, llm, tokenizer)
+    structures = per_clip_structures(structure, len(prompts))
+    order = sorted(range(len(prompts)), key=lambda i: structures[i][0])
+    answers = [""] * len(prompts)
+    for index in structured_batches(structures, order, batch_size):
+        batch = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True)
+        options = with_json_schema(structures[index[0]][1], llm, tokenizer)
         tokens = llm.generate(**batch, max_new_tokens=UNDERSTANDING_TOKENS[task], do_sample=False,
                               pad_token_id=tokenizer.pad_token_id, **options)
         texts = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        answers += [text.strip().split("\n")[0].strip() for text in texts]
+        for i, text in zip(index, texts):
+            answers[i] = text.strip().split("\n")[0].strip()
     return answers

@@ -81,9 +81,10 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
     if understanding:
         lines += ["", f"Understanding tasks (trained: {settings.tasks}) on the held-out synthetic clips (held-out "
                   "voices and sentences). JSON answers are held to the domain's schema while decoding (its intents "
-                  "and their slots); the same model decoding freely is beside. Cascade: Whisper tiny.en's transcript "
-                  "handed to the same base LLM with the same instruction, after eight examples (and, for JSON, the "
-                  "list of intent names and the same schema).", "",
+                  "and their slots), a question's answer to the values its slot can take; the same model decoding "
+                  "freely is beside. Cascade: Whisper tiny.en's transcript handed to the same base LLM with the same "
+                  "instruction and the same schema or answer pattern, after eight examples (and, for JSON, the list "
+                  "of intent names).", "",
                   "| task | clips | SpeechLM | SpeechLM, free decoding | cascade | decode s |",
                   "|---|---|---|---|---|---|"]
         for task, metrics in understanding.items():

@@ -220,9 +220,11 @@ def transcribe_files(
         except AudioError as error:
             fail(index, str(error))
             continue
-        if item.duration > max_chunk_seconds and generate_kwargs.get("json_schema") is not None:
+        held = [flag for flag in ("json_schema", "regex") if generate_kwargs.get(flag) is not None]
+        if item.duration > max_chunk_seconds and held:
             fail(index, f"{item.name}: {item.duration:.1f} s is longer than --max-chunk-seconds "
-                        f"({max_chunk_seconds:g} s); a JSON-schema answer covers one clip, not a file cut in chunks")
+                        f"({max_chunk_seconds:g} s); an answer held to --{held[0].replace('_', '-')} covers one "
+                        "clip, not a file cut in chunks")
             continue
         (short if item.duration <= max_chunk_seconds else long).append(index)
     short.sort(key=lambda index: inputs[index].duration)
@@ -283,10 +285,15 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-chunk-seconds", type=float, default=25.0,
         help="longer audio is cut on silence (silero-vad) into chunks of at most this length",
     )  # fmt: skip
-    parser.add_argument("--json-schema", default=None, metavar="SCHEMA.json",
-                        help="hold each answer to this JSON schema while decoding (with a --prompt that asks for it, "
-                             "e.g. intent and slots); files longer than --max-chunk-seconds are then refused "
-                             "(default: free text)")
+    held = parser.add_mutually_exclusive_group()
+    held.add_argument("--json-schema", default=None, metavar="SCHEMA.json",
+                      help="hold each answer to this JSON schema while decoding (with a --prompt that asks for it, "
+                           "e.g. intent and slots); files longer than --max-chunk-seconds are then refused "
+                           "(default: free text)")
+    held.add_argument("--regex", default=None, metavar="PATTERN",
+                      help="hold each answer to this regular expression while decoding (a short answer: a time, a "
+                           "digit string, one of a list of names); files longer than --max-chunk-seconds are then "
+                           "refused (default: free text)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -303,23 +310,31 @@ def run_transcribe(args: argparse.Namespace) -> int:
     if not inputs:
         print("error: nothing to transcribe", file=sys.stderr)
         return 1
-    schema = None
-    if args.json_schema is not None:  # checked before the model loads
+    held = {}  # checked before the model loads
+    if args.json_schema is not None:
         from .structured import read_schema_file
 
         try:
-            schema = read_schema_file(args.json_schema)
+            held["json_schema"] = read_schema_file(args.json_schema)
         except ValueError as error:
             print(f"error: --json-schema {error}", file=sys.stderr)
             return 2
+    if args.regex is not None:
+        from .structured import regex_grammar
+
+        try:
+            regex_grammar(args.regex)
+        except ValueError as error:
+            print(f"error: --regex: {error}", file=sys.stderr)
+            return 2
+        held["regex"] = args.regex
     if (loaded := load_or_explain(args)) is None:
         return 2
     processor, model = loaded
     generate_kwargs = generation_options(args)
     if args.tokens_per_second is not None:
         generate_kwargs["tokens_per_second"] = args.tokens_per_second
-    if schema is not None:
-        generate_kwargs["json_schema"] = schema
+    generate_kwargs.update(held)
     try:  # the longest chunk must fit the LLM's positions: say so now, not after a crash on the first long file
         longest = audio_positions(model, processor, round(args.max_chunk_seconds * processor.sampling_rate))
         check_positions(model, longest, prompt_positions(processor, args.prompt),

@@ -6,6 +6,8 @@ LLM's position limit first (a clear `ValueError` instead of an `IndexError` or g
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 from collections.abc import Sequence
 
@@ -123,6 +125,40 @@ def length_cap(seconds: float, tokens_per_second: float, budget: int | None = No
     return min(cap, budget) if budget else cap
 
 
+STRUCTURES = ("json_schema", "regex")
+
+
+def per_clip_structures(generate_kwargs: dict, count: int) -> list[tuple[str, dict]]:
+    """Each clip's structure option (`{"json_schema": ...}`, `{"regex": ...}` or `{}`) with a key that groups
+    equal ones; a list option must have one entry per clip. Every distinct grammar is checked here, so an unusable
+    schema or regex fails before any work is done."""
+    per_kind = {}
+    for kind in STRUCTURES:
+        value = generate_kwargs.get(kind)
+        if isinstance(value, (list, tuple)):
+            if len(value) != count:
+                raise ValueError(f"{count} clip(s) but {len(value)} {kind} value(s)")
+            per_kind[kind] = list(value)
+        else:
+            per_kind[kind] = [value] * count
+    structures = []
+    for i in range(count):
+        option = {kind: values[i] for kind, values in per_kind.items() if values[i] is not None}
+        structure_grammar(option)
+        structures.append((json.dumps(option, sort_keys=True), option))
+    return structures
+
+
+def structured_batches(structures: list[tuple[str, dict]], order: list[int], batch_size: int) -> list[list[int]]:
+    """`order` (grouped by structure) cut into batches of at most `batch_size` that share one structure: one
+    grammar per `generate` call."""
+    batches = []
+    for _, group in itertools.groupby(order, key=lambda i: structures[i][0]):
+        group = list(group)
+        batches += [group[start : start + batch_size] for start in range(0, len(group), batch_size)]
+    return batches
+
+
 @torch.no_grad()
 def transcribe_arrays(
     model: SpeechLMModel,
@@ -142,7 +178,8 @@ def transcribe_arrays(
     times its length plus `LENGTH_CAP_MARGIN`: a model that has not learned to stop cannot run on for 100 tokens
     after a one-second clip. Each clip's cap is its own, so a clip's text does not depend on its batch-mates.
     A `json_schema` option (a schema dict or its JSON text) holds every answer to that schema, a `regex` option
-    to that regular expression (`speechlm.inference.structured`).
+    to that regular expression (`speechlm.inference.structured`); either may be a list, one per clip like
+    `prompt` (e.g. each question's own answer pattern; None: free), and clips are batched with their own kind.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -151,15 +188,15 @@ def transcribe_arrays(
     prompts = [prompt] * len(audios) if prompt is None or isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(audios):
         raise ValueError(f"{len(audios)} clip(s) but {len(prompts)} prompt(s)")
-    structure_grammar(generate_kwargs)  # an unusable schema or regex fails before any work is done
-    order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
-    kwargs = default_generation_kwargs(model, **generate_kwargs)
+    structures = per_clip_structures(generate_kwargs, len(audios))  # an unusable one fails before any work
+    # Grouped by structure (one grammar per `generate` call), length-sorted within a group.
+    order = sorted(range(len(audios)), key=lambda i: (structures[i][0], len(audios[i])))
+    kwargs = default_generation_kwargs(model, **{k: v for k, v in generate_kwargs.items() if k not in STRUCTURES})
     limit, new_tokens = position_limit(model), new_token_budget(kwargs, model)
     audio_token = processor.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
     device = next(model.parameters()).device
     results: list[str] = [""] * len(audios)
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
+    for index in structured_batches(structures, order, batch_size):
         batch = processor([audios[i] for i in index], prompt=[prompts[i] for i in index])
         if limit is not None:
             audio_lengths = model.audio_output_lengths(batch["attention_mask"].sum(-1)) + 2
@@ -172,7 +209,8 @@ def transcribe_arrays(
             caps = [length_cap(len(audios[i]) / processor.sampling_rate, tokens_per_second, new_tokens) for i in index]
             kwargs["max_new_tokens"] = max(caps)
             kwargs.pop("max_length", None)
-        tokens = model.generate(**batch, **with_json_schema(kwargs, model, processor.tokenizer))
+        structured = {**kwargs, **structures[index[0]][1]}
+        tokens = model.generate(**batch, **with_json_schema(structured, model, processor.tokenizer))
         rows = [row[:cap].tolist() for row, cap in zip(tokens, caps)] if caps else tokens
         for i, text in zip(index, processor.batch_decode(rows)):
             results[i] = text
@@ -191,6 +229,8 @@ __all__ = [
     "new_token_budget",
     "position_limit",
     "prompt_positions",
+    "per_clip_structures",
     "saved_generation_settings",
+    "structured_batches",
     "transcribe_arrays",
 ]

@@ -30,7 +30,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # `user` and `metadata` are accepted as what they are at OpenAI (labels that do not change the answer), and so is a
 # message's `name` (chat templates have no place for it); `model` may be any id, as for transcriptions.
 HONOURED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed", "stop",
-            "stream", "stream_options", "user", "metadata", "response_format"}  # fmt: skip
+            "stream", "stream_options", "user", "metadata", "response_format", "structured_outputs"}  # fmt: skip
 # Parameters accepted only at their neutral value (what OpenAI does when they are absent).
 NEUTRAL: dict[str, tuple] = {
     "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
@@ -101,7 +101,11 @@ def generation_options(body: dict, settings: ServerSettings) -> dict:
     schema = response_schema(body.get("response_format"))
     if schema is not None:
         options["json_schema"] = json.dumps(schema)  # text: batch options must be hashable
-    return options
+    held = structured_outputs(body.get("structured_outputs"))
+    if held and schema is not None:
+        raise _bad("give response_format (json_schema / json_object) or structured_outputs, not both",
+                   "structured_outputs")  # fmt: skip
+    return options | held
 
 
 def response_schema(response_format: Any) -> dict | None:
@@ -128,6 +132,39 @@ def response_schema(response_format: Any) -> dict | None:
     except ValueError as error:
         raise _bad(f"response_format: {error}", "response_format.json_schema.schema") from None
     return spec["schema"]
+
+
+REGEX_SPECIAL = set("\\.+*?()|[]{}^$")
+
+
+def structured_outputs(value: Any) -> dict:
+    """vLLM's `structured_outputs` extra (`{"regex": ...}`, `{"choice": [...]}` or `{"json": schema}`; OpenAI's
+    `response_format` has no regex) -> a `regex` or `json_schema` option, checked (a 400 naming what is wrong)."""
+    from ..inference.structured import regex_grammar, schema_grammar
+
+    if value is None:
+        return {}
+    kinds = ("regex", "choice", "json")
+    given = [key for key in kinds if isinstance(value, dict) and value.get(key) is not None]
+    if not isinstance(value, dict) or len(given) != 1 or set(value) - set(kinds):
+        raise _bad("structured_outputs must hold exactly one of regex (a string), choice (a list of strings) or "
+                   "json (a JSON schema object)", "structured_outputs")  # fmt: skip
+    kind, param = given[0], f"structured_outputs.{given[0]}"
+    spec = value[kind]
+    if kind == "choice":
+        if not isinstance(spec, list) or not spec or not all(isinstance(c, str) and c for c in spec):
+            raise _bad("structured_outputs.choice must be a non-empty list of non-empty strings", param)
+        spec = "|".join("".join(f"\\{c}" if c in REGEX_SPECIAL else c for c in choice) for choice in spec)
+    try:
+        if kind == "json":
+            if not isinstance(spec, dict):
+                raise ValueError("must be a JSON schema object")
+            schema_grammar(spec)
+            return {"json_schema": json.dumps(spec)}
+        regex_grammar(spec)
+    except ValueError as error:
+        raise _bad(f"{param}: {error}", param) from None
+    return {"regex": spec}
 
 
 def openai_messages(messages: Any, settings: ServerSettings) -> list[dict]:

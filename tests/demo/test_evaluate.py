@@ -36,3 +36,25 @@ def test_held_out_sets_decode_with_the_callers_keywords_on_the_sets_asked(monkey
                             repetition_penalty=1.2)
     assert list(results) == ["test_asterisk"] and results["test_asterisk"]["wer"] == 0
     assert [call["repetition_penalty"] for call in calls] == [1.2]
+
+
+def test_each_question_is_held_to_the_values_of_its_own_slot():
+    from speechlm.demo.evaluate import held_structure
+    from speechlm.demo.understanding import answer_pattern
+    from tests.demo.test_understanding import ALARM, FLIGHT
+
+    assert held_structure("qa", [ALARM, FLIGHT]) == {"regex": [answer_pattern(ALARM), answer_pattern(FLIGHT)]}
+
+
+def test_the_cascade_holds_each_answer_to_its_own_pattern(model_dirs):
+    """The cascade anchor gets the same per-question constraint as the end-to-end model (an untrained decoder's
+    free answers match neither pattern)."""
+    import re
+
+    from speechlm.demo.evaluate import cascade_answers
+
+    patterns = ["(yes|no)", "[0-9]{2}", "(yes|no)"]
+    queries = [("set an alarm", "Is there an alarm?"), ("call bob", "How many?"), ("play jazz", "Is it jazz?")]
+    answers = cascade_answers((str(model_dirs("decoder", "gpt2")), None), "qa", queries, [], batch_size=2,
+                              regex=patterns)
+    assert all(re.fullmatch(pattern, answer) for pattern, answer in zip(patterns, answers)), answers

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from speechlm.inference.decoding import transcribe_arrays
 from speechlm.loading import load_pretrained
 from tests.conftest import make_clips
 from tests.inference.conftest import SR, needs_espeak, save
-from tests.inference.test_structured import SCHEMA, TOKENS, follows_schema
+from tests.inference.test_structured import SCHEMA, TIME, TOKENS, follows_schema
 
 
 def write_wav(path, audio):
@@ -173,14 +174,40 @@ def test_cli_refuses_an_unusable_json_schema_before_loading(tmp_path, capsys, co
     assert code == 2 and f"error: --json-schema {schema}: " in err and message in err
 
 
-def test_cli_refuses_a_file_longer_than_one_chunk_under_a_json_schema(saved_model, tmp_path, capsys):
-    """A file cut in chunks would get one JSON answer per chunk: refused, named, and the other files still done."""
+@pytest.mark.parametrize("flag", ["--json-schema", "--regex"])
+def test_cli_refuses_a_file_longer_than_one_chunk_under_a_held_answer(saved_model, tmp_path, capsys, flag):
+    """A file cut in chunks would get one held answer per chunk: refused, named, and the other files still done."""
     short, long = (write_wav(tmp_path / f"{name}.wav", clip) for name, clip in zip("sl", make_clips((0.4, 1.2))))
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMA))
-    code = main(["transcribe", str(short), str(long), "--model", str(saved_model), "--json-schema", str(schema),
+    held = str(schema) if flag == "--json-schema" else TIME
+    code = main(["transcribe", str(short), str(long), "--model", str(saved_model), flag, held,
                  "--max-chunk-seconds", "1", "--max-new-tokens", str(TOKENS), "--format", "json",
                  "--quiet"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 1 and f"{long}: 1.2 s is longer than --max-chunk-seconds (1 s)" in captured.err
-    assert "transcribed 1 file(s), 1 failed" in captured.err and follows_schema(json.loads(captured.out)["text"])
+    assert f"held to {flag} covers one clip" in captured.err and "transcribed 1 file(s), 1 failed" in captured.err
+
+
+def test_cli_holds_each_answer_to_a_regex(saved_model, tmp_path, capsys):
+    clips = make_clips((0.9, 0.4))
+    paths = [write_wav(tmp_path / f"{name}.wav", clip) for name, clip in zip("ab", clips)]
+    code = main(["transcribe", *map(str, paths), "--model", str(saved_model), "--regex", TIME,
+                 "--max-new-tokens", str(TOKENS), "--format", "json", "--quiet"])  # fmt: skip
+    texts = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+    processor, model = load_pretrained(str(saved_model))
+    assert code == 0 and all(re.fullmatch(TIME, text) for text in texts)
+    assert texts == transcribe_arrays(model, processor, clips, max_new_tokens=TOKENS, regex=TIME)
+
+
+def test_cli_refuses_an_unusable_regex_before_loading(tmp_path, capsys):
+    clip = write_wav(tmp_path / "a.wav", make_clips((0.5,))[0])
+    code = main(["transcribe", str(clip), "--model", str(tmp_path / "no-model"), "--regex", "(unclosed"])
+    assert code == 2 and "error: --regex: regex '(unclosed' is not usable" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_schema_and_a_regex_together(tmp_path, capsys):
+    clip = write_wav(tmp_path / "a.wav", make_clips((0.5,))[0])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transcribe", str(clip), "--model", str(tmp_path / "m"), "--json-schema", "s.json", "--regex", TIME])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -134,3 +134,33 @@ def test_a_bad_regex_option_fails_before_decoding(whisper_qwen, options, message
     processor, model = whisper_qwen
     with pytest.raises(ValueError, match=re.escape(message)):
         transcribe_arrays(model, processor, make_clips(), max_new_tokens=TOKENS, **options)
+
+
+DIGITS = r"[0-9]{2}"
+
+
+def test_each_clip_follows_its_own_structure(whisper_qwen):
+    """A list gives each clip its own regex, schema or none (e.g. each question its own answer pattern): every clip
+    gets what it would get alone, whatever its batch-mates ask for."""
+    processor, model = whisper_qwen
+    clips = make_clips((0.9, 0.4, 0.7, 0.5))
+    regexes, schemas = [TIME, DIGITS, None, None], [None, None, SCHEMA, None]
+    answers = transcribe_arrays(model, processor, clips, batch_size=4, max_new_tokens=TOKENS, regex=regexes,
+                                json_schema=schemas)
+    alone = [transcribe_arrays(model, processor, [clip], max_new_tokens=TOKENS, regex=regex, json_schema=schema)[0]
+             for clip, regex, schema in zip(clips, regexes, schemas)]
+    assert answers == alone
+    assert re.fullmatch(TIME, answers[0]) and re.fullmatch(DIGITS, answers[1]) and follows_schema(answers[2])
+
+
+def test_a_structure_list_needs_one_entry_per_clip(whisper_qwen):
+    processor, model = whisper_qwen
+    with pytest.raises(ValueError, match=re.escape("3 clip(s) but 2 regex value(s)")):
+        transcribe_arrays(model, processor, make_clips((0.5, 0.5, 0.5)), max_new_tokens=TOKENS, regex=[TIME, None])
+
+
+def test_one_bad_regex_in_a_list_fails_before_decoding(whisper_qwen):
+    processor, model = whisper_qwen
+    with pytest.raises(ValueError, match=re.escape("regex '(unclosed' is not usable")):
+        transcribe_arrays(model, processor, make_clips((0.5, 0.5)), max_new_tokens=TOKENS, regex=[TIME, "(unclosed"])
+

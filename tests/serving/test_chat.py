@@ -7,6 +7,7 @@ Every answer is compared with the model run alone on the same conversation (`pro
 from __future__ import annotations
 
 import base64
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,7 +19,7 @@ from speechlm import SpeechLMProcessor
 from speechlm.audio import load_audio
 from speechlm.serving import create_app
 from tests.conftest import make_clips
-from tests.inference.test_structured import SCHEMA, follows_schema
+from tests.inference.test_structured import SCHEMA, TIME, follows_schema
 from tests.serving.conftest import slow_down
 from tests.serving.test_app import live_server, settings, wav_bytes
 
@@ -187,6 +188,21 @@ def test_response_format_json_schema_holds_the_answer_to_the_schema(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
 
 
+def test_vllm_structured_outputs_regex_holds_the_answer(client):
+    """vLLM's `structured_outputs` extra: OpenAI's `response_format` has no regex, and a short answer (a time, a
+    number) is a regex, not a JSON object."""
+    reply = client.chat.completions.create(model="m", messages=ask("What time?", clip(seed=6)), max_tokens=20,
+                                           extra_body={"structured_outputs": {"regex": TIME}})
+    assert re.fullmatch(TIME, reply.choices[0].message.content), reply.choices[0].message.content
+
+
+def test_vllm_structured_outputs_choice_answers_one_of_the_choices_verbatim(client):
+    choices = ["3.5 (approx)", "a|b", "none of these?"]  # regex characters are taken literally
+    reply = client.chat.completions.create(model="m", messages=ask("Which?", clip(seed=6)), max_tokens=20,
+                                           extra_body={"structured_outputs": {"choice": choices}})
+    assert reply.choices[0].message.content in choices
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_chat_requests_are_400_naming_the_part(client, server):
     wav = clip()
@@ -224,6 +240,16 @@ def test_bad_chat_requests_are_400_naming_the_part(client, server):
         ({"messages": ask("?", wav), "response_format": {"type": "json_schema",
                                                           "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
          "response_format.json_schema.schema", "objekt"),
+        ({"messages": ask("?", wav), "structured_outputs": {"regex": "(x"}}, "structured_outputs.regex",
+         "is not usable"),
+        ({"messages": ask("?", wav), "structured_outputs": {"choice": []}}, "structured_outputs.choice",
+         "non-empty list"),
+        ({"messages": ask("?", wav), "structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs",
+         "exactly one of"),
+        ({"messages": ask("?", wav), "structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs",
+         "exactly one of"),
+        ({"messages": ask("?", wav), "structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+         "structured_outputs", "not both"),
     ]  # fmt: skip
     for body, param, message in cases:
         response = httpx.post(server[0] + ENDPOINT, json={"model": "m"} | body, timeout=60)
