@@ -6,7 +6,8 @@ per utterance (`task_rows`):
 - `transcription`: WER/CER (`speechlm.evaluation.word_error_rate`).
 - `json` (spoken-language understanding, e.g. `{"intent": "set_alarm", "time": "7:30"}`): `valid_json` (share of
   hypotheses that are a JSON object), `intent_accuracy`, micro-averaged `slot_precision` / `slot_recall` / `slot_f1`
-  over the (key, value) pairs other than `"intent"`, and `frame_accuracy` (intent and every slot right).
+  over the (key, value) pairs other than `"intent"` (and `"transcript"`: the words a frame may carry along, not a
+  slot), and `frame_accuracy` (intent and every slot right).
 - `answer` (short answers to questions about the audio): `exact_match` and SQuAD-style `token_f1`.
 
 A task's kind is explicit (`task_metrics={"slu": "json"}`, config `evaluation.task_metrics`, CLI
@@ -31,6 +32,7 @@ from .evaluation.normalizers import normalize_text
 __all__ = [
     "HEADLINE",
     "KINDS",
+    "NOT_SLOTS",
     "TRANSCRIPTION_TASKS",
     "UNTAGGED",
     "group_by_task",
@@ -52,6 +54,8 @@ KINDS = ("transcription", "json", "answer")
 TRANSCRIPTION_TASKS = frozenset({"transcribe", "transcription", "asr"})
 # The group name of records without a `task` when a manifest mixes tagged and untagged rows (also in metric keys).
 UNTAGGED = "untagged"
+# Keys of a JSON frame that are not slots: the intent, and the words a frame may carry along.
+NOT_SLOTS = frozenset({"intent", "transcript"})
 # What training logs per task (the full dicts, with counts, go to `speechlm evaluate`'s metrics.json).
 HEADLINE = {
     "transcription": ("wer", "cer"),
@@ -136,7 +140,7 @@ def _frame(value: dict[str, Any] | None, clean: Callable[[str], str]) -> tuple[s
             else:
                 slots.update((name, text) for text in _value_strings(item, clean))
 
-    add("", {key: item for key, item in value.items() if key != "intent"})
+    add("", {key: item for key, item in value.items() if key not in NOT_SLOTS})
     return (" ".join(intent) if intent else None), slots
 
 

@@ -53,6 +53,13 @@ def test_valid_json_rate_counts_every_hypothesis():
     assert scores["valid_json"] == 0.5 and scores["n_utterances"] == 4
 
 
+def test_a_transcript_the_frame_carries_is_not_a_slot():
+    reference = '{"transcript": "wake me at seven thirty", "intent": "set_alarm", "time": "7:30"}'
+    hypothesis = '{"transcript": "wake me at seven", "intent": "set_alarm", "time": "7:30"}'
+    scores = score_json([reference], [hypothesis])
+    assert scores["slot_f1"] == 1.0 and scores["frame_accuracy"] == 1.0 and scores["slot_reference"] == 1
+
+
 def test_right_intent_wrong_slot_value():
     scores = score_json([ALARM], ['{"intent": "set_alarm", "time": "8:30"}'])
     assert scores["intent_accuracy"] == 1.0

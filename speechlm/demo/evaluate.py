@@ -61,7 +61,8 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
     return results
 
 
-UNDERSTANDING_TOKENS = {"slu": 64, "qa": 16}  # a JSON frame of this domain is < 50 tokens, an answer < 10
+# A JSON frame of this domain is < 50 tokens (< 100 after its transcript), an answer < 10.
+UNDERSTANDING_TOKENS = {"slu": 64, "slu_transcript": 112, "qa": 16}
 CASCADE_SHOTS = 8
 
 
@@ -111,8 +112,8 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
 def held_structure(task: str, utterances: list) -> dict:
     """How a deployment would hold each answer: SLU to the domain's schema (`slu_schema`), a question's answer to
     the values its slot can take (`answer_pattern`, one per clip)."""
-    if task == "slu":
-        return {"json_schema": slu_schema()}
+    if task in ("slu", "slu_transcript"):
+        return {"json_schema": slu_schema(transcript=task == "slu_transcript")}
     if task == "qa":
         return {"regex": [answer_pattern(utterance) for utterance in utterances]}
     return {}
@@ -136,7 +137,7 @@ def _cascade_shots(train_manifest: Path, seed: int) -> list[tuple[str, object]]:
     rows = rows[: 4 * CASCADE_SHOTS]
     meanings = utterances([row["text"] for row in rows], seed)
     shots = []
-    for task in ("slu", "qa"):
+    for task in ("slu", "slu_transcript", "qa"):
         pairs = [(row["text"], ex) for row in rows if row["text"] in meanings
                  for ex in examples(row["text"], meanings[row["text"]], [task]) if ex.task == task]
         shots += pairs[:CASCADE_SHOTS]
@@ -162,7 +163,7 @@ def cascade_answers(decoder: tuple[str, str | None], task: str, queries: list[tu
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     intents = sorted({intent_of(t) for templates in TEMPLATES.values() for t in templates})
-    preamble = f"Intents: {', '.join(intents)}.\n\n" if task == "slu" else ""
+    preamble = f"Intents: {', '.join(intents)}.\n\n" if task.startswith("slu") else ""
     prompts = [preamble + cascade_prompt(task, instruction, transcript, shots) for transcript, instruction in queries]
     structures = per_clip_structures(structure, len(prompts))
     order = sorted(range(len(prompts)), key=lambda i: structures[i][0])

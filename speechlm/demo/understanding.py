@@ -3,6 +3,8 @@
 The grammar knows what each sentence asks (`grammar.Utterance`), so every clip can be taught and tested three ways:
 - `transcribe`: the words;
 - `slu`: the intent and slot values as one JSON object, e.g. `{"intent": "set_alarm", "time": "seven thirty"}`;
+- `slu_transcript`: the same frame after the words it was read from (`{"transcript": ..., "intent": ...}`), so the
+  intent is chosen by an LLM that has just written the sentence out, as it would choose it from text;
 - `qa`: a question about one slot ("What time does the speaker mention?") answered with its value.
 Held-out voices and held-out sentences stay held out for every task (the test clips are the transcription test clips).
 """
@@ -17,10 +19,11 @@ from pathlib import Path
 
 from .grammar import TEMPLATES, Utterance, intent_of, slot_pattern, template_slots
 
-TASKS = ("transcribe", "slu", "qa")
+TASKS = ("transcribe", "slu", "slu_transcript", "qa")
 TRANSCRIBE_PROMPT = "Transcribe:"
 SLU_PROMPT = "Intent and slots as JSON:"
-METRIC_KINDS = {"transcribe": "transcription", "slu": "json", "qa": "answer"}
+SLU_TRANSCRIPT_PROMPT = "Transcript, intent and slots as JSON:"
+METRIC_KINDS = {"transcribe": "transcription", "slu": "json", "slu_transcript": "json", "qa": "answer"}
 
 
 @dataclass(frozen=True)
@@ -43,15 +46,19 @@ def parse_tasks(value: str | Sequence[str]) -> tuple[str, ...]:
     return tasks
 
 
-def slu_target(utterance: Utterance) -> str:
-    """The JSON answer: the intent first, then the slots in spoken order (keys made unique by the grammar)."""
-    return json.dumps({"intent": utterance.intent, **dict(utterance.slots)})
+def slu_target(utterance: Utterance, transcript: bool = False) -> str:
+    """The JSON answer: the intent first, then the slots in spoken order (keys made unique by the grammar); with
+    `transcript`, the sentence before them."""
+    words = {"transcript": utterance.text} if transcript else {}
+    return json.dumps({**words, "intent": utterance.intent, **dict(utterance.slots)})
 
 
-def slu_schema(values: bool = False) -> dict:
+def slu_schema(values: bool = False, transcript: bool = False) -> dict:
     """The domain's ontology as a JSON schema, what an SLU deployment would hand the decoder (`response_format`): one
     frame per (intent, slot keys) a template can say, the intent first, laid out as `slu_target` writes them. Slot
-    values are free text, or with `values` only what the grammar can fill that slot with (an entity catalogue)."""
+    values are free text, or with `values` only what the grammar can fill that slot with (an entity catalogue);
+    `transcript` puts a free-text transcript before the intent (the `slu_transcript` task)."""
+    words = {"transcript": {"type": "string"}} if transcript else {}
 
     def value(name: str) -> dict:
         return {"type": "string", "pattern": f"^(?:{slot_pattern(name)})$"} if values else {"type": "string"}
@@ -59,21 +66,23 @@ def slu_schema(values: bool = False) -> dict:
     frames = dict.fromkeys((intent_of(t), tuple(s if values else (s[0], None) for s in template_slots(t)))
                            for templates in TEMPLATES.values() for t in templates)
     return {
-        "anyOf": [{"type": "object", "additionalProperties": False, "required": ["intent", *(k for k, _ in slots)],
-                   "properties": {"intent": {"const": intent}, **{key: value(name) for key, name in slots}}}
+        "anyOf": [{"type": "object", "additionalProperties": False,
+                   "required": [*words, "intent", *(k for k, _ in slots)],
+                   "properties": {**words, "intent": {"const": intent}, **{key: value(name) for key, name in slots}}}
                   for intent, slots in frames],
         "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
     }
 
 
 def write_schemas(folder: Path, tasks: Sequence[str]) -> list[Path]:
-    """Next to a trained model, the schema of each JSON task it learned (`slu_schema.json`), for
-    `speechlm evaluate --task-schema slu=...` and the server's `response_format`."""
-    if "slu" not in tasks:
-        return []
-    path = folder / "slu_schema.json"
-    path.write_text(json.dumps(slu_schema(), indent=1) + "\n")
-    return [path]
+    """Next to a trained model, the schema of each JSON task it learned (`slu_schema.json`,
+    `slu_transcript_schema.json`), for `speechlm evaluate --task-schema slu=...` and the server's `response_format`."""
+    paths = []
+    for task in ("slu", "slu_transcript"):
+        if task in tasks:
+            paths.append(folder / f"{task}_schema.json")
+            paths[-1].write_text(json.dumps(slu_schema(transcript=task == "slu_transcript"), indent=1) + "\n")
+    return paths
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -116,6 +125,8 @@ def examples(text: str, utterance: Utterance | None, tasks: Sequence[str]) -> li
         return out
     if "slu" in tasks:
         out.append(Example("slu", SLU_PROMPT, slu_target(utterance)))
+    if "slu_transcript" in tasks:
+        out.append(Example("slu_transcript", SLU_TRANSCRIPT_PROMPT, slu_target(utterance, transcript=True)))
     if "qa" in tasks and (pair := question(utterance)) is not None:
         out.append(Example("qa", *pair))
     return out

@@ -10,6 +10,7 @@ import pytest
 from speechlm.demo.grammar import Utterance
 from speechlm.demo.understanding import (
     SLU_PROMPT,
+    SLU_TRANSCRIPT_PROMPT,
     TRANSCRIBE_PROMPT,
     answer_pattern,
     cascade_prompt,
@@ -85,14 +86,15 @@ def test_cascade_prompt_holds_the_task_examples_then_the_query():
     assert "What" not in prompt and TRANSCRIBE_PROMPT not in prompt
 
 
-def schema_matcher(values: bool):
-    """`text` -> whether decoding under `slu_schema(values=...)` may produce it (llguidance checks bytes: any
-    tokenization does)."""
+def schema_matcher(values: bool, transcript: bool = False):
+    """`text` -> whether decoding under `slu_schema(values=..., transcript=...)` may produce it (llguidance checks
+    bytes: any tokenization does)."""
     import llguidance.hf
     from llguidance import LLMatcher
 
     tokenizer = make_tokenizer()
-    matcher = LLMatcher(llguidance.hf.from_tokenizer(tokenizer), schema_grammar(slu_schema(values=values)))
+    schema = slu_schema(values=values, transcript=transcript)
+    matcher = LLMatcher(llguidance.hf.from_tokenizer(tokenizer), schema_grammar(schema))
 
     def accepts(text: str) -> bool:
         matcher.reset()
@@ -136,3 +138,23 @@ def test_a_model_that_learned_slu_gets_its_schema_beside_it(tmp_path):
     assert write_schemas(tmp_path, ("transcribe", "qa")) == [] and not list(tmp_path.iterdir())
     (path,) = write_schemas(tmp_path, ("transcribe", "slu"))
     assert json.loads(path.read_text()) == slu_schema()
+
+
+def test_the_transcript_first_frame_writes_the_words_then_the_intent_and_slots():
+    (example,) = [e for e in examples(ALARM.text, ALARM, ("transcribe", "slu_transcript")) if e.task != "transcribe"]
+    assert example.task == "slu_transcript" and example.prompt == SLU_TRANSCRIPT_PROMPT
+    assert list(json.loads(example.target).items()) == [("transcript", ALARM.text), ("intent", "set_alarm"),
+                                                        *ALARM.slots]
+
+
+def test_the_transcript_first_schema_admits_the_trained_answer_and_needs_the_transcript_first():
+    accepts = schema_matcher(values=False, transcript=True)
+    assert accepts(slu_target(ALARM, transcript=True)) and accepts(slu_target(FLIGHT, transcript=True))
+    assert not accepts(slu_target(ALARM))  # no transcript
+    assert not accepts('{"intent": "set_alarm", "transcript": "x", "time": "seven thirty", "date": "tomorrow"}')
+
+
+def test_a_model_that_learned_both_slu_forms_gets_both_schemas(tmp_path):
+    paths = write_schemas(tmp_path, ("transcribe", "slu", "slu_transcript"))
+    assert [p.name for p in paths] == ["slu_schema.json", "slu_transcript_schema.json"]
+    assert json.loads(paths[1].read_text()) == slu_schema(transcript=True)
