@@ -1,8 +1,8 @@
 """Where do a demo model's SLU mistakes come from: hearing the words, or mapping heard words to the frame?
 
 A demo run trained with understanding tasks writes, per held-out clip, its transcription (`test_synthetic.hypotheses
-.jsonl`) and its SLU answer (`slu.hypotheses.jsonl`, held to the domain's schema). A wrong intent on a clip whose
-transcription was exact is a mapping error (the model heard every word and still chose the wrong frame: more SLU
+.jsonl`) and its SLU answer (`slu.hypotheses.jsonl` or `slu_transcript.hypotheses.jsonl`, held to the domain's
+schema). A wrong intent on a clip whose transcription was exact is a mapping error (the model heard every word and still chose the wrong frame: more SLU
 training would help); on a clip it mis-transcribed it is a hearing error (better acoustics would help). Slot errors
 are split the same way.
 
@@ -34,7 +34,8 @@ def intent(text: str) -> str | None:
 def analyse(run: Path) -> tuple[list[str], Counter]:
     """One table row for `run` (counts split by whether the transcription was exact) and its intent confusions."""
     heard = read_rows(run / "test_synthetic.hypotheses.jsonl")
-    slu = read_rows(run / "slu.hypotheses.jsonl")
+    slu = read_rows(next(path for task in ("slu", "slu_transcript") if (path := run / f"{task}.hypotheses.jsonl")
+                         .is_file()))
     counts, confusions = Counter(), Counter()
     for clip, row in slu.items():
         exact = heard[clip]["wer"] == 0

@@ -10,7 +10,7 @@ With `--qa`, each model also answers the question about each clip freely and hel
 value the asked slot can take (`answer_pattern`, the QA counterpart of the catalogue; models only).
 
     python benchmarks/structured_slu.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--no-cascade] \
-        [--num-beams 1 4] [--qa]
+        [--num-beams 1 4] [--qa] [--task slu_transcript]
     # writes benchmarks/results/structured_slu.md
 """
 
@@ -48,15 +48,19 @@ def main() -> None:
     parser.add_argument("--num-beams", type=int, nargs="+", default=[1],
                         help="beam widths to decode the models with (a row each; the cascade stays greedy)")
     parser.add_argument("--qa", action="store_true", help="also QA: free vs held to the asked slot's catalogue")
+    parser.add_argument("--task", choices=["slu", "slu_transcript"], default="slu",
+                        help="the SLU form the models learned (slu_transcript: the frame after its transcript)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "structured_slu.md")
     args = parser.parse_args()
 
-    schemas = {"free": None, "ontology": slu_schema(), "catalogue": slu_schema(values=True)}
+    words = args.task == "slu_transcript"
+    schemas = {"free": None, "ontology": slu_schema(transcript=words),
+               "catalogue": slu_schema(values=True, transcript=words)}
     test = manifest_records(args.corpus / "test_synthetic.jsonl")[: args.limit]
     meanings = utterances([row["text"] for row in test], 0)
     test = [row for row in test if row["text"] in meanings]
-    pairs = [(row, ex) for row in test for ex in examples(row["text"], meanings[row["text"]], ["slu"])
-             if ex.task == "slu"]
+    pairs = [(row, ex) for row in test for ex in examples(row["text"], meanings[row["text"]], [args.task])
+             if ex.task == args.task]
     refs = [ex.target for _, ex in pairs]
     audio = [load_audio(row["audio"]) for row, _ in pairs]
 
@@ -89,7 +93,7 @@ def main() -> None:
             name = f"`{folder}`" + (f", {beams} beams" if beams > 1 else "")
             rows.append(row(name, partial(transcribe_arrays, model, processor, audio,
                                           prompt=[ex.prompt for _, ex in pairs], batch_size=16 // beams or 1,
-                                          max_new_tokens=UNDERSTANDING_TOKENS["slu"], num_beams=beams)))
+                                          max_new_tokens=UNDERSTANDING_TOKENS[args.task], num_beams=beams)))
             if args.qa:
                 cells = []
                 for catalogue in (False, True):
@@ -107,7 +111,7 @@ def main() -> None:
         shots = _cascade_shots(args.corpus / "train.jsonl", 0)
         _, decoder, gguf_file = resolve_parts(DemoSettings())
         rows.append(row("cascade: Whisper tiny.en -> SmolLM2-135M, 8-shot",
-                        partial(cascade_answers, (decoder, gguf_file), "slu", queries, shots)))
+                        partial(cascade_answers, (decoder, gguf_file), args.task, queries, shots)))
 
     header = [f"{variant}: {label}" for variant in args.variants for _, label in COLUMNS]
     table = [
