@@ -2,9 +2,9 @@
 
 A demo run trained with understanding tasks writes, per held-out clip, its transcription (`test_synthetic.hypotheses
 .jsonl`) and its SLU answer (`slu.hypotheses.jsonl` or `slu_transcript.hypotheses.jsonl`, held to the domain's
-schema). A wrong intent on a clip whose transcription was exact is a mapping error (the model heard every word and still chose the wrong frame: more SLU
-training would help); on a clip it mis-transcribed it is a hearing error (better acoustics would help). Slot errors
-are split the same way.
+schema). A wrong intent on a clip whose transcription was exact is a mapping error (the model heard every word and
+still chose the wrong frame: more SLU training would help); on a clip it mis-transcribed it is a hearing error
+(better acoustics would help). Slot errors are split the same way.
 
     python benchmarks/slu_errors.py RUN [RUN ...]    # writes benchmarks/results/slu_errors.md
 """
