@@ -133,6 +133,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def end_distributed() -> None:
+    """Tear the process group down before the process exits. Left to interpreter shutdown, a rank can abort after
+    its work is done ("terminate called without an active exception", SIGABRT: seen once in CI under torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     """Wait for every process when running distributed; a no-op in a single process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
