@@ -35,7 +35,7 @@ def main() -> None:
     from speechlm.demo.grammar import utterances
     from speechlm.demo.run import resolve_parts
     from speechlm.demo.settings import DemoSettings
-    from speechlm.demo.understanding import answer_pattern, examples, slu_schema
+    from speechlm.demo.understanding import answer_pattern, examples, task_schema
     from speechlm.inference import load_pretrained, transcribe_arrays
     from speechlm.tasks import score_task
 
@@ -53,9 +53,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "structured_slu.md")
     args = parser.parse_args()
 
-    words = args.task == "slu_transcript"
-    schemas = {"free": None, "ontology": slu_schema(transcript=words),
-               "catalogue": slu_schema(values=True, transcript=words)}
+    schemas = {"free": None, "ontology": task_schema(args.task), "catalogue": task_schema(args.task, values=True)}
     test = manifest_records(args.corpus / "test_synthetic.jsonl")[: args.limit]
     meanings = utterances([row["text"] for row in test], 0)
     test = [row for row in test if row["text"] in meanings]

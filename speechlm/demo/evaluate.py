@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .understanding import METRIC_KINDS, answer_pattern, cascade_prompt, examples, slu_schema
+from .understanding import METRIC_KINDS, TASKS, answer_pattern, cascade_prompt, examples, task_schema
 
 TEST_SETS = ("test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
 MAX_NEW_TOKENS = {"test_uqm": 96}  # UQM lines run up to 15 s (~45 words); the others are short
@@ -110,10 +110,10 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
 
 
 def held_structure(task: str, utterances: list) -> dict:
-    """How a deployment would hold each answer: SLU to the domain's schema (`slu_schema`), a question's answer to
+    """How a deployment would hold each answer: SLU to the domain's schema (`task_schema`), a question's answer to
     the values its slot can take (`answer_pattern`, one per clip)."""
-    if task in ("slu", "slu_transcript"):
-        return {"json_schema": slu_schema(transcript=task == "slu_transcript")}
+    if (schema := task_schema(task)) is not None:
+        return {"json_schema": schema}
     if task == "qa":
         return {"regex": [answer_pattern(utterance) for utterance in utterances]}
     return {}
@@ -137,7 +137,7 @@ def _cascade_shots(train_manifest: Path, seed: int) -> list[tuple[str, object]]:
     rows = rows[: 4 * CASCADE_SHOTS]
     meanings = utterances([row["text"] for row in rows], seed)
     shots = []
-    for task in ("slu", "slu_transcript", "qa"):
+    for task in (t for t in TASKS if t != "transcribe"):
         pairs = [(row["text"], ex) for row in rows if row["text"] in meanings
                  for ex in examples(row["text"], meanings[row["text"]], [task]) if ex.task == task]
         shots += pairs[:CASCADE_SHOTS]
@@ -163,7 +163,7 @@ def cascade_answers(decoder: tuple[str, str | None], task: str, queries: list[tu
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     intents = sorted({intent_of(t) for templates in TEMPLATES.values() for t in templates})
-    preamble = f"Intents: {', '.join(intents)}.\n\n" if task.startswith("slu") else ""
+    preamble = f"Intents: {', '.join(intents)}.\n\n" if METRIC_KINDS[task] == "json" else ""
     prompts = [preamble + cascade_prompt(task, instruction, transcript, shots) for transcript, instruction in queries]
     structures = per_clip_structures(structure, len(prompts))
     order = sorted(range(len(prompts)), key=lambda i: structures[i][0])

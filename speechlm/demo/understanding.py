@@ -78,11 +78,19 @@ def write_schemas(folder: Path, tasks: Sequence[str]) -> list[Path]:
     """Next to a trained model, the schema of each JSON task it learned (`slu_schema.json`,
     `slu_transcript_schema.json`), for `speechlm evaluate --task-schema slu=...` and the server's `response_format`."""
     paths = []
-    for task in ("slu", "slu_transcript"):
-        if task in tasks:
+    for task in tasks:
+        if (schema := task_schema(task)) is not None:
             paths.append(folder / f"{task}_schema.json")
-            paths[-1].write_text(json.dumps(slu_schema(transcript=task == "slu_transcript"), indent=1) + "\n")
+            paths[-1].write_text(json.dumps(schema, indent=1) + "\n")
     return paths
+
+
+def task_schema(task: str, values: bool = False) -> dict | None:
+    """The schema a JSON task's answers follow (`slu_schema`, with the transcript first for `slu_transcript`); None
+    for a task whose answer is not JSON."""
+    if METRIC_KINDS[task] != "json":
+        return None
+    return slu_schema(values=values, transcript=task == "slu_transcript")
 
 
 def _split_key(key: str) -> tuple[str, str]:

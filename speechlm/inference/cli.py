@@ -194,7 +194,7 @@ def transcribe_files(
     the headers have been read.
     """
     from ..audio import AudioError, audio_duration, load_audio
-    from .decoding import MIN_AUDIO_SECONDS
+    from .decoding import MIN_AUDIO_SECONDS, STRUCTURES
     from .segmentation import iter_transcribe_long
 
     failures = 0
@@ -220,7 +220,7 @@ def transcribe_files(
         except AudioError as error:
             fail(index, str(error))
             continue
-        held = [flag for flag in ("json_schema", "regex") if generate_kwargs.get(flag) is not None]
+        held = [flag for flag in STRUCTURES if generate_kwargs.get(flag) is not None]
         if item.duration > max_chunk_seconds and held:
             fail(index, f"{item.name}: {item.duration:.1f} s is longer than --max-chunk-seconds "
                         f"({max_chunk_seconds:g} s); an answer held to --{held[0].replace('_', '-')} covers one "

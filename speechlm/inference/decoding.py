@@ -131,7 +131,8 @@ STRUCTURES = ("json_schema", "regex")
 def per_clip_structures(generate_kwargs: dict, count: int) -> list[tuple[str, dict]]:
     """Each clip's structure option (`{"json_schema": ...}`, `{"regex": ...}` or `{}`) with a key that groups
     equal ones; a list option must have one entry per clip. Every distinct grammar is checked here, so an unusable
-    schema or regex fails before any work is done."""
+    schema or regex fails before any work is done. Each distinct option object is checked and keyed once, not once
+    per clip (a large schema given for every clip is serialised once)."""
     per_kind = {}
     for kind in STRUCTURES:
         value = generate_kwargs.get(kind)
@@ -141,11 +142,15 @@ def per_clip_structures(generate_kwargs: dict, count: int) -> list[tuple[str, di
             per_kind[kind] = list(value)
         else:
             per_kind[kind] = [value] * count
+    seen: dict[tuple, tuple[str, dict]] = {}
     structures = []
     for i in range(count):
         option = {kind: values[i] for kind, values in per_kind.items() if values[i] is not None}
-        structure_grammar(option)
-        structures.append((json.dumps(option, sort_keys=True), option))
+        identity = tuple((kind, id(value)) for kind, value in option.items())  # the objects live for this call
+        if identity not in seen:
+            structure_grammar(option)
+            seen[identity] = (json.dumps(option, sort_keys=True), option)
+        structures.append(seen[identity])
     return structures
 
 
