@@ -167,6 +167,7 @@ def run_trainer(args) -> None:
     from speechlm import SpeechLMProcessor
     from speechlm.training.distributed import (
         deepspeed_config,
+        end_distributed,
         gathered_parameters,
         is_zero3_partitioned,
         save_trainable_only,
@@ -230,6 +231,7 @@ def run_trainer(args) -> None:
         (out_dir / "summary.json").write_text(json.dumps(summary))
     if distributed:
         torch.distributed.barrier()
+        end_distributed()  # as `speechlm train` does: left to exit, a rank can abort after its work is done
 
 
 if __name__ == "__main__":
