@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from speechlm.training.distributed import end_distributed, exit_rank, is_distributed_launch
+
 TEXTS = ["call mom tomorrow morning", "play some jazz music", "remind me to buy milk", "set an alarm"]
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
@@ -85,6 +87,8 @@ def main() -> None:
         run_trainer(args)
     else:
         run_loop(args)
+    if is_distributed_launch():
+        exit_rank(0)  # as `speechlm train` ends a rank: interpreter teardown can abort one whose work is done
 
 
 def run_loop(args) -> None:
@@ -146,8 +150,7 @@ def run_loop(args) -> None:
             plain.save_pretrained(out_dir / "trainable", trainable_only=True)
         (out_dir / "summary.json").write_text(json.dumps(summary))
     if distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        end_distributed()
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -167,7 +170,6 @@ def run_trainer(args) -> None:
     from speechlm import SpeechLMProcessor
     from speechlm.training.distributed import (
         deepspeed_config,
-        end_distributed,
         gathered_parameters,
         is_zero3_partitioned,
         save_trainable_only,
@@ -230,8 +232,7 @@ def run_trainer(args) -> None:
         torch.save(trained, out_dir / "trained.pt")
         (out_dir / "summary.json").write_text(json.dumps(summary))
     if distributed:
-        torch.distributed.barrier()
-        end_distributed()  # as `speechlm train` does: left to exit, a rank can abort after its work is done
+        end_distributed()
 
 
 if __name__ == "__main__":

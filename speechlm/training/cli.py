@@ -98,7 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
         return 0
-    from .distributed import end_distributed, is_main_process
+    from .distributed import end_distributed, exit_rank, is_distributed_launch, is_main_process
 
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -109,11 +109,16 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         output_dir = train(config, resume=args.resume)
     except (FileExistsError, ManifestError, CheckpointError) as error:  # user errors: a message, not a traceback
+        end_distributed(completed=False)
         raise SystemExit(f"error: {error}") from None
-    finally:
-        end_distributed()
+    except BaseException:
+        end_distributed(completed=False)
+        raise
+    end_distributed()
     if is_main_process():
         print(f"model, processor and report in {output_dir}")
+    if is_distributed_launch():
+        exit_rank(0)
     return 0
 
 

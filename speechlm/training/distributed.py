@@ -4,9 +4,12 @@ transformers' `Trainer`, accelerate and DeepSpeed drive."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
+import sys
+from typing import NoReturn
 
 import torch
 
@@ -133,11 +136,30 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def end_distributed() -> None:
-    """Tear the process group down before the process exits. Left to interpreter shutdown, a rank can abort after
-    its work is done ("terminate called without an active exception", SIGABRT: seen once in CI under torchrun)."""
+def end_distributed(*, completed: bool = True) -> None:
+    """Tear the process group down before the process exits. After a `completed` run the ranks first meet at a
+    barrier, so no rank closes its connections while another still talks over them; after a failure they do not (the
+    others may never arrive)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if completed:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_rank(code: int = 0) -> NoReturn:
+    """End a distributed rank without the interpreter's teardown: Python's exit handlers run (loggers flush), the
+    streams are flushed, then the process leaves with `code`. Torch's C++ teardown at interpreter exit sometimes
+    aborted a rank whose work was done and saved ("terminate called without an active exception", SIGABRT), about one
+    CI run in three under torchrun, which then reports the whole job as failed."""
+    atexit._run_exitfuncs()  # what a normal exit would run first: e.g. experiment trackers finishing their upload
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def is_distributed_launch() -> bool:
+    """Whether this process is one of several ranks started by torchrun / accelerate (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def barrier() -> None:

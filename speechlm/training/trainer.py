@@ -13,6 +13,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .config import EvaluationConfig, TrainingOptions
+from .distributed import is_distributed_launch
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def make_training_arguments(options: TrainingOptions, output_dir: Path, has_eval
         label_names=["labels"],
         ddp_find_unused_parameters=find_unused,
     )
-    if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not cuda and is_distributed_launch():
         kwargs.update(use_cpu=True, ddp_backend="gloo")  # CPU-only DDP (torchrun): accelerate's MULTI_CPU over gloo
     if options.gradient_checkpointing:
         # Recent transformers renamed gradient_checkpointing to activation_checkpointing; use whichever exists.

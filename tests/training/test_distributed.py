@@ -64,3 +64,17 @@ def test_deepspeed_accelerate_config_trains(stage, base_config, tmp_path_factory
 
     model = SpeechLMModel.from_pretrained(tmp_path / "ds")  # a full checkpoint, gathered under ZeRO-3
     assert all(param.numel() > 0 for param in model.parameters())
+
+
+def test_a_rank_that_exits_early_still_runs_exit_handlers_flushes_and_returns_its_code():
+    """`exit_rank` skips the interpreter's teardown (where torch's C++ side aborted finished ranks), not the work a
+    normal exit does: buffered output and exit handlers (e.g. a tracker's upload) are not lost."""
+    code = """
+import atexit, sys
+from speechlm.training.distributed import exit_rank
+atexit.register(lambda: print("handler ran"))
+sys.stdout.write("buffered ")
+exit_rank(3)
+"""
+    result = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (3, "buffered handler ran\n")
