@@ -72,8 +72,9 @@ def config_path(tmp_path):
 
 
 def _env() -> dict:
-    # One thread per process: the test machine's cores are shared, and two DDP ranks must not fight over them.
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # One thread per process: the test machine's cores are shared, and two DDP ranks must not fight over them. A rank
+    # that dies on a signal prints where its Python code was (faulthandler), so a failure names its place.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def _summary(output_dir: Path) -> dict:
