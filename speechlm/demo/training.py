@@ -104,10 +104,16 @@ def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 2
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def slow_machine_warning(per_minute: float, settings: DemoSettings, dtype_choice: DtypeChoice) -> str | None:
-    """A loud sentence when this machine trains less than half the LLM steps per minute the defaults expect."""
+def slow_machine_warning(per_minute: float, settings: DemoSettings, dtype_choice: DtypeChoice,
+                         steps_left: int | None = None, minutes_left: float | None = None) -> str | None:
+    """A loud sentence when this machine trains less than half the LLM steps per minute the defaults expect, unless
+    the run is bounded by steps (`--max-steps`) and its `steps_left` fit in its `minutes_left`: then the slowness costs
+    time, not training."""
     if per_minute >= EXPECTED_LLM_STEPS_PER_MINUTE / 2:
         return None
+    if settings.max_steps and steps_left is not None and minutes_left is not None:
+        if steps_left <= per_minute * minutes_left:
+            return None
     return (f"WARNING: this machine trains {per_minute:.1f} LLM steps per minute, less than half of the "
             f"~{EXPECTED_LLM_STEPS_PER_MINUTE} the defaults were tuned on; within --minutes {settings.minutes:g} the "
             "model sees far fewer examples and its WER will be much worse than the README's (raise --minutes). "
@@ -157,7 +163,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
             self.rate_checked = True
             per_minute = (step - start_step) / max(elapsed - start_seconds, 1e-9) * 60
             history["llm_steps_per_minute"] = per_minute
-            message = slow_machine_warning(per_minute, settings, dtype_choice)
+            steps_left = settings.max_steps - step if settings.max_steps else None
+            message = slow_machine_warning(per_minute, settings, dtype_choice, steps_left, (budget - elapsed) / 60)
             if message:
                 history["warnings"].append(message)
                 self.bar.write(f"[demo] {message}")
@@ -237,7 +244,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     llm_minutes = (time.monotonic() - started) / 60 - history.get("ctc_minutes", 0.0)
     if "ctc_steps" in history or not pre_align:
         overall = (result.global_step - history.get("ctc_steps", 0)) / max(llm_minutes, 1e-9)
-        message = slow_machine_warning(overall, settings, dtype_choice)
+        steps_left = settings.max_steps - result.global_step if settings.max_steps else None
+        message = slow_machine_warning(overall, settings, dtype_choice, steps_left, 0.0)
         if message and not history["warnings"]:  # the early check saw fast steps; the whole phase did not
             history["warnings"].append(message)
     history["steps"] = result.global_step

@@ -84,6 +84,19 @@ def test_a_slow_machine_gets_a_loud_warning_and_a_normal_one_none():
     assert "--minutes 20" in message and "no native bfloat16" in message
 
 
+def test_a_slow_step_bounded_run_whose_steps_fit_its_budget_gets_no_warning():
+    """`--max-steps` with a generous `--minutes`: slowness costs time, not training, so the report must not claim
+    the model saw fewer examples; when the steps left do not fit, the warning stays."""
+    from speechlm.demo.settings import DemoSettings
+    from speechlm.demo.training import slow_machine_warning
+    from speechlm.hardware import DtypeChoice
+
+    choice = DtypeChoice(torch.float32, "float32: this CPU has no native bfloat16")
+    settings = DemoSettings(minutes=1000, ctc_steps=4000, max_steps=5200)
+    assert slow_machine_warning(16.0, settings, choice, steps_left=1000, minutes_left=900) is None
+    assert slow_machine_warning(16.0, settings, choice, steps_left=1000, minutes_left=30) is not None
+
+
 def test_step_bounded_schedule_gives_the_llm_phase_its_full_learning_rate():
     """With `--ctc-steps 80 --max-steps 100` the cosine runs over the 20 LLM steps, not over all 100."""
     from speechlm.demo.training import time_cosine_schedule
