@@ -1,11 +1,13 @@
 """Training data: JSONL manifests and Hugging Face datasets -> records -> `SpeechLMDataset` -> `SpeechLMCollator`.
 
 A manifest is JSON Lines, one utterance a line: `{"audio": path, "text": ..., "prompt"?: ..., "task"?: ...,
-"id"?: ..., "duration"?: seconds}`, or a chat `{"messages": [...], "task"?: ..., "id"?: ...}` whose user messages
-carry audio parts (`speechlm.chat`; the loss then covers the assistant messages only, and one manifest may mix both
-kinds of rows); relative audio paths resolve against the manifest's folder, so a corpus folder can be moved as a
-whole. Every problem is reported as `file:line: problem`; `on_error="skip"` drops the bad lines and
-logs how many were skipped and why (never silently), `on_error="raise"` lists them all in one `ManifestError`.
+"id"?: ..., "duration"?: seconds, "augment"?: "speed=0.9,telephone,..."}`, or a chat `{"messages": [...],
+"task"?: ..., "id"?: ...}` whose user messages carry audio parts (`speechlm.chat`; the loss then covers the
+assistant messages only, and one manifest may mix both kinds of rows); relative audio paths resolve against the
+manifest's folder, so a corpus folder can be moved as a whole; `augment` (`speechlm.data.augment`) names a fixed
+waveform augmentation of the clip (speed, room, noise, phone line). Every problem is reported as
+`file:line: problem`; `on_error="skip"` drops the bad lines and logs how many were skipped and why (never
+silently), `on_error="raise"` lists them all in one `ManifestError`.
 
 Batches are exactly what `SpeechLMProcessor` produces, so training sees the same features as inference;
 `DurationGroupedSampler` batches clips of similar duration together (less padding). With a
@@ -15,7 +17,8 @@ frozen encoder, `EncoderCache` stores each clip's encoder frames once and the co
 The package, one concept a module: `manifests` (`read_manifest`, `records_from_dataset`, `load_records`, `Manifest`
 and its errors), `records` (one raw entry -> a record: fields, audio values, chat rows), `dataset` (`SpeechLMDataset`,
 `SpeechLMCollator`, `resolve_prompt`, `load_record_audio`), `sampling` (`DurationGroupedSampler`), `encoder_cache`
-(`EncoderCache`, `encoder_fingerprint`). Every name is also importable from here (`from speechlm.data import
+(`EncoderCache`, `encoder_fingerprint`), `augment` (`augment_audio`, `parse_augment`: a record's fixed waveform
+augmentation). Every name is also importable from here (`from speechlm.data import
 read_manifest`), resolved on first use: `import speechlm.data` itself imports none of them (nor torch).
 """
 
@@ -31,6 +34,7 @@ _HOMES = {
     "speechlm.data.dataset": ("SpeechLMCollator", "SpeechLMDataset", "load_record_audio", "resolve_prompt"),
     "speechlm.data.sampling": ("DurationGroupedSampler",),
     "speechlm.data.encoder_cache": ("EncoderCache", "encoder_fingerprint"),
+    "speechlm.data.augment": ("augment_audio", "parse_augment"),
 }  # fmt: skip
 _WHERE, __getattr__, __dir__ = lazy_exports(__name__, globals(), _HOMES)
 

@@ -21,17 +21,23 @@ if TYPE_CHECKING:
 
 
 def load_record_audio(record: Mapping[str, Any], sampling_rate: int) -> np.ndarray:
-    """A record's audio as mono float32 at `sampling_rate` (the encoder's rate)."""
+    """A record's audio as mono float32 at `sampling_rate` (the encoder's rate), augmented as its `augment` says."""
     if record.get("messages") is not None:
         raise ValueError(f"{record.get('location')}: a chat row (messages) has no single audio clip; load it through "
                          "SpeechLMDataset, which decodes every clip of the chat")
     audio = record["audio"]
     if isinstance(audio, np.ndarray):
-        return validate_audio(audio, record["sampling_rate"], name=record["location"],
-                              target_sampling_rate=sampling_rate)
-    if isinstance(audio, bytes):
-        return load_audio(audio, sampling_rate, name=record.get("name") or record.get("location"))
-    return load_audio(audio, sampling_rate)
+        audio = validate_audio(audio, record["sampling_rate"], name=record["location"],
+                               target_sampling_rate=sampling_rate)
+    elif isinstance(audio, bytes):
+        audio = load_audio(audio, sampling_rate, name=record.get("name") or record.get("location"))
+    else:
+        audio = load_audio(audio, sampling_rate)
+    if record.get("augment"):
+        from .augment import augment_audio
+
+        audio = augment_audio(audio, sampling_rate, record["augment"])
+    return audio
 
 
 def resolve_prompt(record: Mapping[str, Any], task_prompts: Mapping[str, str] | None = None) -> str | None:

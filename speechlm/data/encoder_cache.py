@@ -36,11 +36,11 @@ def encoder_fingerprint(model, processor) -> str:
 class EncoderCache:
     """Frozen-encoder frames per clip, in memory (`directory=None`) or as safetensors files under `directory`.
 
-    Keys combine the encoder fingerprint with the clip's path, size and mtime (or a hash of its bytes/samples), so an
-    edited file or a different encoder is a cache miss, never a stale hit. Frames are kept in the encoder's dtype,
-    which makes a cached forward identical to an uncached one, unless `dtype` says otherwise (float16 halves the
-    memory of a large in-memory cache; the projector reads the rounded frames). An in-memory cache can be kept as
-    one file between runs (`save`, `load`).
+    Keys combine the encoder fingerprint with the clip's path, size and mtime (or a hash of its bytes/samples) and its
+    `augment` spec, so an edited file or a different encoder is a cache miss, never a stale hit, and each augmented
+    copy of a clip is cached apart. Frames are kept in the encoder's dtype, which makes a cached forward identical to
+    an uncached one, unless `dtype` says otherwise (float16 halves the memory of a large in-memory cache; the
+    projector reads the rounded frames). An in-memory cache can be kept as one file between runs (`save`, `load`).
     """
 
     def __init__(self, fingerprint: str, directory: str | os.PathLike | None = None, dtype: torch.dtype | None = None):
@@ -75,6 +75,8 @@ class EncoderCache:
             digest.update(b"bytes:" + audio)
         else:
             digest.update(f"array:{record.get('sampling_rate')}:".encode() + np.ascontiguousarray(audio).tobytes())
+        if record.get("augment"):  # an augmented copy is another clip; the clean clip's key stays what it was
+            digest.update(f"augment:{record['augment']}".encode())
         return digest.hexdigest()[:40]
 
     def _file(self, key: str) -> Path:

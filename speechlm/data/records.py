@@ -82,6 +82,14 @@ def normalise_entry(
     prompt = _text_field(raw, "prompt", required=False)
     task = _text_field(raw, "task", required=False)
     transcript = _text_field(raw, "transcript", required=False)
+    augment = _text_field(raw, "augment", required=False)
+    if augment is not None:
+        from .augment import parse_augment
+
+        try:
+            parse_augment(augment)
+        except ValueError as error:
+            raise EntryProblem(str(error)) from None
     audio, record_rate, name = _audio_field(raw[audio_key], base_dir, raw.get("sampling_rate", sampling_rate))
     name = name or location
     if isinstance(audio, str) and not os.path.isfile(audio):
@@ -95,6 +103,7 @@ def normalise_entry(
         "prompt": prompt,
         "task": task,
         "transcript": transcript,
+        "augment": augment,
         "id": str(record_id) if record_id is not None else location,
         "duration": duration,
         "location": location,

@@ -63,6 +63,7 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         + (f"; loss = LLM loss + {settings.ctc_weight:g} x CTC alignment loss" if settings.ctc_weight else "")
         + ("; the LLM reads the CTC-compressed audio" if settings.ctc_compression else "")
         + (f"; real-speech clips x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else "")
+        + (" (copies augmented)" if settings.real_speech_repeats > 1 and settings.real_speech_augment else "")
         + "). Held-out sets decoded "
         + (f"with beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily")
         + "; the curve during training is greedy.", "",

@@ -113,13 +113,15 @@ def run(args) -> int:
 
             synthetic = [r["text"] for r in train_records if r["extra"].get("source") == "synthetic"]
             meanings = utterances(synthetic, settings.seed)
-        examples = training_records(train_records, settings.real_speech_repeats, tasks, meanings)
+        examples = training_records(train_records, settings.real_speech_repeats, tasks, meanings,
+                                    augment=settings.real_speech_augment)
         # Next to the corpus, keyed by the encoder (weights, config, features) and the manifest: runs on both share it.
         manifest_key = hashlib.sha1(manifests["train"].read_bytes()).hexdigest()[:8]
         fingerprint = encoder_fingerprint(model, processor)[:10]
         dataset = cached_training_set(model, processor, train_records, examples,
                                       root / f"train-frames-{fingerprint}-{manifest_key}.safetensors")
         repeats = f", real speech x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else ""
+        repeats += " (copies augmented)" if repeats and settings.real_speech_augment else ""
         print(f"[demo] 3/5 training on {len(train_records)} clips{repeats} for {settings.describe_budget()}",
               flush=True)
         model.train()

@@ -50,6 +50,7 @@ class DemoSettings:
     frame_masking: float = 0.0
     llm_frame_masking: float = 0.0  # the same masking kept on through the LLM phase (regularisation)
     real_speech_repeats: int = 1  # each real (Asterisk) training clip appears this many times per epoch
+    real_speech_augment: bool = False  # the copies after the first are augmented (speed, room, noise, phone line)
     # Train on The Ur-Quan Masters voice acting (+ Pico readings of its lines): off by default, because within 20 CPU
     # minutes it slowed the LLM phase (longer clips) without moving real-speech WER (README); the held-out UQM
     # characters are evaluated either way.
@@ -146,6 +147,10 @@ def add_arguments(parser) -> None:
                         help="fraction of encoder frames and channels zeroed while training through the LLM")
     parser.add_argument("--real-speech-repeats", type=int, default=defaults.real_speech_repeats,
                         help="times each real (Asterisk) training clip appears per epoch, against the synthetic ones")
+    parser.add_argument("--real-speech-augment", action=argparse.BooleanOptionalAction,
+                        default=defaults.real_speech_augment,
+                        help="augment each copy after the first of a repeated real clip (speed 0.9-1.1, a synthetic "
+                        "room, white noise at 15-30 dB SNR, the 8 kHz mu-law phone channel; encoded once and cached)")
     parser.add_argument("--tasks", default=defaults.tasks,
                         help="comma-separated tasks to train: transcribe (always), slu (intent + slots as JSON), "
                         "slu_transcript (the same JSON after the words it was read from), qa (a question about one "

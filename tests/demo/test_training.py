@@ -125,3 +125,25 @@ def test_frame_masking_follows_the_phase():
     """`--frame-masking` masks frames while CTC pre-aligns; `--llm-frame-masking` takes over through the LLM."""
     settings = DemoSettings(frame_masking=0.2, llm_frame_masking=0.1)
     assert (phase_frame_masking(settings, ctc_phase=True), phase_frame_masking(settings, ctc_phase=False)) == (0.2, 0.1)
+
+
+def test_augmented_repeats_give_each_real_copy_after_the_first_its_own_augmentation():
+    records = [record("a", "synthetic"), record("b", "asterisk")]
+    examples = training_records(records, real_speech_repeats=3, augment=True)
+    assert [e["augment"] is None for e in examples] == [True, True, False, False]  # synthetic and first copy clean
+    assert len({e["augment"] for e in examples[2:]}) == 2
+    assert all(e["augment"] is None for e in training_records(records, real_speech_repeats=3))
+
+
+def test_the_cached_training_set_encodes_each_augmented_copy_once(build, tmp_path):
+    from speechlm.demo.training import cached_training_set
+
+    processor, model = build("whisper", "llama")
+    model.freeze_encoder()
+    records = [record("a", "synthetic", 1), record("b", "asterisk", 2)]
+    examples = training_records(records, real_speech_repeats=3, augment=True)
+    dataset = cached_training_set(model, processor, records, examples, tmp_path / "frames.safetensors")
+    items = [dataset[i] for i in range(len(dataset))]
+    assert all("audio" not in item for item in items)
+    assert len({item["cache_key"] for item in items}) == 4
+    assert len(dataset.encoder_cache) == 4
