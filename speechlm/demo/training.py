@@ -48,7 +48,7 @@ def training_records(records: Sequence[dict], real_speech_repeats: int = 1, task
     for index, record in enumerate(records):
         repeats = real_speech_repeats if record.get("extra", {}).get("source") in REAL_SOURCES else 1
         for copy in range(repeats):
-            spec = None
+            spec = record.get("augment")
             if augment and copy:
                 spec = f"{REAL_SPEECH_AUGMENTS[(copy - 1) % len(REAL_SPEECH_AUGMENTS)]},seed={index * 16 + copy}"
             for example in training_examples(record["text"], meanings.get(record["text"]), tasks):

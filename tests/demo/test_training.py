@@ -133,6 +133,8 @@ def test_augmented_repeats_give_each_real_copy_after_the_first_its_own_augmentat
     assert [e["augment"] is None for e in examples] == [True, True, False, False]  # synthetic and first copy clean
     assert len({e["augment"] for e in examples[2:]}) == 2
     assert all(e["augment"] is None for e in training_records(records, real_speech_repeats=3))
+    own = {**records[1], "augment": "telephone"}  # a manifest row's own augmentation stays on its first copy
+    assert [e["augment"] for e in training_records([own], 2, augment=True)][0] == "telephone"
 
 
 def test_the_cached_training_set_encodes_each_augmented_copy_once(build, tmp_path):
