@@ -88,6 +88,25 @@ def add_length_cap_argument(parser: argparse.ArgumentParser, per: str = "clip") 
                              "reports with 5: fast speech is ~4 words/s); default: no cap")
 
 
+def ctc_weight(text: str) -> float:
+    """argparse type: a weight in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def add_joint_ctc_argument(parser: argparse.ArgumentParser) -> None:
+    """--ctc-weight: transcripts decoded jointly with the model's CTC head (`speechlm.joint_ctc`)."""
+    parser.add_argument("--ctc-weight", type=ctc_weight, default=0.0, metavar="W",
+                        help="decode transcripts jointly with the model's CTC head at weight W (0-1; the demo's "
+                             "models have one): the head's prefix score keeps the LLM from writing words the audio "
+                             "does not hold (default: 0, the LLM alone)")
+
+
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """Generation keywords from the decoding flags; None leaves the choice to the model's generation config (then
     `default_generation_kwargs`' fallback)."""

@@ -13,13 +13,19 @@ from .outputs import LABELS, format_report, format_value
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """`speechlm evaluate`'s flags: the shared model and decoding options (`speechlm.cli_options`) plus its own."""
-    from ..cli_options import add_decoding_arguments, add_length_cap_argument, add_model_arguments
+    from ..cli_options import (
+        add_decoding_arguments,
+        add_joint_ctc_argument,
+        add_length_cap_argument,
+        add_model_arguments,
+    )
 
     parser.add_argument("manifest", help="JSONL manifest: {\"audio\": path, \"text\": reference, \"prompt\"?: ...}")
     add_model_arguments(parser)
     add_decoding_arguments(parser, prompt_help="instruction for records without their own prompt (default: the "
                                                "processor's)")  # fmt: skip
     add_length_cap_argument(parser, per="transcription clip (answers of other tasks are not capped)")
+    add_joint_ctc_argument(parser)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N utterances (default: all)")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                         help="bad manifest lines: stop with a list of them, or skip them (counted and reported)")
@@ -59,11 +65,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if (loaded := load_or_explain(args)) is None:
         return 2
     processor, model = loaded
+    if args.ctc_weight and model.ctc_head is None:
+        print(f"error: --ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
+        return 2
     metrics = evaluate_model(
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
         limit=args.limit, normalize=normalize, progress=not args.quiet, task_metrics=task_metrics,
         task_prompts=task_prompts or None, model_name=args.model, tokens_per_second=args.tokens_per_second,
-        task_schemas=task_schemas, **generation_options(args),
+        task_schemas=task_schemas, ctc_weight=args.ctc_weight, **generation_options(args),
     )  # fmt: skip
     notes = [f"Normaliser: {normalizer_description(normalize)}"]
     print(format_report(metrics, f"{args.model} on {args.manifest}", notes))

@@ -34,6 +34,7 @@ def transcribe_records(
     tokens_per_second: float | None = None,
     kinds: dict[str, str] | None = None,
     task_schemas: dict[str, dict] | None = None,
+    ctc_weight: float = 0.0,
     **generate_kwargs,
 ) -> list[str]:
     """Hypotheses for manifest records (see `speechlm.data`), in record order, through `transcribe_arrays`.
@@ -44,7 +45,9 @@ def transcribe_records(
     `tokens_per_second` caps the new tokens of transcription records by their length (`transcribe_arrays`); the
     other tasks' answers are not capped. `kinds` ({task: metric kind}, default `resolve_kinds(records)`) says which.
     `task_schemas` ({task: JSON schema}) holds that task's answers to its schema while decoding
-    (`speechlm.inference.structured`), e.g. an SLU task to its intents and slots.
+    (`speechlm.inference.structured`), e.g. an SLU task to its intents and slots. `ctc_weight` > 0 decodes the
+    transcription records jointly with the model's CTC head (`speechlm.joint_ctc`); other answers are not the
+    transcript the head reads, so they are decoded by the LLM alone.
     """
     from tqdm.auto import tqdm
 
@@ -52,13 +55,13 @@ def transcribe_records(
     from ..inference.decoding import transcribe_arrays
     from ..tasks import UNTAGGED, resolve_kinds
 
-    if tokens_per_second is not None and kinds is None:
+    if (tokens_per_second is not None or ctc_weight) and kinds is None:
         kinds = resolve_kinds(records)
     schemas = task_schemas or {}
 
-    def length_capped(record: dict[str, Any]) -> bool:
+    def transcription(record: dict[str, Any]) -> bool:
         task = record.get("task")
-        return tokens_per_second is not None and kinds.get(UNTAGGED if task is None else task) == "transcription"
+        return kinds is not None and kinds.get(UNTAGGED if task is None else task) == "transcription"
 
     hypotheses: list[str] = []
     group = max(1, batch_size) * _BATCHES_PER_GROUP
@@ -73,15 +76,16 @@ def transcribe_records(
                 own = resolve_prompt(chunk[i], task_prompts)
                 prompts.append(own if own is not None else prompt if prompt is not None else processor.prompt)
             texts = {}
-            groups: dict[tuple, list[int]] = {}  # rows decoded alike: (length-capped?, task whose schema holds)
+            groups: dict[tuple, list[int]] = {}  # rows decoded alike: (transcription?, task whose schema holds)
             for n, i in enumerate(plain):
                 task = chunk[i].get("task")
-                groups.setdefault((length_capped(chunk[i]), task if task in schemas else None), []).append(n)
-            for (capped, schema_task), rows in groups.items():
+                groups.setdefault((transcription(chunk[i]), task if task in schemas else None), []).append(n)
+            for (transcribed, schema_task), rows in groups.items():
+                joint = {"ctc_weight": ctc_weight} if transcribed and ctc_weight else {}
                 decoded = transcribe_arrays(model, processor, [audios[n] for n in rows],
                                             prompt=[prompts[n] for n in rows], batch_size=batch_size,
-                                            tokens_per_second=tokens_per_second if capped else None,
-                                            json_schema=schemas.get(schema_task), **generate_kwargs)
+                                            tokens_per_second=tokens_per_second if transcribed else None,
+                                            json_schema=schemas.get(schema_task), **joint, **generate_kwargs)
                 texts.update(zip((plain[n] for n in rows), decoded))
             if chats:
                 conversations = [_chat_history(chunk[i], processor.sampling_rate) for i in chats]
@@ -137,6 +141,7 @@ def evaluate_model(
     progress: bool = False,
     tokens_per_second: float | None = None,
     task_schemas: dict[str, dict] | None = None,
+    ctc_weight: float = 0.0,
     **generate_kwargs,
 ) -> dict[str, Any]:
     """Transcribe a manifest (path, `speechlm.data.Manifest`, `datasets.Dataset` or list of record dicts) and score it.
@@ -149,8 +154,9 @@ def evaluate_model(
     With `output_dir`, also writes `predictions.jsonl` (one row per utterance, with its `task` and `kind` when there
     are tasks, for error analysis), `metrics.json` and `summary.md` (naming `model_name` and the normaliser) there.
     `tokens_per_second` caps each transcription record's new tokens by its audio length (`transcribe_arrays`);
-    `task_schemas` ({task: JSON schema}) holds a task's answers to its schema while decoding. `generate_kwargs`
-    reach `model.generate` (max_new_tokens, num_beams, ...).
+    `task_schemas` ({task: JSON schema}) holds a task's answers to its schema while decoding; `ctc_weight` decodes
+    the transcription records jointly with the model's CTC head. `generate_kwargs` reach `model.generate`
+    (max_new_tokens, num_beams, ...).
     """
     from ..data.manifests import load_records
     from ..tasks import UNTAGGED, resolve_kinds, score_records, transcription_scores
@@ -160,7 +166,7 @@ def evaluate_model(
     kinds = resolve_kinds(records, task_metrics)
     started = time.perf_counter()
     hypotheses = transcribe_records(model, processor, records, batch_size, prompt, task_prompts, progress,
-                                    tokens_per_second, kinds, task_schemas, **generate_kwargs)
+                                    tokens_per_second, kinds, task_schemas, ctc_weight, **generate_kwargs)
     elapsed = time.perf_counter() - started
     references = [record["text"] for record in records]
     per_task = bool(kinds) and kinds != {UNTAGGED: "transcription"}

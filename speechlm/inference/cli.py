@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ..cli_options import (
     add_decoding_arguments,
+    add_joint_ctc_argument,
     add_length_cap_argument,
     add_model_arguments,
     generation_options,
@@ -279,6 +280,7 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_decoding_arguments(parser, per="chunk")
     add_length_cap_argument(parser, per="chunk")
+    add_joint_ctc_argument(parser)
     parser.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt", help="output format")
     parser.add_argument("--output", default="-", help="folder for one output file per input, or - for stdout")
     parser.add_argument(
@@ -334,6 +336,11 @@ def run_transcribe(args: argparse.Namespace) -> int:
     generate_kwargs = generation_options(args)
     if args.tokens_per_second is not None:
         generate_kwargs["tokens_per_second"] = args.tokens_per_second
+    if args.ctc_weight:
+        if model.ctc_head is None:
+            print(f"error: --ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
+            return 2
+        generate_kwargs["ctc_weight"] = args.ctc_weight
     generate_kwargs.update(held)
     try:  # the longest chunk must fit the LLM's positions: say so now, not after a crash on the first long file
         longest = audio_positions(model, processor, round(args.max_chunk_seconds * processor.sampling_rate))

@@ -120,3 +120,18 @@ def test_chat_rows_are_answered_from_their_conversation(build, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert rows[1]["hyp"] == expected[0] and rows[1]["ref"] == "mom" and rows[1]["kind"] == "answer"
     assert metrics["tasks"]["qa"]["n_utterances"] == 1 and metrics["tasks"]["transcribe"]["n_utterances"] == 1
+
+
+def test_joint_ctc_decoding_applies_to_transcription_rows_only(build, two_task_manifest, tmp_path):
+    # The CTC head reads the transcript; an SLU answer is another text, which it would only pull towards the words.
+    processor, model = build("whisper", "qwen2", dtype=torch.float32)
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    clips = make_clips(seconds=(0.55, 0.3, 0.8, 0.4))
+    options = {"max_new_tokens": 8}
+    evaluate_model(model, processor, two_task_manifest, batch_size=2, task_prompts=PROMPTS, ctc_weight=0.5,
+                   output_dir=tmp_path / "report", **options)
+    hyps = [json.loads(line)["hyp"] for line in (tmp_path / "report" / "predictions.jsonl").read_text().splitlines()]
+    joint = transcribe_arrays(model, processor, clips[0::2], prompt=PROMPTS["transcribe"], ctc_weight=0.5, **options)
+    assert joint != transcribe_arrays(model, processor, clips[0::2], prompt=PROMPTS["transcribe"], **options)
+    assert hyps[0::2] == joint
+    assert hyps[1::2] == transcribe_arrays(model, processor, clips[1::2], prompt=PROMPTS["slu"], **options)

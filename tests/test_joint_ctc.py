@@ -1,0 +1,97 @@
+"""Joint CTC/LLM decoding (`speechlm.joint_ctc`, `SpeechLMModel.generate(ctc_weight=...)`): the prefix scores are
+CTC's own likelihood, tokens the head cannot hear are never written, beams keep their states, and batched decoding
+equals one clip at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechlm.joint_ctc import CTCPrefixScorer
+from tests.conftest import make_clips
+
+EOS, VOCAB = 99, 100
+CLASSES = [10, 11, 12, 13, 14]  # LLM token ids of the head's classes 1..5 (class 0 is blank)
+
+
+def scorer(frames: int = 12, seed: int = 0, **kwargs) -> CTCPrefixScorer:
+    log_probs = torch.randn(1, frames, 1 + len(CLASSES), generator=torch.Generator().manual_seed(seed)).log_softmax(-1)
+    kwargs.setdefault("candidates", VOCAB)
+    return CTCPrefixScorer(log_probs, torch.tensor([frames]), 1.0, EOS, torch.tensor(CLASSES), **kwargs)
+
+
+def test_the_steps_of_a_whole_answer_sum_to_its_ctc_log_likelihood():
+    prefix_scorer, answer = scorer(), [11, 11, 13]
+    total, ids = 0.0, torch.zeros(1, 0, dtype=torch.long)
+    for token in [*answer, EOS]:
+        step = prefix_scorer(ids, torch.zeros(1, VOCAB))  # a flat LLM: weight 1 leaves CTC alone
+        total += float(step[0, token])
+        ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    targets = torch.tensor([[CLASSES.index(t) + 1 for t in answer]])
+    expected = -torch.nn.functional.ctc_loss(prefix_scorer.log_probs.transpose(0, 1), targets, torch.tensor([12]),
+                                             torch.tensor([3]), reduction="sum")
+    assert total == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_tokens_the_head_has_no_class_for_and_tokens_the_llm_ranks_low_are_never_chosen():
+    llm = torch.zeros(1, VOCAB)
+    llm[0, [5, 10, 11]] = torch.tensor([9.0, 3.0, 2.0])  # token 5: the LLM's favourite, but the head cannot hear it
+    step = scorer(candidates=3)(torch.zeros(1, 0, dtype=torch.long), llm)
+    finite = torch.isfinite(step[0]).nonzero().view(-1).tolist()
+    assert finite == [10, 11, EOS]
+
+
+def test_beam_rows_are_matched_to_their_prefix_after_reordering():
+    log_probs = scorer().log_probs.expand(2, -1, -1)
+    prefix_scorer = CTCPrefixScorer(log_probs[:1], torch.tensor([12]), 0.5, EOS, torch.tensor(CLASSES),
+                                    candidates=VOCAB)
+    llm = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(1))
+    prefix_scorer(torch.zeros(2, 0, dtype=torch.long), llm)  # two beams of one clip
+    in_order = prefix_scorer(torch.tensor([[10], [12]]), llm).clone()
+    prefix_scorer(torch.zeros(2, 0, dtype=torch.long), llm)
+    swapped = prefix_scorer(torch.tensor([[12], [10]]), llm.flip(0))  # the beam search reordered its rows
+    assert torch.equal(swapped, in_order.flip(0))
+
+
+def test_a_weight_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match=r"CTC weight must be in \(0, 1\]"):
+        scorer().__class__(torch.zeros(1, 2, 3), torch.tensor([2]), 1.5, EOS)
+
+
+@pytest.fixture
+def model_with_head(build):
+    processor, model = build("whisper", "llama")
+    model.add_ctc_head(list(range(3, 60)), processor.tokenizer.all_special_ids)
+    return processor, model
+
+
+def test_joint_decoding_batched_equals_one_clip_at_a_time(model_with_head):
+    processor, model = model_with_head
+    clips = make_clips((1.0, 0.4, 0.7))
+    kwargs = dict(max_new_tokens=6, do_sample=False, ctc_weight=0.5)
+    batched = model.generate(**processor(clips), **kwargs)
+    for i, clip in enumerate(clips):
+        alone = model.generate(**processor([clip]), **kwargs)[0].tolist()
+        assert batched[i].tolist()[: len(alone)] == alone
+
+
+def test_joint_decoding_writes_only_tokens_the_head_can_hear(model_with_head):
+    processor, model = model_with_head
+    for num_beams in (1, 3):
+        tokens = model.generate(**processor(make_clips((0.6, 0.9))), max_new_tokens=6, do_sample=False,
+                                num_beams=num_beams, ctc_weight=0.3)
+        allowed = set(range(3, 60)) | {model.generation_config.eos_token_id, model.generation_config.pad_token_id}
+        assert set(tokens.reshape(-1).tolist()) <= allowed
+
+
+def test_joint_decoding_changes_what_the_llm_alone_writes(model_with_head):
+    processor, model = model_with_head
+    batch = processor(make_clips((1.0, 0.4, 0.7)))
+    alone = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert not torch.equal(model.generate(**batch, max_new_tokens=6, do_sample=False, ctc_weight=0.9), alone)
+
+
+def test_joint_decoding_without_a_ctc_head_is_a_clear_error(build):
+    processor, model = build("whisper", "llama")
+    with pytest.raises(ValueError, match="ctc_weight needs a CTC head"):
+        model.generate(**processor(make_clips((0.5,))), max_new_tokens=2, ctc_weight=0.3)
