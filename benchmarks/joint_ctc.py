@@ -62,7 +62,7 @@ def main() -> None:
         for weight in args.weights:
             start = time.perf_counter()
             results = evaluate_sets(model, processor, manifests, args.limit, reference=False,
-                                    sets=tuple(manifests), **({"ctc_weight": weight} if weight else {}))
+                                    sets=tuple(manifests), **({"joint_ctc_weight": weight} if weight else {}))
             cells = [f"{100 * r['wer']:.1f} ({r['insertions']})" for r in results.values()]
             row = f"| `{label}` | {'LLM alone' if not weight else f'joint, CTC weight {weight:g}'} | "
             lines.append(row + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |")

@@ -88,7 +88,7 @@ def add_length_cap_argument(parser: argparse.ArgumentParser, per: str = "clip") 
                              "reports with 5: fast speech is ~4 words/s); default: no cap")
 
 
-def ctc_weight(text: str) -> float:
+def unit_interval(text: str) -> float:
     """argparse type: a weight in [0, 1]."""
     try:
         value = float(text)
@@ -100,8 +100,8 @@ def ctc_weight(text: str) -> float:
 
 
 def add_joint_ctc_argument(parser: argparse.ArgumentParser) -> None:
-    """--ctc-weight: transcripts decoded jointly with the model's CTC head (`speechlm.joint_ctc`)."""
-    parser.add_argument("--ctc-weight", type=ctc_weight, default=0.0, metavar="W",
+    """--joint-ctc-weight: transcripts decoded jointly with the model's CTC head (`speechlm.joint_ctc`)."""
+    parser.add_argument("--joint-ctc-weight", type=unit_interval, default=0.0, metavar="W",
                         help="decode transcripts jointly with the model's CTC head at weight W (0-1; the demo's "
                              "models have one): the head's prefix score keeps the LLM from writing words the audio "
                              "does not hold (default: 0, the LLM alone)")

@@ -299,13 +299,13 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_frames: torch.Tensor | None = None,
         encoder_frame_lengths: torch.Tensor | None = None,
-        ctc_weight: float = 0.0,
+        joint_ctc_weight: float = 0.0,
         **kwargs,
     ):
         """Generate text from audio (+ an optional prompt). Returns only the new tokens.
 
         `max_length` and `max_new_tokens` both count generated tokens. Every `GenerationMixin` option works
-        (num_beams, do_sample, temperature, top_p, repetition_penalty, streamer, ...). `ctc_weight` > 0 decodes
+        (num_beams, do_sample, temperature, top_p, repetition_penalty, streamer, ...). `joint_ctc_weight` > 0 decodes
         jointly with the model's CTC head (`speechlm.joint_ctc`: the head's prefix score, at that weight, beside the
         LLM's log-probabilities), which keeps the LLM from writing text the audio does not hold.
         """
@@ -313,15 +313,15 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
             if kwargs.get(total) is not None and kwargs.get(new) is None:
                 kwargs[new] = kwargs.pop(total)
         if input_values is None and input_features is None and encoder_frames is None:
-            if ctc_weight:
-                raise ValueError("ctc_weight needs audio: joint CTC decoding scores the text against the clip")
+            if joint_ctc_weight:
+                raise ValueError("joint_ctc_weight needs audio: joint CTC decoding scores the text against the clip")
             return super().generate(input_ids=input_ids, attention_mask=decoder_attention_mask, **kwargs)
         audio = None if encoder_frames is not None else self._select_audio_input(input_values, input_features)
         audio_embeds, audio_lengths = self.get_audio_features(
             audio, attention_mask, encoder_frames=encoder_frames, encoder_frame_lengths=encoder_frame_lengths
         )
-        if ctc_weight:
-            kwargs["logits_processor"] = self._joint_ctc(audio_embeds, audio_lengths, ctc_weight, kwargs)
+        if joint_ctc_weight:
+            kwargs["logits_processor"] = self._joint_ctc(audio_embeds, audio_lengths, joint_ctc_weight, kwargs)
         merged = self._merge_projected(audio_embeds, audio_lengths, input_ids, decoder_attention_mask)
         return super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
 
@@ -330,11 +330,11 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         from .joint_ctc import CTCPrefixScorer
 
         if self.ctc_head is None:
-            raise ValueError("ctc_weight needs a CTC head: this model was trained without one (add_ctc_head)")
+            raise ValueError("joint_ctc_weight needs a CTC head: this model was trained without one (add_ctc_head)")
         config = kwargs.get("generation_config") or self.generation_config
         eos = kwargs.get("eos_token_id", config.eos_token_id)
         if eos is None:
-            raise ValueError("ctc_weight needs an eos_token_id: the CTC head scores where the answer ends")
+            raise ValueError("joint_ctc_weight needs an eos_token_id: the CTC head scores where the answer ends")
         log_probs = self.ctc_head.scores(audio_embeds, self.get_input_embeddings().weight).log_softmax(-1)
         scorer = CTCPrefixScorer(log_probs, audio_lengths, weight, eos, self.ctc_head.vocabulary_ids)
         return LogitsProcessorList([*(kwargs.get("logits_processor") or []), scorer])

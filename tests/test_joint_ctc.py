@@ -1,4 +1,4 @@
-"""Joint CTC/LLM decoding (`speechlm.joint_ctc`, `SpeechLMModel.generate(ctc_weight=...)`): the prefix scores are
+"""Joint CTC/LLM decoding (`speechlm.joint_ctc`, `SpeechLMModel.generate(joint_ctc_weight=...)`): the prefix scores are
 CTC's own likelihood, tokens the head cannot hear are never written, beams keep their states, and batched decoding
 equals one clip at a time."""
 
@@ -68,7 +68,7 @@ def model_with_head(build):
 def test_joint_decoding_batched_equals_one_clip_at_a_time(model_with_head):
     processor, model = model_with_head
     clips = make_clips((1.0, 0.4, 0.7))
-    kwargs = dict(max_new_tokens=6, do_sample=False, ctc_weight=0.5)
+    kwargs = dict(max_new_tokens=6, do_sample=False, joint_ctc_weight=0.5)
     batched = model.generate(**processor(clips), **kwargs)
     for i, clip in enumerate(clips):
         alone = model.generate(**processor([clip]), **kwargs)[0].tolist()
@@ -79,7 +79,7 @@ def test_joint_decoding_writes_only_tokens_the_head_can_hear(model_with_head):
     processor, model = model_with_head
     for num_beams in (1, 3):
         tokens = model.generate(**processor(make_clips((0.6, 0.9))), max_new_tokens=6, do_sample=False,
-                                num_beams=num_beams, ctc_weight=0.3)
+                                num_beams=num_beams, joint_ctc_weight=0.3)
         allowed = set(range(3, 60)) | {model.generation_config.eos_token_id, model.generation_config.pad_token_id}
         assert set(tokens.reshape(-1).tolist()) <= allowed
 
@@ -88,10 +88,10 @@ def test_joint_decoding_changes_what_the_llm_alone_writes(model_with_head):
     processor, model = model_with_head
     batch = processor(make_clips((1.0, 0.4, 0.7)))
     alone = model.generate(**batch, max_new_tokens=6, do_sample=False)
-    assert not torch.equal(model.generate(**batch, max_new_tokens=6, do_sample=False, ctc_weight=0.9), alone)
+    assert not torch.equal(model.generate(**batch, max_new_tokens=6, do_sample=False, joint_ctc_weight=0.9), alone)
 
 
 def test_joint_decoding_without_a_ctc_head_is_a_clear_error(build):
     processor, model = build("whisper", "llama")
-    with pytest.raises(ValueError, match="ctc_weight needs a CTC head"):
-        model.generate(**processor(make_clips((0.5,))), max_new_tokens=2, ctc_weight=0.3)
+    with pytest.raises(ValueError, match="joint_ctc_weight needs a CTC head"):
+        model.generate(**processor(make_clips((0.5,))), max_new_tokens=2, joint_ctc_weight=0.3)

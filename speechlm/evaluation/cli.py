@@ -65,14 +65,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if (loaded := load_or_explain(args)) is None:
         return 2
     processor, model = loaded
-    if args.ctc_weight and model.ctc_head is None:
-        print(f"error: --ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
+    if args.joint_ctc_weight and model.ctc_head is None:
+        print(f"error: --joint-ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
         return 2
     metrics = evaluate_model(
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
         limit=args.limit, normalize=normalize, progress=not args.quiet, task_metrics=task_metrics,
         task_prompts=task_prompts or None, model_name=args.model, tokens_per_second=args.tokens_per_second,
-        task_schemas=task_schemas, ctc_weight=args.ctc_weight, **generation_options(args),
+        task_schemas=task_schemas, joint_ctc_weight=args.joint_ctc_weight, **generation_options(args),
     )  # fmt: skip
     notes = [f"Normaliser: {normalizer_description(normalize)}"]
     print(format_report(metrics, f"{args.model} on {args.manifest}", notes))

@@ -34,7 +34,7 @@ def transcribe_records(
     tokens_per_second: float | None = None,
     kinds: dict[str, str] | None = None,
     task_schemas: dict[str, dict] | None = None,
-    ctc_weight: float = 0.0,
+    joint_ctc_weight: float = 0.0,
     **generate_kwargs,
 ) -> list[str]:
     """Hypotheses for manifest records (see `speechlm.data`), in record order, through `transcribe_arrays`.
@@ -45,7 +45,7 @@ def transcribe_records(
     `tokens_per_second` caps the new tokens of transcription records by their length (`transcribe_arrays`); the
     other tasks' answers are not capped. `kinds` ({task: metric kind}, default `resolve_kinds(records)`) says which.
     `task_schemas` ({task: JSON schema}) holds that task's answers to its schema while decoding
-    (`speechlm.inference.structured`), e.g. an SLU task to its intents and slots. `ctc_weight` > 0 decodes the
+    (`speechlm.inference.structured`), e.g. an SLU task to its intents and slots. `joint_ctc_weight` > 0 decodes the
     transcription records jointly with the model's CTC head (`speechlm.joint_ctc`); other answers are not the
     transcript the head reads, so they are decoded by the LLM alone.
     """
@@ -55,7 +55,7 @@ def transcribe_records(
     from ..inference.decoding import transcribe_arrays
     from ..tasks import UNTAGGED, resolve_kinds
 
-    if (tokens_per_second is not None or ctc_weight) and kinds is None:
+    if (tokens_per_second is not None or joint_ctc_weight) and kinds is None:
         kinds = resolve_kinds(records)
     schemas = task_schemas or {}
 
@@ -81,7 +81,7 @@ def transcribe_records(
                 task = chunk[i].get("task")
                 groups.setdefault((transcription(chunk[i]), task if task in schemas else None), []).append(n)
             for (transcribed, schema_task), rows in groups.items():
-                joint = {"ctc_weight": ctc_weight} if transcribed and ctc_weight else {}
+                joint = {"joint_ctc_weight": joint_ctc_weight} if transcribed and joint_ctc_weight else {}
                 decoded = transcribe_arrays(model, processor, [audios[n] for n in rows],
                                             prompt=[prompts[n] for n in rows], batch_size=batch_size,
                                             tokens_per_second=tokens_per_second if transcribed else None,
@@ -141,7 +141,7 @@ def evaluate_model(
     progress: bool = False,
     tokens_per_second: float | None = None,
     task_schemas: dict[str, dict] | None = None,
-    ctc_weight: float = 0.0,
+    joint_ctc_weight: float = 0.0,
     **generate_kwargs,
 ) -> dict[str, Any]:
     """Transcribe a manifest (path, `speechlm.data.Manifest`, `datasets.Dataset` or list of record dicts) and score it.
@@ -154,7 +154,7 @@ def evaluate_model(
     With `output_dir`, also writes `predictions.jsonl` (one row per utterance, with its `task` and `kind` when there
     are tasks, for error analysis), `metrics.json` and `summary.md` (naming `model_name` and the normaliser) there.
     `tokens_per_second` caps each transcription record's new tokens by its audio length (`transcribe_arrays`);
-    `task_schemas` ({task: JSON schema}) holds a task's answers to its schema while decoding; `ctc_weight` decodes
+    `task_schemas` ({task: JSON schema}) holds a task's answers to its schema while decoding; `joint_ctc_weight` decodes
     the transcription records jointly with the model's CTC head. `generate_kwargs` reach `model.generate`
     (max_new_tokens, num_beams, ...).
     """
@@ -166,7 +166,7 @@ def evaluate_model(
     kinds = resolve_kinds(records, task_metrics)
     started = time.perf_counter()
     hypotheses = transcribe_records(model, processor, records, batch_size, prompt, task_prompts, progress,
-                                    tokens_per_second, kinds, task_schemas, ctc_weight, **generate_kwargs)
+                                    tokens_per_second, kinds, task_schemas, joint_ctc_weight, **generate_kwargs)
     elapsed = time.perf_counter() - started
     references = [record["text"] for record in records]
     per_task = bool(kinds) and kinds != {UNTAGGED: "transcription"}

@@ -336,11 +336,11 @@ def run_transcribe(args: argparse.Namespace) -> int:
     generate_kwargs = generation_options(args)
     if args.tokens_per_second is not None:
         generate_kwargs["tokens_per_second"] = args.tokens_per_second
-    if args.ctc_weight:
+    if args.joint_ctc_weight:
         if model.ctc_head is None:
-            print(f"error: --ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
+            print(f"error: --joint-ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
             return 2
-        generate_kwargs["ctc_weight"] = args.ctc_weight
+        generate_kwargs["joint_ctc_weight"] = args.joint_ctc_weight
     generate_kwargs.update(held)
     try:  # the longest chunk must fit the LLM's positions: say so now, not after a crash on the first long file
         longest = audio_positions(model, processor, round(args.max_chunk_seconds * processor.sampling_rate))

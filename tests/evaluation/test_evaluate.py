@@ -128,10 +128,11 @@ def test_joint_ctc_decoding_applies_to_transcription_rows_only(build, two_task_m
     model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
     clips = make_clips(seconds=(0.55, 0.3, 0.8, 0.4))
     options = {"max_new_tokens": 8}
-    evaluate_model(model, processor, two_task_manifest, batch_size=2, task_prompts=PROMPTS, ctc_weight=0.5,
+    evaluate_model(model, processor, two_task_manifest, batch_size=2, task_prompts=PROMPTS, joint_ctc_weight=0.5,
                    output_dir=tmp_path / "report", **options)
     hyps = [json.loads(line)["hyp"] for line in (tmp_path / "report" / "predictions.jsonl").read_text().splitlines()]
-    joint = transcribe_arrays(model, processor, clips[0::2], prompt=PROMPTS["transcribe"], ctc_weight=0.5, **options)
+    joint = transcribe_arrays(model, processor, clips[0::2], prompt=PROMPTS["transcribe"], joint_ctc_weight=0.5,
+                              **options)
     assert joint != transcribe_arrays(model, processor, clips[0::2], prompt=PROMPTS["transcribe"], **options)
     assert hyps[0::2] == joint
     assert hyps[1::2] == transcribe_arrays(model, processor, clips[1::2], prompt=PROMPTS["slu"], **options)

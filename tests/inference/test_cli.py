@@ -216,7 +216,7 @@ def test_cli_refuses_a_schema_and_a_regex_together(tmp_path, capsys):
 def test_cli_joint_ctc_weight_is_checked_before_any_work(saved_model, tmp_path, capsys):
     path = write_wav(tmp_path / "clip.wav", make_clips((0.5,))[0])
     with pytest.raises(SystemExit):
-        main(["transcribe", str(path), "--model", str(saved_model), "--ctc-weight", "1.5"])
-    assert "--ctc-weight: expected a number in [0, 1], got '1.5'" in capsys.readouterr().err
-    code = main(["transcribe", str(path), "--model", str(saved_model), "--ctc-weight", "0.3", "--quiet"])
-    assert code == 2 and "--ctc-weight needs a model with a CTC head" in capsys.readouterr().err
+        main(["transcribe", str(path), "--model", str(saved_model), "--joint-ctc-weight", "1.5"])
+    assert "--joint-ctc-weight: expected a number in [0, 1], got '1.5'" in capsys.readouterr().err
+    code = main(["transcribe", str(path), "--model", str(saved_model), "--joint-ctc-weight", "0.3", "--quiet"])
+    assert code == 2 and "--joint-ctc-weight needs a model with a CTC head" in capsys.readouterr().err
