@@ -99,12 +99,12 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def add_joint_ctc_argument(parser: argparse.ArgumentParser) -> None:
+def add_joint_ctc_argument(parser: argparse.ArgumentParser, default: float = 0.0, what: str = "transcripts") -> None:
     """--joint-ctc-weight: transcripts decoded jointly with the model's CTC head (`speechlm.joint_ctc`)."""
-    parser.add_argument("--joint-ctc-weight", type=unit_interval, default=0.0, metavar="W",
-                        help="decode transcripts jointly with the model's CTC head at weight W (0-1; the demo's "
-                             "models have one): the head's prefix score keeps the LLM from writing words the audio "
-                             "does not hold (default: 0, the LLM alone)")
+    parser.add_argument("--joint-ctc-weight", type=unit_interval, default=default, metavar="W",
+                        help=f"decode {what} jointly with the model's CTC head at weight W (0-1; the demo's models "
+                             "have one): the head's prefix score keeps the LLM from writing words the audio does not "
+                             f"hold; 0: the LLM alone (default: {default:g})")
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:

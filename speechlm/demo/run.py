@@ -136,7 +136,8 @@ def run(args) -> int:
     print("[demo] 4/5 evaluating the saved model (reloaded with SpeechLMModel.from_pretrained)", flush=True)
     # float32 for decoding: bfloat16 halves training time on this CPU, but its one-token decode steps are slower.
     processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
-    results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams)
+    joint = {"joint_ctc_weight": settings.joint_ctc_weight} if settings.joint_ctc_weight else {}
+    results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams, **joint)
     understanding = {}
     if len(parse_tasks(settings.tasks)) > 1 and corpus != "fortunes":
         _, decoder_path, gguf_file = resolve_parts(settings)
@@ -167,6 +168,6 @@ def run(args) -> int:
     from ..audio import load_audio
 
     text = transcribe_arrays(model, processor, [load_audio(clip["audio"])], max_new_tokens=48,
-                             num_beams=settings.num_beams)[0]
+                             num_beams=settings.num_beams, **joint)[0]
     print(f"[demo] 5/5 transcribing {Path(clip['audio']).name}:\n  reference : {clip['text']}\n  hypothesis: {text}")
     return 0

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import torch
 
+from ..cli_options import add_joint_ctc_argument
 from ..hardware import DtypeChoice, choose_training_dtype
 from .understanding import parse_tasks
 
 BUNDLED = "bundled"
-EVALUATION_ONLY = ("eval_limit", "eval_every_minutes", "curve_clips", "num_beams")  # not part of the model's key
+# Not part of the model's key.
+EVALUATION_ONLY = ("eval_limit", "eval_every_minutes", "curve_clips", "num_beams", "joint_ctc_weight")
 # Named recipes (`--preset NAME`): settings that need more than the default 20 minutes; options given beside a preset
 # still win. real-speech: the settings of the README's "Real speech" rows (UQM voice acting, Asterisk x3, LoRA on
 # every linear layer of the LLM, 100 minutes).
@@ -67,6 +69,7 @@ class DemoSettings:
     eval_every_minutes: float = 5.0
     eval_limit: int | None = None
     num_beams: int = 1
+    joint_ctc_weight: float = 0.0  # final transcriptions decoded jointly with the CTC head (speechlm.joint_ctc)
     curve_clips: int = 24
     extra: dict = field(default_factory=dict)
 
@@ -74,6 +77,8 @@ class DemoSettings:
         for name in ("ctc_fraction", "frame_masking", "llm_frame_masking", "lora_dropout", "natural_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.joint_ctc_weight <= 1:
+            raise ValueError(f"joint_ctc_weight must be in [0, 1], got {self.joint_ctc_weight}")
         if self.real_speech_repeats < 1:
             raise ValueError(f"real_speech_repeats must be >= 1, got {self.real_speech_repeats}")
         if self.minutes <= 0:
@@ -175,6 +180,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N clips per set")
     parser.add_argument("--num-beams", type=int, default=defaults.num_beams,
                         help="beam width of the final evaluation (1: greedy; the in-training curve is greedy)")
+    add_joint_ctc_argument(parser, defaults.joint_ctc_weight, "the final transcriptions (not the in-training curve "
+                           "nor the understanding answers)")
     parser.add_argument("--output", type=Path, default=None, help="run folder (default: in the cache)")
     parser.add_argument("--fresh", action="store_true", help="retrain even if a model with these settings exists")
     parser.add_argument("--install-system-packages", action="store_true",
