@@ -69,7 +69,7 @@ class DemoSettings:
     eval_every_minutes: float = 5.0
     eval_limit: int | None = None
     num_beams: int = 1
-    joint_ctc_weight: float = 0.0  # final transcriptions decoded jointly with the CTC head (speechlm.joint_ctc)
+    joint_ctc_weight: float = 0.5  # final transcriptions decoded jointly with the CTC head (speechlm.joint_ctc)
     curve_clips: int = 24
     extra: dict = field(default_factory=dict)
 
