@@ -66,7 +66,8 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         + (" (copies augmented)" if settings.real_speech_repeats > 1 and settings.real_speech_augment else "")
         + "). Held-out sets decoded "
         + (f"with beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily")
-        + (f", jointly with the CTC head (weight {settings.joint_ctc_weight:g})" if settings.joint_ctc_weight else "")
+        + (f", jointly with the CTC head (weight {settings.decoding_ctc_weight:g})" if settings.decoding_ctc_weight
+           else "")
         + "; the curve during training is greedy.", "",
         *[f"**{warning}**" for warning in history.get("warnings", [])], "",
         "Whisper tiny.en alone (the same encoder with its own decoder) reads the same clips as the reference; both "

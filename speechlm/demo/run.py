@@ -136,7 +136,7 @@ def run(args) -> int:
     print("[demo] 4/5 evaluating the saved model (reloaded with SpeechLMModel.from_pretrained)", flush=True)
     # float32 for decoding: bfloat16 halves training time on this CPU, but its one-token decode steps are slower.
     processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
-    joint = {"joint_ctc_weight": settings.joint_ctc_weight} if settings.joint_ctc_weight else {}
+    joint = {"joint_ctc_weight": settings.decoding_ctc_weight} if settings.decoding_ctc_weight else {}
     results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams, **joint)
     understanding = {}
     if len(parse_tasks(settings.tasks)) > 1 and corpus != "fortunes":

@@ -91,6 +91,19 @@ class DemoSettings:
         self.tasks = ",".join(parse_tasks(self.tasks))
 
     @property
+    def pre_aligns(self) -> bool:
+        return self.ctc_fraction > 0 or self.ctc_steps is not None
+
+    @property
+    def trains_ctc_head(self) -> bool:
+        return self.pre_aligns or self.ctc_weight > 0 or self.ctc_compression
+
+    @property
+    def decoding_ctc_weight(self) -> float:
+        """The joint CTC weight the final transcriptions use: 0 for a model trained without a CTC head."""
+        return self.joint_ctc_weight if self.trains_ctc_head else 0.0
+
+    @property
     def training_seed(self) -> int:
         return self.seed if self.train_seed is None else self.train_seed
 

@@ -145,7 +145,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     """transformers' Trainer on cached frames, stopped by the clock (or `max_steps`); returns the loss and WER
     history, the steps reached in each phase and any warning about this machine's speed."""
     dtype_choice = dtype_choice or DtypeChoice(torch.float32, "float32")
-    pre_align = settings.ctc_fraction > 0 or settings.ctc_steps is not None
+    pre_align = settings.pre_aligns
     from tqdm.auto import tqdm
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
@@ -227,7 +227,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
-    if pre_align or settings.ctc_weight > 0 or settings.ctc_compression:
+    if settings.trains_ctc_head:
         transcripts = [record["transcript"] or record["text"] for record in dataset.records]
         model.add_ctc_head(corpus_token_ids(processor, transcripts), processor.tokenizer.all_special_ids,
                            compress=settings.ctc_compression)

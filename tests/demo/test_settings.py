@@ -79,3 +79,9 @@ def test_training_follows_the_corpus_seed_unless_a_train_seed_is_given():
 
 def test_a_train_seed_names_another_model_on_the_same_corpus():
     assert DemoSettings(train_seed=1).fingerprint() != DemoSettings().fingerprint()
+
+
+def test_joint_ctc_decoding_needs_a_run_that_trains_the_ctc_head():
+    assert DemoSettings().decoding_ctc_weight == DemoSettings().joint_ctc_weight > 0
+    assert DemoSettings(ctc_weight=0, ctc_fraction=0).decoding_ctc_weight == 0  # no head: the LLM alone
+    assert DemoSettings(ctc_weight=0, ctc_fraction=0, ctc_steps=10).decoding_ctc_weight > 0
