@@ -33,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..cli_options import add_decoding_arguments, add_model_arguments, generation_options
+from ..cli_options import add_decoding_arguments, add_joint_ctc_argument, add_model_arguments, generation_options
 from ..factory import AUDIO_TOKEN
 from ..inference.decoding import audio_positions, check_positions, new_token_budget, prompt_positions
 from ..inference.formats import Segment, segments_text, segments_to_srt, segments_to_vtt
@@ -104,6 +104,8 @@ def _render(fmt: str, segments: list[Segment], duration: float, language: str | 
 def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
     """The server around an already loaded (processor, model); tests and `speechlm serve` both build it here."""
     settings = settings or ServerSettings()
+    if settings.joint_ctc_weight and getattr(model, "ctc_head", None) is None:
+        raise ValueError("joint_ctc_weight needs a model with a CTC head; this one has none")
     batcher = DynamicBatcher(model, processor, settings.max_batch_size, settings.batch_wait_ms,
                              settings.max_batch_audio_seconds)  # fmt: skip
     sampling_rate = processor.sampling_rate
@@ -320,6 +322,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         check_text_limits({"prompt": prompt, "instructions": instructions})  # before any decoding work
         audio = await decode_upload(await file.read(), name, sampling_rate, settings)
         generate_kwargs = {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams}
+        if settings.joint_ctc_weight:
+            generate_kwargs["joint_ctc_weight"] = settings.joint_ctc_weight
         if temperature > 0:
             generate_kwargs.update(do_sample=True, temperature=temperature)
         llm_prompt = render_prompt(instructions, prompt, language)
@@ -411,6 +415,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-chat-tokens", type=int, default=defaults.max_chat_tokens, help="text tokens of a chat")
     parser.add_argument("--max-completion-tokens", type=int, default=defaults.max_completion_tokens,
                         help="the largest max_tokens a chat request may ask for")  # fmt: skip
+    add_joint_ctc_argument(parser, what="transcriptions (/v1/audio/transcriptions; chat answers use the LLM alone)")
     parser.add_argument(
         "--allow-origin",
         action="append",
@@ -439,6 +444,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_chunk_seconds=args.max_chunk_seconds,
         prompt=args.prompt,
         **generation_options(args),
+        joint_ctc_weight=args.joint_ctc_weight,
         max_prompt_chars=args.max_prompt_chars,
         max_prompt_tokens=args.max_prompt_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
@@ -466,6 +472,9 @@ def run_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     processor, model = load_for_inference(args, device)
+    if settings.joint_ctc_weight and model.ctc_head is None:
+        print(f"error: --joint-ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
+        return 2
     app = create_app(model, processor, settings)
     shown = {k: v for k, v in asdict(settings).items() if k != "api_key"}
     print(f"serving {args.model} on http://{args.host}:{args.port} ({device}); auth: {bool(settings.api_key)}; {shown}")

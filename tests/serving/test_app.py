@@ -105,6 +105,25 @@ def test_an_int8_model_serves_what_it_decodes_alone(tiny):
     assert texts == expected_texts((processor, int8), wavs)
 
 
+def test_transcriptions_decode_jointly_with_the_ctc_head_when_the_server_says_so(build):
+    processor, model = build("whisper", "qwen2")
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    wavs = [wav_bytes(clip) for clip in make_clips((0.5, 0.9))]
+    with live_server(create_app(model, processor, settings(joint_ctc_weight=0.5))) as url:
+        texts = [post(url, data=data).json()["text"] for data in wavs]
+    clips = [load_audio(data, SR) for data in wavs]
+    joint = [transcribe_arrays(model, processor, [clip], max_new_tokens=TOKENS, joint_ctc_weight=0.5)[0]
+             for clip in clips]
+    assert texts == joint and joint != [transcribe_arrays(model, processor, [c], max_new_tokens=TOKENS)[0]
+                                        for c in clips]
+
+
+def test_joint_ctc_decoding_without_a_ctc_head_is_refused_at_start(tiny):
+    processor, model = tiny
+    with pytest.raises(ValueError, match="joint_ctc_weight needs a model with a CTC head"):
+        create_app(model, processor, settings(joint_ctc_weight=0.5))
+
+
 def test_health_and_models(server, client):
     url, _ = server
     health = httpx.get(url + "/health").json()
