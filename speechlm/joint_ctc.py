@@ -32,10 +32,13 @@ class CTCPrefixScorer(LogitsProcessor):
                  vocabulary_ids: torch.Tensor | None = None, candidates: int = 8):
         if not 0 < weight <= 1:
             raise ValueError(f"the CTC weight must be in (0, 1], got {weight}")
-        self.log_probs = log_probs.float()
-        self.lengths = lengths.long().to(log_probs.device)
+        # On the CPU whatever the model's device: the recursion is a few small ops per audio token, which a GPU would
+        # run as many tiny kernels with a sync each.
+        self.log_probs = log_probs.detach().float().cpu()
+        self.lengths = lengths.detach().long().cpu()
         self.weight = float(weight)
         self.eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]).view(-1)
+        self.eos_ids = set(self.eos.tolist())
         self.candidates = int(candidates)
         size = log_probs.shape[-1] - 1
         ids = vocabulary_ids.long().cpu() if vocabulary_ids is not None else torch.arange(size)
@@ -82,7 +85,7 @@ class CTCPrefixScorer(LogitsProcessor):
         fresh: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for row in range(rows):
             clip, prefix = row // beams, tuple(input_ids[row].tolist())
-            if prefix and torch.isin(torch.tensor(prefix[-1]), eos.cpu()):  # finished: leave it as it is
+            if prefix and prefix[-1] in self.eos_ids:  # finished: leave it as it is
                 combined[row] = llm[row]
                 continue
             state = self.states.get((clip, prefix)) if prefix else self._empty_state(clip)
