@@ -107,6 +107,14 @@ def add_joint_ctc_argument(parser: argparse.ArgumentParser, default: float = 0.0
                              f"hold; 0: the LLM alone (default: {default:g})")
 
 
+def joint_ctc_refused(args: argparse.Namespace, model) -> bool:
+    """True, after printing why, when --joint-ctc-weight asks for a CTC head the loaded model does not have."""
+    if args.joint_ctc_weight and model.ctc_head is None:
+        print(f"error: --joint-ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
+        return True
+    return False
+
+
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """Generation keywords from the decoding flags; None leaves the choice to the model's generation config (then
     `default_generation_kwargs`' fallback)."""
@@ -140,7 +148,9 @@ def load_or_explain(args: argparse.Namespace):
 __all__ = [
     "DefaultsHelpFormatter",
     "add_decoding_arguments",
+    "add_joint_ctc_argument",
     "add_length_cap_argument",
+    "joint_ctc_refused",
     "positive_number",
     "add_model_arguments",
     "generation_options",

@@ -49,7 +49,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..cli_options import generation_options, load_or_explain
+    from ..cli_options import generation_options, joint_ctc_refused, load_or_explain
     from ..data.manifests import ManifestError, read_manifest
 
     if args.batch_size < 1:
@@ -65,8 +65,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if (loaded := load_or_explain(args)) is None:
         return 2
     processor, model = loaded
-    if args.joint_ctc_weight and model.ctc_head is None:
-        print(f"error: --joint-ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
+    if joint_ctc_refused(args, model):
         return 2
     metrics = evaluate_model(
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,

@@ -21,6 +21,7 @@ from ..cli_options import (
     add_length_cap_argument,
     add_model_arguments,
     generation_options,
+    joint_ctc_refused,
     load_or_explain,
 )
 from .formats import Segment, Transcript
@@ -336,10 +337,9 @@ def run_transcribe(args: argparse.Namespace) -> int:
     generate_kwargs = generation_options(args)
     if args.tokens_per_second is not None:
         generate_kwargs["tokens_per_second"] = args.tokens_per_second
+    if joint_ctc_refused(args, model):
+        return 2
     if args.joint_ctc_weight:
-        if model.ctc_head is None:
-            print(f"error: --joint-ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
-            return 2
         generate_kwargs["joint_ctc_weight"] = args.joint_ctc_weight
     generate_kwargs.update(held)
     try:  # the longest chunk must fit the LLM's positions: say so now, not after a crash on the first long file

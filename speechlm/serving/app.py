@@ -465,15 +465,14 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from ..cli_options import load_for_inference, resolve_device
+    from ..cli_options import joint_ctc_refused, load_for_inference, resolve_device
 
     settings = settings_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     processor, model = load_for_inference(args, device)
-    if settings.joint_ctc_weight and model.ctc_head is None:
-        print(f"error: --joint-ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
+    if joint_ctc_refused(args, model):
         return 2
     app = create_app(model, processor, settings)
     shown = {k: v for k, v in asdict(settings).items() if k != "api_key"}

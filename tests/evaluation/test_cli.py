@@ -58,3 +58,12 @@ def test_speechlm_evaluate_names_the_whisper_normaliser(build, manifest, tmp_pat
     assert "- Normaliser: Whisper EnglishTextNormalizer" in capsys.readouterr().out
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert f"- Model: {tmp_path / 'model'}" in summary and "Normaliser: Whisper EnglishTextNormalizer" in summary
+
+
+def test_speechlm_evaluate_refuses_joint_ctc_decoding_without_a_ctc_head(build, manifest, tmp_path, capsys):
+    processor, model = build("wav2vec2-layer", "qwen2", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    argv = ["evaluate", str(manifest), "--model", str(tmp_path / "model"), "--joint-ctc-weight", "0.5", "--quiet"]
+    assert cli.main(argv) == 2
+    assert "--joint-ctc-weight needs a model with a CTC head" in capsys.readouterr().err
