@@ -52,62 +52,87 @@ class CTCPrefixScorer(LogitsProcessor):
         r_b[length:] = r_b[length - 1] if length else NEG_INF
         return torch.full_like(blank, NEG_INF), r_b, 0.0
 
-    def _extend(self, clip: int, state, last_class: int | None, classes: torch.Tensor):
-        """States (r_n, r_b: (A, K)) and prefix scores (K,) of the prefix extended by each of `classes`."""
-        r_n, r_b, _ = state
-        x = self.log_probs[clip]
-        length, width = int(self.lengths[clip]), x.shape[0]
-        x_c = x[:, classes]  # (A, K)
-        phi = torch.logaddexp(r_n, r_b)[:, None].expand(-1, len(classes)).clone()
-        if last_class is not None:
-            repeat = classes == last_class
-            phi[:, repeat] = r_b[:, None]  # a repeated label needs a blank between the two
-        new_n = torch.full((width, len(classes)), NEG_INF)
-        new_b = torch.full((width, len(classes)), NEG_INF)
-        if last_class is None:
-            new_n[0] = x_c[0]
-        psi = new_n[0].clone()
-        for t in range(1, length):
-            new_n[t] = torch.logaddexp(new_n[t - 1], phi[t - 1]) + x_c[t]
-            new_b[t] = torch.logaddexp(new_n[t - 1], new_b[t - 1]) + x[t, 0]
-            psi = torch.logaddexp(psi, phi[t - 1] + x_c[t])
-        if length:
-            new_n[length:], new_b[length:] = new_n[length - 1], new_b[length - 1]
-        return new_n, new_b, psi
+    def _extend(self, clips: torch.Tensor, r_n: torch.Tensor, r_b: torch.Tensor, last: torch.Tensor,
+                classes: torch.Tensor):
+        """States (r_n, r_b: (R, A, K)) and prefix scores (R, K) of R prefixes, each extended by each of its `classes`.
+
+        `clips`: (R,) each prefix's clip, `r_n`/`r_b`: (R, A) their states, `last`: (R,) the class of their last token
+        (-1: empty prefix), `classes`: (R, K). One pass over the audio tokens serves every row of the batch.
+        """
+        x = self.log_probs[clips]  # (R, A, C)
+        lengths = self.lengths[clips]
+        rows, width, k = x.shape[0], x.shape[1], classes.shape[1]
+        x_c = x.gather(2, classes[:, None, :].expand(-1, width, -1))  # (R, A, K)
+        blank = x[:, :, 0, None]
+        # A repeated label needs a blank between the two.
+        phi = torch.where((classes == last[:, None])[:, None, :], r_b[:, :, None],
+                          torch.logaddexp(r_n, r_b)[:, :, None].expand(-1, -1, k))
+        new_n = torch.full((rows, width, k), NEG_INF)
+        new_b = torch.full((rows, width, k), NEG_INF)
+        empty = last < 0
+        new_n[empty, 0] = x_c[empty, 0]
+        psi = new_n[:, 0].clone()
+        for t in range(1, int(lengths.max())):
+            new_n[:, t] = torch.logaddexp(new_n[:, t - 1], phi[:, t - 1]) + x_c[:, t]
+            new_b[:, t] = torch.logaddexp(new_n[:, t - 1], new_b[:, t - 1]) + blank[:, t]
+            psi = torch.where((t < lengths)[:, None], torch.logaddexp(psi, phi[:, t - 1] + x_c[:, t]), psi)
+        # Past its clip's end a row keeps its last state (padding audio tokens are never read).
+        steps = torch.arange(width)
+        held = torch.where(steps < lengths[:, None], steps, (lengths[:, None] - 1).clamp(min=0))
+        held = torch.where(lengths[:, None] > 0, held, steps)[:, :, None].expand(-1, -1, k)
+        return new_n.gather(1, held), new_b.gather(1, held), psi
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows, clips = input_ids.shape[0], self.log_probs.shape[0]
         beams = rows // clips
-        llm = scores.float().log_softmax(-1)
-        combined = torch.full_like(llm, NEG_INF)
-        eos = self.eos.to(scores.device)
-        top = llm.topk(min(self.candidates, llm.shape[-1]), dim=-1).indices.cpu()
-        fresh: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        llm = scores.float().log_softmax(-1).cpu()
+        combined = llm.clone()  # finished rows, and rows with a token the head could not score: the LLM alone
+        top = llm.topk(min(self.candidates, llm.shape[-1]), dim=-1).indices
+        active, states, token_lists = [], [], []
         for row in range(rows):
             clip, prefix = row // beams, tuple(input_ids[row].tolist())
             if prefix and prefix[-1] in self.eos_ids:  # finished: leave it as it is
-                combined[row] = llm[row]
                 continue
             state = self.states.get((clip, prefix)) if prefix else self._empty_state(clip)
-            if state is None:  # a token the head could not score was forced in: the LLM alone from here
-                combined[row] = llm[row]
+            if state is None or state[2] == NEG_INF:
+                # A token the head could not score, or more labels than the clip has audio tokens, was forced in
+                # (a beam search keeps such rows when it has too few others): the LLM alone from here.
                 continue
-            tokens = [t for t in top[row].tolist() if t in self.class_of]
-            last_class = self.class_of.get(prefix[-1]) if prefix else None
-            r_n, r_b, psi_prefix = state
-            if tokens:
-                classes = torch.tensor([self.class_of[t] for t in tokens])
-                new_n, new_b, psi = self._extend(clip, state, last_class, classes)
-                for k, token in enumerate(tokens):
-                    fresh[(clip, (*prefix, token))] = (new_n[:, k], new_b[:, k], float(psi[k]))
-                index = torch.tensor(tokens, device=scores.device)
-                ctc = (psi - psi_prefix).to(scores.device)
-                combined[row, index] = (1 - self.weight) * llm[row, index] + self.weight * ctc
-            length = int(self.lengths[clip])
-            end = float(torch.logaddexp(r_n[length - 1], r_b[length - 1])) if length else 0.0
-            combined[row, eos] = (1 - self.weight) * llm[row, eos] + self.weight * (end - psi_prefix)
+            active.append((row, clip, prefix))
+            states.append(state)
+            token_lists.append([t for t in top[row].tolist() if t in self.class_of])
+        fresh: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        if active:
+            self._score(active, states, token_lists, llm, combined, fresh)
         self.states = fresh
-        return combined.to(scores.dtype)
+        return combined.to(device=scores.device, dtype=scores.dtype)
+
+    def _score(self, active, states, token_lists, llm, combined, fresh) -> None:
+        """Writes the joint scores of the active rows' candidates and of end-of-sequence into `combined`."""
+        r_n = torch.stack([state[0] for state in states])
+        r_b = torch.stack([state[1] for state in states])
+        psi_prefix = torch.tensor([state[2] for state in states])
+        clips = torch.tensor([clip for _, clip, _ in active])
+        width = max(1, max(len(tokens) for tokens in token_lists))
+        # Rows with fewer candidates are padded with the blank class; their padding is scored and thrown away.
+        classes = torch.zeros(len(active), width, dtype=torch.long)
+        for i, tokens in enumerate(token_lists):
+            classes[i, : len(tokens)] = torch.tensor([self.class_of[t] for t in tokens], dtype=torch.long)
+        last = torch.tensor([self.class_of.get(prefix[-1], -1) if prefix else -1 for _, _, prefix in active])
+        new_n, new_b, psi = self._extend(clips, r_n, r_b, last, classes)
+        lengths = self.lengths[clips]
+        end_index = (lengths - 1).clamp(min=0)[:, None]
+        end = torch.logaddexp(r_n.gather(1, end_index), r_b.gather(1, end_index))[:, 0]
+        end = torch.where(lengths > 0, end, torch.zeros_like(end))
+        w = self.weight
+        for i, ((row, clip, prefix), tokens) in enumerate(zip(active, token_lists)):
+            combined[row] = NEG_INF
+            for k, token in enumerate(tokens):
+                fresh[(clip, (*prefix, token))] = (new_n[i, :, k], new_b[i, :, k], float(psi[i, k]))
+            if tokens:
+                index = torch.tensor(tokens)
+                combined[row, index] = (1 - w) * llm[row, index] + w * (psi[i, : len(tokens)] - psi_prefix[i])
+            combined[row, self.eos] = (1 - w) * llm[row, self.eos] + w * (end[i] - psi_prefix[i])
 
 
 __all__ = ["CTCPrefixScorer"]

@@ -14,10 +14,10 @@ EOS, VOCAB = 99, 100
 CLASSES = [10, 11, 12, 13, 14]  # LLM token ids of the head's classes 1..5 (class 0 is blank)
 
 
-def scorer(frames: int = 12, seed: int = 0, **kwargs) -> CTCPrefixScorer:
+def scorer(frames: int = 12, seed: int = 0, weight: float = 1.0, **kwargs) -> CTCPrefixScorer:
     log_probs = torch.randn(1, frames, 1 + len(CLASSES), generator=torch.Generator().manual_seed(seed)).log_softmax(-1)
     kwargs.setdefault("candidates", VOCAB)
-    return CTCPrefixScorer(log_probs, torch.tensor([frames]), 1.0, EOS, torch.tensor(CLASSES), **kwargs)
+    return CTCPrefixScorer(log_probs, torch.tensor([frames]), weight, EOS, torch.tensor(CLASSES), **kwargs)
 
 
 def test_the_steps_of_a_whole_answer_sum_to_its_ctc_log_likelihood():
@@ -51,6 +51,32 @@ def test_beam_rows_are_matched_to_their_prefix_after_reordering():
     prefix_scorer(torch.zeros(2, 0, dtype=torch.long), llm)
     swapped = prefix_scorer(torch.tensor([[12], [10]]), llm.flip(0))  # the beam search reordered its rows
     assert torch.equal(swapped, in_order.flip(0))
+
+
+def test_clips_of_different_lengths_score_together_as_each_alone_and_padding_is_never_read():
+    lengths, generator = [12, 5, 3], torch.Generator().manual_seed(2)
+    log_probs = torch.randn(3, 12, 1 + len(CLASSES), generator=generator).log_softmax(-1)
+    padded = log_probs.clone()
+    for clip, length in enumerate(lengths):
+        padded[clip, length:] = float("nan")  # audio tokens past a clip's end
+    together = CTCPrefixScorer(padded, torch.tensor(lengths), 0.5, EOS, torch.tensor(CLASSES), candidates=VOCAB)
+    alone = [CTCPrefixScorer(log_probs[c : c + 1, :n], torch.tensor([n]), 0.5, EOS, torch.tensor(CLASSES),
+                             candidates=VOCAB) for c, n in enumerate(lengths)]
+    llm = torch.randn(3, VOCAB, generator=generator)
+    ids = torch.zeros(3, 0, dtype=torch.long)
+    for prefix in ([11], [13], [10]):  # three steps, each row extending its prefix by the same tokens
+        batched = together(ids, llm)
+        single = torch.cat([one(ids[c : c + 1], llm[c : c + 1]) for c, one in enumerate(alone)])
+        torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
+        ids = torch.cat([ids, torch.tensor([prefix] * 3)], 1)
+
+
+def test_a_prefix_longer_than_the_clip_can_hold_gets_the_llm_scores_not_nan():
+    prefix_scorer, llm = scorer(frames=1, weight=0.5), torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(3))
+    prefix_scorer(torch.zeros(1, 0, dtype=torch.long), llm)
+    prefix_scorer(torch.tensor([[11]]), llm)
+    step = prefix_scorer(torch.tensor([[11, 13]]), llm)  # two labels cannot fit one audio token: CTC says -inf
+    torch.testing.assert_close(step, llm.log_softmax(-1))
 
 
 def test_a_weight_outside_zero_to_one_is_refused():
