@@ -5,6 +5,7 @@ by clip length, the corpus's normaliser) at each `--weights` value (0: the LLM a
 head's prefix search with the LLM only proposing candidates), and the CTC head alone (greedy, no LLM) beside them.
 
     python benchmarks/joint_ctc.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--weights 0 0.3 0.5]
+        [--num-beams 4] [--sets test_synthetic test_asterisk]
     # writes benchmarks/results/joint_ctc.md
 """
 
@@ -46,12 +47,14 @@ def main() -> None:
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.3, 0.5])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--limit", type=int, default=None, help="at most N clips per set")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, greedy as the demo)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "joint_ctc.md")
     args = parser.parse_args()
 
     manifests = {name: args.corpus / f"{name}.jsonl" for name in args.sets if (args.corpus / f"{name}.jsonl").is_file()}
     lines = ["# Joint CTC/LLM decoding on trained demo models (benchmarks/joint_ctc.py)", "",
-             f"Corpus `{args.corpus.name}`; WER % (inserted words) per held-out set, greedy, new tokens capped by clip "
+             f"Corpus `{args.corpus.name}`; WER % (inserted words) per held-out set, "
+             f"{'greedy' if args.num_beams == 1 else f'{args.num_beams} beams'}, new tokens capped by clip "
              "length as in the demo; weight 0 is the demo's own decoding, `CTC alone` the head's greedy transcript "
              "without the LLM; decode seconds for all sets (2 CPU threads unless the machine was shared).", "",
              "| model | decoding | " + " | ".join(n.removeprefix("test_") for n in manifests) + " | decode s |",
@@ -61,7 +64,7 @@ def main() -> None:
         label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
         for weight in args.weights:
             start = time.perf_counter()
-            results = evaluate_sets(model, processor, manifests, args.limit, reference=False,
+            results = evaluate_sets(model, processor, manifests, args.limit, args.num_beams, reference=False,
                                     sets=tuple(manifests), **({"joint_ctc_weight": weight} if weight else {}))
             cells = [f"{100 * r['wer']:.1f} ({r['insertions']})" for r in results.values()]
             row = f"| `{label}` | {'LLM alone' if not weight else f'joint, CTC weight {weight:g}'} | "

@@ -121,6 +121,14 @@ class SpeechLMAdaptationMixin:
         self.config.ctc_head = settings
         return self.ctc_head
 
+    @property
+    def joint_ctc_weight(self) -> float:
+        """The joint CTC weight saved with the head (`config.ctc_head["joint_weight"]`, 0 without one): the command
+        line tools decode transcripts with it unless told otherwise, so a trained model is read as it was measured.
+        `generate` itself takes its `joint_ctc_weight` argument only, since chat and JSON answers are not transcripts
+        the head can score."""
+        return float((self.config.ctc_head or {}).get("joint_weight") or 0.0)
+
     def _build_ctc_head(self, settings: dict) -> CTCAlignmentHead:
         """A head on the projector's device and dtype (also used by `__init__` to rebuild a saved one)."""
         projector = self.multi_modal_projector.linear_2.weight

@@ -99,20 +99,26 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def add_joint_ctc_argument(parser: argparse.ArgumentParser, default: float = 0.0, what: str = "transcripts") -> None:
+def add_joint_ctc_argument(parser: argparse.ArgumentParser, default: float | None = None,
+                           what: str = "transcripts") -> None:
     """--joint-ctc-weight: transcripts decoded jointly with the model's CTC head (`speechlm.joint_ctc`)."""
+    shown = "the weight saved with the model's CTC head (the demo saves the one it measured), else 0" \
+        if default is None else f"{default:g}"
     parser.add_argument("--joint-ctc-weight", type=unit_interval, default=default, metavar="W",
                         help=f"decode {what} jointly with the model's CTC head at weight W (0-1; the demo's models "
                              "have one): the head's prefix score keeps the LLM from writing words the audio does not "
-                             f"hold; 0: the LLM alone (default: {default:g})")
+                             f"hold; 0: the LLM alone (default: {shown})")
 
 
-def joint_ctc_refused(args: argparse.Namespace, model) -> bool:
-    """True, after printing why, when --joint-ctc-weight asks for a CTC head the loaded model does not have."""
+def joint_ctc_weight_for(args: argparse.Namespace, model) -> float | None:
+    """The joint CTC weight to decode with: --joint-ctc-weight, or unset the one saved with the model's head; None,
+    after printing why, when the flag asks for a CTC head the loaded model does not have."""
+    if args.joint_ctc_weight is None:
+        return model.joint_ctc_weight
     if args.joint_ctc_weight and model.ctc_head is None:
         print(f"error: --joint-ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
-        return True
-    return False
+        return None
+    return args.joint_ctc_weight
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,7 +156,7 @@ __all__ = [
     "add_decoding_arguments",
     "add_joint_ctc_argument",
     "add_length_cap_argument",
-    "joint_ctc_refused",
+    "joint_ctc_weight_for",
     "positive_number",
     "add_model_arguments",
     "generation_options",

@@ -51,7 +51,9 @@ class SpeechLMConfig(PreTrainedConfig):
         lora (`dict`, *optional*): LoRA settings applied to the decoder (so loading re-creates the adapters).
         ctc_head (`dict`, *optional*): a CTC head over the projector's output (`speechlm.alignment`):
             `vocabulary_ids` (its classes; `None`: the whole vocabulary), `ignore_token_ids` (never targets) and
-            `compress` (shorten the audio the LLM reads to one token per recognised label).
+            `compress` (shorten the audio the LLM reads to one token per recognised label) and `joint_weight` (the
+            joint CTC/LLM decoding weight `speechlm transcribe`, `evaluate` and `serve` use for transcripts when not
+            told; 0 or absent: the LLM alone).
     """
 
     model_type = "speechlm"

@@ -81,9 +81,10 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         lines.append(f"| {name} | {metrics['n_utterances']} | {metrics['wer']:.1%} | {metrics['cer']:.1%} | "
                      f"{metrics['insertions']} | {whisper} | {metrics['seconds']:.0f} |")
         write_jsonl(metrics["rows"], output / f"{name}.hypotheses.jsonl")
-    joint = f" --joint-ctc-weight {settings.decoding_ctc_weight:g}" if settings.decoding_ctc_weight else ""
+    joint = (f"; the model carries its joint CTC weight ({settings.decoding_ctc_weight:g}) with its head, so both "
+             "decode jointly unless given `--joint-ctc-weight 0`") if settings.decoding_ctc_weight else ""
     lines += ["", f"Your own audio, decoded as here: `speechlm transcribe FILE --model {output / 'model'} "
-              f"--tokens-per-second 5{joint}` (`speechlm serve` takes the same decoding flags)."]
+              f"--tokens-per-second 5` (`speechlm serve` takes the same decoding flags{joint})."]
     if understanding:
         lines += ["", f"Understanding tasks (trained: {settings.tasks}) on the held-out synthetic clips (held-out "
                   "voices and sentences). JSON answers are held to the domain's schema while decoding (its intents "

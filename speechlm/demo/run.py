@@ -69,6 +69,17 @@ def load_parts(settings: DemoSettings, llm_dtype: torch.dtype = torch.float32):
     return SpeechLMProcessor(feature_extractor, tokenizer, prompt=PROMPT), model
 
 
+def remember_joint_weight(model_dir: Path, weight: float) -> None:
+    """Saves the joint CTC weight the final transcriptions use beside the model's CTC head (`config.ctc_head`), so
+    `speechlm transcribe` and `serve` read the model as the report measured it. Written here rather than at training
+    time because the weight is an evaluation setting: a re-run with another one reuses the trained model."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("ctc_head"):
+        config["ctc_head"]["joint_weight"] = weight
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def run(args) -> int:
     from ..inference import load_pretrained, transcribe_arrays
     from .corpus import build_demo_corpus, manifest_records
@@ -133,10 +144,11 @@ def run(args) -> int:
         del model
 
     write_schemas(model_dir, parse_tasks(settings.tasks))
+    remember_joint_weight(model_dir, settings.decoding_ctc_weight)
     print("[demo] 4/5 evaluating the saved model (reloaded with SpeechLMModel.from_pretrained)", flush=True)
     # float32 for decoding: bfloat16 halves training time on this CPU, but its one-token decode steps are slower.
     processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
-    joint = {"joint_ctc_weight": settings.decoding_ctc_weight} if settings.decoding_ctc_weight else {}
+    joint = {"joint_ctc_weight": model.joint_ctc_weight} if model.joint_ctc_weight else {}
     results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams, **joint)
     understanding = {}
     if len(parse_tasks(settings.tasks)) > 1 and corpus != "fortunes":

@@ -49,7 +49,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..cli_options import generation_options, joint_ctc_refused, load_or_explain
+    from ..cli_options import generation_options, joint_ctc_weight_for, load_or_explain
     from ..data.manifests import ManifestError, read_manifest
 
     if args.batch_size < 1:
@@ -65,13 +65,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if (loaded := load_or_explain(args)) is None:
         return 2
     processor, model = loaded
-    if joint_ctc_refused(args, model):
+    if (joint_ctc_weight := joint_ctc_weight_for(args, model)) is None:
         return 2
     metrics = evaluate_model(
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
         limit=args.limit, normalize=normalize, progress=not args.quiet, task_metrics=task_metrics,
         task_prompts=task_prompts or None, model_name=args.model, tokens_per_second=args.tokens_per_second,
-        task_schemas=task_schemas, joint_ctc_weight=args.joint_ctc_weight, **generation_options(args),
+        task_schemas=task_schemas, joint_ctc_weight=joint_ctc_weight, **generation_options(args),
     )  # fmt: skip
     notes = [f"Normaliser: {normalizer_description(normalize)}"]
     print(format_report(metrics, f"{args.model} on {args.manifest}", notes))

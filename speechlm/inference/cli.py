@@ -21,7 +21,7 @@ from ..cli_options import (
     add_length_cap_argument,
     add_model_arguments,
     generation_options,
-    joint_ctc_refused,
+    joint_ctc_weight_for,
     load_or_explain,
 )
 from .formats import Segment, Transcript
@@ -337,10 +337,10 @@ def run_transcribe(args: argparse.Namespace) -> int:
     generate_kwargs = generation_options(args)
     if args.tokens_per_second is not None:
         generate_kwargs["tokens_per_second"] = args.tokens_per_second
-    if joint_ctc_refused(args, model):
+    if (joint_ctc_weight := joint_ctc_weight_for(args, model)) is None:
         return 2
-    if args.joint_ctc_weight:
-        generate_kwargs["joint_ctc_weight"] = args.joint_ctc_weight
+    if joint_ctc_weight:
+        generate_kwargs["joint_ctc_weight"] = joint_ctc_weight
     generate_kwargs.update(held)
     try:  # the longest chunk must fit the LLM's positions: say so now, not after a crash on the first long file
         longest = audio_positions(model, processor, round(args.max_chunk_seconds * processor.sampling_rate))

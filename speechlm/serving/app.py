@@ -22,7 +22,7 @@ import threading
 import time
 import zlib
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,9 @@ def _render(fmt: str, segments: list[Segment], duration: float, language: str | 
 def create_app(model, processor, settings: ServerSettings | None = None) -> FastAPI:
     """The server around an already loaded (processor, model); tests and `speechlm serve` both build it here."""
     settings = settings or ServerSettings()
-    if settings.joint_ctc_weight and getattr(model, "ctc_head", None) is None:
+    if settings.joint_ctc_weight is None:
+        settings = replace(settings, joint_ctc_weight=getattr(model, "joint_ctc_weight", 0.0))
+    elif settings.joint_ctc_weight and getattr(model, "ctc_head", None) is None:
         raise ValueError("joint_ctc_weight needs a model with a CTC head; this one has none")
     batcher = DynamicBatcher(model, processor, settings.max_batch_size, settings.batch_wait_ms,
                              settings.max_batch_audio_seconds)  # fmt: skip
@@ -465,15 +467,16 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from ..cli_options import joint_ctc_refused, load_for_inference, resolve_device
+    from ..cli_options import joint_ctc_weight_for, load_for_inference, resolve_device
 
     settings = settings_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     processor, model = load_for_inference(args, device)
-    if joint_ctc_refused(args, model):
+    if (joint_ctc_weight := joint_ctc_weight_for(args, model)) is None:
         return 2
+    settings = replace(settings, joint_ctc_weight=joint_ctc_weight)
     app = create_app(model, processor, settings)
     shown = {k: v for k, v in asdict(settings).items() if k != "api_key"}
     print(f"serving {args.model} on http://{args.host}:{args.port} ({device}); auth: {bool(settings.api_key)}; {shown}")

@@ -29,7 +29,8 @@ class ServerSettings:
     prompt: str | None = None
     max_new_tokens: int | None = None
     num_beams: int | None = None
-    joint_ctc_weight: float = 0.0  # transcriptions decoded jointly with the model's CTC head (speechlm.joint_ctc)
+    # Transcriptions decoded jointly with the model's CTC head (speechlm.joint_ctc); None: the weight saved with it.
+    joint_ctc_weight: float | None = None
     # Limits that keep one client from stalling the others (every one has a `speechlm serve` flag).
     max_prompt_chars: int = 2000
     max_prompt_tokens: int = 256

@@ -13,8 +13,8 @@ def test_report_states_loss_and_decoding(tmp_path):
     text = write_report(tmp_path, DemoSettings(ctc_weight=0.5, num_beams=3), history, results).read_text()
     assert "LLM loss + 0.5 x CTC alignment loss" in text and "beam width 3" in text
     assert "jointly with the CTC head (weight 0.5)" in text
-    usage = f"speechlm transcribe FILE --model {tmp_path / 'model'} --tokens-per-second 5 --joint-ctc-weight 0.5`"
-    assert usage in text
+    usage = f"speechlm transcribe FILE --model {tmp_path / 'model'} --tokens-per-second 5`"
+    assert usage in text and "carries its joint CTC weight (0.5) with its head" in text
     assert "the first 15% of the time (3.0 minutes): CTC pre-alignment" in text
     assert "| test_synthetic | 1 | 50.0% | 25.0% | 0 | - | 1 |" in text
     text = write_report(tmp_path, DemoSettings(ctc_weight=0.0, ctc_fraction=0.0), history, results).read_text()

@@ -220,3 +220,18 @@ def test_cli_joint_ctc_weight_is_checked_before_any_work(saved_model, tmp_path, 
     assert "--joint-ctc-weight: expected a number in [0, 1], got '1.5'" in capsys.readouterr().err
     code = main(["transcribe", str(path), "--model", str(saved_model), "--joint-ctc-weight", "0.3", "--quiet"])
     assert code == 2 and "--joint-ctc-weight needs a model with a CTC head" in capsys.readouterr().err
+
+
+def test_cli_decodes_with_the_joint_ctc_weight_saved_with_the_models_head(build, tmp_path, capsys):
+    processor, model = build("whisper", "qwen2")
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    model.config.ctc_head["joint_weight"] = 0.5  # as the demo saves its models
+    folder = save(processor, model, tmp_path / "model")
+    path = write_wav(tmp_path / "clip.wav", make_clips((0.9,))[0])
+    code = main(["transcribe", str(path), "--model", str(folder), "--max-new-tokens", "6", "--format", "json",
+                 "--quiet"])  # fmt: skip
+    text = json.loads(capsys.readouterr().out)["text"]
+    processor, model = load_pretrained(str(folder))
+    clip = load_audio(path, SR)
+    joint = transcribe_arrays(model, processor, [clip], max_new_tokens=6, joint_ctc_weight=0.5)[0]
+    assert code == 0 and text == joint != transcribe_arrays(model, processor, [clip], max_new_tokens=6)[0]

@@ -105,17 +105,31 @@ def test_an_int8_model_serves_what_it_decodes_alone(tiny):
     assert texts == expected_texts((processor, int8), wavs)
 
 
-def test_transcriptions_decode_jointly_with_the_ctc_head_when_the_server_says_so(build):
-    processor, model = build("whisper", "qwen2")
-    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+def served_and_joint(processor, model, server_settings) -> tuple[list[str], list[str], list[str]]:
+    """Two clips' transcriptions from a live server, beside the same clips decoded jointly at weight 0.5 and by the
+    LLM alone."""
     wavs = [wav_bytes(clip) for clip in make_clips((0.5, 0.9))]
-    with live_server(create_app(model, processor, settings(joint_ctc_weight=0.5))) as url:
+    with live_server(create_app(model, processor, server_settings)) as url:
         texts = [post(url, data=data).json()["text"] for data in wavs]
     clips = [load_audio(data, SR) for data in wavs]
     joint = [transcribe_arrays(model, processor, [clip], max_new_tokens=TOKENS, joint_ctc_weight=0.5)[0]
              for clip in clips]
-    assert texts == joint and joint != [transcribe_arrays(model, processor, [c], max_new_tokens=TOKENS)[0]
-                                        for c in clips]
+    return texts, joint, [transcribe_arrays(model, processor, [clip], max_new_tokens=TOKENS)[0] for clip in clips]
+
+
+def test_transcriptions_decode_jointly_with_the_ctc_head_when_the_server_says_so(build):
+    processor, model = build("whisper", "qwen2")
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    texts, joint, alone = served_and_joint(processor, model, settings(joint_ctc_weight=0.5))
+    assert texts == joint != alone
+
+
+def test_a_model_that_saved_a_joint_ctc_weight_is_served_with_it_unless_told_otherwise(build):
+    processor, model = build("whisper", "qwen2")
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    model.config.ctc_head["joint_weight"] = 0.5
+    texts, joint, alone = served_and_joint(processor, model, settings())
+    assert texts == joint != alone
 
 
 def test_joint_ctc_decoding_without_a_ctc_head_is_refused_at_start(tiny):
