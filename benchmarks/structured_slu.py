@@ -6,11 +6,13 @@ Session 11's error analysis: 34 of 50 wrong intents were names the domain does n
 domain's ontology (`slu_schema()`: its intents and each intent's slot keys, values free text); held to the ontology
 and its entity catalogue (`slu_schema(values=True)`: each slot value one the grammar can say). The cascade (Whisper
 tiny.en's transcript -> the same base LLM, 8-shot, intent list in the prompt) is decoded the same three ways.
+With `--task slu_transcript --joint-ctc-weights ...`, the models' transcript field is also decoded jointly with
+their CTC head (`speechlm.joint_ctc.json_string_span`), the intent and slots after it by the LLM alone.
 With `--qa`, each model also answers the question about each clip freely and held to a regular expression of every
 value the asked slot can take (`answer_pattern`, the QA counterpart of the catalogue; models only).
 
     python benchmarks/structured_slu.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--no-cascade] \
-        [--num-beams 1 4] [--qa] [--task slu_transcript]
+        [--num-beams 1 4] [--qa] [--task slu_transcript [--joint-ctc-weights 0 0.5]]
     # writes benchmarks/results/structured_slu.md
 """
 
@@ -37,6 +39,7 @@ def main() -> None:
     from speechlm.demo.settings import DemoSettings
     from speechlm.demo.understanding import answer_pattern, examples, task_schema
     from speechlm.inference import load_pretrained, transcribe_arrays
+    from speechlm.joint_ctc import json_string_span
     from speechlm.tasks import score_task
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,8 +53,13 @@ def main() -> None:
     parser.add_argument("--qa", action="store_true", help="also QA: free vs held to the asked slot's catalogue")
     parser.add_argument("--task", choices=["slu", "slu_transcript"], default="slu",
                         help="the SLU form the models learned (slu_transcript: the frame after its transcript)")
+    parser.add_argument("--joint-ctc-weights", type=float, nargs="+", default=[0.0],
+                        help="slu_transcript only: joint CTC weights for the transcript field (a row each; 0: the "
+                             "LLM alone)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "structured_slu.md")
     args = parser.parse_args()
+    if args.task != "slu_transcript" and any(args.joint_ctc_weights):
+        parser.error("--joint-ctc-weights needs --task slu_transcript (the CTC head scores the transcript field)")
 
     schemas = {"free": None, "ontology": task_schema(args.task), "catalogue": task_schema(args.task, values=True)}
     test = manifest_records(args.corpus / "test_synthetic.jsonl")[: args.limit]
@@ -89,9 +97,13 @@ def main() -> None:
         processor, model = load_pretrained(str(folder), dtype=torch.float32)
         for beams in args.num_beams:
             name = f"`{folder}`" + (f", {beams} beams" if beams > 1 else "")
-            rows.append(row(name, partial(transcribe_arrays, model, processor, audio,
-                                          prompt=[ex.prompt for _, ex in pairs], batch_size=16 // beams or 1,
-                                          max_new_tokens=UNDERSTANDING_TOKENS[args.task], num_beams=beams)))
+            for weight in args.joint_ctc_weights:
+                joint = {"joint_ctc_weight": weight, "joint_ctc_span": json_string_span(processor.tokenizer)}
+                rows.append(row(name + (f", transcript joint with CTC {weight:g}" if weight else ""),
+                                partial(transcribe_arrays, model, processor, audio,
+                                        prompt=[ex.prompt for _, ex in pairs], batch_size=16 // beams or 1,
+                                        max_new_tokens=UNDERSTANDING_TOKENS[args.task], num_beams=beams,
+                                        **(joint if weight else {}))))
             if args.qa:
                 cells = []
                 for catalogue in (False, True):

@@ -9,10 +9,14 @@ probability that the audio begins with `prefix` and, for end-of-sequence, that i
 the steps the CTC terms are the whole answer's CTC prefix score, so greedy and beam search both work.
 
 Only the LLM's `candidates` best tokens per step are scored (the prefix recursion is linear in audio tokens); tokens
-the head has no class for (outside its `vocabulary_ids`) cannot be written.
+the head has no class for (outside its `vocabulary_ids`) cannot be written. With a `span`, the head scores only part
+of the answer, e.g. the `"transcript"` field of a JSON answer that goes on with an intent and slots
+(`json_string_span`): there a closing quote plays end-of-sequence's part, and outside the LLM decides alone.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection, Sequence
 
 import torch
 from transformers import LogitsProcessor
@@ -26,10 +30,13 @@ class CTCPrefixScorer(LogitsProcessor):
     `log_probs`: (B, A, 1 + classes) CTC log-probabilities of each clip's audio tokens (blank = class 0), `lengths`:
     (B,) audio tokens per clip, `vocabulary_ids`: the LLM token id of each class (None: class c is token c - 1).
     Rows of a beam search (B * beams) are matched to their prefix's state by content, so beam reordering is safe.
+    `span` = (opening token ids, closing token ids): the head scores only the tokens after the opening sequence, up
+    to the first closing token, which then scores as the end of the clip does.
     """
 
     def __init__(self, log_probs: torch.Tensor, lengths: torch.Tensor, weight: float, eos_token_id: int | list[int],
-                 vocabulary_ids: torch.Tensor | None = None, candidates: int = 8):
+                 vocabulary_ids: torch.Tensor | None = None, candidates: int = 8,
+                 span: tuple[Sequence[int], Collection[int]] | None = None):
         if not 0 < weight <= 1:
             raise ValueError(f"the CTC weight must be in (0, 1], got {weight}")
         # On the CPU whatever the model's device: the recursion is a few small ops per audio token, which a GPU would
@@ -39,6 +46,9 @@ class CTCPrefixScorer(LogitsProcessor):
         self.weight = float(weight)
         self.eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]).view(-1)
         self.eos_ids = set(self.eos.tolist())
+        self.opening = tuple(span[0]) if span is not None else None
+        self.closing = set(span[1]) if span is not None else set()
+        self.ends = torch.tensor(sorted(self.closing)) if span is not None else self.eos
         self.candidates = int(candidates)
         size = log_probs.shape[-1] - 1
         ids = vocabulary_ids.long().cpu() if vocabulary_ids is not None else torch.arange(size)
@@ -90,8 +100,10 @@ class CTCPrefixScorer(LogitsProcessor):
         top = llm.topk(min(self.candidates, llm.shape[-1]), dim=-1).indices
         active, states, token_lists = [], [], []
         for row in range(rows):
-            clip, prefix = row // beams, tuple(input_ids[row].tolist())
-            if prefix and prefix[-1] in self.eos_ids:  # finished: leave it as it is
+            clip, ids = row // beams, tuple(input_ids[row].tolist())
+            if ids and ids[-1] in self.eos_ids:  # finished: leave it as it is
+                continue
+            if (prefix := self._scored_part(ids)) is None:
                 continue
             state = self.states.get((clip, prefix)) if prefix else self._empty_state(clip)
             if state is None or state[2] == NEG_INF:
@@ -106,6 +118,18 @@ class CTCPrefixScorer(LogitsProcessor):
             self._score(active, states, token_lists, llm, combined, fresh)
         self.states = fresh
         return combined.to(device=scores.device, dtype=scores.dtype)
+
+    def _scored_part(self, ids: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The tokens the head scores: all of them, or with a span those after its opening (None before it opens and
+        once it has closed)."""
+        if self.opening is None:
+            return ids
+        size = len(self.opening)
+        for start in range(len(ids) - size + 1):
+            if ids[start : start + size] == self.opening:
+                part = ids[start + size :]
+                return None if any(token in self.closing for token in part) else part
+        return None
 
     def _score(self, active, states, token_lists, llm, combined, fresh) -> None:
         """Writes the joint scores of the active rows' candidates and of end-of-sequence into `combined`."""
@@ -132,7 +156,15 @@ class CTCPrefixScorer(LogitsProcessor):
             if tokens:
                 index = torch.tensor(tokens)
                 combined[row, index] = (1 - w) * llm[row, index] + w * (psi[i, : len(tokens)] - psi_prefix[i])
-            combined[row, self.eos] = (1 - w) * llm[row, self.eos] + w * (end[i] - psi_prefix[i])
+            combined[row, self.ends] = (1 - w) * llm[row, self.ends] + w * (end[i] - psi_prefix[i])
 
 
-__all__ = ["CTCPrefixScorer"]
+def json_string_span(tokenizer, opening: str = '{"transcript": "') -> tuple[list[int], list[int]]:
+    """The `span` of a JSON answer's string field that opens the answer with `opening`: its tokens, and every token
+    holding a double quote (what can close the string)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    closing = [i for i, token in enumerate(tokens) if token is not None and '"' in token]
+    return tokenizer.encode(opening, add_special_tokens=False), closing
+
+
+__all__ = ["CTCPrefixScorer", "json_string_span"]

@@ -300,6 +300,7 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         encoder_frames: torch.Tensor | None = None,
         encoder_frame_lengths: torch.Tensor | None = None,
         joint_ctc_weight: float = 0.0,
+        joint_ctc_span: tuple | None = None,
         **kwargs,
     ):
         """Generate text from audio (+ an optional prompt). Returns only the new tokens.
@@ -307,7 +308,8 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         `max_length` and `max_new_tokens` both count generated tokens. Every `GenerationMixin` option works
         (num_beams, do_sample, temperature, top_p, repetition_penalty, streamer, ...). `joint_ctc_weight` > 0 decodes
         jointly with the model's CTC head (`speechlm.joint_ctc`: the head's prefix score, at that weight, beside the
-        LLM's log-probabilities), which keeps the LLM from writing text the audio does not hold.
+        LLM's log-probabilities), which keeps the LLM from writing text the audio does not hold; `joint_ctc_span`
+        (`speechlm.joint_ctc.json_string_span`) limits it to one part of the answer, e.g. a JSON transcript field.
         """
         for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
             if kwargs.get(total) is not None and kwargs.get(new) is None:
@@ -321,11 +323,13 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
             audio, attention_mask, encoder_frames=encoder_frames, encoder_frame_lengths=encoder_frame_lengths
         )
         if joint_ctc_weight:
-            kwargs["logits_processor"] = self._joint_ctc(audio_embeds, audio_lengths, joint_ctc_weight, kwargs)
+            kwargs["logits_processor"] = self._joint_ctc(audio_embeds, audio_lengths, joint_ctc_weight, kwargs,
+                                                         joint_ctc_span)
         merged = self._merge_projected(audio_embeds, audio_lengths, input_ids, decoder_attention_mask)
         return super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
 
-    def _joint_ctc(self, audio_embeds, audio_lengths, weight: float, kwargs: dict) -> LogitsProcessorList:
+    def _joint_ctc(self, audio_embeds, audio_lengths, weight: float, kwargs: dict,
+                   span: tuple | None = None) -> LogitsProcessorList:
         """The caller's logits processors with a `CTCPrefixScorer` over these clips appended."""
         from .joint_ctc import CTCPrefixScorer
 
@@ -336,7 +340,7 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         if eos is None:
             raise ValueError("joint_ctc_weight needs an eos_token_id: the CTC head scores where the answer ends")
         log_probs = self.ctc_head.scores(audio_embeds, self.get_input_embeddings().weight).log_softmax(-1)
-        scorer = CTCPrefixScorer(log_probs, audio_lengths, weight, eos, self.ctc_head.vocabulary_ids)
+        scorer = CTCPrefixScorer(log_probs, audio_lengths, weight, eos, self.ctc_head.vocabulary_ids, span=span)
         return LogitsProcessorList([*(kwargs.get("logits_processor") or []), scorer])
 
 

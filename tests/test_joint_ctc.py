@@ -4,10 +4,12 @@ equals one clip at a time."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from speechlm.joint_ctc import CTCPrefixScorer
+from speechlm.joint_ctc import CTCPrefixScorer, json_string_span
 from tests.conftest import make_clips
 
 EOS, VOCAB = 99, 100
@@ -79,6 +81,21 @@ def test_a_prefix_longer_than_the_clip_can_hold_gets_the_llm_scores_not_nan():
     torch.testing.assert_close(step, llm.log_softmax(-1))
 
 
+def test_with_a_span_the_head_scores_only_between_its_opening_and_closing_tokens():
+    opening, close = [20, 21], 22
+    spanned, plain = scorer(weight=0.5, span=(opening, [close])), scorer(weight=0.5)
+    llm = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(spanned(torch.tensor([[20]]), llm), llm.log_softmax(-1))  # not open yet
+    half = 0.5 * llm.log_softmax(-1)[0]
+    for ids, plain_ids in (([*opening], []), ([*opening, 11], [11])):
+        inside, expected = spanned(torch.tensor([ids]), llm), plain(torch.tensor([plain_ids]), llm)
+        # The closing token gets end-of-sequence's CTC score (beside its own LLM score).
+        assert float(inside[0, close] - half[close]) == pytest.approx(float(expected[0, EOS] - half[EOS]))
+        assert torch.equal(inside[0, :20], expected[0, :20]) and inside[0, EOS] == float("-inf")
+    closed = spanned(torch.tensor([[*opening, 11, close]]), llm)
+    torch.testing.assert_close(closed, llm.log_softmax(-1))  # after the span: the LLM alone
+
+
 def test_a_weight_outside_zero_to_one_is_refused():
     with pytest.raises(ValueError, match=r"CTC weight must be in \(0, 1\]"):
         scorer().__class__(torch.zeros(1, 2, 3), torch.tensor([2]), 1.5, EOS)
@@ -121,3 +138,31 @@ def test_joint_decoding_without_a_ctc_head_is_a_clear_error(build):
     processor, model = build("whisper", "llama")
     with pytest.raises(ValueError, match="joint_ctc_weight needs a CTC head"):
         model.generate(**processor(make_clips((0.5,))), max_new_tokens=2, joint_ctc_weight=0.3)
+
+
+SPAN_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["transcript", "intent"],
+               "properties": {"transcript": {"type": "string", "maxLength": 12}, "intent": {"enum": ["call", "play"]}},
+               "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
+
+
+def test_json_string_span_opens_where_the_answer_starts_and_closes_on_its_quote(build):
+    tokenizer = build("whisper", "qwen2")[0].tokenizer
+    opening, closing = json_string_span(tokenizer)
+    ids = tokenizer.encode('{"transcript": "call home", "intent": "call"}', add_special_tokens=False)
+    after = ids[len(opening):]
+    first_close = next(i for i, token in enumerate(after) if token in closing)
+    assert ids[: len(opening)] == opening and tokenizer.decode(after[:first_close]) == "call home"
+
+
+def test_joint_decoding_of_a_json_transcript_field_keeps_the_schema_and_the_heads_tokens(build):
+    from speechlm.inference.decoding import transcribe_arrays
+
+    processor, model = build("whisper", "qwen2")
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    opening, closing = json_string_span(processor.tokenizer)
+    answers = transcribe_arrays(model, processor, make_clips((0.6, 0.9)), max_new_tokens=40, json_schema=SPAN_SCHEMA,
+                                joint_ctc_weight=0.9, joint_ctc_span=(opening, closing))
+    for answer in answers:
+        value = json.loads(answer)
+        transcript = processor.tokenizer.encode(value["transcript"], add_special_tokens=False)
+        assert value["intent"] in ("call", "play") and set(transcript) <= set(range(3, 80))
