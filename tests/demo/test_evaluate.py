@@ -58,3 +58,16 @@ def test_the_cascade_holds_each_answer_to_its_own_pattern(model_dirs):
     answers = cascade_answers((str(model_dirs("decoder", "gpt2")), None), "qa", queries, [], batch_size=2,
                               regex=patterns)
     assert all(re.fullmatch(pattern, answer) for pattern, answer in zip(patterns, answers)), answers
+
+
+def test_slu_transcript_answers_decode_their_transcript_jointly_at_the_weight_the_model_carries(build):
+    from speechlm.demo.evaluate import joint_decoding
+    from speechlm.joint_ctc import json_string_span
+
+    processor, model = build("whisper", "qwen2")
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    assert joint_decoding(model, processor, "slu_transcript") == {}  # no weight saved: the LLM alone
+    model.config.ctc_head["joint_weight"] = 0.5
+    expected = {"joint_ctc_weight": 0.5, "joint_ctc_span": json_string_span(processor.tokenizer)}
+    assert joint_decoding(model, processor, "slu_transcript") == expected
+    assert joint_decoding(model, processor, "slu") == joint_decoding(model, processor, "qa") == {}
