@@ -311,6 +311,9 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         LLM's log-probabilities), which keeps the LLM from writing text the audio does not hold; `joint_ctc_span`
         (`speechlm.joint_ctc.json_string_span`) limits it to one part of the answer, e.g. a JSON transcript field.
         """
+        if joint_ctc_span is not None and not joint_ctc_weight:
+            raise ValueError("joint_ctc_span needs a joint_ctc_weight > 0: it limits joint CTC decoding to one part "
+                             "of the answer, and alone would change nothing")
         for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
             if kwargs.get(total) is not None and kwargs.get(new) is None:
                 kwargs[new] = kwargs.pop(total)

@@ -166,3 +166,9 @@ def test_joint_decoding_of_a_json_transcript_field_keeps_the_schema_and_the_head
         value = json.loads(answer)
         transcript = processor.tokenizer.encode(value["transcript"], add_special_tokens=False)
         assert value["intent"] in ("call", "play") and set(transcript) <= set(range(3, 80))
+
+
+def test_a_span_without_a_joint_weight_is_a_clear_error_not_a_silent_no_op(model_with_head):
+    processor, model = model_with_head
+    with pytest.raises(ValueError, match="joint_ctc_span needs a joint_ctc_weight > 0"):
+        model.generate(**processor(make_clips((0.5,))), max_new_tokens=2, joint_ctc_span=([5], [6]))

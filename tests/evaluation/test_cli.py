@@ -67,3 +67,20 @@ def test_speechlm_evaluate_refuses_joint_ctc_decoding_without_a_ctc_head(build, 
     argv = ["evaluate", str(manifest), "--model", str(tmp_path / "model"), "--joint-ctc-weight", "0.5", "--quiet"]
     assert cli.main(argv) == 2
     assert "--joint-ctc-weight needs a model with a CTC head" in capsys.readouterr().err
+
+
+def test_speechlm_evaluate_decodes_with_the_joint_ctc_weight_saved_with_the_models_head(build, manifest, tmp_path):
+    processor, model = build("whisper", "qwen2", dtype=torch.float32)
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    model.config.ctc_head["joint_weight"] = 0.5  # as the demo saves its models
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+
+    def predictions(*flags: str) -> list[str]:
+        out = tmp_path / f"out{len(flags)}{'-'.join(flags)}"
+        argv = ["evaluate", str(manifest), "--model", str(tmp_path / "model"), "--max-new-tokens", "6", "--quiet",
+                "--output-dir", str(out), *flags]  # fmt: skip
+        assert cli.main(argv) == 0
+        return [json.loads(line)["hyp"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+    assert predictions() == predictions("--joint-ctc-weight", "0.5") != predictions("--joint-ctc-weight", "0")
