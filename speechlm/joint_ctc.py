@@ -167,4 +167,20 @@ def json_string_span(tokenizer, opening: str = '{"transcript": "') -> tuple[list
     return tokenizer.encode(opening, add_special_tokens=False), closing
 
 
-__all__ = ["CTCPrefixScorer", "json_string_span"]
+def schema_transcript_span(tokenizer, schema: dict | None) -> tuple[list[int], list[int]] | None:
+    """The `span` of the transcript that answers held to `schema` open with: every object the schema allows (itself,
+    or each of its `anyOf`/`oneOf`) has a string `transcript` as its first property. None otherwise: the head reads
+    the words said, and any other answer would only be pulled towards them."""
+    if not isinstance(schema, dict):
+        return None
+    for option in schema.get("anyOf") or schema.get("oneOf") or [schema]:
+        properties = option.get("properties") if isinstance(option, dict) else None
+        first = next(iter(properties), None) if isinstance(properties, dict) else None
+        field = properties[first] if first == "transcript" else None
+        if not isinstance(field, dict) or field.get("type") != "string":
+            return None
+    separator = (schema.get("x-guidance") or {}).get("key_separator", ": ")
+    return json_string_span(tokenizer, '{"transcript"' + separator + '"')
+
+
+__all__ = ["CTCPrefixScorer", "json_string_span", "schema_transcript_span"]

@@ -172,3 +172,24 @@ def test_a_span_without_a_joint_weight_is_a_clear_error_not_a_silent_no_op(model
     processor, model = model_with_head
     with pytest.raises(ValueError, match="joint_ctc_span needs a joint_ctc_weight > 0"):
         model.generate(**processor(make_clips((0.5,))), max_new_tokens=2, joint_ctc_span=([5], [6]))
+
+
+def test_a_schema_whose_every_answer_opens_with_a_transcript_gets_that_fields_span(build):
+    from speechlm.joint_ctc import schema_transcript_span
+
+    tokenizer = build("whisper", "qwen2")[0].tokenizer
+    either = {"anyOf": [SPAN_SCHEMA, {**SPAN_SCHEMA, "required": ["transcript"]}], "x-guidance": {"key_separator": ":"}}
+    assert schema_transcript_span(tokenizer, SPAN_SCHEMA) == json_string_span(tokenizer)
+    assert schema_transcript_span(tokenizer, either) == json_string_span(tokenizer, '{"transcript":"')
+
+
+def test_a_schema_that_does_not_open_with_a_transcript_string_gets_no_span(build):
+    from speechlm.joint_ctc import schema_transcript_span
+
+    tokenizer = build("whisper", "qwen2")[0].tokenizer
+    properties = SPAN_SCHEMA["properties"]
+    second = {**SPAN_SCHEMA, "properties": {"intent": properties["intent"], "transcript": properties["transcript"]}}
+    number = {**SPAN_SCHEMA, "properties": {**properties, "transcript": {"type": "integer"}}}
+    one_without = {"anyOf": [SPAN_SCHEMA, {"type": "object", "properties": {"intent": properties["intent"]}}]}
+    for schema in (second, number, one_without, {"type": "object"}, None):
+        assert schema_transcript_span(tokenizer, schema) is None, schema

@@ -115,11 +115,10 @@ def joint_decoding(model, processor, task: str) -> dict:
     """`generate` options that decode an `slu_transcript` answer's transcript field jointly with the model's CTC head
     at the weight it carries (the intent and slots after it stay the LLM's); none for other tasks. On two trained
     models it lifted slot F1 by a few points (README)."""
-    if task != "slu_transcript" or not model.joint_ctc_weight:
-        return {}
-    from ..joint_ctc import json_string_span
+    from ..joint_ctc import schema_transcript_span
 
-    return {"joint_ctc_weight": model.joint_ctc_weight, "joint_ctc_span": json_string_span(processor.tokenizer)}
+    span = schema_transcript_span(processor.tokenizer, task_schema(task)) if model.joint_ctc_weight else None
+    return {"joint_ctc_weight": model.joint_ctc_weight, "joint_ctc_span": span} if span else {}
 
 
 def held_structure(task: str, utterances: list) -> dict:

@@ -46,8 +46,9 @@ def transcribe_records(
     other tasks' answers are not capped. `kinds` ({task: metric kind}, default `resolve_kinds(records)`) says which.
     `task_schemas` ({task: JSON schema}) holds that task's answers to its schema while decoding
     (`speechlm.inference.structured`), e.g. an SLU task to its intents and slots. `joint_ctc_weight` > 0 decodes the
-    transcription records jointly with the model's CTC head (`speechlm.joint_ctc`); other answers are not the
-    transcript the head reads, so they are decoded by the LLM alone.
+    transcription records jointly with the model's CTC head (`speechlm.joint_ctc`), and the transcript field of a
+    task whose schema opens its answers with one (`schema_transcript_span`); other answers are not the transcript the
+    head reads, so they are decoded by the LLM alone.
     """
     from tqdm.auto import tqdm
 
@@ -81,7 +82,7 @@ def transcribe_records(
                 task = chunk[i].get("task")
                 groups.setdefault((transcription(chunk[i]), task if task in schemas else None), []).append(n)
             for (transcribed, schema_task), rows in groups.items():
-                joint = {"joint_ctc_weight": joint_ctc_weight} if transcribed and joint_ctc_weight else {}
+                joint = _joint_options(processor, joint_ctc_weight, transcribed, schemas.get(schema_task))
                 decoded = transcribe_arrays(model, processor, [audios[n] for n in rows],
                                             prompt=[prompts[n] for n in rows], batch_size=batch_size,
                                             tokens_per_second=tokens_per_second if transcribed else None,
@@ -93,6 +94,19 @@ def transcribe_records(
             hypotheses += [texts[i] for i in range(len(chunk))]
             bar.update(len(chunk))
     return hypotheses
+
+
+def _joint_options(processor, weight: float, transcribed: bool, schema: dict | None) -> dict:
+    """`generate` options for joint CTC decoding of one group of rows: all of a transcription, only the transcript
+    field of a JSON answer whose schema opens with one, nothing else."""
+    from ..joint_ctc import schema_transcript_span
+
+    if not weight:
+        return {}
+    if transcribed:
+        return {"joint_ctc_weight": weight}
+    span = schema_transcript_span(processor.tokenizer, schema)
+    return {"joint_ctc_weight": weight, "joint_ctc_span": span} if span else {}
 
 
 def _chat_history(record: dict[str, Any], sampling_rate: int) -> list[dict[str, Any]]:

@@ -18,6 +18,9 @@ from tests.evaluation.conftest import GENERATE, PROMPTS, SLU
 SLU_SCHEMA = {"type": "object", "properties": {"intent": {"enum": ["call"]}, "contact": {"enum": ["mom", "dad"]}},
               "required": ["intent", "contact"], "additionalProperties": False,
               "x-guidance": {"whitespace_flexible": False}}
+TRANSCRIPT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["transcript", "intent"],
+                     "properties": {"transcript": {"type": "string", "maxLength": 12}, "intent": {"enum": ["call"]}},
+                     "x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}}
 
 
 def test_evaluate_model_uses_the_shared_decoding_loop(build, manifest, tmp_path):
@@ -136,3 +139,21 @@ def test_joint_ctc_decoding_applies_to_transcription_rows_only(build, two_task_m
     assert joint != transcribe_arrays(model, processor, clips[0::2], prompt=PROMPTS["transcribe"], **options)
     assert hyps[0::2] == joint
     assert hyps[1::2] == transcribe_arrays(model, processor, clips[1::2], prompt=PROMPTS["slu"], **options)
+
+
+def test_joint_ctc_decoding_reads_the_transcript_field_of_a_task_whose_schema_opens_with_one(build, two_task_manifest,
+                                                                                             tmp_path):
+    from speechlm.joint_ctc import schema_transcript_span
+
+    processor, model = build("whisper", "qwen2", dtype=torch.float32)
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    clips = make_clips(seconds=(0.55, 0.3, 0.8, 0.4))[1::2]
+    options = {"max_new_tokens": 24, "json_schema": TRANSCRIPT_SCHEMA}
+    evaluate_model(model, processor, two_task_manifest, task_prompts=PROMPTS, task_schemas={"slu": TRANSCRIPT_SCHEMA},
+                   joint_ctc_weight=0.9, output_dir=tmp_path / "report", max_new_tokens=24)
+    hyps = [json.loads(line)["hyp"] for line in (tmp_path / "report" / "predictions.jsonl").read_text().splitlines()]
+    span = schema_transcript_span(processor.tokenizer, TRANSCRIPT_SCHEMA)
+    joint = transcribe_arrays(model, processor, clips, prompt=PROMPTS["slu"], joint_ctc_weight=0.9,
+                              joint_ctc_span=span, **options)
+    assert joint != transcribe_arrays(model, processor, clips, prompt=PROMPTS["slu"], **options)
+    assert hyps[1::2] == joint
