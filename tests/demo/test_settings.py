@@ -50,6 +50,12 @@ def test_a_preset_sets_its_recipe():
     assert settings.real_speech and settings.minutes == 100
 
 
+def test_the_augmented_preset_is_bounded_by_steps_with_a_time_cap():
+    settings = parse("--preset", "augmented")
+    assert settings == DemoSettings(**PRESETS["augmented"])
+    assert (settings.ctc_steps, settings.max_steps) == (4000, 5200) and settings.real_speech_augment
+
+
 def test_an_option_given_beside_a_preset_wins_in_either_order():
     assert parse("--preset", "real-speech", "--minutes", "30").minutes == 30
     assert parse("--minutes", "20", "--preset", "real-speech").minutes == 20  # the default value, given explicitly
