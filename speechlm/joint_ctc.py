@@ -183,4 +183,16 @@ def schema_transcript_span(tokenizer, schema: dict | None) -> tuple[list[int], l
     return json_string_span(tokenizer, '{"transcript"' + separator + '"')
 
 
-__all__ = ["CTCPrefixScorer", "json_string_span", "schema_transcript_span"]
+def joint_options(tokenizer, weight: float | None, transcript: bool, schema: dict | None = None) -> dict:
+    """`generate` options for joint CTC decoding at `weight`: the whole answer when it is a `transcript`, else only
+    the transcript field that answers held to `schema` open with (`schema_transcript_span`); none otherwise, or
+    without a weight."""
+    if not weight:
+        return {}
+    if transcript:
+        return {"joint_ctc_weight": weight}
+    span = schema_transcript_span(tokenizer, schema)
+    return {"joint_ctc_weight": weight, "joint_ctc_span": span} if span else {}
+
+
+__all__ = ["CTCPrefixScorer", "joint_options", "json_string_span", "schema_transcript_span"]

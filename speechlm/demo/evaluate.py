@@ -115,10 +115,9 @@ def joint_decoding(model, processor, task: str) -> dict:
     """`generate` options that decode an `slu_transcript` answer's transcript field jointly with the model's CTC head
     at the weight it carries (the intent and slots after it stay the LLM's); none for other tasks. On two trained
     models it lifted slot F1 by a few points (README)."""
-    from ..joint_ctc import schema_transcript_span
+    from ..joint_ctc import joint_options
 
-    span = schema_transcript_span(processor.tokenizer, task_schema(task)) if model.joint_ctc_weight else None
-    return {"joint_ctc_weight": model.joint_ctc_weight, "joint_ctc_span": span} if span else {}
+    return joint_options(processor.tokenizer, model.joint_ctc_weight, False, task_schema(task))
 
 
 def held_structure(task: str, utterances: list) -> dict:

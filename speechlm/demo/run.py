@@ -82,6 +82,7 @@ def remember_joint_weight(model_dir: Path, weight: float) -> None:
 
 def run(args) -> int:
     from ..inference import load_pretrained, transcribe_arrays
+    from ..joint_ctc import joint_options
     from .corpus import build_demo_corpus, manifest_records
     from .system_packages import ensure_system_packages
 
@@ -148,7 +149,7 @@ def run(args) -> int:
     print("[demo] 4/5 evaluating the saved model (reloaded with SpeechLMModel.from_pretrained)", flush=True)
     # float32 for decoding: bfloat16 halves training time on this CPU, but its one-token decode steps are slower.
     processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
-    joint = {"joint_ctc_weight": model.joint_ctc_weight} if model.joint_ctc_weight else {}
+    joint = joint_options(processor.tokenizer, model.joint_ctc_weight, transcript=True)
     results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams, **joint)
     understanding = {}
     if len(parse_tasks(settings.tasks)) > 1 and corpus != "fortunes":

@@ -54,6 +54,7 @@ def transcribe_records(
 
     from ..data.dataset import load_record_audio, resolve_prompt
     from ..inference.decoding import transcribe_arrays
+    from ..joint_ctc import joint_options
     from ..tasks import UNTAGGED, resolve_kinds
 
     if (tokens_per_second is not None or joint_ctc_weight) and kinds is None:
@@ -82,7 +83,7 @@ def transcribe_records(
                 task = chunk[i].get("task")
                 groups.setdefault((transcription(chunk[i]), task if task in schemas else None), []).append(n)
             for (transcribed, schema_task), rows in groups.items():
-                joint = _joint_options(processor, joint_ctc_weight, transcribed, schemas.get(schema_task))
+                joint = joint_options(processor.tokenizer, joint_ctc_weight, transcribed, schemas.get(schema_task))
                 decoded = transcribe_arrays(model, processor, [audios[n] for n in rows],
                                             prompt=[prompts[n] for n in rows], batch_size=batch_size,
                                             tokens_per_second=tokens_per_second if transcribed else None,
@@ -94,19 +95,6 @@ def transcribe_records(
             hypotheses += [texts[i] for i in range(len(chunk))]
             bar.update(len(chunk))
     return hypotheses
-
-
-def _joint_options(processor, weight: float, transcribed: bool, schema: dict | None) -> dict:
-    """`generate` options for joint CTC decoding of one group of rows: all of a transcription, only the transcript
-    field of a JSON answer whose schema opens with one, nothing else."""
-    from ..joint_ctc import schema_transcript_span
-
-    if not weight:
-        return {}
-    if transcribed:
-        return {"joint_ctc_weight": weight}
-    span = schema_transcript_span(processor.tokenizer, schema)
-    return {"joint_ctc_weight": weight, "joint_ctc_span": span} if span else {}
 
 
 def _chat_history(record: dict[str, Any], sampling_rate: int) -> list[dict[str, Any]]:
