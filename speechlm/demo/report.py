@@ -21,6 +21,27 @@ def task_summary(metrics: dict) -> str:
     return ", ".join(f"{label} {100 * metrics[key]:.1f}%" for key, label in names)
 
 
+# The held-out WER curves training records (`history` keys) and their names.
+CURVES = {"wer": "synthetic", "wer_asterisk": "Asterisk (real phone prompts)", "wer_uqm": "UQM (real, unseen speakers)"}
+
+
+def curve_table(history: dict) -> list[str]:
+    """The held-out WER curve as markdown lines (one row per evaluation: minutes, step, each set's WER); none
+    without one."""
+    curves = {curve: {step: (minutes, wer) for minutes, step, wer in history[curve]}
+              for curve in CURVES if history.get(curve)}  # fmt: skip
+    if not curves:
+        return []
+    lines = ["Held-out WER during training (the first clips of each set, greedy, the LLM alone):", "",
+             "| minutes | step | " + " | ".join(CURVES[curve] for curve in curves) + " |",
+             "|---|---|" + "---|" * len(curves)]
+    for step in sorted({step for points in curves.values() for step in points}):
+        minutes = next(points[step][0] for points in curves.values() if step in points)
+        cells = [f"{points[step][1]:.1%}" if step in points else "-" for points in curves.values()]
+        lines.append(f"| {minutes:.1f} | {step} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_report(output: Path, settings: DemoSettings, history: dict, results: dict[str, dict],
                  understanding: dict[str, dict] | None = None) -> Path:
     """report.md + curves.png + per-set hypotheses (JSONL) + metrics.json."""
@@ -39,12 +60,12 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
     loss_axis.set(xlabel="training minutes", ylabel="loss", title="training loss")
     if history.get("ctc_loss"):
         loss_axis.legend()
-    for curve, label in (("wer", "synthetic"), ("wer_uqm", "UQM (real, unseen speakers)")):
+    for curve, label in CURVES.items():
         if history.get(curve):
             minutes, _, wers = zip(*history[curve])
             wer_axis.plot(minutes, [100 * w for w in wers], marker="o", label=label)
     wer_axis.set(xlabel="training minutes", ylabel="WER %", title="held-out WER during training")
-    if history.get("wer_uqm"):
+    if sum(bool(history.get(curve)) for curve in CURVES) > 1:
         wer_axis.legend()
     figure.tight_layout()
     figure.savefig(output / "curves.png", dpi=100)
@@ -83,8 +104,9 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         write_jsonl(metrics["rows"], output / f"{name}.hypotheses.jsonl")
     joint = (f"; the model carries its joint CTC weight ({settings.decoding_ctc_weight:g}) with its head, so both "
              "decode jointly unless given `--joint-ctc-weight 0`") if settings.decoding_ctc_weight else ""
+    beams = f" --num-beams {settings.num_beams}" if settings.num_beams > 1 else ""
     lines += ["", f"Your own audio, decoded as here: `speechlm transcribe FILE --model {output / 'model'} "
-              f"--tokens-per-second 5` (`speechlm serve` takes the same decoding flags{joint})."]
+              f"--tokens-per-second 5{beams}` (`speechlm serve` takes the same decoding flags{joint})."]
     if understanding:
         lines += ["", f"Understanding tasks (trained: {settings.tasks}) on the held-out synthetic clips (held-out "
                   "voices and sentences). JSON answers are held to the domain's schema while decoding (its intents "
@@ -99,7 +121,7 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
             lines.append(f"| {task} | {metrics['n_utterances']} | {task_summary(metrics)} | {free} | {cascade} | "
                          f"{metrics['seconds']:.0f} |")
             write_jsonl(metrics["rows"], output / f"{task}.hypotheses.jsonl")
-    lines += ["", "![loss and WER](curves.png)", ""]
+    lines += ["", "![loss and WER](curves.png)", "", *curve_table(history)]
     for name, metrics in results.items():
         lines += [f"## {name}: reference vs hypothesis", "", "| reference | hypothesis | WER |", "|---|---|---|"]
         for row in metrics["rows"][:8]:

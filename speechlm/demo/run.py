@@ -114,7 +114,8 @@ def run(args) -> int:
         from ..audio import load_audio
 
         curve_sets = {}
-        for name, clips in (("synthetic", settings.curve_clips), ("uqm", settings.curve_clips // 2)):
+        half = settings.curve_clips // 2
+        for name, clips in (("synthetic", settings.curve_clips), ("asterisk", half), ("uqm", half)):
             rows = manifest_records(manifests[f"test_{name}"])[:clips]
             if rows:
                 curve_sets[name] = ([load_audio(row["audio"]) for row in rows], [row["text"] for row in rows])

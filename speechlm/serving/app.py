@@ -417,7 +417,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-chat-tokens", type=int, default=defaults.max_chat_tokens, help="text tokens of a chat")
     parser.add_argument("--max-completion-tokens", type=int, default=defaults.max_completion_tokens,
                         help="the largest max_tokens a chat request may ask for")  # fmt: skip
-    add_joint_ctc_argument(parser, what="transcriptions (/v1/audio/transcriptions; chat answers use the LLM alone)")
+    add_joint_ctc_argument(parser, what="transcriptions (/v1/audio/transcriptions), and the transcript field of chat "
+                           "answers about one clip held to a schema that opens with one (else chat uses the LLM alone)")
     parser.add_argument(
         "--allow-origin",
         action="append",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -38,6 +39,7 @@ import numpy as np
 
 from ..inference.decoding import default_generation_kwargs, transcribe_arrays
 from ..inference.structured import with_json_schema
+from ..joint_ctc import joint_options
 from .guard import request_flow
 from .streaming import BatchStreamer, TextDeltas, cut_at_stop, eos_token_ids
 
@@ -386,6 +388,9 @@ class DynamicBatcher:
 
         processor, model = self.processor, self.model
         stops = tuple(options.pop("stop", ()) or ())
+        weight = options.pop("joint_ctc_weight", None)  # set only for one clip and a schema opening with a transcript
+        if weight:
+            options |= joint_options(processor.tokenizer, weight, False, json.loads(options["json_schema"]))
         kwargs = default_generation_kwargs(model, **options)
         if stops:
             kwargs.update(stop_strings=list(stops), tokenizer=processor.tokenizer)

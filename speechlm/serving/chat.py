@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..chat import AudioPart, ChatError, parse_conversation
 from ..inference.decoding import audio_positions, check_positions, new_token_budget
+from ..joint_ctc import schema_transcript_span
 from .guard import APIError, decode_upload, first_or_disconnect
 from .settings import ServerSettings
 from .streaming import EventPump, sse, start_event_stream, stream_error
@@ -264,6 +265,18 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
             raise _bad(str(error), "messages", "context_length_exceeded") from None
         return text, audio
 
+    def joint_transcript_option(conversation: list, options: dict) -> dict:
+        """The server's joint CTC weight for an answer held to a schema that opens with a `transcript` string
+        (`speechlm.joint_ctc.schema_transcript_span`), about one clip: the CTC head reads that clip's words into the
+        field, the LLM alone writes the rest. Empty for any other chat: the head has nothing to say about free
+        answers, and with several clips it could not tell which one the field transcribes."""
+        clips = sum(part["type"] == "audio" for message in conversation for part in message["content"])
+        if not settings.joint_ctc_weight or clips != 1 or "json_schema" not in options:
+            return {}
+        if schema_transcript_span(processor.tokenizer, json.loads(options["json_schema"])) is None:
+            return {}
+        return {"joint_ctc_weight": settings.joint_ctc_weight}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
@@ -284,6 +297,7 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
             raise _bad("stream_options takes only include_usage, and only with stream=true", "stream_options")
         messages = openai_messages(body.get("messages"), settings)
         conversation, _ = await load_conversation(messages, sampling_rate, settings)
+        options |= joint_transcript_option(conversation, options)
         budget = new_token_budget(options, model)
         text, audio = await run_in_threadpool(prompt_tokens, conversation, budget)
         usage = {"prompt_tokens": text + audio, "prompt_tokens_details": {"audio_tokens": audio, "cached_tokens": 0}}

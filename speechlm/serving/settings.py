@@ -29,7 +29,8 @@ class ServerSettings:
     prompt: str | None = None
     max_new_tokens: int | None = None
     num_beams: int | None = None
-    # Transcriptions decoded jointly with the model's CTC head (speechlm.joint_ctc); None: the weight saved with it.
+    # Transcriptions, and the transcript field of chat answers held to a schema that opens with one, decoded jointly
+    # with the model's CTC head (speechlm.joint_ctc); None: the weight saved with it.
     joint_ctc_weight: float | None = None
     # Limits that keep one client from stalling the others (every one has a `speechlm serve` flag).
     max_prompt_chars: int = 2000

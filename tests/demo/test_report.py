@@ -13,7 +13,7 @@ def test_report_states_loss_and_decoding(tmp_path):
     text = write_report(tmp_path, DemoSettings(ctc_weight=0.5, num_beams=3), history, results).read_text()
     assert "LLM loss + 0.5 x CTC alignment loss" in text and "beam width 3" in text
     assert "jointly with the CTC head (weight 0.5)" in text
-    usage = f"speechlm transcribe FILE --model {tmp_path / 'model'} --tokens-per-second 5`"
+    usage = f"speechlm transcribe FILE --model {tmp_path / 'model'} --tokens-per-second 5 --num-beams 3`"
     assert usage in text and "carries its joint CTC weight (0.5) with its head" in text
     assert "the first 15% of the time (3.0 minutes): CTC pre-alignment" in text
     assert "| test_synthetic | 1 | 50.0% | 25.0% | 0 | - | 1 |" in text
@@ -35,6 +35,19 @@ def test_report_puts_whisper_beside_each_set_and_states_steps_dtype_and_warnings
     assert "300 CTC pre-alignment steps, 600 through the LLM" in text
     assert "float32: this CPU has no native bfloat16" in text
     assert "**WARNING: this machine trains 3.0 LLM steps per minute**" in text
+
+
+def test_report_tables_the_held_out_curve_of_every_set_by_minutes_and_step(tmp_path):
+    history = {"loss": [], "steps": 40, "minutes": 2.0, "wer": [(1.0, 20, 0.5), (2.0, 40, 0.25)],
+               "wer_asterisk": [(1.0, 20, 0.75), (2.0, 40, 0.4)], "wer_uqm": [(2.0, 40, 0.9)]}
+    text = write_report(tmp_path, DemoSettings(), history, {}).read_text()
+    assert "| minutes | step | synthetic | Asterisk (real phone prompts) | UQM (real, unseen speakers) |" in text
+    assert "| 1.0 | 20 | 50.0% | 75.0% | - |" in text and "| 2.0 | 40 | 25.0% | 40.0% | 90.0% |" in text
+
+
+def test_report_has_no_curve_table_without_a_curve(tmp_path):
+    text = write_report(tmp_path, DemoSettings(), {"loss": [], "steps": 1, "minutes": 0.1}, {}).read_text()
+    assert "| minutes | step |" not in text
 
 
 def test_report_puts_free_decoding_and_the_cascade_beside_each_understanding_task(tmp_path):

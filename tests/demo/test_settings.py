@@ -54,6 +54,13 @@ def test_the_augmented_preset_is_bounded_by_steps_with_a_time_cap():
     settings = parse("--preset", "augmented")
     assert settings == DemoSettings(**PRESETS["augmented"])
     assert (settings.ctc_steps, settings.max_steps) == (4000, 5200) and settings.real_speech_augment
+    assert settings.num_beams == 4  # its held-out sets are decoded as its README figures were
+
+
+def test_the_augmented_preset_names_the_same_model_whatever_its_decoding():
+    # A re-run with other decoding flags reuses the trained model (num_beams is evaluation-only).
+    greedy = parse("--preset", "augmented", "--num-beams", "1")
+    assert greedy.num_beams == 1 and greedy.fingerprint() == parse("--preset", "augmented").fingerprint()
 
 
 def test_an_option_given_beside_a_preset_wins_in_either_order():

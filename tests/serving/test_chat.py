@@ -17,11 +17,14 @@ import torch
 
 from speechlm import SpeechLMProcessor
 from speechlm.audio import load_audio
+from speechlm.inference.structured import with_json_schema
+from speechlm.joint_ctc import json_string_span
 from speechlm.serving import create_app
 from tests.conftest import make_clips
 from tests.inference.test_structured import SCHEMA, TIME, follows_schema
 from tests.serving.conftest import slow_down
 from tests.serving.test_app import live_server, settings, wav_bytes
+from tests.test_joint_ctc import SPAN_SCHEMA
 
 TOKENS = 10
 ENDPOINT = "/v1/chat/completions"
@@ -52,8 +55,9 @@ def clip(seconds: float = 0.7, seed: int = 0) -> bytes:
     return wav_bytes(make_clips((seconds,), seed=seed)[0])
 
 
-def alone(chat_model, messages: list[dict], max_new_tokens: int = TOKENS) -> dict:
-    """The model on this conversation by itself: text, generated tokens and prompt positions (audio included)."""
+def alone(chat_model, messages: list[dict], max_new_tokens: int = TOKENS, **options) -> dict:
+    """The model on this conversation by itself: text, generated tokens and prompt positions (audio included);
+    `options`: more `generate` options (a `json_schema` among them)."""
     processor, model = chat_model
     conversation = []
     for message in messages:
@@ -68,7 +72,9 @@ def alone(chat_model, messages: list[dict], max_new_tokens: int = TOKENS) -> dic
         conversation.append({"role": "system" if message["role"] == "developer" else message["role"], "content": parts})
     inputs = processor.apply_chat_template(conversation, add_generation_prompt=True)
     with torch.no_grad():
-        tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()
+        options = with_json_schema(options | {"max_new_tokens": max_new_tokens, "do_sample": False}, model,
+                                   processor.tokenizer)  # fmt: skip
+        tokens = model.generate(**inputs, **options)[0].tolist()
         prompt = int(model.prepare_inputs(**inputs).attention_mask.sum()) if "attention_mask" in inputs else None
     text = int(inputs["decoder_attention_mask"].sum() - (inputs["input_ids"] == model.config.audio_token_id).sum())
     eos = processor.tokenizer.eos_token_id
@@ -186,6 +192,43 @@ def test_response_format_json_schema_holds_the_answer_to_the_schema(client):
     assert follows_schema(reply.choices[0].message.content) and reply.choices[0].finish_reason == "stop"
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def joint_served(build):
+    """A chat model with a CTC head, served with joint CTC decoding at 0.5, and a client for it."""
+    processor, model = build("whisper", "qwen2", layout="placeholder")
+    processor = SpeechLMProcessor(processor.feature_extractor, processor.tokenizer, audio_layout="placeholder",
+                                  prompt="transcribe", use_chat_template=True)  # fmt: skip
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    with live_server(create_app(model, processor, settings(max_new_tokens=40, joint_ctc_weight=0.5))) as url:
+        with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
+            yield (processor, model), client
+
+
+def held_to(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "frame", "schema": schema}}
+
+
+def test_a_chat_answer_opening_with_a_transcript_decodes_that_field_jointly_with_the_ctc_head(joint_served):
+    (processor, model), client = joint_served
+    messages = ask("What was said, and what is the intent?", clip(seed=3))
+    reply = client.chat.completions.create(model="m", messages=messages, max_tokens=40,
+                                           response_format=held_to(SPAN_SCHEMA))  # fmt: skip
+    joint = alone((processor, model), messages, 40, json_schema=SPAN_SCHEMA, joint_ctc_weight=0.5,
+                  joint_ctc_span=json_string_span(processor.tokenizer))  # fmt: skip
+    assert reply.choices[0].message.content == joint["text"] != alone((processor, model), messages, 40,
+                                                                      json_schema=SPAN_SCHEMA)["text"]
+
+
+def test_chat_answers_the_head_cannot_transcribe_are_the_llms_alone(joint_served):
+    """A schema that does not open with a transcript, or two clips (which one would the field transcribe?)."""
+    chat_model, client = joint_served
+    for messages, schema in ((ask("The intent?", clip(seed=3)), SCHEMA),
+                             (ask("What was said?", clip(seed=3), clip(seed=4)), SPAN_SCHEMA)):
+        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=40,
+                                               response_format=held_to(schema))  # fmt: skip
+        assert reply.choices[0].message.content == alone(chat_model, messages, 40, json_schema=schema)["text"]
 
 
 def test_vllm_structured_outputs_regex_holds_the_answer(client):
