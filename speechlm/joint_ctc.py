@@ -167,10 +167,11 @@ def json_string_span(tokenizer, opening: str = '{"transcript": "') -> tuple[list
     return tokenizer.encode(opening, add_special_tokens=False), closing
 
 
-def schema_transcript_span(tokenizer, schema: dict | None) -> tuple[list[int], list[int]] | None:
-    """The `span` of the transcript that answers held to `schema` open with: every object the schema allows (itself,
-    or each of its `anyOf`/`oneOf`) has a string `transcript` as its first property. None otherwise: the head reads
-    the words said, and any other answer would only be pulled towards them."""
+def transcript_opening(schema: dict | None) -> str | None:
+    """The text every answer held to `schema` opens with, up to its transcript's first character, when every object
+    the schema allows (itself, or each of its `anyOf`/`oneOf`) has a string `transcript` as its first property (with
+    the key separator of its `x-guidance`). None otherwise: the head reads the words said, and any other answer would
+    only be pulled towards them."""
     if not isinstance(schema, dict):
         return None
     for option in schema.get("anyOf") or schema.get("oneOf") or [schema]:
@@ -179,8 +180,14 @@ def schema_transcript_span(tokenizer, schema: dict | None) -> tuple[list[int], l
         field = properties[first] if first == "transcript" else None
         if not isinstance(field, dict) or field.get("type") != "string":
             return None
-    separator = (schema.get("x-guidance") or {}).get("key_separator", ": ")
-    return json_string_span(tokenizer, '{"transcript"' + separator + '"')
+    return '{"transcript"' + (schema.get("x-guidance") or {}).get("key_separator", ": ") + '"'
+
+
+def schema_transcript_span(tokenizer, schema: dict | None) -> tuple[list[int], list[int]] | None:
+    """The `span` of the transcript that answers held to `schema` open with (`transcript_opening`); None when they
+    do not open with one."""
+    opening = transcript_opening(schema)
+    return None if opening is None else json_string_span(tokenizer, opening)
 
 
 def joint_options(tokenizer, weight: float | None, transcript: bool, schema: dict | None = None) -> dict:
@@ -195,4 +202,4 @@ def joint_options(tokenizer, weight: float | None, transcript: bool, schema: dic
     return {"joint_ctc_weight": weight, "joint_ctc_span": span} if span else {}
 
 
-__all__ = ["CTCPrefixScorer", "joint_options", "json_string_span", "schema_transcript_span"]
+__all__ = ["CTCPrefixScorer", "joint_options", "json_string_span", "schema_transcript_span", "transcript_opening"]

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..chat import AudioPart, ChatError, parse_conversation
 from ..inference.decoding import audio_positions, check_positions, new_token_budget
-from ..joint_ctc import schema_transcript_span
+from ..joint_ctc import transcript_opening
 from .guard import APIError, decode_upload, first_or_disconnect
 from .settings import ServerSettings
 from .streaming import EventPump, sse, start_event_stream, stream_error
@@ -267,13 +267,14 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
 
     def joint_transcript_option(conversation: list, options: dict) -> dict:
         """The server's joint CTC weight for an answer held to a schema that opens with a `transcript` string
-        (`speechlm.joint_ctc.schema_transcript_span`), about one clip: the CTC head reads that clip's words into the
-        field, the LLM alone writes the rest. Empty for any other chat: the head has nothing to say about free
-        answers, and with several clips it could not tell which one the field transcribes."""
+        (`speechlm.joint_ctc.transcript_opening`), about one clip: the CTC head reads that clip's words into the
+        field, the LLM alone writes the rest (the batcher finds the field's span). Empty for any other chat: the head
+        has nothing to say about free answers, and with several clips it could not tell which one the field
+        transcribes."""
         clips = sum(part["type"] == "audio" for message in conversation for part in message["content"])
         if not settings.joint_ctc_weight or clips != 1 or "json_schema" not in options:
             return {}
-        if schema_transcript_span(processor.tokenizer, json.loads(options["json_schema"])) is None:
+        if transcript_opening(json.loads(options["json_schema"])) is None:
             return {}
         return {"joint_ctc_weight": settings.joint_ctc_weight}
 
