@@ -265,13 +265,12 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
             raise _bad(str(error), "messages", "context_length_exceeded") from None
         return text, audio
 
-    def joint_transcript_option(conversation: list, options: dict) -> dict:
+    def joint_transcript_option(clips: int, options: dict) -> dict:
         """The server's joint CTC weight for an answer held to a schema that opens with a `transcript` string
         (`speechlm.joint_ctc.transcript_opening`), about one clip: the CTC head reads that clip's words into the
         field, the LLM alone writes the rest (the batcher finds the field's span). Empty for any other chat: the head
         has nothing to say about free answers, and with several clips it could not tell which one the field
         transcribes."""
-        clips = sum(part["type"] == "audio" for message in conversation for part in message["content"])
         if not settings.joint_ctc_weight or clips != 1 or "json_schema" not in options:
             return {}
         if transcript_opening(json.loads(options["json_schema"])) is None:
@@ -297,8 +296,8 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
                                or set(stream_options) - {"include_usage"}):  # fmt: skip
             raise _bad("stream_options takes only include_usage, and only with stream=true", "stream_options")
         messages = openai_messages(body.get("messages"), settings)
-        conversation, _ = await load_conversation(messages, sampling_rate, settings)
-        options |= joint_transcript_option(conversation, options)
+        conversation, clips = await load_conversation(messages, sampling_rate, settings)
+        options |= joint_transcript_option(clips, options)
         budget = new_token_budget(options, model)
         text, audio = await run_in_threadpool(prompt_tokens, conversation, budget)
         usage = {"prompt_tokens": text + audio, "prompt_tokens_details": {"audio_tokens": audio, "cached_tokens": 0}}
