@@ -80,6 +80,20 @@ def remember_joint_weight(model_dir: Path, weight: float) -> None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def held_out_curve_sets(manifests: dict[str, Path], clips: int) -> dict[str, tuple[list, list[str]]]:
+    """The clips the in-training curve decodes: the first `clips` synthetic ones and half as many of each real set
+    (Asterisk, the UQM actors), as (audio, texts) by set name; a set without clips is left out."""
+    from ..audio import load_audio
+    from .corpus import manifest_records
+
+    sets = {}
+    for name, count in (("synthetic", clips), ("asterisk", clips // 2), ("uqm", clips // 2)):
+        rows = manifest_records(manifests[f"test_{name}"])[:count]
+        if rows:
+            sets[name] = ([load_audio(row["audio"]) for row in rows], [row["text"] for row in rows])
+    return sets
+
+
 def run(args) -> int:
     from ..inference import load_pretrained, transcribe_arrays
     from ..joint_ctc import joint_options
@@ -111,14 +125,7 @@ def run(args) -> int:
               f"LLM weights in {dtype_choice.reason}", flush=True)
         processor, model = load_parts(settings, dtype_choice.dtype)
         train_records = manifest_records(manifests["train"])
-        from ..audio import load_audio
-
-        curve_sets = {}
-        half = settings.curve_clips // 2
-        for name, clips in (("synthetic", settings.curve_clips), ("asterisk", half), ("uqm", half)):
-            rows = manifest_records(manifests[f"test_{name}"])[:clips]
-            if rows:
-                curve_sets[name] = ([load_audio(row["audio"]) for row in rows], [row["text"] for row in rows])
+        curve_sets = held_out_curve_sets(manifests, settings.curve_clips)
         tasks = parse_tasks(settings.tasks)
         meanings = {}
         if len(tasks) > 1:

@@ -57,3 +57,25 @@ def test_the_saved_model_remembers_the_joint_ctc_weight_its_transcriptions_were_
     processor.save_pretrained(tmp_path)
     remember_joint_weight(tmp_path, 0.5)
     assert load_pretrained(str(tmp_path))[1].joint_ctc_weight == 0.5
+
+
+def test_the_curve_decodes_the_first_synthetic_clips_and_half_as_many_of_each_real_set(tmp_path):
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from speechlm.demo.run import held_out_curve_sets
+
+    manifests = {}
+    for name, count in (("synthetic", 6), ("asterisk", 5), ("uqm", 0)):
+        rows = []
+        for i in range(count):
+            sf.write(tmp_path / f"{name}{i}.wav", np.full(1600, 0.01 * (i + 1), np.float32), 16000)
+            rows.append(json.dumps({"audio": f"{name}{i}.wav", "text": f"{name} {i}"}))
+        manifests[f"test_{name}"] = tmp_path / f"test_{name}.jsonl"
+        manifests[f"test_{name}"].write_text("\n".join(rows) + ("\n" if rows else ""))
+    sets = held_out_curve_sets(manifests, 4)
+    assert list(sets) == ["synthetic", "asterisk"]  # no UQM clips: no UQM curve
+    assert sets["synthetic"][1] == ["synthetic 0", "synthetic 1", "synthetic 2", "synthetic 3"]
+    assert sets["asterisk"][1] == ["asterisk 0", "asterisk 1"] and len(sets["asterisk"][0]) == 2
