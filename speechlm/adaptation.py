@@ -8,6 +8,8 @@ the model's `audio_tower`, `language_model`, `multi_modal_projector`, `audio_sta
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from torch import nn
 
 from .alignment import CTCAlignmentHead
@@ -146,6 +148,25 @@ def has_lora(module: nn.Module) -> bool:
     return any("lora_" in name for name, _ in module.named_parameters())
 
 
+@contextmanager
+def lora_disabled(module: nn.Module):
+    """`module` computes as its base weights while inside (the frozen LLM a distillation teacher reads with); the
+    adapters' trainable flags come back as they were (peft's toggle would set them all trainable)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for parameter, flag in flags:
+            parameter.requires_grad = flag
+
+
 def linear_module_names(language_model: nn.Module) -> list[str]:
     """Names of the LLM's linear layers except the output head: the usual 'all-linear' LoRA target."""
     head = language_model.get_output_embeddings()
@@ -158,4 +179,5 @@ def linear_module_names(language_model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-__all__ = ["LORA_DEFAULTS", "SpeechLMAdaptationMixin", "has_lora", "linear_module_names", "set_trainable"]
+__all__ = ["LORA_DEFAULTS", "SpeechLMAdaptationMixin", "has_lora", "linear_module_names", "lora_disabled",
+           "set_trainable"]

@@ -98,10 +98,14 @@ class SpeechLMProcessor(ProcessorMixin):
         return {self.audio_input_name: batch, "attention_mask": mask}
 
     # ------------------------------------------------------------------------------------------------- text
-    def build_prompt(self, prompt: str | None = None, num_clips: int = 1) -> str:
-        """The prompt string as the LLM sees it (placeholders included in the placeholder layout)."""
+    def build_prompt(self, prompt: str | None = None, num_clips: int = 1, audio_text: str | None = None) -> str:
+        """The prompt string as the LLM sees it (placeholders included in the placeholder layout). `audio_text`
+        stands where the clip would, in either layout: the same prompt as text alone (a transcript, for the
+        text-only teacher of distillation)."""
         prompt = self.prompt if prompt is None else prompt
-        if self.audio_layout == "placeholder":
+        if audio_text is not None:
+            prompt = audio_text + ("\n" + prompt if prompt else "")
+        elif self.audio_layout == "placeholder":
             prompt = AUDIO_TOKEN * num_clips + ("\n" + prompt if prompt else "")
         if self.use_chat_template:
             messages = [{"role": "user", "content": prompt}]

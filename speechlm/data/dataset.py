@@ -151,14 +151,18 @@ class SpeechLMCollator:
     An item whose `transcript` differs from its `text` (an understanding answer learned from the clip) gives the
     batch `ctc_labels`: every row's transcript, for a CTC alignment head. `frame_masking` > 0 zeroes that fraction of
     whole frames and of channels of cached encoder frames (SpecAugment on the encoder output; the labels stay).
+    `distillation=True` adds the text-only teacher's rows (`speechlm.training.distillation`): the same prompt and
+    answer with each item's transcript where its clip stands.
     """
 
-    def __init__(self, processor, encoder_cache: EncoderCache | None = None, frame_masking: float = 0.0):
+    def __init__(self, processor, encoder_cache: EncoderCache | None = None, frame_masking: float = 0.0,
+                 distillation: bool = False):
         if not 0 <= frame_masking < 1:
             raise ValueError(f"frame_masking must be in [0, 1), got {frame_masking}")
         self.processor = processor
         self.encoder_cache = encoder_cache
         self.frame_masking = frame_masking
+        self.distillation = distillation
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if any(f.get("messages") is not None for f in features):
@@ -168,7 +172,7 @@ class SpeechLMCollator:
         cached = ["cache_key" in f and "audio" not in f for f in features]
         if not any(cached):
             batch = dict(self.processor([f["audio"] for f in features], text=texts, prompt=prompts))
-            return self._with_ctc_labels(batch, features, prompts)
+            return self._with_transcripts(batch, features, prompts)
         if not all(cached) or self.encoder_cache is None:
             raise ValueError("a batch mixes cached and uncached clips: fill the EncoderCache before training")
         frames = [self.encoder_cache.get(f["cache_key"]) for f in features]
@@ -181,20 +185,28 @@ class SpeechLMCollator:
             padded *= torch.rand(padded.shape[0], 1, padded.shape[2]) >= self.frame_masking
         batch = {"encoder_frames": padded, "encoder_frame_lengths": lengths}
         batch.update(self.processor.encode_text([self.processor.build_prompt(p) for p in prompts], texts))
-        return self._with_ctc_labels(batch, features, prompts)
+        return self._with_transcripts(batch, features, prompts)
 
-    def _with_ctc_labels(self, batch: dict, features: Sequence[Mapping[str, Any]], prompts: list) -> dict:
+    def _with_transcripts(self, batch: dict, features: Sequence[Mapping[str, Any]], prompts: list) -> dict:
         texts = [f["text"] for f in features]
         transcripts = [f.get("transcript") or f["text"] for f in features]
         if transcripts != texts:
-            prompts = [self.processor.build_prompt(p) for p in prompts]
-            batch["ctc_labels"] = self.processor.encode_text(prompts, transcripts)["labels"]
+            built = [self.processor.build_prompt(p) for p in prompts]
+            batch["ctc_labels"] = self.processor.encode_text(built, transcripts)["labels"]
+        if self.distillation:
+            built = [self.processor.build_prompt(p, audio_text=t) for p, t in zip(prompts, transcripts)]
+            teacher = self.processor.encode_text(built, texts)
+            batch.update(teacher_input_ids=teacher["input_ids"], teacher_attention_mask=teacher[
+                "decoder_attention_mask"], teacher_labels=teacher["labels"])
         return batch
 
     def _with_chats(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         from ..chat import ChatError
 
         processor = self.processor
+        if self.distillation:
+            raise ValueError("distillation needs each example's transcript in place of its one clip: chat rows "
+                             "(`messages`) are not supported; train them without distillation")
         if any("audio" not in f and f.get("messages") is None for f in features):
             raise ValueError("chat rows cannot be batched with cached encoder frames: train without the encoder cache")
         clips, rows, label_rows = [], [], []

@@ -53,6 +53,7 @@ class DemoSettings:
     ctc_fraction: float = 0.15  # share of the budget spent on CTC pre-alignment of the projector alone
     ctc_weight: float = 1.0
     ctc_compression: bool = False  # the LLM reads one audio token per label the CTC head hears (blanks dropped)
+    distill_weight: float = 0.0  # + this weight x KL to the text-only LLM reading the transcript (Ultravox's recipe)
     frame_masking: float = 0.0
     llm_frame_masking: float = 0.0  # the same masking kept on through the LLM phase (regularisation)
     real_speech_repeats: int = 1  # each real (Asterisk) training clip appears this many times per epoch
@@ -83,6 +84,8 @@ class DemoSettings:
         for name in ("ctc_fraction", "frame_masking", "llm_frame_masking", "lora_dropout", "natural_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if not 0 <= self.joint_ctc_weight <= 1:
             raise ValueError(f"joint_ctc_weight must be in [0, 1], got {self.joint_ctc_weight}")
         if self.real_speech_repeats < 1:
@@ -165,6 +168,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ctc-compression", action=argparse.BooleanOptionalAction, default=defaults.ctc_compression,
                         help="the LLM reads one averaged audio token per label the CTC head hears, blanks dropped "
                         "(measured: 1.3x the LLM steps per minute, worse final WER on real speech)")
+    parser.add_argument("--distill-weight", type=float, default=defaults.distill_weight,
+                        help="through the LLM, add this weight x the KL divergence from the frozen text-only LLM "
+                        "reading the transcript in place of the audio (distillation, as Ultravox trains; 0: off)")
     parser.add_argument("--frame-masking", type=float, default=defaults.frame_masking,
                         help="fraction of encoder frames and channels zeroed during the CTC pre-alignment")
     parser.add_argument("--llm-frame-masking", type=float, default=defaults.llm_frame_masking,

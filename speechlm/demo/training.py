@@ -244,13 +244,15 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
         log_level="warning", train_sampling_strategy="group_by_length",
     )
     collator = SpeechLMCollator(processor, dataset.encoder_cache,
-                                frame_masking=phase_frame_masking(settings, ctc_phase=pre_align))
+                                frame_masking=phase_frame_masking(settings, ctc_phase=pre_align),
+                                distillation=settings.distill_weight > 0)
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=collator,
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget, max_steps=settings.max_steps,
                                                     first_step=settings.ctc_steps or 0)),
         callbacks=[Budget()],
         ctc_head=model.ctc_head, ctc_weight=settings.ctc_weight, ctc_only=pre_align,
+        distill_weight=settings.distill_weight,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no log dict every 10 steps
     started = time.monotonic()

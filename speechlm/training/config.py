@@ -79,6 +79,8 @@ class TrainingOptions:
     group_by_length: bool = True
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     dataloader_num_workers: int = 0
+    # Weight of the KL to the text-only LLM reading the transcript (speechlm.training.distillation); one process only.
+    distill_weight: float = 0.0
     overwrite_output_dir: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

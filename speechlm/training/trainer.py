@@ -37,7 +37,8 @@ class SpeechLMTrainer(Trainer):
     """`Trainer` with duration-grouped batches and a WER/CER pass added to every evaluation."""
 
     def __init__(self, *args, wer_records=None, evaluation: EvaluationConfig | None = None, task_prompts=None,
-                 ctc_head=None, ctc_weight: float = 0.0, ctc_only: bool = False, **kwargs):
+                 ctc_head=None, ctc_weight: float = 0.0, ctc_only: bool = False, distill_weight: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.wer_records = list(wer_records or [])
         self.evaluation_config = evaluation or EvaluationConfig()
@@ -52,6 +53,12 @@ class SpeechLMTrainer(Trainer):
             raise ValueError("CTC alignment (ctc_head) runs in a single process; drop it for distributed training")
         self.ctc_head = ctc_head.to(self.args.device) if ctc_head is not None else None
         self.ctc_weight, self.ctc_only = ctc_weight, ctc_only
+        # Distillation (speechlm.training.distillation): weight x KL to the text-only LLM, added to the LLM loss.
+        if distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
+        if distill_weight and self.args.world_size > 1:
+            raise ValueError("distillation (distill_weight) runs in a single process; drop it for distributed training")
+        self.distill_weight = distill_weight
 
     # Checkpoints are written here, then renamed to `checkpoint-N` (not a `checkpoint-*` name: rotation ignores it).
     staging_name = ".saving"
@@ -105,15 +112,41 @@ class SpeechLMTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `ctc_labels`: the transcript the CTC head aligns the audio with, when the LLM learns another answer
         # (an understanding task on the same clip); never an input of the model itself.
-        model_inputs = {key: value for key, value in inputs.items() if key != "ctc_labels"}
-        if self.ctc_head is None or not (self.ctc_only or self.ctc_weight):
+        # `teacher_*`: the text-only rows of distillation, read by the LLM alone.
+        from .distillation import TEACHER_KEYS
+
+        model_inputs = {key: value for key, value in inputs.items() if key not in ("ctc_labels", *TEACHER_KEYS)}
+        uses_ctc = self.ctc_head is not None and (self.ctc_only or self.ctc_weight)
+        if not uses_ctc and not self.distill_weight:
             return super().compute_loss(model, model_inputs, return_outputs, num_items_in_batch)
-        ctc = self.ctc_head(self.accelerator.unwrap_model(model), inputs)
-        if self.ctc_only:
-            return (ctc, None) if return_outputs else ctc
-        loss, outputs = super().compute_loss(model, model_inputs, True, num_items_in_batch)
-        loss = loss + self.ctc_weight * ctc
+        if uses_ctc:
+            ctc = self.ctc_head(self.accelerator.unwrap_model(model), inputs)
+            if self.ctc_only:
+                return (ctc, None) if return_outputs else ctc
+        if self.distill_weight:
+            loss, outputs = self._distilled_loss(model, model_inputs, inputs, num_items_in_batch)
+        else:
+            loss, outputs = super().compute_loss(model, model_inputs, True, num_items_in_batch)
+        if uses_ctc:
+            loss = loss + self.ctc_weight * ctc
         return (loss, outputs) if return_outputs else loss
+
+    def _distilled_loss(self, model, model_inputs: dict, inputs: dict, num_items_in_batch):
+        """The LLM loss on the merged audio + text, plus `distill_weight` x KL to the text-only LLM's predictions."""
+        from .distillation import TEACHER_KEYS, next_token_kl, teacher_logits
+
+        if any(key not in inputs for key in TEACHER_KEYS):
+            raise ValueError("distill_weight > 0 needs the teacher's text-only rows in every batch: build the "
+                             "collator with SpeechLMCollator(..., distillation=True)")
+        unwrapped = self.accelerator.unwrap_model(model)
+        merged = unwrapped.prepare_inputs(**model_inputs)
+        student_inputs = {"inputs_embeds": merged.inputs_embeds, "attention_mask": merged.attention_mask,
+                          "position_ids": merged.position_ids, "labels": merged.labels}
+        loss, outputs = super().compute_loss(model, student_inputs, True, num_items_in_batch)
+        teacher = teacher_logits(unwrapped.language_model, inputs["teacher_input_ids"],
+                                 inputs["teacher_attention_mask"])
+        kl = next_token_kl(outputs.logits, merged.labels, teacher, inputs["teacher_labels"])
+        return loss + self.distill_weight * kl, outputs
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
