@@ -194,6 +194,13 @@ class SpeechLMCollator:
             built = [self.processor.build_prompt(p) for p in prompts]
             batch["ctc_labels"] = self.processor.encode_text(built, transcripts)["labels"]
         if self.distillation:
+            from ..tasks import TRANSCRIPTION_TASKS
+
+            for feature in features:
+                if not feature.get("transcript") and feature.get("task") not in (None, *TRANSCRIPTION_TASKS):
+                    raise ValueError(f"{feature.get('id')}: distillation needs the `transcript` of a "
+                                     f"{feature['task']!r} example (the text-only teacher would read its answer in "
+                                     "place of the clip)")
             built = [self.processor.build_prompt(p, audio_text=t) for p, t in zip(prompts, transcripts)]
             teacher = self.processor.encode_text(built, texts)
             batch.update(teacher_input_ids=teacher["input_ids"], teacher_attention_mask=teacher[

@@ -55,6 +55,14 @@ def test_chat_rows_with_distillation_are_refused_by_name(build):
         SpeechLMCollator(processor, distillation=True)([{"messages": chat, "text": "hi"}])
 
 
+def test_an_understanding_example_without_its_transcript_is_refused_by_name(build):
+    processor, _ = build("whisper", "llama")
+    items = [{**item, "task": "slu", "id": f"clip-{i}"} for i, item in enumerate(_items(processor))]
+    items[1]["transcript"] = None
+    with pytest.raises(ValueError, match="clip-1: distillation needs the `transcript` of a 'slu' example"):
+        SpeechLMCollator(processor, distillation=True)(items)
+
+
 def test_kl_pairs_each_answer_token_whatever_comes_before_it():
     """The model's row has audio in front (and may keep only its last logits); the teacher's has the transcript:
     the KL compares the predictions of the same answer tokens, so equal predictions give zero."""

@@ -183,3 +183,12 @@ def test_several_eval_tasks_are_scored_by_their_kinds(two_task_run):
     assert metrics["eval_wer"] == metrics["eval_transcribe_wer"]  # the only transcription task
     final = _summary(two_task_run)["final_metrics"]
     assert {"loss", "slu_loss", "slu_slot_f1", "wer"} <= set(final) and "runtime" not in final
+
+
+def test_distill_weight_turns_distillation_on_for_every_batch(base_config, two_task_corpus, tmp_path):
+    """`training.distill_weight` reaches the collator: an SLU row without its transcript is refused by name."""
+    config = base_config(tmp_path / "run", data={"train_manifest": str(two_task_corpus / "tasks.jsonl"),
+                                                 "eval_manifest": None},
+                         training={"max_steps": 2, "save_steps": 2, "report_to": [], "distill_weight": 1.0})
+    with pytest.raises(ValueError, match="distillation needs the `transcript` of a 'slu' example"):
+        train(config)
