@@ -82,7 +82,8 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         "encoder and LLM frozen"
         + f"; budget: {settings.describe_budget()}"
         + (f"; loss = LLM loss + {settings.ctc_weight:g} x CTC alignment loss" if settings.ctc_weight else "")
-        + (f" + {settings.distill_weight:g} x KL to the text-only LLM reading the transcript (distillation)"
+        + (f" + {settings.distill_weight:g} x KL to the text-only LLM reading the transcript (distillation"
+           + (", on the answer tokens the teacher predicts)" if settings.distill_agreeing_only else ")")
            if settings.distill_weight else "")
         + ("; the LLM reads the CTC-compressed audio" if settings.ctc_compression else "")
         + (f"; real-speech clips x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else "")

@@ -54,6 +54,7 @@ class DemoSettings:
     ctc_weight: float = 1.0
     ctc_compression: bool = False  # the LLM reads one audio token per label the CTC head hears (blanks dropped)
     distill_weight: float = 0.0  # + this weight x KL to the text-only LLM reading the transcript (Ultravox's recipe)
+    distill_agreeing_only: bool = False  # that KL only on answer tokens whose label is the teacher's top token
     frame_masking: float = 0.0
     llm_frame_masking: float = 0.0  # the same masking kept on through the LLM phase (regularisation)
     real_speech_repeats: int = 1  # each real (Asterisk) training clip appears this many times per epoch
@@ -171,6 +172,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--distill-weight", type=float, default=defaults.distill_weight,
                         help="through the LLM, add this weight x the KL divergence from the frozen text-only LLM "
                         "reading the transcript in place of the audio (distillation, as Ultravox trains; 0: off)")
+    parser.add_argument("--distill-agreeing-only", action=argparse.BooleanOptionalAction,
+                        default=defaults.distill_agreeing_only,
+                        help="the distillation KL only on answer tokens whose label is the teacher's top token (the "
+                        "demo's teacher never predicts an answer's first token nor its end)")
     parser.add_argument("--frame-masking", type=float, default=defaults.frame_masking,
                         help="fraction of encoder frames and channels zeroed during the CTC pre-alignment")
     parser.add_argument("--llm-frame-masking", type=float, default=defaults.llm_frame_masking,

@@ -252,7 +252,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
                                                     first_step=settings.ctc_steps or 0)),
         callbacks=[Budget()],
         ctc_head=model.ctc_head, ctc_weight=settings.ctc_weight, ctc_only=pre_align,
-        distill_weight=settings.distill_weight,
+        distill_weight=settings.distill_weight, distill_agreeing_only=settings.distill_agreeing_only,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no log dict every 10 steps
     started = time.monotonic()

@@ -81,6 +81,7 @@ class TrainingOptions:
     dataloader_num_workers: int = 0
     # Weight of the KL to the text-only LLM reading the transcript (speechlm.training.distillation); one process only.
     distill_weight: float = 0.0
+    distill_agreeing_only: bool = False  # the KL only on answer tokens whose label is the teacher's top token
     overwrite_output_dir: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -26,21 +26,27 @@ def teacher_logits(language_model, input_ids: torch.Tensor, attention_mask: torc
         return language_model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def labelled_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The logits that predict each label, row by row (N x vocabulary). `logits` may cover only the last positions
-    of `labels` (the model skips the LM head before the first label while training)."""
+def labelled_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict each label, row by row (N x vocabulary), and those labels (N). `logits` may cover
+    only the last positions of `labels` (the model skips the LM head before the first label while training)."""
     labels = labels[:, labels.shape[1] - logits.shape[1]:][:, 1:]
-    return logits[:, :-1][labels != IGNORE_INDEX]
+    kept = labels != IGNORE_INDEX
+    return logits[:, :-1][kept], labels[kept]
 
 
 def next_token_kl(student_logits: torch.Tensor, student_labels: torch.Tensor, teacher: torch.Tensor,
-                  teacher_labels: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions, mean over the answer's tokens."""
-    student = labelled_logits(student_logits, student_labels)
-    target = labelled_logits(teacher, teacher_labels)
+                  teacher_labels: torch.Tensor, agreeing_only: bool = False) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, mean over the answer's tokens; `agreeing_only`: over
+    the tokens whose label is the teacher's top token (a teacher that disagrees with the label would teach another
+    answer: the demo's teacher never predicts an answer's first token nor its EOS, `distillation_teacher.py`)."""
+    student, labels = labelled_logits(student_logits, student_labels)
+    target, _ = labelled_logits(teacher, teacher_labels)
     if student.shape[0] != target.shape[0]:
         raise ValueError(f"the teacher's rows label {target.shape[0]} tokens but the model's {student.shape[0]}: "
                          "both must label the same answers")
+    if agreeing_only:
+        agrees = target.argmax(-1) == labels
+        student, target = student[agrees], target[agrees]
     if not len(student):
         return student_logits.sum() * 0.0
     return F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(target.float(), -1), log_target=True,

@@ -198,6 +198,7 @@ def _run_stage(config: TrainConfig, stage: StageConfig, index: int, model, proce
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=SpeechLMCollator(processor, encoder_cache=cache, distillation=options.distill_weight > 0),
         processing_class=processor, distill_weight=options.distill_weight,
+        distill_agreeing_only=options.distill_agreeing_only,
         callbacks=list(callbacks or []), wer_records=list(data.eval) if data.eval is not None else None,
         evaluation=config.evaluation, task_prompts=task_prompts,
     )  # fmt: skip

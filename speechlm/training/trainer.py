@@ -38,7 +38,7 @@ class SpeechLMTrainer(Trainer):
 
     def __init__(self, *args, wer_records=None, evaluation: EvaluationConfig | None = None, task_prompts=None,
                  ctc_head=None, ctc_weight: float = 0.0, ctc_only: bool = False, distill_weight: float = 0.0,
-                 **kwargs):
+                 distill_agreeing_only: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.wer_records = list(wer_records or [])
         self.evaluation_config = evaluation or EvaluationConfig()
@@ -58,7 +58,7 @@ class SpeechLMTrainer(Trainer):
             raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
         if distill_weight and self.args.world_size > 1:
             raise ValueError("distillation (distill_weight) runs in a single process; drop it for distributed training")
-        self.distill_weight = distill_weight
+        self.distill_weight, self.distill_agreeing_only = distill_weight, distill_agreeing_only
 
     # Checkpoints are written here, then renamed to `checkpoint-N` (not a `checkpoint-*` name: rotation ignores it).
     staging_name = ".saving"
@@ -145,7 +145,8 @@ class SpeechLMTrainer(Trainer):
         loss, outputs = super().compute_loss(model, student_inputs, True, num_items_in_batch)
         teacher = teacher_logits(unwrapped.language_model, inputs["teacher_input_ids"],
                                  inputs["teacher_attention_mask"])
-        kl = next_token_kl(outputs.logits, merged.labels, teacher, inputs["teacher_labels"])
+        kl = next_token_kl(outputs.logits, merged.labels, teacher, inputs["teacher_labels"],
+                           agreeing_only=self.distill_agreeing_only)
         return loss + self.distill_weight * kl, outputs
 
     def _get_train_sampler(self, train_dataset=None):

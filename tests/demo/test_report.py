@@ -26,6 +26,9 @@ def test_report_states_loss_and_decoding(tmp_path):
     assert "distillation" not in text
     text = write_report(tmp_path, DemoSettings(distill_weight=0.5), history, results).read_text()
     assert "x CTC alignment loss + 0.5 x KL to the text-only LLM reading the transcript (distillation)" in text
+    text = write_report(tmp_path, DemoSettings(distill_weight=0.5, distill_agreeing_only=True), history,
+                        results).read_text()
+    assert "(distillation, on the answer tokens the teacher predicts)" in text
 
 
 def test_report_puts_whisper_beside_each_set_and_states_steps_dtype_and_warnings(tmp_path):

@@ -20,12 +20,13 @@ def test_every_option_reaches_the_settings():
     settings = parse("--lora-targets", "q_proj,k_proj", "--stack-factor", "8", "--num-beams", "3", "--ctc-weight", "0",
                      "--ctc-fraction", "0.25", "--frame-masking", "0.2", "--lora-learning-rate", "1e-4",
                      "--n-train", "50", "--no-ctc-compression", "--real-speech-repeats", "3",
-                     "--real-speech-augment", "--joint-ctc-weight", "0.4", "--distill-weight", "0.5")
+                     "--real-speech-augment", "--joint-ctc-weight", "0.4", "--distill-weight", "0.5",
+                     "--distill-agreeing-only")
     assert (settings.lora_targets, settings.stack_factor, settings.num_beams) == ("q_proj,k_proj", 8, 3)
     assert (settings.ctc_weight, settings.ctc_fraction, settings.frame_masking) == (0, 0.25, 0.2)
     assert (settings.lora_learning_rate, settings.n_train) == (1e-4, 50)
     assert (settings.ctc_compression, settings.real_speech_repeats, settings.real_speech_augment) == (False, 3, True)
-    assert (settings.joint_ctc_weight, settings.distill_weight) == (0.4, 0.5)
+    assert (settings.joint_ctc_weight, settings.distill_weight, settings.distill_agreeing_only) == (0.4, 0.5, True)
     assert parse("--ctc-compression").ctc_compression is True
 
 

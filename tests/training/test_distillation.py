@@ -77,6 +77,16 @@ def test_kl_pairs_each_answer_token_whatever_comes_before_it():
     assert next_token_kl(shifted, student_labels, teacher, teacher_labels).item() > 0.1
 
 
+def test_agreeing_only_skips_the_tokens_whose_label_the_teacher_does_not_predict():
+    labels = torch.tensor([[IGNORE_INDEX, 3, 4, 5]])
+    teacher = torch.full((1, 4, 6), -5.0)
+    teacher[0, 0, 1] = teacher[0, 1, 4] = teacher[0, 2, 5] = 5.0  # first answer token: the teacher predicts 1, not 3
+    student = teacher.clone()
+    student[0, 0] = torch.randn(6)
+    assert next_token_kl(student, labels, teacher, labels, agreeing_only=True).item() == pytest.approx(0.0, abs=1e-6)
+    assert next_token_kl(student, labels, teacher, labels).item() > 0.1
+
+
 def test_kl_refuses_rows_that_label_different_answers():
     labels = torch.tensor([[IGNORE_INDEX, 5, 6]])
     with pytest.raises(ValueError, match="must label the same answers"):
