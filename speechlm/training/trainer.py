@@ -1,5 +1,6 @@
 """transformers' `Trainer` for SpeechLM: duration-grouped batches, a WER/task-metric pass at every evaluation, the
-optional CTC loss, and our options mapped onto `TrainingArguments` (precision resolved for the hardware)."""
+optional CTC and distillation losses, and our options mapped onto `TrainingArguments` (precision resolved for the
+hardware)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def resolve_precision(requested: str) -> str:
 
 
 class SpeechLMTrainer(Trainer):
-    """`Trainer` with duration-grouped batches and a WER/CER pass added to every evaluation."""
+    """`Trainer` with duration-grouped batches, a WER/CER pass added to every evaluation, and optionally a CTC head's
+    loss (`ctc_head`, `ctc_weight`, `ctc_only`) and distillation against the text-only LLM (`distill_weight`)."""
 
     def __init__(self, *args, wer_records=None, evaluation: EvaluationConfig | None = None, task_prompts=None,
                  ctc_head=None, ctc_weight: float = 0.0, ctc_only: bool = False, distill_weight: float = 0.0,
