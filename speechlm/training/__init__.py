@@ -32,7 +32,8 @@ is sharded over the processes and gathered. Every rank hashes its trainable weig
 skipped there: run `speechlm evaluate` on the saved model instead. Multi-node launches: docs/scaling.md.
 
 The package, one concept a module: `config` (schema, YAML, overrides), `stages` (the model and what each stage
-trains), `trainer` (the `Trainer` subclass, `TrainingArguments`), `distributed` (FSDP2 helpers, rank checks),
+trains), `trainer` (the `Trainer` subclass, `TrainingArguments`), `distillation` (the KL to the text-only LLM
+reading the transcript), `distributed` (FSDP2 helpers, rank checks),
 `checkpoints` (what a resume starts from), `runner` (`train()`: data, stages, resume), `report` (curves and report),
 `cli` (`speechlm train`, `speechlm merge-lora`). Names are imported on first use, so that importing the package (and
 `speechlm train --help`) does not load torch.
