@@ -87,6 +87,8 @@ class DemoSettings:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if self.distill_agreeing_only and not self.distill_weight:
+            raise ValueError("distill_agreeing_only without distill_weight > 0 changes nothing: give --distill-weight")
         if not 0 <= self.joint_ctc_weight <= 1:
             raise ValueError(f"joint_ctc_weight must be in [0, 1], got {self.joint_ctc_weight}")
         if self.real_speech_repeats < 1:

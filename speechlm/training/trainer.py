@@ -58,6 +58,8 @@ class SpeechLMTrainer(Trainer):
         # Distillation (speechlm.training.distillation): weight x KL to the text-only LLM, added to the LLM loss.
         if distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
+        if distill_agreeing_only and not distill_weight:
+            raise ValueError("distill_agreeing_only without distill_weight > 0 changes nothing: set distill_weight")
         if distill_weight and self.args.world_size > 1:
             raise ValueError("distillation (distill_weight) runs in a single process; drop it for distributed training")
         self.distill_weight, self.distill_agreeing_only = distill_weight, distill_agreeing_only

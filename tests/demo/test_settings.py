@@ -47,6 +47,11 @@ def test_out_of_range_settings_are_refused_by_name(option, value):
         DemoSettings(**{option: value})
 
 
+def test_distilling_only_where_the_teacher_agrees_needs_a_distillation_weight():
+    with pytest.raises(ValueError, match="distill_agreeing_only without distill_weight"):
+        DemoSettings(distill_agreeing_only=True)
+
+
 def test_a_preset_sets_its_recipe():
     settings = parse("--preset", "real-speech")
     assert settings == DemoSettings(**PRESETS["real-speech"])

@@ -152,6 +152,12 @@ def test_distillation_moves_the_model_towards_the_teacher(build, tmp_path):
     assert _kl_after_training(build, tmp_path, 2.0) < 0.5 * _kl_after_training(build, tmp_path, 0.0)
 
 
+def test_agreeing_only_without_a_weight_is_refused(build, tmp_path):
+    _, model = build("whisper", "llama", dtype=torch.float32)
+    with pytest.raises(ValueError, match="distill_agreeing_only without distill_weight"):
+        SpeechLMTrainer(model=model, args=_arguments(tmp_path), train_dataset=[0], distill_agreeing_only=True)
+
+
 def test_distill_weight_without_teacher_rows_names_the_collator(build, tmp_path):
     processor, model = build("whisper", "llama", dtype=torch.float32)
     batch = SpeechLMCollator(processor)(_items(processor))
