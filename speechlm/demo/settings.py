@@ -173,7 +173,8 @@ def add_arguments(parser) -> None:
                         "(measured: 1.3x the LLM steps per minute, worse final WER on real speech)")
     parser.add_argument("--distill-weight", type=float, default=defaults.distill_weight,
                         help="through the LLM, add this weight x the KL divergence from the frozen text-only LLM "
-                        "reading the transcript in place of the audio (distillation, as Ultravox trains; 0: off)")
+                        "reading the transcript in place of the audio (distillation, as Ultravox trains; 0: off; "
+                        "measured on the augmented preset: more made-up words, not fewer, see README)")
     parser.add_argument("--distill-agreeing-only", action=argparse.BooleanOptionalAction,
                         default=defaults.distill_agreeing_only,
                         help="the distillation KL only on answer tokens whose label is the teacher's top token (the "
