@@ -21,10 +21,9 @@ PARTS = ("first token", "inner tokens", "EOS")
 
 
 def main() -> None:
-    from speechlm.configuration import IGNORE_INDEX
     from speechlm.demo.corpus import manifest_records
     from speechlm.inference import load_pretrained
-    from speechlm.training.distillation import teacher_logits
+    from speechlm.training.distillation import labelled_logits, teacher_logits
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="a demo run's model folder (its LLM and prompt)")
@@ -42,12 +41,9 @@ def main() -> None:
         chunk = texts[start : start + 16]
         rows = processor.encode_text([processor.build_prompt(audio_text=text) for text in chunk], chunk)
         logits = teacher_logits(model.language_model, rows["input_ids"], rows["decoder_attention_mask"]).float()
-        labels = rows["labels"][:, 1:]
         for row in range(len(chunk)):
-            positions = (labels[row] != IGNORE_INDEX).nonzero().flatten()
-            wanted = labels[row, positions]
-            row_logits = logits[row, positions]
-            p = torch.softmax(row_logits, -1)[torch.arange(len(positions)), wanted]
+            row_logits, wanted = labelled_logits(logits[row : row + 1], rows["labels"][row : row + 1])
+            p = torch.softmax(row_logits, -1)[torch.arange(len(wanted)), wanted]
             top = row_logits.argmax(-1) == wanted
             for part, index in (("first token", slice(0, 1)), ("inner tokens", slice(1, -1)), ("EOS", slice(-1, None))):
                 probability[part] += p[index].tolist()
