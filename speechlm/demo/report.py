@@ -8,6 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .settings import BUNDLED
+
 if TYPE_CHECKING:
     from .settings import DemoSettings
 
@@ -94,7 +96,8 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
            else "")
         + "; the curve during training is greedy.", "",
         *[f"**{warning}**" for warning in history.get("warnings", [])], "",
-        "Whisper tiny.en alone (the same encoder with its own decoder) reads the same clips as the reference; both "
+        "Whisper tiny.en alone " + ("(the same encoder with its own decoder) " if settings.encoder == BUNDLED else "")
+        + "reads the same clips as the reference; both "
         "go through the corpus's normaliser (digits spelled). Insertions are words the model added: a high count "
         "means it made text up.", "",
         "| held-out set | clips | WER | CER | insertions | Whisper tiny.en WER | decode s |",

