@@ -2,10 +2,15 @@
 
 Each model decodes the demo's held-out sets through the demo's own path (`evaluate_sets`: greedy, new tokens capped
 by clip length, the corpus's normaliser) at each `--weights` value (0: the LLM alone, the demo's figure; 1: the CTC
-head's prefix search with the LLM only proposing candidates), and the CTC head alone (greedy, no LLM) beside them.
+head's prefix search with the LLM only proposing candidates), with the head proposing candidates of its own as well
+at each `--head-candidates` value, and the CTC head alone (greedy, no LLM) beside them.
+
+`--dev-uqm N` adds a development set to choose settings on, never the test sets: N clips of The Ur-Quan Masters'
+training characters (real, open-domain speech; unseen by a demo model trained without `--real-speech`, and by
+different actors from the held-out `test_uqm` characters), written into the cache.
 
     python benchmarks/joint_ctc.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--weights 0 0.3 0.5]
-        [--num-beams 4] [--sets test_synthetic test_asterisk]
+        [--head-candidates 0 8] [--num-beams 4] [--sets test_synthetic test_asterisk] [--dev-uqm 60]
     # writes benchmarks/results/joint_ctc.md
 """
 
@@ -34,6 +39,24 @@ def ctc_alone(model, processor, rows: list[dict]) -> list[str]:
     return texts
 
 
+def development_uqm(count: int, seed: int = 0) -> Path:
+    """The manifest of `count` clips drawn from the UQM training characters' lines (written once into the cache)."""
+    import json
+    import random
+
+    from speechlm.cache import cache_dir
+    from speechlm.demo import uqm
+
+    root = cache_dir("benchmarks") / f"dev_uqm_{count}_{seed}"
+    manifest = root / "dev_uqm.jsonl"
+    if not manifest.is_file():
+        train, _ = uqm.split_lines(uqm.voiced_lines())
+        lines = random.Random(seed).sample(train, min(len(train), 3 * count))  # some fail the length/rate checks
+        rows = uqm.write_clips(root, lines, "uqm/dev")[:count]
+        manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifest
+
+
 def main() -> None:
     from speechlm.demo.corpus import manifest_records
     from speechlm.demo.evaluate import evaluate_sets
@@ -45,13 +68,19 @@ def main() -> None:
     parser.add_argument("--models", type=Path, nargs="+", help="demo runs' model folders (trained with a CTC head)")
     parser.add_argument("--corpus", type=Path, required=True, help="the demo corpus folder (test_*.jsonl)")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.3, 0.5])
+    parser.add_argument("--head-candidates", type=int, nargs="+", default=[0],
+                        help="the head's own best next tokens scored beside the LLM's 8 (0: the LLM's alone)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument("--dev-uqm", type=int, default=0, metavar="N",
+                        help="add N clips of the UQM training characters as set dev_uqm (choose settings on it)")
     parser.add_argument("--limit", type=int, default=None, help="at most N clips per set")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, greedy as the demo)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "joint_ctc.md")
     args = parser.parse_args()
 
     manifests = {name: args.corpus / f"{name}.jsonl" for name in args.sets if (args.corpus / f"{name}.jsonl").is_file()}
+    if args.dev_uqm:
+        manifests["dev_uqm"] = development_uqm(args.dev_uqm)
     lines = ["# Joint CTC/LLM decoding on trained demo models (benchmarks/joint_ctc.py)", "",
              f"Corpus `{args.corpus.name}`; WER % (inserted words) per held-out set, "
              f"{'greedy' if args.num_beams == 1 else f'{args.num_beams} beams'}, new tokens capped by clip "
@@ -62,13 +91,16 @@ def main() -> None:
     for model_dir in args.models:
         processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
         label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-        for weight in args.weights:
+        for weight, head in [(0.0, 0)] * (0 in args.weights) + [(w, h) for w in args.weights if w
+                                                                 for h in args.head_candidates]:
             start = time.perf_counter()
+            options = {"joint_ctc_weight": weight, "joint_ctc_head_candidates": head} if weight else {}
             results = evaluate_sets(model, processor, manifests, args.limit, args.num_beams, reference=False,
-                                    sets=tuple(manifests), **({"joint_ctc_weight": weight} if weight else {}))
+                                    sets=tuple(manifests), **options)
             cells = [f"{100 * r['wer']:.1f} ({r['insertions']})" for r in results.values()]
-            row = f"| `{label}` | {'LLM alone' if not weight else f'joint, CTC weight {weight:g}'} | "
-            lines.append(row + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |")
+            name = "LLM alone" if not weight else f"joint, CTC weight {weight:g}"
+            name += f", head proposes {head}" if weight and head else ""
+            lines.append(f"| `{label}` | {name} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |")
             print(lines[-1], flush=True)
         start, cells = time.perf_counter(), []
         for path in manifests.values():

@@ -8,8 +8,12 @@ by `(1 - w) * log p_LLM + w * (log p_CTC(prefix + token) - log p_CTC(prefix))`, 
 probability that the audio begins with `prefix` and, for end-of-sequence, that it holds exactly `prefix`. Summed over
 the steps the CTC terms are the whole answer's CTC prefix score, so greedy and beam search both work.
 
-Only the LLM's `candidates` best tokens per step are scored (the prefix recursion is linear in audio tokens); tokens
-the head has no class for (outside its `vocabulary_ids`) cannot be written. With a `span`, the head scores only part
+Only the LLM's `candidates` best tokens per step are scored (the prefix recursion is linear in audio tokens), plus,
+with `head_candidates`, the head's own best next tokens: the LLM alone proposes only words of its training domain, so
+on open-domain speech the head could only choose among wrong words. The head's proposals cost one pass over the audio
+tokens for every class at once, because a prefix score needs only the prefix's state (the recursion's new states are
+computed for the chosen candidates alone). Tokens the head has no class for (outside its `vocabulary_ids`) cannot be
+written. With a `span`, the head scores only part
 of the answer, e.g. the `"transcript"` field of a JSON answer that goes on with an intent and slots
 (`json_string_span`): there a closing quote plays end-of-sequence's part, and outside the LLM decides alone.
 """
@@ -22,6 +26,8 @@ import torch
 from transformers import LogitsProcessor
 
 NEG_INF = float("-inf")
+# The head's own best next tokens scored beside the LLM's candidates (`generate(joint_ctc_head_candidates=...)`).
+HEAD_CANDIDATES = 0
 
 
 class CTCPrefixScorer(LogitsProcessor):
@@ -31,14 +37,18 @@ class CTCPrefixScorer(LogitsProcessor):
     (B,) audio tokens per clip, `vocabulary_ids`: the LLM token id of each class (None: class c is token c - 1).
     Rows of a beam search (B * beams) are matched to their prefix's state by content, so beam reordering is safe.
     `span` = (opening token ids, closing token ids): the head scores only the tokens after the opening sequence, up
-    to the first closing token, which then scores as the end of the clip does.
+    to the first closing token, which then scores as the end of the clip does. `candidates`: the LLM's best tokens
+    scored per step; `head_candidates`: the head's best next tokens scored beside them.
     """
 
     def __init__(self, log_probs: torch.Tensor, lengths: torch.Tensor, weight: float, eos_token_id: int | list[int],
                  vocabulary_ids: torch.Tensor | None = None, candidates: int = 8,
-                 span: tuple[Sequence[int], Collection[int]] | None = None):
+                 span: tuple[Sequence[int], Collection[int]] | None = None, head_candidates: int = 0):
         if not 0 < weight <= 1:
             raise ValueError(f"the CTC weight must be in (0, 1], got {weight}")
+        if candidates < 1 or head_candidates < 0:
+            raise ValueError(f"candidates must be >= 1 and head_candidates >= 0, got {candidates} and "
+                             f"{head_candidates}")
         # On the CPU whatever the model's device: the recursion is a few small ops per audio token, which a GPU would
         # run as many tiny kernels with a sync each.
         self.log_probs = log_probs.detach().float().cpu()
@@ -50,9 +60,11 @@ class CTCPrefixScorer(LogitsProcessor):
         self.closing = set(span[1]) if span is not None else set()
         self.ends = torch.tensor(sorted(self.closing)) if span is not None else self.eos
         self.candidates = int(candidates)
+        self.head_candidates = int(head_candidates)
         size = log_probs.shape[-1] - 1
         ids = vocabulary_ids.long().cpu() if vocabulary_ids is not None else torch.arange(size)
         self.class_of = {int(token): c + 1 for c, token in enumerate(ids.tolist())}
+        self.token_of = ids
         self.states: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
     def _empty_state(self, clip: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -114,6 +126,9 @@ class CTCPrefixScorer(LogitsProcessor):
             states.append(state)
             token_lists.append([t for t in top[row].tolist() if t in self.class_of])
         fresh: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        if active and self.head_candidates:
+            proposals = self.proposals(active, states)
+            token_lists = [list(dict.fromkeys(tokens + extra)) for tokens, extra in zip(token_lists, proposals)]
         if active:
             self._score(active, states, token_lists, llm, combined, fresh)
         self.states = fresh
@@ -131,6 +146,44 @@ class CTCPrefixScorer(LogitsProcessor):
                 return None if any(token in self.closing for token in part) else part
         return None
 
+    def prefix_scores(self, clips: torch.Tensor, r_n: torch.Tensor, r_b: torch.Tensor, last: torch.Tensor
+                      ) -> torch.Tensor:
+        """(R, 1 + classes) log-probability that each clip's audio begins with its prefix followed by each class (the
+        `psi` that `_extend` computes for chosen classes), for every class at once; the blank column is meaningless.
+
+        Emitting class c first at audio token t needs the prefix complete by t - 1 (`phi`, its last label repeated
+        only across a blank), so the score is a log-sum over t of phi(t - 1) + log p_t(c): one (A, classes) pass.
+        """
+        x = self.log_probs[clips]  # (R, A, C)
+        lengths = self.lengths[clips]
+        empty = last < 0
+        start = torch.where(empty, 0.0, NEG_INF)[:, None]  # before the first audio token: only the empty prefix
+        phi = torch.cat([start, torch.logaddexp(r_n, r_b)[:, :-1]], dim=1)  # (R, A): complete by t - 1
+        phi_repeat = torch.cat([start, r_b[:, :-1]], dim=1)
+        inside = torch.arange(x.shape[1])[None, :] < lengths[:, None]
+        phi = phi.masked_fill(~inside, NEG_INF)
+        scores = torch.logsumexp(phi[:, :, None] + x, dim=1)
+        repeat = ~empty
+        if repeat.any():
+            rows = repeat.nonzero()[:, 0]
+            column = x[rows, :, last[rows]]  # (r, A)
+            scores[rows, last[rows]] = torch.logsumexp(phi_repeat[rows].masked_fill(~inside[rows], NEG_INF) + column,
+                                                       dim=1)
+        return scores
+
+    def _last_classes(self, active) -> torch.Tensor:
+        """(R,) the class of each active row's last scored token; -1 for an empty prefix."""
+        return torch.tensor([self.class_of.get(prefix[-1], -1) if prefix else -1 for _, _, prefix in active])
+
+    def proposals(self, active, states) -> list[list[int]]:
+        """The head's `head_candidates` best next tokens for each active row (by prefix score)."""
+        clips = torch.tensor([clip for _, clip, _ in active])
+        last = self._last_classes(active)
+        scores = self.prefix_scores(clips, torch.stack([s[0] for s in states]), torch.stack([s[1] for s in states]),
+                                    last)[:, 1:]
+        best = scores.topk(min(self.head_candidates, scores.shape[1]), dim=1)
+        return [self.token_of[indices[values > NEG_INF]].tolist() for values, indices in zip(*best)]
+
     def _score(self, active, states, token_lists, llm, combined, fresh) -> None:
         """Writes the joint scores of the active rows' candidates and of end-of-sequence into `combined`."""
         r_n = torch.stack([state[0] for state in states])
@@ -142,7 +195,7 @@ class CTCPrefixScorer(LogitsProcessor):
         classes = torch.zeros(len(active), width, dtype=torch.long)
         for i, tokens in enumerate(token_lists):
             classes[i, : len(tokens)] = torch.tensor([self.class_of[t] for t in tokens], dtype=torch.long)
-        last = torch.tensor([self.class_of.get(prefix[-1], -1) if prefix else -1 for _, _, prefix in active])
+        last = self._last_classes(active)
         new_n, new_b, psi = self._extend(clips, r_n, r_b, last, classes)
         lengths = self.lengths[clips]
         end_index = (lengths - 1).clamp(min=0)[:, None]
@@ -202,4 +255,5 @@ def joint_options(tokenizer, weight: float | None, transcript: bool, schema: dic
     return {"joint_ctc_weight": weight, "joint_ctc_span": span} if span else {}
 
 
-__all__ = ["CTCPrefixScorer", "joint_options", "json_string_span", "schema_transcript_span", "transcript_opening"]
+__all__ = ["HEAD_CANDIDATES", "CTCPrefixScorer", "joint_options", "json_string_span", "schema_transcript_span",
+           "transcript_opening"]

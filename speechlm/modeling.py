@@ -301,6 +301,7 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         encoder_frame_lengths: torch.Tensor | None = None,
         joint_ctc_weight: float = 0.0,
         joint_ctc_span: tuple | None = None,
+        joint_ctc_head_candidates: int | None = None,
         **kwargs,
     ):
         """Generate text from audio (+ an optional prompt). Returns only the new tokens.
@@ -309,7 +310,9 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         (num_beams, do_sample, temperature, top_p, repetition_penalty, streamer, ...). `joint_ctc_weight` > 0 decodes
         jointly with the model's CTC head (`speechlm.joint_ctc`: the head's prefix score, at that weight, beside the
         LLM's log-probabilities), which keeps the LLM from writing text the audio does not hold; `joint_ctc_span`
-        (`speechlm.joint_ctc.json_string_span`) limits it to one part of the answer, e.g. a JSON transcript field.
+        (`speechlm.joint_ctc.json_string_span`) limits it to one part of the answer, e.g. a JSON transcript field;
+        `joint_ctc_head_candidates` sets how many of the head's own best next tokens are scored beside the LLM's
+        (default: `speechlm.joint_ctc.HEAD_CANDIDATES`).
         """
         if joint_ctc_span is not None and not joint_ctc_weight:
             raise ValueError("joint_ctc_span needs a joint_ctc_weight > 0: it limits joint CTC decoding to one part "
@@ -327,14 +330,14 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         )
         if joint_ctc_weight:
             kwargs["logits_processor"] = self._joint_ctc(audio_embeds, audio_lengths, joint_ctc_weight, kwargs,
-                                                         joint_ctc_span)
+                                                         joint_ctc_span, joint_ctc_head_candidates)
         merged = self._merge_projected(audio_embeds, audio_lengths, input_ids, decoder_attention_mask)
         return super().generate(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, **kwargs)
 
-    def _joint_ctc(self, audio_embeds, audio_lengths, weight: float, kwargs: dict,
-                   span: tuple | None = None) -> LogitsProcessorList:
+    def _joint_ctc(self, audio_embeds, audio_lengths, weight: float, kwargs: dict, span: tuple | None = None,
+                   head_candidates: int | None = None) -> LogitsProcessorList:
         """The caller's logits processors with a `CTCPrefixScorer` over these clips appended."""
-        from .joint_ctc import CTCPrefixScorer
+        from .joint_ctc import HEAD_CANDIDATES, CTCPrefixScorer
 
         if self.ctc_head is None:
             raise ValueError("joint_ctc_weight needs a CTC head: this model was trained without one (add_ctc_head)")
@@ -343,7 +346,8 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         if eos is None:
             raise ValueError("joint_ctc_weight needs an eos_token_id: the CTC head scores where the answer ends")
         log_probs = self.ctc_head.scores(audio_embeds, self.get_input_embeddings().weight).log_softmax(-1)
-        scorer = CTCPrefixScorer(log_probs, audio_lengths, weight, eos, self.ctc_head.vocabulary_ids, span=span)
+        scorer = CTCPrefixScorer(log_probs, audio_lengths, weight, eos, self.ctc_head.vocabulary_ids, span=span,
+                                 head_candidates=HEAD_CANDIDATES if head_candidates is None else head_candidates)
         return LogitsProcessorList([*(kwargs.get("logits_processor") or []), scorer])
 
 

@@ -101,6 +101,40 @@ def test_a_weight_outside_zero_to_one_is_refused():
         scorer().__class__(torch.zeros(1, 2, 3), torch.tensor([2]), 1.5, EOS)
 
 
+def test_the_heads_scores_of_every_next_class_equal_the_recursions_for_each_prefix():
+    lengths, generator = [12, 7], torch.Generator().manual_seed(5)
+    log_probs = torch.randn(2, 12, 1 + len(CLASSES), generator=generator).log_softmax(-1)
+    prefix_scorer = CTCPrefixScorer(log_probs, torch.tensor(lengths), 0.5, EOS, torch.tensor(CLASSES))
+    r_n, r_b, _ = zip(*(prefix_scorer._empty_state(clip) for clip in (0, 1)))
+    clips, every = torch.tensor([0, 1]), torch.arange(1, 1 + len(CLASSES)).expand(2, -1)
+    last = torch.tensor([-1, -1])
+    r_n, r_b = torch.stack(r_n), torch.stack(r_b)
+    for label in (2, 2, 4):  # the empty prefix, then one ending in class 2, then a repeat of it, then class 4
+        _, _, psi = prefix_scorer._extend(clips, r_n, r_b, last, every)
+        torch.testing.assert_close(prefix_scorer.prefix_scores(clips, r_n, r_b, last)[:, 1:], psi)
+        new_n, new_b, _ = prefix_scorer._extend(clips, r_n, r_b, last, torch.tensor([[label], [label]]))
+        r_n, r_b, last = new_n[:, :, 0], new_b[:, :, 0], torch.tensor([label, label])
+
+
+def test_the_head_proposes_the_token_it_hears_where_the_llm_ranks_it_low():
+    log_probs = torch.full((1, 4, 1 + len(CLASSES)), -9.0)
+    log_probs[0, :, 0] = 0.0
+    log_probs[0, 1, 0], log_probs[0, 1, 4] = -9.0, 0.0  # blank, then class 4 (token 13), then blanks
+    llm = torch.zeros(1, VOCAB)
+    llm[0, 10] = 5.0  # the LLM's one candidate: token 10
+    first = torch.zeros(1, 0, dtype=torch.long)
+    without = CTCPrefixScorer(log_probs, torch.tensor([4]), 0.5, EOS, torch.tensor(CLASSES), candidates=1)
+    with_head = CTCPrefixScorer(log_probs, torch.tensor([4]), 0.5, EOS, torch.tensor(CLASSES), candidates=1,
+                                head_candidates=1)
+    assert without(first, llm)[0, 13] == float("-inf")
+    assert with_head(first, llm)[0].argmax() == 13
+
+
+def test_a_negative_number_of_head_candidates_is_refused():
+    with pytest.raises(ValueError, match="head_candidates >= 0"):
+        scorer(head_candidates=-1)
+
+
 @pytest.fixture
 def model_with_head(build):
     processor, model = build("whisper", "llama")
@@ -112,6 +146,16 @@ def test_joint_decoding_batched_equals_one_clip_at_a_time(model_with_head):
     processor, model = model_with_head
     clips = make_clips((1.0, 0.4, 0.7))
     kwargs = dict(max_new_tokens=6, do_sample=False, joint_ctc_weight=0.5)
+    batched = model.generate(**processor(clips), **kwargs)
+    for i, clip in enumerate(clips):
+        alone = model.generate(**processor([clip]), **kwargs)[0].tolist()
+        assert batched[i].tolist()[: len(alone)] == alone
+
+
+def test_joint_decoding_with_the_heads_candidates_batched_equals_one_clip_at_a_time(model_with_head):
+    processor, model = model_with_head
+    clips = make_clips((1.0, 0.4, 0.7))
+    kwargs = dict(max_new_tokens=6, do_sample=False, joint_ctc_weight=0.5, joint_ctc_head_candidates=8)
     batched = model.generate(**processor(clips), **kwargs)
     for i, clip in enumerate(clips):
         alone = model.generate(**processor([clip]), **kwargs)[0].tolist()
