@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.3, 0.5])
     parser.add_argument("--head-candidates", type=int, nargs="+", default=[0],
                         help="the head's own best next tokens scored beside the LLM's 8 (0: the LLM's alone)")
-    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument("--sets", nargs="*", default=list(SETS), choices=SETS,
+                        help="held-out sets (none: --dev-uqm alone)")
     parser.add_argument("--dev-uqm", type=int, default=0, metavar="N",
                         help="add N clips of the UQM training characters as set dev_uqm (choose settings on it)")
     parser.add_argument("--limit", type=int, default=None, help="at most N clips per set")
