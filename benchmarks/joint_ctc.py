@@ -24,6 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ("test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
+# UQM characters likely voiced by a held-out (test) character's actor: Commander Hayes again, the Yehat rebels.
+TEST_ACTORS = ("starbase", "yehatrebels")
 
 
 @torch.no_grad()
@@ -51,6 +53,7 @@ def development_uqm(count: int, seed: int = 0) -> Path:
     manifest = root / "dev_uqm.jsonl"
     if not manifest.is_file():
         train, _ = uqm.split_lines(uqm.voiced_lines())
+        train = [line for line in train if line.character not in TEST_ACTORS]
         lines = random.Random(seed).sample(train, min(len(train), 3 * count))  # some fail the length/rate checks
         rows = uqm.write_clips(root, lines, "uqm/dev")[:count]
         manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
