@@ -38,7 +38,7 @@ def test_the_steps_of_a_whole_answer_sum_to_its_ctc_log_likelihood():
 def test_tokens_the_head_has_no_class_for_and_tokens_the_llm_ranks_low_are_never_chosen():
     llm = torch.zeros(1, VOCAB)
     llm[0, [5, 10, 11]] = torch.tensor([9.0, 3.0, 2.0])  # token 5: the LLM's favourite, but the head cannot hear it
-    step = scorer(candidates=3)(torch.zeros(1, 0, dtype=torch.long), llm)
+    step = scorer(candidates=3, head_candidates=0)(torch.zeros(1, 0, dtype=torch.long), llm)
     finite = torch.isfinite(step[0]).nonzero().view(-1).tolist()
     assert finite == [10, 11, EOS]
 
@@ -123,7 +123,8 @@ def test_the_head_proposes_the_token_it_hears_where_the_llm_ranks_it_low():
     llm = torch.zeros(1, VOCAB)
     llm[0, 10] = 5.0  # the LLM's one candidate: token 10
     first = torch.zeros(1, 0, dtype=torch.long)
-    without = CTCPrefixScorer(log_probs, torch.tensor([4]), 0.5, EOS, torch.tensor(CLASSES), candidates=1)
+    without = CTCPrefixScorer(log_probs, torch.tensor([4]), 0.5, EOS, torch.tensor(CLASSES), candidates=1,
+                              head_candidates=0)
     with_head = CTCPrefixScorer(log_probs, torch.tensor([4]), 0.5, EOS, torch.tensor(CLASSES), candidates=1,
                                 head_candidates=1)
     assert without(first, llm)[0, 13] == float("-inf")
@@ -204,12 +205,13 @@ def test_joint_decoding_of_a_json_transcript_field_keeps_the_schema_and_the_head
     processor, model = build("whisper", "qwen2")
     model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
     opening, closing = json_string_span(processor.tokenizer)
-    answers = transcribe_arrays(model, processor, make_clips((0.6, 0.9)), max_new_tokens=40, json_schema=SPAN_SCHEMA,
+    answers = transcribe_arrays(model, processor, make_clips((0.6, 0.9)), max_new_tokens=60, json_schema=SPAN_SCHEMA,
                                 joint_ctc_weight=0.9, joint_ctc_span=(opening, closing))
     for answer in answers:
-        value = json.loads(answer)
-        transcript = processor.tokenizer.encode(value["transcript"], add_special_tokens=False)
-        assert value["intent"] in ("call", "play") and set(transcript) <= set(range(3, 80))
+        assert json.loads(answer)["intent"] in ("call", "play")
+        # The field as written, JSON escapes and all (the head may write a backslash, a class of this tiny head).
+        written = answer.removeprefix('{"transcript": "').split('", "intent"')[0]
+        assert set(processor.tokenizer.encode(written, add_special_tokens=False)) <= set(range(3, 80))
 
 
 def test_a_span_without_a_joint_weight_is_a_clear_error_not_a_silent_no_op(model_with_head):

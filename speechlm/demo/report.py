@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..joint_ctc import HEAD_CANDIDATES, LLM_CANDIDATES
 from .settings import BUNDLED
 
 if TYPE_CHECKING:
@@ -92,8 +93,9 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         + (" (copies augmented)" if settings.real_speech_repeats > 1 and settings.real_speech_augment else "")
         + "). Held-out sets decoded "
         + (f"with beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily")
-        + (f", jointly with the CTC head (weight {settings.decoding_ctc_weight:g})" if settings.decoding_ctc_weight
-           else "")
+        + (f", jointly with the CTC head (weight {settings.decoding_ctc_weight:g}; the LLM and the head each propose "
+           f"their best next tokens, the LLM {LLM_CANDIDATES}, the head {HEAD_CANDIDATES})"
+           if settings.decoding_ctc_weight else "")
         + "; the curve during training is greedy.", "",
         *[f"**{warning}**" for warning in history.get("warnings", [])], "",
         "Whisper tiny.en alone " + ("(the same encoder with its own decoder) " if settings.encoder == BUNDLED else "")
