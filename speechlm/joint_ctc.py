@@ -13,9 +13,9 @@ with `head_candidates`, the head's own best next tokens: the LLM alone proposes 
 on open-domain speech the head could only choose among wrong words. The head's proposals cost one pass over the audio
 tokens for every class at once, because a prefix score needs only the prefix's state (the recursion's new states are
 computed for the chosen candidates alone). Tokens the head has no class for (outside its `vocabulary_ids`) cannot be
-written. With a `span`, the head scores only part
-of the answer, e.g. the `"transcript"` field of a JSON answer that goes on with an intent and slots
-(`json_string_span`): there a closing quote plays end-of-sequence's part, and outside the LLM decides alone.
+written. With a `span`, the head scores only part of the answer, e.g. the `"transcript"` field of a JSON answer that
+goes on with an intent and slots (`json_string_span`): there a closing quote plays end-of-sequence's part, and outside
+the LLM decides alone.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ NEG_INF = float("-inf")
 # UQM development split and helped every held-out set (README, benchmarks/joint_ctc.py); 16 changed nothing more.
 LLM_CANDIDATES = 8
 HEAD_CANDIDATES = 8
+PROPOSAL_ELEMENTS = 1 << 24  # the head's proposals are scored this many (row, audio token, class) values at a time
 
 
 class CTCPrefixScorer(LogitsProcessor):
@@ -182,10 +183,16 @@ class CTCPrefixScorer(LogitsProcessor):
         """The head's `head_candidates` best next tokens for each active row (by prefix score)."""
         clips = torch.tensor([clip for _, clip, _ in active])
         last = self._last_classes(active)
-        scores = self.prefix_scores(clips, torch.stack([s[0] for s in states]), torch.stack([s[1] for s in states]),
-                                    last)[:, 1:]
-        best = scores.topk(min(self.head_candidates, scores.shape[1]), dim=1)
-        return [self.token_of[indices[values > NEG_INF]].tolist() for values, indices in zip(*best)]
+        r_n, r_b = torch.stack([s[0] for s in states]), torch.stack([s[1] for s in states])
+        # A few rows at a time: a head over a whole vocabulary (49k classes) x a 30-second clip is ~70 MB per row.
+        chunk = max(1, PROPOSAL_ELEMENTS // (self.log_probs.shape[1] * self.log_probs.shape[2]))
+        proposals = []
+        for start in range(0, len(active), chunk):
+            rows = slice(start, start + chunk)
+            scores = self.prefix_scores(clips[rows], r_n[rows], r_b[rows], last[rows])[:, 1:]
+            best = scores.topk(min(self.head_candidates, scores.shape[1]), dim=1)
+            proposals += [self.token_of[indices[values > NEG_INF]].tolist() for values, indices in zip(*best)]
+        return proposals
 
     def _score(self, active, states, token_lists, llm, combined, fresh) -> None:
         """Writes the joint scores of the active rows' candidates and of end-of-sequence into `combined`."""

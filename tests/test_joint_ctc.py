@@ -131,6 +131,20 @@ def test_the_head_proposes_the_token_it_hears_where_the_llm_ranks_it_low():
     assert with_head(first, llm)[0].argmax() == 13
 
 
+def test_the_heads_proposals_are_the_same_scored_a_few_rows_at_a_time(monkeypatch):
+    import speechlm.joint_ctc as joint_ctc
+
+    lengths, generator = [12, 9, 5], torch.Generator().manual_seed(6)
+    log_probs = torch.randn(3, 12, 1 + len(CLASSES), generator=generator).log_softmax(-1)
+    prefix_scorer = CTCPrefixScorer(log_probs, torch.tensor(lengths), 0.5, EOS, torch.tensor(CLASSES),
+                                    head_candidates=3)
+    active = [(clip, clip, ()) for clip in range(3)]
+    states = [prefix_scorer._empty_state(clip) for clip in range(3)]
+    whole = prefix_scorer.proposals(active, states)
+    monkeypatch.setattr(joint_ctc, "PROPOSAL_ELEMENTS", 12 * (1 + len(CLASSES)))  # one row at a time
+    assert prefix_scorer.proposals(active, states) == whole and len({tuple(p) for p in whole}) > 1
+
+
 def test_a_negative_number_of_head_candidates_is_refused():
     with pytest.raises(ValueError, match="head_candidates >= 0"):
         scorer(head_candidates=-1)
