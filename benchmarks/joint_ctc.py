@@ -52,6 +52,9 @@ def development_uqm(count: int, seed: int = 0) -> Path:
     root = cache_dir("benchmarks") / f"dev_uqm_{count}_{seed}"
     manifest = root / "dev_uqm.jsonl"
     if not manifest.is_file():
+        if not uqm.is_available():
+            raise SystemExit(f"--dev-uqm needs The Ur-Quan Masters' voice acting in {uqm.nonfree_root()}: run "
+                             "scripts/fetch_nonfree.sh (scripts/setup.sh does)")
         train, _ = uqm.split_lines(uqm.voiced_lines())
         train = [line for line in train if line.character not in TEST_ACTORS]
         lines = random.Random(seed).sample(train, min(len(train), 3 * count))  # some fail the length/rate checks
