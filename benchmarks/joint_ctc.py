@@ -69,13 +69,15 @@ def main() -> None:
     from speechlm.evaluation import word_error_rate
     from speechlm.evaluation.normalizers import normalize_text
     from speechlm.inference import load_pretrained
+    from speechlm.joint_ctc import HEAD_CANDIDATES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, nargs="+", help="demo runs' model folders (trained with a CTC head)")
     parser.add_argument("--corpus", type=Path, required=True, help="the demo corpus folder (test_*.jsonl)")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.3, 0.5])
-    parser.add_argument("--head-candidates", type=int, nargs="+", default=[0],
-                        help="the head's own best next tokens scored beside the LLM's 8 (0: the LLM's alone)")
+    parser.add_argument("--head-candidates", type=int, nargs="+", default=[HEAD_CANDIDATES],
+                        help="the head's own best next tokens scored beside the LLM's 8 (0: the LLM's alone; "
+                        f"default: {HEAD_CANDIDATES}, the library's)")
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=SETS,
                         help="held-out sets (none: --dev-uqm alone)")
     parser.add_argument("--dev-uqm", type=int, default=0, metavar="N",
