@@ -130,11 +130,16 @@ class CTCPrefixScorer(LogitsProcessor):
             states.append(state)
             token_lists.append([t for t in top[row].tolist() if t in self.class_of])
         fresh: dict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        if active and self.head_candidates:
-            proposals = self.proposals(active, states)
-            token_lists = [list(dict.fromkeys(tokens + extra)) for tokens, extra in zip(token_lists, proposals)]
         if active:
-            self._score(active, states, token_lists, llm, combined, fresh)
+            # The active rows' prefix states, stacked once for the head's proposals and the scoring.
+            clips = torch.tensor([clip for _, clip, _ in active])
+            r_n, r_b = torch.stack([state[0] for state in states]), torch.stack([state[1] for state in states])
+            last = torch.tensor([self.class_of.get(prefix[-1], -1) if prefix else -1 for _, _, prefix in active])
+            if self.head_candidates:
+                proposals = self.proposals(clips, r_n, r_b, last)
+                token_lists = [list(dict.fromkeys(tokens + extra)) for tokens, extra in zip(token_lists, proposals)]
+            psi_prefix = torch.tensor([state[2] for state in states])
+            self._score(active, token_lists, (clips, r_n, r_b, last, psi_prefix), llm, combined, fresh)
         self.states = fresh
         return combined.to(device=scores.device, dtype=scores.dtype)
 
@@ -175,37 +180,29 @@ class CTCPrefixScorer(LogitsProcessor):
                                                        dim=1)
         return scores
 
-    def _last_classes(self, active) -> torch.Tensor:
-        """(R,) the class of each active row's last scored token; -1 for an empty prefix."""
-        return torch.tensor([self.class_of.get(prefix[-1], -1) if prefix else -1 for _, _, prefix in active])
-
-    def proposals(self, active, states) -> list[list[int]]:
-        """The head's `head_candidates` best next tokens for each active row (by prefix score)."""
-        clips = torch.tensor([clip for _, clip, _ in active])
-        last = self._last_classes(active)
-        r_n, r_b = torch.stack([s[0] for s in states]), torch.stack([s[1] for s in states])
+    def proposals(self, clips: torch.Tensor, r_n: torch.Tensor, r_b: torch.Tensor, last: torch.Tensor
+                  ) -> list[list[int]]:
+        """The head's `head_candidates` best next tokens for each prefix (by prefix score); arguments as in
+        `prefix_scores`."""
         # A few rows at a time: a head over a whole vocabulary (49k classes) x a 30-second clip is ~70 MB per row.
         chunk = max(1, PROPOSAL_ELEMENTS // (self.log_probs.shape[1] * self.log_probs.shape[2]))
         proposals = []
-        for start in range(0, len(active), chunk):
+        for start in range(0, len(clips), chunk):
             rows = slice(start, start + chunk)
             scores = self.prefix_scores(clips[rows], r_n[rows], r_b[rows], last[rows])[:, 1:]
             best = scores.topk(min(self.head_candidates, scores.shape[1]), dim=1)
             proposals += [self.token_of[indices[values > NEG_INF]].tolist() for values, indices in zip(*best)]
         return proposals
 
-    def _score(self, active, states, token_lists, llm, combined, fresh) -> None:
-        """Writes the joint scores of the active rows' candidates and of end-of-sequence into `combined`."""
-        r_n = torch.stack([state[0] for state in states])
-        r_b = torch.stack([state[1] for state in states])
-        psi_prefix = torch.tensor([state[2] for state in states])
-        clips = torch.tensor([clip for _, clip, _ in active])
+    def _score(self, active, token_lists, prefixes, llm, combined, fresh) -> None:
+        """Writes the joint scores of the active rows' candidates and of end-of-sequence into `combined`;
+        `prefixes`: their stacked states (clips, r_n, r_b, last class, prefix score)."""
+        clips, r_n, r_b, last, psi_prefix = prefixes
         width = max(1, max(len(tokens) for tokens in token_lists))
         # Rows with fewer candidates are padded with the blank class; their padding is scored and thrown away.
         classes = torch.zeros(len(active), width, dtype=torch.long)
         for i, tokens in enumerate(token_lists):
             classes[i, : len(tokens)] = torch.tensor([self.class_of[t] for t in tokens], dtype=torch.long)
-        last = self._last_classes(active)
         new_n, new_b, psi = self._extend(clips, r_n, r_b, last, classes)
         lengths = self.lengths[clips]
         end_index = (lengths - 1).clamp(min=0)[:, None]

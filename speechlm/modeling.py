@@ -337,7 +337,7 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
     def _joint_ctc(self, audio_embeds, audio_lengths, weight: float, kwargs: dict, span: tuple | None = None,
                    head_candidates: int | None = None) -> LogitsProcessorList:
         """The caller's logits processors with a `CTCPrefixScorer` over these clips appended."""
-        from .joint_ctc import CTCPrefixScorer
+        from .joint_ctc import HEAD_CANDIDATES, CTCPrefixScorer
 
         if self.ctc_head is None:
             raise ValueError("joint_ctc_weight needs a CTC head: this model was trained without one (add_ctc_head)")
@@ -347,7 +347,7 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
             raise ValueError("joint_ctc_weight needs an eos_token_id: the CTC head scores where the answer ends")
         log_probs = self.ctc_head.scores(audio_embeds, self.get_input_embeddings().weight).log_softmax(-1)
         scorer = CTCPrefixScorer(log_probs, audio_lengths, weight, eos, self.ctc_head.vocabulary_ids, span=span,
-                                 **({} if head_candidates is None else {"head_candidates": head_candidates}))
+                                 head_candidates=HEAD_CANDIDATES if head_candidates is None else head_candidates)
         return LogitsProcessorList([*(kwargs.get("logits_processor") or []), scorer])
 
 

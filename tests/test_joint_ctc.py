@@ -138,11 +138,11 @@ def test_the_heads_proposals_are_the_same_scored_a_few_rows_at_a_time(monkeypatc
     log_probs = torch.randn(3, 12, 1 + len(CLASSES), generator=generator).log_softmax(-1)
     prefix_scorer = CTCPrefixScorer(log_probs, torch.tensor(lengths), 0.5, EOS, torch.tensor(CLASSES),
                                     head_candidates=3)
-    active = [(clip, clip, ()) for clip in range(3)]
-    states = [prefix_scorer._empty_state(clip) for clip in range(3)]
-    whole = prefix_scorer.proposals(active, states)
+    r_n, r_b, _ = zip(*(prefix_scorer._empty_state(clip) for clip in range(3)))
+    prefixes = (torch.arange(3), torch.stack(r_n), torch.stack(r_b), torch.tensor([-1, -1, -1]))  # empty prefixes
+    whole = prefix_scorer.proposals(*prefixes)
     monkeypatch.setattr(joint_ctc, "PROPOSAL_ELEMENTS", 12 * (1 + len(CLASSES)))  # one row at a time
-    assert prefix_scorer.proposals(active, states) == whole and len({tuple(p) for p in whole}) > 1
+    assert prefix_scorer.proposals(*prefixes) == whole and len({tuple(p) for p in whole}) > 1
 
 
 def test_a_negative_number_of_head_candidates_is_refused():
