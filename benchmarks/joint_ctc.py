@@ -43,11 +43,11 @@ def ctc_alone(model, processor, rows: list[dict]) -> list[str]:
 
 def development_uqm(count: int, seed: int = 0) -> Path:
     """The manifest of `count` clips drawn from the UQM training characters' lines (written once into the cache)."""
-    import json
     import random
 
     from speechlm.cache import cache_dir
     from speechlm.demo import uqm
+    from speechlm.demo.corpus import write_manifest
 
     root = cache_dir("benchmarks") / f"dev_uqm_{count}_{seed}"
     manifest = root / "dev_uqm.jsonl"
@@ -59,7 +59,7 @@ def development_uqm(count: int, seed: int = 0) -> Path:
         train = [line for line in train if line.character not in TEST_ACTORS]
         lines = random.Random(seed).sample(train, min(len(train), 3 * count))  # some fail the length/rate checks
         rows = uqm.write_clips(root, lines, "uqm/dev")[:count]
-        manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_manifest(manifest, rows)
     return manifest
 
 

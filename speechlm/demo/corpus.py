@@ -172,7 +172,8 @@ def manifest_records(path: Path | str) -> list[dict]:
     return read_manifest(path, probe_audio=False).records
 
 
-def _write_manifest(path: Path, rows: Sequence[dict]) -> None:
+def write_manifest(path: Path, rows: Sequence[dict]) -> None:
+    """A demo manifest, written whole or not at all (a reader reuses an existing one)."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     tmp.replace(path)
@@ -260,7 +261,7 @@ def build_demo_corpus(
         train_rows += synthetic_rows(root, readings, workers, "pico reads uqm lines", progress)
 
     for name, rows in zip(MANIFESTS, (train_rows, test_rows, asterisk_rows, librivox_rows, uqm_rows), strict=True):
-        _write_manifest(manifests[name], rows)
+        write_manifest(manifests[name], rows)
     stamp.write_text(json.dumps(params, indent=2) + "\n")
     return manifests
 
