@@ -228,6 +228,8 @@ def build_demo_corpus(
     root.mkdir(parents=True, exist_ok=True)
     params = {"version": CORPUS_VERSION, "corpus": corpus, "n_train": n_train, "n_test": n_test, "seed": seed,
               "real_speech": real_speech, "natural_fraction": natural_fraction, "uqm_test": uqm_test}
+    if real_speech:  # its training clips changed when the split became one by actor (the test set did not)
+        params["uqm_split"] = "actors"
     manifests = {name: root / f"{name}.jsonl" for name in MANIFESTS}
     stamp = root / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == params and all(p.is_file() for p in manifests.values()):

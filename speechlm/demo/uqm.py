@@ -5,9 +5,11 @@
 fetched into the cache by `scripts/fetch_nonfree.sh` (never committed). Why here: the espeak-rendered corpus teaches
 the model espeak, not people; these are people, reading open-domain text.
 
-Characters are split by *speaker*: some never appear in training and are the held-out set; three are reserved for
+Characters are split by *actor*: some never appear in training and are the held-out set; three are reserved for
 the project's own external evaluation and are never read at all; a few are heavily processed (robotic, pitched)
-and left out of training by default.
+and left out of training by default. Several actors voice more than one character (the game's credits,
+`base/cutscene/credits/credits.txt` in uqm-content), so a character-level split would hear a held-out or reserved
+voice in training under another name.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ CONTENT_ZIP = CONTENT_DIR / "packages/uqm-0.8.0-content.uqm"
 RESERVED = frozenset({"syreen", "spathi", "shofixti"})  # never trained, tuned or evaluated on
 PROCESSED = frozenset({"orz", "urquan", "kohrah", "mycon", "probe", "slylandro"})  # robotic or pitched voices
 HELD_OUT = ("commander", "yehat", "supox")  # unseen speakers: the demo's real-speech test set
+# Characters who share an actor, from the game's credits: Alex Bennett is the Starbase Commander (`commander`
+# before the starbase is freed, `starbase` after); Madeleine Wild voices the Syreen, the VUX and one of the three
+# Zoq-Fot-Pik heads; David Bryce the Spathi, the Shofixti, the Ilwrath and the Kohr-Ah. The credits name Bruce
+# Leyland for the Yehat alone; the Yehat rebels are the same race's lines, so taken as his. A character missing
+# here is its own actor.
+SHARED_ACTORS = (
+    frozenset({"commander", "starbase"}),
+    frozenset({"syreen", "vux", "zoqfotpik"}),
+    frozenset({"spathi", "shofixti", "ilwrath", "kohrah"}),
+    frozenset({"yehat", "yehatrebels"}),
+)
 MAX_SECONDS = 15.0
 # Speaking rates outside this band (words per second) mean the transcript is not what the clip says: some script
 # entries hold a whole speech while their clip holds its first sentence, some clips are a sob or a snort.
@@ -44,6 +57,15 @@ class Line:
     character: str
     clip: str
     text: str
+
+
+def same_actor(characters) -> frozenset[str]:
+    """`characters` and every character voiced by one of their actors."""
+    voices = set(characters)
+    for group in SHARED_ACTORS:
+        if group & voices:
+            voices |= group
+    return frozenset(voices)
 
 
 def nonfree_root() -> Path:
@@ -91,14 +113,14 @@ def clean_transcript(text: str) -> str:
 
 
 def voiced_lines(root: Path | None = None) -> list[Line]:
-    """Every voiced line of every character except the reserved ones, with a cleaned, non-empty transcript."""
+    """Every voiced line with a cleaned, non-empty transcript, except those of the reserved characters' actors."""
     root = root or nonfree_root()
-    lines = []
+    lines, never_read = [], same_actor(RESERVED)
     with zipfile.ZipFile(root / CONTENT_ZIP) as content, zipfile.ZipFile(root / VOICE_ZIP) as voice:
         clips = set(voice.namelist())
         for name in sorted(content.namelist()):
             match = re.fullmatch(r"base/comm/(\w+)/\1\.txt", name)
-            if not match or match.group(1) in RESERVED:
+            if not match or match.group(1) in never_read:
                 continue
             character = match.group(1)
             for line in parse_transcripts(content.read(name).decode("utf-8", errors="replace"), character):
@@ -117,9 +139,10 @@ def read_clip(voice_zip: zipfile.ZipFile, line: Line) -> tuple[np.ndarray, int]:
 
 def split_lines(lines: list[Line], held_out: tuple[str, ...] = HELD_OUT, include_processed: bool = False
                 ) -> tuple[list[Line], list[Line]]:
-    """(train, test) by speaker: the held-out characters are the test set; processed voices are dropped from
-    training unless asked for (they are not how people sound)."""
-    train = [ln for ln in lines if ln.character not in held_out
+    """(train, test) by actor: the held-out characters are the test set, and no character of their actors is
+    trained on; processed voices are dropped from training unless asked for (they are not how people sound)."""
+    unseen = same_actor(held_out)
+    train = [ln for ln in lines if ln.character not in unseen
              and (include_processed or ln.character not in PROCESSED)]
     test = [ln for ln in lines if ln.character in held_out]
     return train, test

@@ -54,6 +54,17 @@ def test_reserved_characters_are_never_read(tmp_path):
     assert {line.character for line in uqm.voiced_lines(tmp_path)} == {"melnorme"}
 
 
+def test_characters_voiced_by_a_reserved_characters_actor_are_never_read(tmp_path):
+    make_game(tmp_path, {"vux": [1.0], "zoqfotpik": [1.0], "ilwrath": [1.0], "melnorme": [1.0]})
+    assert {line.character for line in uqm.voiced_lines(tmp_path)} == {"melnorme"}
+
+
+def test_split_never_trains_on_a_held_out_characters_actor():
+    lines = [uqm.Line(c, f"{c}-000.ogg", "hello") for c in ("starbase", "yehatrebels", "melnorme", "commander")]
+    train, _ = uqm.split_lines(lines, held_out=("commander", "yehat"))
+    assert [ln.character for ln in train] == ["melnorme"]
+
+
 def test_split_holds_out_whole_speakers_and_drops_processed_voices():
     lines = [uqm.Line(c, f"{c}-000.ogg", "hello") for c in ("melnorme", "commander", "orz", "yehat")]
     train, test = uqm.split_lines(lines)
