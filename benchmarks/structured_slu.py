@@ -12,7 +12,7 @@ With `--qa`, each model also answers the question about each clip freely and hel
 value the asked slot can take (`answer_pattern`, the QA counterpart of the catalogue; models only).
 
     python benchmarks/structured_slu.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--no-cascade] \
-        [--num-beams 1 4] [--qa] [--task slu_transcript [--joint-ctc-weights 0 0.5]]
+        [--num-beams 1 4] [--qa] [--task slu_transcript [--joint-ctc-weights 0 0.5] [--head-candidates 0 8]]
     # writes benchmarks/results/structured_slu.md
 """
 
@@ -39,7 +39,7 @@ def main() -> None:
     from speechlm.demo.settings import DemoSettings
     from speechlm.demo.understanding import answer_pattern, examples, task_schema
     from speechlm.inference import load_pretrained, transcribe_arrays
-    from speechlm.joint_ctc import json_string_span
+    from speechlm.joint_ctc import HEAD_CANDIDATES, json_string_span
     from speechlm.tasks import score_task
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--joint-ctc-weights", type=float, nargs="+", default=[0.0],
                         help="slu_transcript only: joint CTC weights for the transcript field (a row each; 0: the "
                              "LLM alone)")
+    parser.add_argument("--head-candidates", type=int, nargs="+", default=[HEAD_CANDIDATES],
+                        help="with a joint weight: how many of the CTC head's best next tokens it proposes beside "
+                             "the LLM's (a row each; 0: the LLM's alone, as before session 22)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "structured_slu.md")
     args = parser.parse_args()
     if args.task != "slu_transcript" and any(args.joint_ctc_weights):
@@ -97,9 +100,12 @@ def main() -> None:
         processor, model = load_pretrained(str(folder), dtype=torch.float32)
         for beams in args.num_beams:
             name = f"`{folder}`" + (f", {beams} beams" if beams > 1 else "")
-            for weight in args.joint_ctc_weights:
-                joint = {"joint_ctc_weight": weight, "joint_ctc_span": json_string_span(processor.tokenizer)}
-                rows.append(row(name + (f", transcript joint with CTC {weight:g}" if weight else ""),
+            for weight, head in [(0.0, 0)] * (0 in args.joint_ctc_weights) + [
+                    (w, h) for w in args.joint_ctc_weights if w for h in args.head_candidates]:
+                joint = {"joint_ctc_weight": weight, "joint_ctc_span": json_string_span(processor.tokenizer),
+                         "joint_ctc_head_candidates": head}
+                label = f", transcript joint with CTC {weight:g}, the head proposes {head}" if weight else ""
+                rows.append(row(name + label,
                                 partial(transcribe_arrays, model, processor, audio,
                                         prompt=[ex.prompt for _, ex in pairs], batch_size=16 // beams or 1,
                                         max_new_tokens=UNDERSTANDING_TOKENS[args.task], num_beams=beams,
