@@ -131,6 +131,16 @@ class SpeechLMAdaptationMixin:
         the head can score."""
         return float((self.config.ctc_head or {}).get("joint_weight") or 0.0)
 
+    @property
+    def joint_ctc_head_candidates(self) -> int:
+        """How many of the head's own best next tokens joint decoding scores beside the LLM's: the number saved with
+        the head (`config.ctc_head["head_candidates"]`), else `speechlm.joint_ctc.HEAD_CANDIDATES`. Saved because it
+        changes the answers: a model is read as it was measured even if the library's default moves."""
+        from .joint_ctc import HEAD_CANDIDATES
+
+        saved = (self.config.ctc_head or {}).get("head_candidates")
+        return HEAD_CANDIDATES if saved is None else int(saved)
+
     def _build_ctc_head(self, settings: dict) -> CTCAlignmentHead:
         """A head on the projector's device and dtype (also used by `__init__` to rebuild a saved one)."""
         projector = self.multi_modal_projector.linear_2.weight

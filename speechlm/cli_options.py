@@ -99,26 +99,51 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def non_negative_integer(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def add_joint_ctc_argument(parser: argparse.ArgumentParser, default: float | None = None,
-                           what: str = "transcripts") -> None:
-    """--joint-ctc-weight: transcripts decoded jointly with the model's CTC head (`speechlm.joint_ctc`)."""
+                           what: str = "transcripts", head_candidates: int | None = None) -> None:
+    """--joint-ctc-weight and --joint-ctc-head-candidates: transcripts decoded jointly with the model's CTC head
+    (`speechlm.joint_ctc`). Unset (None), both take what was saved with the model's head."""
     shown = "the weight saved with the model's CTC head (the demo saves the one it measured), else 0" \
         if default is None else f"{default:g}"
     parser.add_argument("--joint-ctc-weight", type=unit_interval, default=default, metavar="W",
                         help=f"decode {what} jointly with the model's CTC head at weight W (0-1; the demo's models "
                              "have one): the head's prefix score keeps the LLM from writing words the audio does not "
                              f"hold; 0: the LLM alone (default: {shown})")
+    shown = "the number saved with the model's CTC head, else 8" if head_candidates is None else head_candidates
+    parser.add_argument("--joint-ctc-head-candidates", type=non_negative_integer, default=head_candidates,
+                        metavar="N", help="in joint decoding, score the CTC head's own N best next tokens beside the "
+                                          "LLM's 8 (words the LLM would not propose); 0: the LLM's candidates only "
+                                          f"(default: {shown})")
 
 
 def joint_ctc_weight_for(args: argparse.Namespace, model) -> float | None:
     """The joint CTC weight to decode with: --joint-ctc-weight, or unset the one saved with the model's head; None,
-    after printing why, when the flag asks for a CTC head the loaded model does not have."""
-    if args.joint_ctc_weight is None:
-        return model.joint_ctc_weight
-    if args.joint_ctc_weight and model.ctc_head is None:
+    after printing why, when the flags ask for a CTC head the loaded model does not have or for head candidates
+    without joint decoding. --joint-ctc-head-candidates is set on the loaded model (`joint_ctc_head_candidates`),
+    so every path that decodes jointly uses it."""
+    weight = model.joint_ctc_weight if args.joint_ctc_weight is None else args.joint_ctc_weight
+    if weight and model.ctc_head is None:
         print(f"error: --joint-ctc-weight needs a model with a CTC head; {args.model} has none", file=sys.stderr)
         return None
-    return args.joint_ctc_weight
+    if (candidates := args.joint_ctc_head_candidates) is not None:
+        if not weight:
+            print("error: --joint-ctc-head-candidates needs joint CTC decoding (--joint-ctc-weight > 0, or a model "
+                  f"that saved a weight with its CTC head); {args.model} would decode with the LLM alone",
+                  file=sys.stderr)  # fmt: skip
+            return None
+        model.config.ctc_head = {**model.config.ctc_head, "head_candidates": candidates}
+    return weight
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,6 +182,7 @@ __all__ = [
     "add_joint_ctc_argument",
     "add_length_cap_argument",
     "joint_ctc_weight_for",
+    "non_negative_integer",
     "positive_number",
     "add_model_arguments",
     "generation_options",

@@ -312,11 +312,13 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         LLM's log-probabilities), which keeps the LLM from writing text the audio does not hold; `joint_ctc_span`
         (`speechlm.joint_ctc.json_string_span`) limits it to one part of the answer, e.g. a JSON transcript field;
         `joint_ctc_head_candidates` sets how many of the head's own best next tokens are scored beside the LLM's
-        (default: `speechlm.joint_ctc.HEAD_CANDIDATES`).
-        """
+        (default: the model's `joint_ctc_head_candidates`)."""
         if joint_ctc_span is not None and not joint_ctc_weight:
             raise ValueError("joint_ctc_span needs a joint_ctc_weight > 0: it limits joint CTC decoding to one part "
                              "of the answer, and alone would change nothing")
+        if joint_ctc_head_candidates is not None and not joint_ctc_weight:
+            raise ValueError("joint_ctc_head_candidates needs a joint_ctc_weight > 0: the head proposes tokens only "
+                             "in joint CTC decoding, and alone would change nothing")
         for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
             if kwargs.get(total) is not None and kwargs.get(new) is None:
                 kwargs[new] = kwargs.pop(total)
@@ -337,7 +339,7 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
     def _joint_ctc(self, audio_embeds, audio_lengths, weight: float, kwargs: dict, span: tuple | None = None,
                    head_candidates: int | None = None) -> LogitsProcessorList:
         """The caller's logits processors with a `CTCPrefixScorer` over these clips appended."""
-        from .joint_ctc import HEAD_CANDIDATES, CTCPrefixScorer
+        from .joint_ctc import CTCPrefixScorer
 
         if self.ctc_head is None:
             raise ValueError("joint_ctc_weight needs a CTC head: this model was trained without one (add_ctc_head)")
@@ -346,8 +348,10 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         if eos is None:
             raise ValueError("joint_ctc_weight needs an eos_token_id: the CTC head scores where the answer ends")
         log_probs = self.ctc_head.scores(audio_embeds, self.get_input_embeddings().weight).log_softmax(-1)
+        if head_candidates is None:
+            head_candidates = self.joint_ctc_head_candidates
         scorer = CTCPrefixScorer(log_probs, audio_lengths, weight, eos, self.ctc_head.vocabulary_ids, span=span,
-                                 head_candidates=HEAD_CANDIDATES if head_candidates is None else head_candidates)
+                                 head_candidates=head_candidates)
         return LogitsProcessorList([*(kwargs.get("logits_processor") or []), scorer])
 
 

@@ -177,6 +177,17 @@ def test_joint_decoding_with_the_heads_candidates_batched_equals_one_clip_at_a_t
         assert batched[i].tolist()[: len(alone)] == alone
 
 
+def test_joint_decoding_takes_the_head_candidates_saved_with_the_model(model_with_head):
+    processor, model = model_with_head
+    batch = processor(make_clips((1.0, 0.4, 0.7)))
+    kwargs = dict(max_new_tokens=6, do_sample=False, joint_ctc_weight=0.9)
+    proposing = model.generate(**batch, **kwargs, joint_ctc_head_candidates=8)
+    model.config.ctc_head["head_candidates"] = 0  # as `speechlm transcribe --joint-ctc-head-candidates 0` sets it
+    saved = model.generate(**batch, **kwargs)
+    assert torch.equal(saved, model.generate(**batch, **kwargs, joint_ctc_head_candidates=0))
+    assert not torch.equal(saved, proposing)
+
+
 def test_joint_decoding_writes_only_tokens_the_head_can_hear(model_with_head):
     processor, model = model_with_head
     for num_beams in (1, 3):
@@ -232,6 +243,12 @@ def test_a_span_without_a_joint_weight_is_a_clear_error_not_a_silent_no_op(model
     processor, model = model_with_head
     with pytest.raises(ValueError, match="joint_ctc_span needs a joint_ctc_weight > 0"):
         model.generate(**processor(make_clips((0.5,))), max_new_tokens=2, joint_ctc_span=([5], [6]))
+
+
+def test_head_candidates_without_a_joint_weight_are_a_clear_error_not_a_silent_no_op(model_with_head):
+    processor, model = model_with_head
+    with pytest.raises(ValueError, match="joint_ctc_head_candidates needs a joint_ctc_weight > 0"):
+        model.generate(**processor(make_clips((0.5,))), max_new_tokens=2, joint_ctc_head_candidates=4)
 
 
 def test_a_schema_whose_every_answer_opens_with_a_transcript_gets_that_fields_span(build):

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..joint_ctc import HEAD_CANDIDATES, LLM_CANDIDATES
+from ..joint_ctc import LLM_CANDIDATES
 from .settings import BUNDLED
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         + "). Held-out sets decoded "
         + (f"with beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily")
         + (f", jointly with the CTC head (weight {settings.decoding_ctc_weight:g}; the LLM and the head each propose "
-           f"their best next tokens, the LLM {LLM_CANDIDATES}, the head {HEAD_CANDIDATES})"
+           f"their best next tokens, the LLM {LLM_CANDIDATES}, the head {settings.joint_ctc_head_candidates})"
            if settings.decoding_ctc_weight else "")
         + "; the curve during training is greedy.", "",
         *[f"**{warning}**" for warning in history.get("warnings", [])], "",

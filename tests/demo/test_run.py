@@ -50,16 +50,17 @@ def test_load_parts_initialises_the_projector_from_the_training_seed(model_dirs)
     assert not torch.equal(projector(train_seed=1), projector(train_seed=2))
 
 
-def test_the_saved_model_remembers_the_joint_ctc_weight_its_transcriptions_were_measured_with(build, tmp_path):
-    from speechlm.demo.run import remember_joint_weight
+def test_the_saved_model_remembers_the_joint_decoding_its_transcriptions_were_measured_with(build, tmp_path):
+    from speechlm.demo.run import remember_joint_decoding
     from speechlm.loading import load_pretrained
 
     processor, model = build("whisper", "llama", dtype=torch.float32)
     model.add_ctc_head(list(range(3, 60)), processor.tokenizer.all_special_ids)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    remember_joint_weight(tmp_path, 0.5)
-    assert load_pretrained(str(tmp_path))[1].joint_ctc_weight == 0.5
+    remember_joint_decoding(tmp_path, 0.5, 3)
+    loaded = load_pretrained(str(tmp_path))[1]
+    assert (loaded.joint_ctc_weight, loaded.joint_ctc_head_candidates) == (0.5, 3)
 
 
 def test_the_curve_decodes_the_first_synthetic_clips_and_half_as_many_of_each_real_set(tmp_path):

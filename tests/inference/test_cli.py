@@ -235,3 +235,34 @@ def test_cli_decodes_with_the_joint_ctc_weight_saved_with_the_models_head(build,
     clip = load_audio(path, SR)
     joint = transcribe_arrays(model, processor, [clip], max_new_tokens=6, joint_ctc_weight=0.5)[0]
     assert code == 0 and text == joint != transcribe_arrays(model, processor, [clip], max_new_tokens=6)[0]
+
+
+def test_cli_joint_ctc_head_candidates_change_how_the_head_proposes(build, tmp_path, capsys):
+    processor, model = build("whisper", "qwen2")
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    folder = save(processor, model, tmp_path / "model")
+    path = write_wav(tmp_path / "clip.wav", make_clips((0.9,))[0])
+    code = main(["transcribe", str(path), "--model", str(folder), "--max-new-tokens", "6", "--format", "json",
+                 "--joint-ctc-weight", "0.9", "--joint-ctc-head-candidates", "0", "--quiet"])  # fmt: skip
+    text = json.loads(capsys.readouterr().out.splitlines()[-1])["text"]  # the last line: a library may log before
+    processor, model = load_pretrained(str(folder))
+    clip = load_audio(path, SR)
+    kwargs = dict(max_new_tokens=6, joint_ctc_weight=0.9)
+    without = transcribe_arrays(model, processor, [clip], **kwargs, joint_ctc_head_candidates=0)[0]
+    assert code == 0 and text == without != transcribe_arrays(model, processor, [clip], **kwargs)[0]
+
+
+def test_cli_joint_ctc_head_candidates_without_joint_decoding_is_refused(build, tmp_path, capsys):
+    processor, model = build("whisper", "qwen2")
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)  # no joint weight saved with it
+    folder = save(processor, model, tmp_path / "model")
+    path = write_wav(tmp_path / "clip.wav", make_clips((0.9,))[0])
+    code = main(["transcribe", str(path), "--model", str(folder), "--joint-ctc-head-candidates", "4", "--quiet"])
+    assert code == 2 and "--joint-ctc-head-candidates needs joint CTC decoding" in capsys.readouterr().err
+
+
+def test_cli_a_negative_number_of_head_candidates_is_refused_at_parse_time(tmp_path, capsys):
+    path = write_wav(tmp_path / "clip.wav", make_clips((0.5,))[0])
+    with pytest.raises(SystemExit):
+        main(["transcribe", str(path), "--model", str(tmp_path / "m"), "--joint-ctc-head-candidates", "-1"])
+    assert "--joint-ctc-head-candidates: expected an integer >= 0, got '-1'" in capsys.readouterr().err
