@@ -8,7 +8,7 @@ import functools
 
 import pytest
 
-from speechlm.cli_options import unit_interval
+from speechlm.cli_options import non_negative_integer, unit_interval
 from speechlm.serving.app import add_serve_arguments, settings_from_args
 from speechlm.serving.settings import ServerSettings
 
@@ -28,7 +28,7 @@ def _other_value(action: argparse.Action) -> list[str]:
         return [flag]
     if action.choices:
         return [flag, next(str(choice) for choice in action.choices if choice != action.default)]
-    if action.type in (int, float):
+    if action.type in (int, float, non_negative_integer):
         return [flag, str((action.default or 1) * 3)]
     if action.type is unit_interval:
         return [flag, "0.5" if action.default != 0.5 else "0.25"]
