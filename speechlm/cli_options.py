@@ -19,6 +19,10 @@ PROMPT_HELP = "instruction for the LLM (default: the processor's)"
 # it (that module needs transformers, and --help stays light).
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_NUM_BEAMS = 1
+# Joint CTC decoding's candidates per step, mirroring `joint_ctc.LLM_CANDIDATES` / `HEAD_CANDIDATES` (that module
+# imports torch); tests/test_cli_options.py checks every mirror against the library's value.
+JOINT_CTC_LLM_CANDIDATES = 8
+JOINT_CTC_HEAD_CANDIDATES = 8
 GENERATION_DEFAULT = "default: from the model's generation_config.json, else {}"
 DEFAULT_BATCH_SIZE = 8
 
@@ -120,10 +124,12 @@ def add_joint_ctc_argument(parser: argparse.ArgumentParser, default: float | Non
                         help=f"decode {what} jointly with the model's CTC head at weight W (0-1; the demo's models "
                              "have one): the head's prefix score keeps the LLM from writing words the audio does not "
                              f"hold; 0: the LLM alone (default: {shown})")
-    shown = "the number saved with the model's CTC head, else 8" if head_candidates is None else head_candidates
+    shown = f"the number saved with the model's CTC head, else {JOINT_CTC_HEAD_CANDIDATES}" \
+        if head_candidates is None else head_candidates
     parser.add_argument("--joint-ctc-head-candidates", type=non_negative_integer, default=head_candidates,
                         metavar="N", help="in joint decoding, score the CTC head's own N best next tokens beside the "
-                                          "LLM's 8 (words the LLM would not propose); 0: the LLM's candidates only "
+                                          f"LLM's {JOINT_CTC_LLM_CANDIDATES} (words the LLM would not propose); 0: the "
+                                          "LLM's candidates only "
                                           f"(default: {shown})")
 
 

@@ -43,6 +43,18 @@ def test_every_command_takes_the_shared_flags_with_the_same_defaults():
     assert shared["transcribe"] == shared["evaluate"] == shared["serve"]
 
 
+def test_the_torch_free_mirrors_of_library_defaults_equal_the_library_s_values():
+    # --help shows these without importing torch; a default moved in the library must move in the help too.
+    from speechlm import cli_options
+    from speechlm.configuration import DEFAULT_GENERATION
+    from speechlm.joint_ctc import HEAD_CANDIDATES, LLM_CANDIDATES
+
+    mirrored = (cli_options.DEFAULT_MAX_NEW_TOKENS, cli_options.DEFAULT_NUM_BEAMS,
+                cli_options.JOINT_CTC_LLM_CANDIDATES, cli_options.JOINT_CTC_HEAD_CANDIDATES)
+    assert mirrored == (DEFAULT_GENERATION["max_new_tokens"], DEFAULT_GENERATION["num_beams"], LLM_CANDIDATES,
+                        HEAD_CANDIDATES)
+
+
 def test_batch_size_is_shared_by_the_commands_that_take_it():
     # The server batches dynamically (--max-batch-size), so it has no --batch-size.
     transcribe, evaluate = (options(parser_for(command))["batch_size"] for command in ("transcribe", "evaluate"))
