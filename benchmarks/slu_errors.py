@@ -4,7 +4,8 @@ A demo run trained with understanding tasks writes, per held-out clip, its trans
 .jsonl`) and its SLU answer (`slu.hypotheses.jsonl` or `slu_transcript.hypotheses.jsonl`, held to the domain's
 schema). A wrong intent on a clip whose transcription was exact is a mapping error (the model heard every word and
 still chose the wrong frame: more SLU training would help); on a clip it mis-transcribed it is a hearing error
-(better acoustics would help). Slot errors are split the same way.
+(better acoustics would help). Slot errors are split the same way, and so are wrong answers to the question about a
+clip when the run learned `qa` (`qa.hypotheses.jsonl`; a second table).
 
     python benchmarks/slu_errors.py RUN [RUN ...]    # writes benchmarks/results/slu_errors.md
 """
@@ -31,8 +32,23 @@ def intent(text: str) -> str | None:
     return value.get("intent") if isinstance(value, dict) else None
 
 
-def analyse(run: Path) -> tuple[list[str], Counter]:
-    """One table row for `run` (counts split by whether the transcription was exact) and its intent confusions."""
+def qa_cells(run: Path, heard: dict[str, dict]) -> list[str] | None:
+    """The QA table's row for `run`: wrong answers on clips transcribed exactly vs misheard; None without QA."""
+    if not (path := run / "qa.hypotheses.jsonl").is_file():
+        return None
+    counts = Counter()
+    for clip, row in read_rows(path).items():
+        side = "exact" if heard[clip]["wer"] == 0 else "misheard"
+        counts[side] += 1
+        counts[f"{side} wrong"] += not row["exact_match"]
+    return [str(run), str(counts["exact"] + counts["misheard"]),
+            *(f"{counts[f'{side} wrong']} of {counts[side]} ({counts[f'{side} wrong'] / max(counts[side], 1):.1%})"
+              for side in ("exact", "misheard"))]
+
+
+def analyse(run: Path) -> tuple[list[str], Counter, list[str] | None]:
+    """One table row for `run` (counts split by whether the transcription was exact), its intent confusions and its
+    QA row (`qa_cells`)."""
     heard = read_rows(run / "test_synthetic.hypotheses.jsonl")
     slu = read_rows(next(path for task in ("slu", "slu_transcript") if (path := run / f"{task}.hypotheses.jsonl")
                          .is_file()))
@@ -50,7 +66,7 @@ def analyse(run: Path) -> tuple[list[str], Counter]:
         clips = counts[f"{side} clips"]
         errors = counts[f"{side} intent errors"]
         cells += [str(clips), f"{errors} ({errors / max(clips, 1):.1%})", str(counts[f"{side} slot errors"])]
-    return cells, confusions
+    return cells, confusions, qa_cells(run, heard)
 
 
 def main() -> None:
@@ -58,11 +74,12 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+", help="demo output folders trained with --tasks ...slu...")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "slu_errors.md")
     args = parser.parse_args()
-    rows, confusions = [], Counter()
+    rows, confusions, qa_rows = [], Counter(), []
     for run in args.runs:
-        cells, found = analyse(run)
+        cells, found, qa = analyse(run)
         rows.append("| " + " | ".join(cells) + " |")
         confusions += found
+        qa_rows += ["| " + " | ".join(qa) + " |"] if qa else []
     table = [
         "# SLU errors: hearing or mapping? (benchmarks/slu_errors.py)",
         "",
@@ -81,6 +98,10 @@ def main() -> None:
         "|---|---|---|",
         *[f"| {ref} | {hyp} | {n} |" for (ref, hyp), n in confusions.most_common(15)],
     ]
+    if qa_rows:
+        table += ["", "Questions about a slot (runs that learned `qa`; answers held to the slot's values), wrong "
+                  "answers (not an exact match) split the same way:", "",
+                  "| run | questions | wrong on exact clips | wrong on misheard clips |", "|---|---|---|---|", *qa_rows]
     print("\n".join(table))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(table) + "\n")
