@@ -12,10 +12,13 @@ import pytest
 import soundfile as sf
 
 import speechlm.loading
+from speechlm import cli_options
 from speechlm.cli import main
 from speechlm.cli_options import DefaultsHelpFormatter, load_for_inference
+from speechlm.configuration import DEFAULT_GENERATION
 from speechlm.evaluation import add_evaluate_arguments
 from speechlm.inference.cli import add_transcribe_arguments
+from speechlm.joint_ctc import HEAD_CANDIDATES, LLM_CANDIDATES
 from speechlm.serving.app import add_serve_arguments
 from tests.conftest import make_clips
 from tests.test_loading import quantized_linears, save_lora_model
@@ -45,10 +48,6 @@ def test_every_command_takes_the_shared_flags_with_the_same_defaults():
 
 def test_the_torch_free_mirrors_of_library_defaults_equal_the_library_s_values():
     # --help shows these without importing torch; a default moved in the library must move in the help too.
-    from speechlm import cli_options
-    from speechlm.configuration import DEFAULT_GENERATION
-    from speechlm.joint_ctc import HEAD_CANDIDATES, LLM_CANDIDATES
-
     mirrored = (cli_options.DEFAULT_MAX_NEW_TOKENS, cli_options.DEFAULT_NUM_BEAMS,
                 cli_options.JOINT_CTC_LLM_CANDIDATES, cli_options.JOINT_CTC_HEAD_CANDIDATES)
     assert mirrored == (DEFAULT_GENERATION["max_new_tokens"], DEFAULT_GENERATION["num_beams"], LLM_CANDIDATES,
