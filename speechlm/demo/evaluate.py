@@ -12,7 +12,17 @@ from pathlib import Path
 
 import torch
 
-from .understanding import METRIC_KINDS, TASKS, answer_pattern, cascade_prompt, examples, task_schema
+from .understanding import (
+    METRIC_KINDS,
+    TASKS,
+    answer_of,
+    answer_pattern,
+    cascade_prompt,
+    examples,
+    qa_transcript_schema,
+    question,
+    task_schema,
+)
 
 TEST_SETS = ("test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
 # UQM lines (the test set and the development set of benchmarks/joint_ctc.py) run up to 15 s (~45 words); the
@@ -64,7 +74,7 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
 
 
 # A JSON frame of this domain is < 50 tokens (< 100 after its transcript), an answer < 10.
-UNDERSTANDING_TOKENS = {"slu": 64, "slu_transcript": 112, "qa": 16}
+UNDERSTANDING_TOKENS = {"slu": 64, "slu_transcript": 112, "qa": 16, "qa_transcript": 112}
 CASCADE_SHOTS = 8
 
 
@@ -74,7 +84,8 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
     metric kind (`speechlm.tasks`), with the cascade beside it when `decoder` (the base LLM's path, GGUF file) is
     given. Answers are held as a deployment would hold them (`held_structure`); the same model decoding freely is
     scored beside (`free`). A model that carries a joint CTC weight decodes the transcript field of `slu_transcript`
-    answers jointly with its head (`joint_decoding`), as its transcriptions are."""
+    and `qa_transcript` answers jointly with its head (`joint_decoding`), as its transcriptions are; a
+    `qa_transcript` answer is scored by its `answer` field (`answer_of`), its whole output kept in the rows."""
     from ..audio import load_audio
     from ..inference import transcribe_arrays
     from ..tasks import score_task, task_rows
@@ -90,33 +101,41 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
     for task in (t for t in tasks if t != "transcribe"):
         pairs = [(row, ex) for row in rows for ex in examples(row["text"], meanings[row["text"]], [task])
                  if ex.task == task]
-        refs, kind = [ex.target for _, ex in pairs], METRIC_KINDS[task]
-        structure = held_structure(task, [meanings[row["text"]] for row, _ in pairs])
+        refs, kind = [answer_of(task, ex.target) for _, ex in pairs], METRIC_KINDS[task]
+        said = [meanings[row["text"]] for row, _ in pairs]
+        structure = held_structure(task, said)
         inputs = dict(audios=[audio[row["id"]] for row, _ in pairs], prompt=[ex.prompt for _, ex in pairs],
                       batch_size=16, max_new_tokens=UNDERSTANDING_TOKENS[task],
                       **joint_decoding(model, processor, task))
         start = time.monotonic()
-        hyps = transcribe_arrays(model, processor, **structure, **inputs)
+        outputs = transcribe_arrays(model, processor, **structure, **inputs)
+        hyps = [answer_of(task, text) for text in outputs]
         metrics = score_task(kind, refs, hyps)
         metrics["seconds"] = time.monotonic() - start
         if structure:  # the same model decoding freely: what the structure adds
-            metrics["free"] = score_task(kind, refs, transcribe_arrays(model, processor, **inputs))
-        metrics["rows"] = task_rows(kind, [row["id"] for row, _ in pairs], refs, hyps)
+            free = transcribe_arrays(model, processor, **inputs)
+            metrics["free"] = score_task(kind, refs, [answer_of(task, text) for text in free])
+        metrics["rows"] = [{**scored, "output": output} for scored, output in
+                           zip(task_rows(kind, [row["id"] for row, _ in pairs], refs, hyps), outputs)]
         metrics["prompts"] = [ex.prompt for _, ex in pairs]
         if decoder:
             transcripts = whisper_for(manifests["test_synthetic"], rows)
             by_id = dict(zip([row["id"] for row in rows], transcripts, strict=True))
-            cascade = cascade_answers(decoder, task, [(by_id[row["id"]], ex.prompt) for row, ex in pairs], shots,
-                                      **structure)
+            # The cascade has its transcript already: a question is asked as the `qa` task asks it.
+            form = "qa" if task == "qa_transcript" else task
+            instructions = [question(u)[0] if form != task else ex.prompt for u, (_, ex) in zip(said, pairs)]
+            cascade = cascade_answers(decoder, form, [(by_id[row["id"]], instruction) for (row, _), instruction
+                                                      in zip(pairs, instructions)], shots,
+                                      **held_structure(form, said))
             metrics["cascade"] = score_task(kind, refs, cascade)
         results[task] = metrics
     return results
 
 
 def joint_decoding(model, processor, task: str) -> dict:
-    """`generate` options that decode an `slu_transcript` answer's transcript field jointly with the model's CTC head
-    at the weight it carries (the intent and slots after it stay the LLM's); none for other tasks. On two trained
-    models it lifted slot F1 by a few points (README)."""
+    """`generate` options that decode the transcript field of an `slu_transcript` or `qa_transcript` answer jointly
+    with the model's CTC head at the weight it carries (what follows it stays the LLM's); none for other tasks. On
+    two trained models it lifted slot F1 by a few points (README)."""
     from ..joint_ctc import joint_options
 
     return joint_options(processor.tokenizer, model.joint_ctc_weight, False, task_schema(task))
@@ -124,7 +143,11 @@ def joint_decoding(model, processor, task: str) -> dict:
 
 def held_structure(task: str, utterances: list) -> dict:
     """How a deployment would hold each answer: SLU to the domain's schema (`task_schema`), a question's answer to
-    the values its slot can take (`answer_pattern`, one per clip)."""
+    the values its slot can take (`answer_pattern`, one per clip; after a free transcript for `qa_transcript`)."""
+    if task == "qa_transcript":
+        patterns = [answer_pattern(utterance) for utterance in utterances]
+        schemas = {pattern: qa_transcript_schema(pattern) for pattern in set(patterns)}  # one grammar per slot kind
+        return {"json_schema": [schemas[pattern] for pattern in patterns]}
     if (schema := task_schema(task)) is not None:
         return {"json_schema": schema}
     if task == "qa":

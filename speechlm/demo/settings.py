@@ -204,7 +204,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tasks", default=defaults.tasks,
                         help="comma-separated tasks to train: transcribe (always), slu (intent + slots as JSON), "
                         "slu_transcript (the same JSON after the words it was read from), qa (a question about one "
-                        "slot); each grammar clip gives its transcription + one of the others (default: transcribe)")
+                        "slot), qa_transcript (the question answered after the words, as JSON); each grammar clip "
+                        "gives its transcription + one of the others (default: transcribe)")
     parser.add_argument("--train-seed", type=int, default=None,
                         help="seed of the initialisation and batch order only, on the same corpus (default: the "
                         "corpus seed): repeat a run with another to measure its run-to-run spread")

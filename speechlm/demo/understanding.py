@@ -5,7 +5,9 @@ The grammar knows what each sentence asks (`grammar.Utterance`), so every clip c
 - `slu`: the intent and slot values as one JSON object, e.g. `{"intent": "set_alarm", "time": "seven thirty"}`;
 - `slu_transcript`: the same frame after the words it was read from (`{"transcript": ..., "intent": ...}`), so the
   intent is chosen by an LLM that has just written the sentence out, as it would choose it from text;
-- `qa`: a question about one slot ("What time does the speaker mention?") answered with its value.
+- `qa`: a question about one slot ("What time does the speaker mention?") answered with its value;
+- `qa_transcript`: the same question answered after the words (`{"transcript": ..., "answer": ...}`), so the answer
+  is picked out of a sentence the LLM has just written, as `slu_transcript` does for the frame.
 Held-out voices and held-out sentences stay held out for every task (the test clips are the transcription test clips).
 """
 
@@ -17,13 +19,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..tasks import parse_json_object
 from .grammar import TEMPLATES, Utterance, intent_of, slot_pattern, template_slots
 
-TASKS = ("transcribe", "slu", "slu_transcript", "qa")
+TASKS = ("transcribe", "slu", "slu_transcript", "qa", "qa_transcript")
 TRANSCRIBE_PROMPT = "Transcribe:"
 SLU_PROMPT = "Intent and slots as JSON:"
 SLU_TRANSCRIPT_PROMPT = "Transcript, intent and slots as JSON:"
-METRIC_KINDS = {"transcribe": "transcription", "slu": "json", "slu_transcript": "json", "qa": "answer"}
+QA_TRANSCRIPT_INSTRUCTION = "Transcript, then the answer, as JSON:"
+METRIC_KINDS = {"transcribe": "transcription", "slu": "json", "slu_transcript": "json", "qa": "answer",
+                "qa_transcript": "answer"}
+# How every JSON answer of the demo is laid out (what `json.dumps` writes), for the decoder's grammar.
+_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -70,13 +77,31 @@ def slu_schema(values: bool = False, transcript: bool = False) -> dict:
                    "required": [*words, "intent", *(k for k, _ in slots)],
                    "properties": {**words, "intent": {"const": intent}, **{key: value(name) for key, name in slots}}}
                   for intent, slots in frames],
-        "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+        "x-guidance": _LAYOUT,
     }
+
+
+def qa_transcript_schema(pattern: str | None = None) -> dict:
+    """The `qa_transcript` answer's schema: the transcript, then the answer, free text or held to `pattern` (one
+    question's `answer_pattern`)."""
+    answer = {"type": "string", "pattern": f"^(?:{pattern})$"} if pattern else {"type": "string"}
+    return {"type": "object", "additionalProperties": False, "required": ["transcript", "answer"],
+            "properties": {"transcript": {"type": "string"}, "answer": answer}, "x-guidance": _LAYOUT}
+
+
+def answer_of(task: str, text: str) -> str:
+    """What a `qa_transcript` answer (or reference) answers: its `answer` field ("" when the text is not such a JSON
+    object); other tasks' texts as they are."""
+    if task != "qa_transcript":
+        return text
+    value = (parse_json_object(text) or {}).get("answer")
+    return value if isinstance(value, str) else ""
 
 
 def write_schemas(folder: Path, tasks: Sequence[str]) -> list[Path]:
     """Next to a trained model, the schema of each JSON task it learned (`slu_schema.json`,
-    `slu_transcript_schema.json`), for `speechlm evaluate --task-schema slu=...` and the server's `response_format`."""
+    `slu_transcript_schema.json`, `qa_transcript_schema.json`), for `speechlm evaluate --task-schema slu=...`
+    and the server's `response_format`."""
     paths = []
     for task in tasks:
         if (schema := task_schema(task)) is not None:
@@ -86,8 +111,10 @@ def write_schemas(folder: Path, tasks: Sequence[str]) -> list[Path]:
 
 
 def task_schema(task: str, values: bool = False) -> dict | None:
-    """The schema a JSON task's answers follow (`slu_schema`, with the transcript first for `slu_transcript`); None
-    for a task whose answer is not JSON."""
+    """The schema a JSON task's answers follow (`slu_schema`, with the transcript first for `slu_transcript`;
+    `qa_transcript_schema` with a free answer); None for a task whose answer is not JSON."""
+    if task == "qa_transcript":
+        return qa_transcript_schema()
     if METRIC_KINDS[task] != "json":
         return None
     return slu_schema(values=values, transcript=task == "slu_transcript")
@@ -135,8 +162,13 @@ def examples(text: str, utterance: Utterance | None, tasks: Sequence[str]) -> li
         out.append(Example("slu", SLU_PROMPT, slu_target(utterance)))
     if "slu_transcript" in tasks:
         out.append(Example("slu_transcript", SLU_TRANSCRIPT_PROMPT, slu_target(utterance, transcript=True)))
-    if "qa" in tasks and (pair := question(utterance)) is not None:
-        out.append(Example("qa", *pair))
+    if (pair := question(utterance)) is not None:
+        asked, answer = pair
+        if "qa" in tasks:
+            out.append(Example("qa", asked, answer))
+        if "qa_transcript" in tasks:
+            target = json.dumps({"transcript": utterance.text, "answer": answer})
+            out.append(Example("qa_transcript", f"{asked} {QA_TRANSCRIPT_INSTRUCTION}", target))
     return out
 
 

@@ -46,6 +46,16 @@ def test_each_question_is_held_to_the_values_of_its_own_slot():
     assert held_structure("qa", [ALARM, FLIGHT]) == {"regex": [answer_pattern(ALARM), answer_pattern(FLIGHT)]}
 
 
+def test_each_transcript_first_question_is_held_to_the_values_of_its_own_slot_after_free_words():
+    from speechlm.demo.evaluate import held_structure
+    from speechlm.demo.understanding import answer_pattern, qa_transcript_schema
+    from tests.demo.test_understanding import ALARM, FLIGHT
+
+    held = held_structure("qa_transcript", [ALARM, FLIGHT, ALARM])
+    assert held["json_schema"] == [qa_transcript_schema(answer_pattern(u)) for u in (ALARM, FLIGHT, ALARM)]
+    assert held["json_schema"][0] is held["json_schema"][2]  # one grammar per slot kind, not one per clip
+
+
 def test_the_cascade_holds_each_answer_to_its_own_pattern(model_dirs):
     """The cascade anchor gets the same per-question constraint as the end-to-end model (an untrained decoder's
     free answers match neither pattern)."""
@@ -71,3 +81,14 @@ def test_slu_transcript_answers_decode_their_transcript_jointly_at_the_weight_th
     expected = {"joint_ctc_weight": 0.5, "joint_ctc_span": json_string_span(processor.tokenizer)}
     assert joint_decoding(model, processor, "slu_transcript") == expected
     assert joint_decoding(model, processor, "slu") == joint_decoding(model, processor, "qa") == {}
+
+
+def test_transcript_first_answers_to_questions_decode_their_transcript_jointly(build):
+    from speechlm.demo.evaluate import joint_decoding
+    from speechlm.joint_ctc import json_string_span
+
+    processor, model = build("whisper", "qwen2")
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    model.config.ctc_head["joint_weight"] = 0.5
+    expected = {"joint_ctc_weight": 0.5, "joint_ctc_span": json_string_span(processor.tokenizer)}
+    assert joint_decoding(model, processor, "qa_transcript") == expected

@@ -9,13 +9,16 @@ import pytest
 
 from speechlm.demo.grammar import Utterance
 from speechlm.demo.understanding import (
+    QA_TRANSCRIPT_INSTRUCTION,
     SLU_PROMPT,
     SLU_TRANSCRIPT_PROMPT,
     TRANSCRIBE_PROMPT,
+    answer_of,
     answer_pattern,
     cascade_prompt,
     examples,
     parse_tasks,
+    qa_transcript_schema,
     question,
     slu_schema,
     slu_target,
@@ -86,14 +89,14 @@ def test_cascade_prompt_holds_the_task_examples_then_the_query():
     assert "What" not in prompt and TRANSCRIBE_PROMPT not in prompt
 
 
-def schema_matcher(values: bool, transcript: bool = False):
-    """`text` -> whether decoding under `slu_schema(values=..., transcript=...)` may produce it (llguidance checks
-    bytes: any tokenization does)."""
+def schema_matcher(values: bool = False, transcript: bool = False, schema: dict | None = None):
+    """`text` -> whether decoding under `schema` (by default `slu_schema(values=..., transcript=...)`) may produce it
+    (llguidance checks bytes: any tokenization does)."""
     import llguidance.hf
     from llguidance import LLMatcher
 
     tokenizer = make_tokenizer()
-    schema = slu_schema(values=values, transcript=transcript)
+    schema = schema or slu_schema(values=values, transcript=transcript)
     matcher = LLMatcher(llguidance.hf.from_tokenizer(tokenizer), schema_grammar(schema))
 
     def accepts(text: str) -> bool:
@@ -158,3 +161,37 @@ def test_a_model_that_learned_both_slu_forms_gets_both_schemas(tmp_path):
     paths = write_schemas(tmp_path, ("transcribe", "slu", "slu_transcript"))
     assert [p.name for p in paths] == ["slu_schema.json", "slu_transcript_schema.json"]
     assert json.loads(paths[1].read_text()) == slu_schema(transcript=True)
+
+
+def qa_transcript_example(utterance):
+    (example,) = [e for e in examples(utterance.text, utterance, ("transcribe", "qa_transcript"))
+                  if e.task != "transcribe"]
+    return example
+
+
+def test_the_transcript_first_question_is_answered_after_the_words():
+    example, (asked, answer) = qa_transcript_example(FLIGHT), question(FLIGHT)
+    assert example.task == "qa_transcript" and example.prompt == f"{asked} {QA_TRANSCRIPT_INSTRUCTION}"
+    assert list(json.loads(example.target).items()) == [("transcript", FLIGHT.text), ("answer", answer)]
+
+
+def test_a_sentence_without_slots_asks_no_transcript_first_question():
+    assert [e.task for e in examples(NO_SLOTS.text, NO_SLOTS, ("transcribe", "qa_transcript"))] == ["transcribe"]
+
+
+def test_a_transcript_first_answer_is_scored_by_its_answer_field():
+    assert answer_of("qa_transcript", qa_transcript_example(ALARM).target) == question(ALARM)[1]
+    assert answer_of("qa_transcript", "seven thirty") == ""  # not the JSON it was taught: no answer
+    assert answer_of("qa", "seven thirty") == "seven thirty"
+
+
+def test_the_transcript_first_question_schema_holds_the_answer_to_its_slots_values():
+    accepts = schema_matcher(schema=qa_transcript_schema(answer_pattern(FLIGHT)))
+    assert accepts(qa_transcript_example(FLIGHT).target)
+    assert not accepts(json.dumps({"transcript": FLIGHT.text, "answer": "seven thirty"}))  # a time, not a city
+    assert not accepts(json.dumps({"answer": "paris", "transcript": FLIGHT.text}))  # the words come first
+
+
+def test_a_model_that_learned_transcript_first_questions_gets_their_schema(tmp_path):
+    (path,) = write_schemas(tmp_path, ("transcribe", "qa", "qa_transcript"))
+    assert path.name == "qa_transcript_schema.json" and json.loads(path.read_text()) == qa_transcript_schema()
