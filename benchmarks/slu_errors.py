@@ -5,7 +5,8 @@ A demo run trained with understanding tasks writes, per held-out clip, its trans
 schema). A wrong intent on a clip whose transcription was exact is a mapping error (the model heard every word and
 still chose the wrong frame: more SLU training would help); on a clip it mis-transcribed it is a hearing error
 (better acoustics would help). Slot errors are split the same way, and so are wrong answers to the question about a
-clip when the run learned `qa` (`qa.hypotheses.jsonl`; a second table).
+clip when the run learned `qa` or `qa_transcript` (`qa.hypotheses.jsonl`, `qa_transcript.hypotheses.jsonl`; a second
+table).
 
     python benchmarks/slu_errors.py RUN [RUN ...]    # writes benchmarks/results/slu_errors.md
 """
@@ -32,23 +33,44 @@ def intent(text: str) -> str | None:
     return value.get("intent") if isinstance(value, dict) else None
 
 
-def qa_cells(run: Path, heard: dict[str, dict]) -> list[str] | None:
-    """The QA table's row for `run`: wrong answers on clips transcribed exactly vs misheard; None without QA."""
-    if not (path := run / "qa.hypotheses.jsonl").is_file():
+def written_transcript(output: str) -> str | None:
+    """The transcript field a `qa_transcript` answer wrote before its answer (None when it wrote none)."""
+    try:
+        value = json.loads(output)
+    except json.JSONDecodeError:
         return None
-    counts = Counter()
-    for clip, row in read_rows(path).items():
-        side = "exact" if heard[clip]["wer"] == 0 else "misheard"
-        counts[side] += 1
-        counts[f"{side} wrong"] += not row["exact_match"]
-    return [str(run), str(counts["exact"] + counts["misheard"]),
-            *(f"{counts[f'{side} wrong']} of {counts[side]} ({counts[f'{side} wrong'] / max(counts[side], 1):.1%})"
-              for side in ("exact", "misheard"))]
+    return value.get("transcript") if isinstance(value, dict) else None
 
 
-def analyse(run: Path) -> tuple[list[str], Counter, list[str] | None]:
+def qa_cells(run: Path, heard: dict[str, dict]) -> list[list[str]]:
+    """The QA table's rows for `run`, one per question task it learned: wrong answers on clips transcribed exactly vs
+    misheard, and for `qa_transcript` how many wrong answers followed a transcript field that was itself exact (the
+    words were written right, the answer picked out of them wrong: mapping)."""
+    from speechlm.evaluation.normalizers import normalize_text
+
+    rows = []
+    for task in ("qa", "qa_transcript"):
+        if not (path := run / f"{task}.hypotheses.jsonl").is_file():
+            continue
+        counts = Counter()
+        for clip, row in read_rows(path).items():
+            side = "exact" if heard[clip]["wer"] == 0 else "misheard"
+            counts[side] += 1
+            counts[f"{side} wrong"] += not row["exact_match"]
+            written = written_transcript(row.get("output", ""))
+            counts["wrote exact words, wrong"] += (not row["exact_match"] and written is not None
+                                                  and normalize_text(written) == normalize_text(heard[clip]["ref"]))
+        mapping = str(counts["wrote exact words, wrong"]) if task == "qa_transcript" else "-"
+        rows.append([str(run), task, str(counts["exact"] + counts["misheard"]),
+                     *(f"{counts[f'{side} wrong']} of {counts[side]} "
+                       f"({counts[f'{side} wrong'] / max(counts[side], 1):.1%})" for side in ("exact", "misheard")),
+                     mapping])
+    return rows
+
+
+def analyse(run: Path) -> tuple[list[str], Counter, list[list[str]]]:
     """One table row for `run` (counts split by whether the transcription was exact), its intent confusions and its
-    QA row (`qa_cells`)."""
+    QA rows (`qa_cells`)."""
     heard = read_rows(run / "test_synthetic.hypotheses.jsonl")
     slu = read_rows(next(path for task in ("slu", "slu_transcript") if (path := run / f"{task}.hypotheses.jsonl")
                          .is_file()))
@@ -79,7 +101,7 @@ def main() -> None:
         cells, found, qa = analyse(run)
         rows.append("| " + " | ".join(cells) + " |")
         confusions += found
-        qa_rows += ["| " + " | ".join(qa) + " |"] if qa else []
+        qa_rows += ["| " + " | ".join(cells) + " |" for cells in qa]
     table = [
         "# SLU errors: hearing or mapping? (benchmarks/slu_errors.py)",
         "",
@@ -99,9 +121,11 @@ def main() -> None:
         *[f"| {ref} | {hyp} | {n} |" for (ref, hyp), n in confusions.most_common(15)],
     ]
     if qa_rows:
-        table += ["", "Questions about a slot (runs that learned `qa`; answers held to the slot's values), wrong "
-                  "answers (not an exact match) split the same way:", "",
-                  "| run | questions | wrong on exact clips | wrong on misheard clips |", "|---|---|---|---|", *qa_rows]
+        table += ["", "Questions about a slot (runs that learned `qa` or `qa_transcript`; answers held to the slot's "
+                  "values), wrong answers (not an exact match) split the same way; for `qa_transcript`, also the "
+                  "wrong answers written after a transcript field that was itself exact:", "",
+                  "| run | task | questions | wrong on exact clips | wrong on misheard clips | "
+                  "wrong after exact written words |", "|---|---|---|---|---|---|", *qa_rows]
     print("\n".join(table))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(table) + "\n")

@@ -9,10 +9,13 @@ tiny.en's transcript -> the same base LLM, 8-shot, intent list in the prompt) is
 With `--task slu_transcript --joint-ctc-weights ...`, the models' transcript field is also decoded jointly with
 their CTC head (`speechlm.joint_ctc.json_string_span`), the intent and slots after it by the LLM alone.
 With `--qa`, each model also answers the question about each clip freely and held to a regular expression of every
-value the asked slot can take (`answer_pattern`, the QA counterpart of the catalogue; models only).
+value the asked slot can take (`answer_pattern`, the QA counterpart of the catalogue; models only); with
+`--qa-task qa_transcript`, in the transcript-first form (the words, decoded jointly with the CTC head at each joint
+weight, then the answer, held to the same values).
 
     python benchmarks/structured_slu.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--no-cascade] \
-        [--num-beams 1 4] [--qa] [--task slu_transcript [--joint-ctc-weights 0 0.5] [--head-candidates 0 8]]
+        [--num-beams 1 4] [--qa [--qa-task qa_transcript]] [--task slu_transcript [--joint-ctc-weights 0 0.5]
+        [--head-candidates 0 8]]
     # writes benchmarks/results/structured_slu.md
 """
 
@@ -33,11 +36,17 @@ VARIANTS = ("free", "ontology", "catalogue")
 def main() -> None:
     from speechlm.audio import load_audio
     from speechlm.demo.corpus import manifest_records
-    from speechlm.demo.evaluate import UNDERSTANDING_TOKENS, _cascade_shots, cascade_answers, whisper_for
+    from speechlm.demo.evaluate import (
+        UNDERSTANDING_TOKENS,
+        _cascade_shots,
+        cascade_answers,
+        held_structure,
+        whisper_for,
+    )
     from speechlm.demo.grammar import utterances
     from speechlm.demo.run import resolve_parts
     from speechlm.demo.settings import DemoSettings
-    from speechlm.demo.understanding import answer_pattern, examples, task_schema
+    from speechlm.demo.understanding import answer_of, examples, task_schema
     from speechlm.inference import load_pretrained, transcribe_arrays
     from speechlm.joint_ctc import HEAD_CANDIDATES, json_string_span
     from speechlm.tasks import score_task
@@ -51,6 +60,9 @@ def main() -> None:
     parser.add_argument("--num-beams", type=int, nargs="+", default=[1],
                         help="beam widths to decode the models with (a row each; the cascade stays greedy)")
     parser.add_argument("--qa", action="store_true", help="also QA: free vs held to the asked slot's catalogue")
+    parser.add_argument("--qa-task", choices=["qa", "qa_transcript"], default="qa",
+                        help="the question form the models learned (qa_transcript: the answer after the transcript, "
+                             "which is decoded jointly at each --joint-ctc-weights)")
     parser.add_argument("--task", choices=["slu", "slu_transcript"], default="slu",
                         help="the SLU form the models learned (slu_transcript: the frame after its transcript)")
     parser.add_argument("--joint-ctc-weights", type=float, nargs="+", default=[0.0],
@@ -61,8 +73,9 @@ def main() -> None:
                              "the LLM's (a row each; 0: the LLM's alone, as before session 22)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "structured_slu.md")
     args = parser.parse_args()
-    if args.task != "slu_transcript" and any(args.joint_ctc_weights):
-        parser.error("--joint-ctc-weights needs --task slu_transcript (the CTC head scores the transcript field)")
+    if args.task != "slu_transcript" and args.qa_task != "qa_transcript" and any(args.joint_ctc_weights):
+        parser.error("--joint-ctc-weights needs --task slu_transcript or --qa-task qa_transcript (the CTC head scores "
+                     "the transcript field)")
 
     schemas = {"free": None, "ontology": task_schema(args.task), "catalogue": task_schema(args.task, values=True)}
     test = manifest_records(args.corpus / "test_synthetic.jsonl")[: args.limit]
@@ -85,39 +98,46 @@ def main() -> None:
         print(line, flush=True)
         return line
 
-    asked = [(row, ex, answer_pattern(meanings[row["text"]])) for row in test
-             for ex in examples(row["text"], meanings[row["text"]], ["qa"]) if ex.task == "qa"]
-    qa_audio = [load_audio(row["audio"]) for row, _, _ in asked]
+    asked = [(row, ex) for row in test for ex in examples(row["text"], meanings[row["text"]], [args.qa_task])
+             if ex.task == args.qa_task]
+    qa_audio = [load_audio(row["audio"]) for row, _ in asked]
+    catalogue_of = held_structure(args.qa_task, [meanings[row["text"]] for row, _ in asked])
 
-    def qa_answers(model, processor, beams: int, catalogue: bool) -> list[str]:
-        """Each question's answer, free or held to its slot's catalogue."""
-        return transcribe_arrays(model, processor, qa_audio, prompt=[ex.prompt for _, ex, _ in asked],
-                                 batch_size=16 // beams or 1, max_new_tokens=UNDERSTANDING_TOKENS["qa"],
-                                 num_beams=beams, regex=[pattern for _, _, pattern in asked] if catalogue else None)
+    def qa_answers(model, processor, beams: int, catalogue: bool, joint: dict) -> list[str]:
+        """Each question's answer, free or held to its slot's catalogue (after the transcript for qa_transcript)."""
+        outputs = transcribe_arrays(model, processor, qa_audio, prompt=[ex.prompt for _, ex in asked],
+                                    batch_size=16 // beams or 1, max_new_tokens=UNDERSTANDING_TOKENS[args.qa_task],
+                                    num_beams=beams, **(catalogue_of if catalogue else {}), **joint)
+        return [answer_of(args.qa_task, text) for text in outputs]
 
     rows, qa_table = [], []
     for folder in args.models:
         processor, model = load_pretrained(str(folder), dtype=torch.float32)
         for beams in args.num_beams:
             name = f"`{folder}`" + (f", {beams} beams" if beams > 1 else "")
-            for weight, head in [(0.0, 0)] * (0 in args.joint_ctc_weights) + [
-                    (w, h) for w in args.joint_ctc_weights if w for h in args.head_candidates]:
+            for n, (weight, head) in enumerate([(0.0, 0)] * (0 in args.joint_ctc_weights) + [
+                    (w, h) for w in args.joint_ctc_weights if w for h in args.head_candidates]):
                 joint = {"joint_ctc_weight": weight, "joint_ctc_span": json_string_span(processor.tokenizer),
-                         "joint_ctc_head_candidates": head}
+                         "joint_ctc_head_candidates": head} if weight else {}
                 label = f", transcript joint with CTC {weight:g}, the head proposes {head}" if weight else ""
-                rows.append(row(name + label,
-                                partial(transcribe_arrays, model, processor, audio,
-                                        prompt=[ex.prompt for _, ex in pairs], batch_size=16 // beams or 1,
-                                        max_new_tokens=UNDERSTANDING_TOKENS[args.task], num_beams=beams,
-                                        **(joint if weight else {}))))
-            if args.qa:
-                cells = []
-                for catalogue in (False, True):
-                    metrics = score_task("answer", [ex.target for _, ex, _ in asked],
-                                         qa_answers(model, processor, beams, catalogue))
-                    cells += [f"{100 * metrics['exact_match']:.1f}%", f"{100 * metrics['token_f1']:.1f}%"]
-                qa_table.append(f"| {name} | {len(asked)} | " + " | ".join(cells) + " |")
-                print(qa_table[-1], flush=True)
+                if args.task == "slu_transcript" or not weight:
+                    rows.append(row(name + label,
+                                    partial(transcribe_arrays, model, processor, audio,
+                                            prompt=[ex.prompt for _, ex in pairs], batch_size=16 // beams or 1,
+                                            max_new_tokens=UNDERSTANDING_TOKENS[args.task], num_beams=beams,
+                                            **joint)))
+                if args.qa and (args.qa_task == "qa_transcript" or not n):  # plain answers have no transcript
+                    cells = []
+                    for catalogue in (False, True):
+                        answers = qa_answers(model, processor, beams, catalogue,
+                                             joint if args.qa_task == "qa_transcript" else {})
+                        metrics = score_task("answer", [answer_of(args.qa_task, ex.target) for _, ex in asked],
+                                             answers)
+                        cells += [f"{100 * metrics['exact_match']:.1f}%", f"{100 * metrics['token_f1']:.1f}%"]
+                    qa_label = label if args.qa_task == "qa_transcript" else ""
+                    qa_table.append(f"| {name}{qa_label}, {args.qa_task} | {len(asked)} | " + " | ".join(cells)
+                                    + " |")
+                    print(qa_table[-1], flush=True)
         del model
 
     if not args.no_cascade:  # the anchor does not depend on the model
@@ -147,7 +167,8 @@ def main() -> None:
         table += [
             "",
             "QA (`--qa`): the question about each held-out clip, answered freely and held to a regular expression of "
-            "every value the asked slot can take in any template (`answer_pattern`).",
+            "every value the asked slot can take in any template (`answer_pattern`; for `qa_transcript`, the answer "
+            "field after a free transcript).",
             "",
             "| model | questions | free: exact match | free: token F1 | catalogue: exact match | catalogue: token F1 |",
             "|---|---|---|---|---|---|",
