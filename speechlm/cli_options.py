@@ -174,12 +174,20 @@ def load_for_inference(args: argparse.Namespace, device: str):
 
 def load_or_explain(args: argparse.Namespace):
     """(processor, model) on --device, or None after printing why the model flags cannot load (the command then
-    exits with status 2 instead of a traceback)."""
+    exits with status 2 instead of a traceback). With `--quiet`, transformers' "Loading weights" bar stays off too."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if getattr(args, "quiet", False):
+        hf_logging.disable_progress_bar()
     try:
         return load_for_inference(args, resolve_device(args.device))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 __all__ = [

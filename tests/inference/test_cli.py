@@ -149,6 +149,15 @@ def test_cli_takes_what_fits_the_position_limit(gpt2_folder):
                  "10", "--quiet"]) == 0  # fmt: skip
 
 
+def test_quiet_transcription_shows_no_progress_bar_while_loading_either(gpt2_folder, capsys):
+    from transformers.utils import logging as hf_logging
+
+    folder, path = gpt2_folder
+    assert main(["transcribe", str(path), "--model", str(folder), "--max-new-tokens", "4", "--quiet"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the process's own setting is given back
+
+
 def test_cli_holds_each_answer_to_a_json_schema(saved_model, tmp_path, capsys):
     clips = make_clips((0.9, 0.4))
     paths = [write_wav(tmp_path / f"{name}.wav", clip) for name, clip in zip("ab", clips)]
