@@ -139,7 +139,8 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         lines += [f"## {task}: instruction, reference vs answer", "", "| instruction | reference | answer |",
                   "|---|---|---|"]
         for prompt, row in list(zip(metrics["prompts"], metrics["rows"]))[:8]:
-            lines.append(f"| {prompt} | {row['ref'].replace('|', ' ')} | {row['hyp'].replace('|', ' ')} |")
+            answer = row.get("output", row["hyp"])  # all the model wrote (a transcript-first answer's words too)
+            lines.append(f"| {prompt} | {row['ref'].replace('|', ' ')} | {answer.replace('|', ' ')} |")
         lines.append("")
     (output / "report.md").write_text("\n".join(lines))
     summary = {name: {k: v for k, v in m.items() if k not in ("rows", "prompts")}

@@ -75,3 +75,14 @@ def test_report_puts_free_decoding_and_the_cascade_beside_each_understanding_tas
     text = write_report(tmp_path, DemoSettings(tasks="transcribe,slu"), history, {}, understanding).read_text()
     assert ("| slu | 2 | valid JSON 100.0%, intent accuracy 96.0%, slot F1 70.0% | valid JSON 99.0%, intent accuracy "
             "75.0%, slot F1 60.0% | valid JSON 94.0%, intent accuracy 10.0%, slot F1 2.0% | 4 |") in text
+
+
+def test_report_shows_all_a_transcript_first_answer_wrote_beside_its_reference(tmp_path):
+    output = '{"transcript": "how far is paris from rome", "answer": "rome"}'
+    row = {"id": "a", "ref": "paris", "hyp": "rome", "exact_match": False, "token_f1": 0.0, "output": output}
+    understanding = {"qa_transcript": {"exact_match": 0.0, "token_f1": 0.0, "n_utterances": 1, "seconds": 1.0,
+                                       "rows": [row], "prompts": ["What city does the speaker mention? ..."]}}
+    history = {"loss": [], "steps": 10, "minutes": 1.0}
+    text = write_report(tmp_path, DemoSettings(tasks="transcribe,qa_transcript"), history, {},
+                        understanding).read_text()
+    assert f"| What city does the speaker mention? ... | paris | {output} |" in text
