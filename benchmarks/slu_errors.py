@@ -25,21 +25,12 @@ def read_rows(path: Path) -> dict[str, dict]:
     return {row["id"]: row for row in map(json.loads, path.read_text().splitlines()) if row}
 
 
-def intent(text: str) -> str | None:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return value.get("intent") if isinstance(value, dict) else None
+def json_field(text: str, key: str):
+    """`key`'s value in the JSON object `text` (None when `text` is no JSON object or lacks the key): the intent of an
+    SLU answer, the transcript a `qa_transcript` answer wrote before its answer."""
+    from speechlm.tasks import parse_json_object
 
-
-def written_transcript(output: str) -> str | None:
-    """The transcript field a `qa_transcript` answer wrote before its answer (None when it wrote none)."""
-    try:
-        value = json.loads(output)
-    except json.JSONDecodeError:
-        return None
-    return value.get("transcript") if isinstance(value, dict) else None
+    return (parse_json_object(text) or {}).get(key)
 
 
 def qa_cells(run: Path, heard: dict[str, dict]) -> list[list[str]]:
@@ -57,7 +48,7 @@ def qa_cells(run: Path, heard: dict[str, dict]) -> list[list[str]]:
             side = "exact" if heard[clip]["wer"] == 0 else "misheard"
             counts[side] += 1
             counts[f"{side} wrong"] += not row["exact_match"]
-            written = written_transcript(row.get("output", ""))
+            written = json_field(row.get("output", ""), "transcript")
             counts["wrote exact words, wrong"] += (not row["exact_match"] and written is not None
                                                   and normalize_text(written) == normalize_text(heard[clip]["ref"]))
         mapping = str(counts["wrote exact words, wrong"]) if task == "qa_transcript" else "-"
@@ -81,7 +72,7 @@ def analyse(run: Path) -> tuple[list[str], Counter, list[list[str]]]:
         counts[f"{side} clips"] += 1
         if not row["intent_correct"]:
             counts[f"{side} intent errors"] += 1
-            confusions[(intent(row["ref"]), intent(row["hyp"]))] += 1
+            confusions[(json_field(row["ref"], "intent"), json_field(row["hyp"], "intent"))] += 1
         counts[f"{side} slot errors"] += len(row["missing_slots"]) + len(row["extra_slots"])
     cells = [str(run), str(len(slu))]
     for side in ("exact", "misheard"):
