@@ -79,13 +79,14 @@ CASCADE_SHOTS = 8
 
 
 def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, seed: int, limit: int | None,
-                           decoder: tuple[str, str | None] | None = None) -> dict[str, dict]:
+                           decoder: tuple[str, str | None] | None = None, num_beams: int = 1) -> dict[str, dict]:
     """Each understanding task on the held-out synthetic clips (held-out voices and sentences), scored by its
-    metric kind (`speechlm.tasks`), with the cascade beside it when `decoder` (the base LLM's path, GGUF file) is
-    given. Answers are held as a deployment would hold them (`held_structure`); the same model decoding freely is
-    scored beside (`free`). A model that carries a joint CTC weight decodes the transcript field of `slu_transcript`
-    and `qa_transcript` answers jointly with its head (`joint_decoding`), as its transcriptions are; a
-    `qa_transcript` answer is scored by its `answer` field (`answer_of`), its whole output kept in the rows."""
+    metric kind (`speechlm.tasks`), with the cascade (greedy) beside it when `decoder` (the base LLM's path, GGUF
+    file) is given. Answers are held as a deployment would hold them (`held_structure`) and decoded with `num_beams`
+    beams, as the transcriptions are; the same model decoding freely is scored beside (`free`). A model that carries
+    a joint CTC weight decodes the transcript field of `slu_transcript` and `qa_transcript` answers jointly with its
+    head (`joint_decoding`), as its transcriptions are; a `qa_transcript` answer is scored by its `answer` field
+    (`answer_of`), its whole output kept in the rows."""
     from ..audio import load_audio
     from ..inference import transcribe_arrays
     from ..tasks import score_task, task_rows
@@ -105,7 +106,7 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
         said = [meanings[row["text"]] for row, _ in pairs]
         structure = held_structure(task, said)
         inputs = dict(audios=[audio[row["id"]] for row, _ in pairs], prompt=[ex.prompt for _, ex in pairs],
-                      batch_size=16, max_new_tokens=UNDERSTANDING_TOKENS[task],
+                      batch_size=16, max_new_tokens=UNDERSTANDING_TOKENS[task], num_beams=num_beams,
                       **joint_decoding(model, processor, task))
         start = time.monotonic()
         outputs = transcribe_arrays(model, processor, **structure, **inputs)
@@ -142,13 +143,15 @@ def joint_decoding(model, processor, task: str) -> dict:
 
 
 def held_structure(task: str, utterances: list) -> dict:
-    """How a deployment would hold each answer: SLU to the domain's schema (`task_schema`), a question's answer to
-    the values its slot can take (`answer_pattern`, one per clip; after a free transcript for `qa_transcript`)."""
+    """How a deployment would hold each answer: SLU to the domain's schema with its entity catalogue (`task_schema`
+    with `values`: each slot to the values the domain can fill it with, as a deployment holds a contact to its
+    contact list), a question's answer to the values its slot can take (`answer_pattern`, one per clip; after a free
+    transcript for `qa_transcript`)."""
     if task == "qa_transcript":
         patterns = [answer_pattern(utterance) for utterance in utterances]
         schemas = {pattern: qa_transcript_schema(pattern) for pattern in set(patterns)}  # one grammar per slot kind
         return {"json_schema": [schemas[pattern] for pattern in patterns]}
-    if (schema := task_schema(task)) is not None:
+    if (schema := task_schema(task, values=True)) is not None:
         return {"json_schema": schema}
     if task == "qa":
         return {"regex": [answer_pattern(utterance) for utterance in utterances]}

@@ -116,12 +116,14 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
     lines += ["", f"Your own audio, decoded as here: `speechlm transcribe FILE --model {output / 'model'} "
               f"--tokens-per-second 5{beams}` (`speechlm serve` takes the same decoding flags{joint})."]
     if understanding:
+        width = f"beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily"
         lines += ["", f"Understanding tasks (trained: {settings.tasks}) on the held-out synthetic clips (held-out "
-                  "voices and sentences). JSON answers are held to the domain's schema while decoding (its intents "
-                  "and their slots), a question's answer to the values its slot can take; the same model decoding "
-                  "freely is beside. Cascade: Whisper tiny.en's transcript handed to the same base LLM with the same "
-                  "instruction and the same schema or answer pattern, after eight examples (and, for JSON, the list "
-                  "of intent names).", "",
+                  f"voices and sentences), decoded {width} as the transcriptions are. JSON answers are held to the "
+                  "domain's schema while decoding (its intents, their slots and the values the domain can fill each "
+                  "slot with: its entity catalogue), a question's answer to the values its slot can take; the same "
+                  "model decoding freely is beside. Cascade: Whisper tiny.en's transcript handed to the same base "
+                  "LLM (greedy) with the same instruction and the same schema or answer pattern, after eight "
+                  "examples (and, for JSON, the list of intent names).", "",
                   "| task | clips | SpeechLM | SpeechLM, free decoding | cascade | decode s |",
                   "|---|---|---|---|---|---|"]
         for task, metrics in understanding.items():

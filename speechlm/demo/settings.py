@@ -225,10 +225,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-every-minutes", type=float, default=defaults.eval_every_minutes)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N clips per set")
     parser.add_argument("--num-beams", type=int, default=defaults.num_beams,
-                        help="beam width of the final transcriptions (1: greedy, ~3x faster; the in-training curve "
-                        f"is greedy; default: {defaults.num_beams})")
-    add_joint_ctc_argument(parser, defaults.joint_ctc_weight, "the final transcriptions (not the in-training curve "
-                           "nor the understanding answers)", defaults.joint_ctc_head_candidates)
+                        help="beam width of the final transcriptions and understanding answers (1: greedy, ~3x "
+                        f"faster; the in-training curve is greedy; default: {defaults.num_beams})")
+    add_joint_ctc_argument(parser, defaults.joint_ctc_weight, "the final transcriptions and the transcript field of "
+                           "transcript-first understanding answers (not the in-training curve)",
+                           defaults.joint_ctc_head_candidates)
     parser.add_argument("--output", type=Path, default=None, help="run folder (default: in the cache)")
     parser.add_argument("--fresh", action="store_true", help="retrain even if a model with these settings exists")
     parser.add_argument("--install-system-packages", action="store_true",

@@ -100,19 +100,20 @@ def answer_of(task: str, text: str) -> str:
 
 def write_schemas(folder: Path, tasks: Sequence[str]) -> list[Path]:
     """Next to a trained model, the schema of each JSON task it learned (`slu_schema.json`,
-    `slu_transcript_schema.json`, `qa_transcript_schema.json`), for `speechlm evaluate --task-schema slu=...`
-    and the server's `response_format`."""
+    `slu_transcript_schema.json`, `qa_transcript_schema.json`), with the domain's entity catalogue as the demo holds
+    its answers, for `speechlm evaluate --task-schema slu=...` and the server's `response_format`."""
     paths = []
     for task in tasks:
-        if (schema := task_schema(task)) is not None:
+        if (schema := task_schema(task, values=True)) is not None:
             paths.append(folder / f"{task}_schema.json")
             paths[-1].write_text(json.dumps(schema, indent=1) + "\n")
     return paths
 
 
 def task_schema(task: str, values: bool = False) -> dict | None:
-    """The schema a JSON task's answers follow (`slu_schema`, with the transcript first for `slu_transcript`;
-    `qa_transcript_schema` with a free answer); None for a task whose answer is not JSON."""
+    """The schema a JSON task's answers follow (`slu_schema`, with the transcript first for `slu_transcript`, slot
+    values held to the catalogue with `values`; `qa_transcript_schema` with a free answer, whose catalogue is per
+    question: `answer_pattern`); None for a task whose answer is not JSON."""
     if task == "qa_transcript":
         return qa_transcript_schema()
     if METRIC_KINDS[task] != "json":

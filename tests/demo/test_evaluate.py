@@ -38,6 +38,33 @@ def test_held_out_sets_decode_with_the_callers_keywords_on_the_sets_asked(monkey
     assert [call["repetition_penalty"] for call in calls] == [1.2]
 
 
+def test_understanding_answers_are_decoded_with_the_callers_beams_and_slu_held_to_the_catalogue(monkeypatch, tmp_path):
+    # The demo decodes its understanding answers as its transcriptions (4 beams by default); a width that did not
+    # reach the decoder would report greedy figures under the demo's name.
+    import json
+
+    import soundfile as sf
+
+    import speechlm.inference
+    from speechlm.demo.evaluate import evaluate_understanding
+    from speechlm.demo.grammar import TEST_SEED_OFFSET, _utterance_stream, is_held_out
+    from speechlm.demo.understanding import task_schema
+    from tests.audio_files import tone
+
+    sf.write(tmp_path / "a.wav", tone(1.0, 16000), 16000)
+    held_out = next(u for u in _utterance_stream(TEST_SEED_OFFSET) if is_held_out(u.text) and u.slots)
+    (tmp_path / "test_synthetic.jsonl").write_text(json.dumps({"id": "a", "audio": "a.wav", "text": held_out.text})
+                                                   + "\n")
+    calls = []
+    monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
+                        lambda model, processor, audios, **kwargs: calls.append(kwargs) or ["{}"] * len(audios))
+    monkeypatch.setattr("speechlm.demo.evaluate.joint_decoding", lambda *args: {})
+    evaluate_understanding(None, None, {"test_synthetic": tmp_path / "test_synthetic.jsonl"},
+                           ("transcribe", "slu_transcript", "qa"), seed=0, limit=None, num_beams=4)
+    assert [call["num_beams"] for call in calls] == [4, 4, 4, 4]  # held and free, for each task
+    assert calls[0]["json_schema"] == task_schema("slu_transcript", values=True)
+
+
 def test_each_question_is_held_to_the_values_of_its_own_slot():
     from speechlm.demo.evaluate import held_structure
     from speechlm.demo.understanding import answer_pattern

@@ -137,10 +137,11 @@ def test_the_catalogue_schema_also_refuses_a_value_the_slot_cannot_take():
     assert schema_matcher(values=False)(answer) and not schema_matcher(values=True)(answer)
 
 
-def test_a_model_that_learned_slu_gets_its_schema_beside_it(tmp_path):
+def test_a_model_that_learned_slu_gets_its_schema_with_the_catalogue_beside_it(tmp_path):
+    # The file holds answers as the demo's evaluation held them: `speechlm evaluate --task-schema` reproduces it.
     assert write_schemas(tmp_path, ("transcribe", "qa")) == [] and not list(tmp_path.iterdir())
     (path,) = write_schemas(tmp_path, ("transcribe", "slu"))
-    assert json.loads(path.read_text()) == slu_schema()
+    assert json.loads(path.read_text()) == slu_schema(values=True)
 
 
 def test_the_transcript_first_frame_writes_the_words_then_the_intent_and_slots():
@@ -160,7 +161,7 @@ def test_the_transcript_first_schema_admits_the_trained_answer_and_needs_the_tra
 def test_a_model_that_learned_both_slu_forms_gets_both_schemas(tmp_path):
     paths = write_schemas(tmp_path, ("transcribe", "slu", "slu_transcript"))
     assert [p.name for p in paths] == ["slu_schema.json", "slu_transcript_schema.json"]
-    assert json.loads(paths[1].read_text()) == slu_schema(transcript=True)
+    assert json.loads(paths[1].read_text()) == slu_schema(values=True, transcript=True)
 
 
 def qa_transcript_example(utterance):
