@@ -1,16 +1,20 @@
 """How well do the projector + CTC head alone transcribe (greedy CTC, no LLM) after a CTC-only pre-alignment?
 
 Separates the acoustic side (what the projector reads out of the frozen encoder) from the LLM side: the demo's
-pre-alignment, run for SECONDS on the cached training frames of a default `speechlm demo` run, then greedy CTC
-decoding of the training clips, the held-out synthetic set (WER per espeak-ng accent) and the held-out Asterisk set.
+pre-alignment, run for STEPS batches (a fixed number, so a busy machine gives the same head) on the cached training
+frames of a `speechlm demo` corpus, then greedy CTC decoding of the training clips, the held-out synthetic set (WER
+and clips heard exactly per voice group and per espeak-ng accent) and the held-out Asterisk set. A cheap probe of
+the levers that change what the model hears (`--voice-perturbation`), minutes instead of a whole demo run.
 
-    python scripts/ctc_head_wer.py 180 [--n-train 9000] [--masking 0.1] [--batch-size 8]
+    python scripts/ctc_head_wer.py 4000 [--n-train 9000] [--masking 0.1] [--batch-size 8] [--seed 0]
+                                        [--voice-perturbation 0.1] [--accent-fraction 0.5]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import random
 import time
 
@@ -20,7 +24,8 @@ from speechlm.alignment import CTCAlignmentHead
 from speechlm.cache import cache_dir
 from speechlm.data import EncoderCache, SpeechLMCollator, SpeechLMDataset
 from speechlm.demo import run as demo
-from speechlm.demo.corpus import build_demo_corpus, manifest_records
+from speechlm.demo.corpus import manifest_records
+from speechlm.demo.render import voice_group
 from speechlm.evaluation import word_error_rate
 
 
@@ -37,20 +42,23 @@ def greedy_ctc(model, head: CTCAlignmentHead, collator: SpeechLMCollator, datase
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("seconds", type=float)
+    parser.add_argument("steps", type=int)
     parser.add_argument("--n-train", type=int, default=demo.DemoSettings.n_train)
     parser.add_argument("--masking", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="the head's initialisation and the batch order")
+    parser.add_argument("--voice-perturbation", type=float, default=0.0)
+    parser.add_argument("--accent-fraction", type=float, default=0.0)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    random.seed(0)
-    settings = demo.DemoSettings(n_train=args.n_train, lora_rank=0)
-    root = cache_dir("demo", f"corpus-structured-{settings.n_train}-{settings.n_test}-{settings.seed}")
-    manifests = build_demo_corpus(root, corpus="structured", n_train=settings.n_train, n_test=settings.n_test,
-                                  seed=settings.seed)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    settings = demo.DemoSettings(n_train=args.n_train, lora_rank=0, voice_perturbation=args.voice_perturbation,
+                                 accent_fraction=args.accent_fraction)
+    root, manifests = demo.demo_corpus(settings)
     processor, model = demo.load_parts(settings)
     cache = EncoderCache.for_model(model, processor, dtype=torch.float16)
-    cache_file = cache_dir("demo", "ctc-head-wer") / f"frames-{settings.n_train}-{cache.fingerprint[:10]}.safetensors"
+    manifest_key = hashlib.sha1(manifests["train"].read_bytes()).hexdigest()[:8]
+    cache_file = cache_dir("demo", "ctc-head-wer") / f"frames-{cache.fingerprint[:10]}-{manifest_key}.safetensors"
     if cache_file.is_file():
         cache.load(cache_file)
     sets = {}
@@ -66,15 +74,14 @@ def main() -> None:
                             vocabulary_ids=demo.corpus_token_ids(processor, texts))
     parameters = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
-    start, step = time.monotonic(), 0
-    while time.monotonic() - start < args.seconds:
+    start = time.monotonic()
+    for step in range(1, args.steps + 1):
         index = random.sample(range(len(dataset)), args.batch_size)
         loss = head(model, collator([dataset[i] for i in index]))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        step += 1
         if step % 500 == 0:
             print(f"step {step}: CTC loss {loss.item():.3f} ({time.monotonic() - start:.0f} s)", flush=True)
 
@@ -88,12 +95,16 @@ def main() -> None:
         metrics = word_error_rate([row["text"] for row in eval_rows], hypotheses)
         print(f"CTC head alone, {name}: WER {metrics['wer']:.1%}  CER {metrics['cer']:.1%}  ({len(eval_rows)} clips)")
         if name == "synthetic":
-            by_accent = collections.defaultdict(list)
-            for row, hypothesis in zip(eval_rows, hypotheses):
-                by_accent[row["extra"].get("voice", "?").split("+")[0]].append((row["text"], hypothesis))
-            for accent, pairs in sorted(by_accent.items()):
+            groups = collections.defaultdict(list)
+            for row, hypothesis in zip(eval_rows, hypotheses, strict=True):
+                voice = row["extra"].get("voice", "?")
+                pair = (row["text"], hypothesis)
+                groups[voice_group(voice)].append(pair)
+                groups["  " + voice.split("+")[0]].append(pair)
+            for group, pairs in sorted(groups.items()):
                 wer = word_error_rate([r for r, _ in pairs], [h for _, h in pairs])["wer"]
-                print(f"    {accent}: {wer:.1%} ({len(pairs)} clips)")
+                exact = sum(word_error_rate(r, h)["wer"] == 0 for r, h in pairs)
+                print(f"    {group}: {wer:.1%}, {exact} of {len(pairs)} clips exact")
 
 
 if __name__ == "__main__":

@@ -209,6 +209,8 @@ def build_demo_corpus(
     real_speech: bool = False,
     natural_fraction: float = 0.0,
     uqm_test: bool | None = None,
+    voice_perturbation: float = 0.0,
+    accent_fraction: float = 0.0,
 ) -> dict[str, Path]:
     """Render and collect the demo corpus; returns manifest paths keyed by `MANIFESTS`.
 
@@ -220,6 +222,9 @@ def build_demo_corpus(
     to `train`, held-out characters to `test_uqm`); `natural_fraction` of the training sentences are spoken by a
     Pico voice instead of espeak-ng. `uqm_test` (default: whenever the UQM data is present) fills `test_uqm` with
     the held-out characters even when `real_speech` is off: real speech is always measured, trained on or not.
+    `voice_perturbation` > 0 plays each rendered training sentence back at a random rate in [1 - p, 1 + p] (never
+    the test sentences): more vocal tracts than espeak's voices have, for voices training never heard.
+    `accent_fraction` of the rendered training sentences get a simulated accent (`speechlm.demo.accents`).
     """
     if uqm_test is None:
         uqm_test = real_speech or uqm_is_available()
@@ -230,6 +235,10 @@ def build_demo_corpus(
               "real_speech": real_speech, "natural_fraction": natural_fraction, "uqm_test": uqm_test}
     if real_speech:  # its training clips changed when the split became one by actor (the test set did not)
         params["uqm_split"] = "actors"
+    if voice_perturbation:  # only when on, so that corpora built before the option stay valid
+        params["voice_perturbation"] = voice_perturbation
+    if accent_fraction:
+        params["accent_fraction"] = accent_fraction
     manifests = {name: root / f"{name}.jsonl" for name in MANIFESTS}
     stamp = root / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == params and all(p.is_file() for p in manifests.values()):
@@ -243,7 +252,7 @@ def build_demo_corpus(
     train_texts, test_texts = _texts(corpus, n_train, n_test, seed, exclude=[p.text for p in prompts_test])
     natural = PICO_VOICES if real_speech else ()
     train_jobs = render_jobs(train_texts, voices(held_out=False), root / "audio", "train", seed, natural,
-                             natural_fraction)
+                             natural_fraction, voice_perturbation, accent_fraction)
     test_jobs = render_jobs(test_texts, voices(held_out=True), root / "audio", "test", seed)
     train_rows = synthetic_rows(root, train_jobs, workers, "render train", progress)
     test_rows = synthetic_rows(root, test_jobs, workers, "render test", progress)

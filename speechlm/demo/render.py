@@ -33,6 +33,14 @@ HELD_OUT_BASES = ("en-029",)
 HELD_OUT_VARIANTS = ("f4", "m6", "klatt3", "Annie", "robert", "Hugo")
 
 
+def voice_group(voice: str) -> str:
+    """Which kind of unheard voice a test clip's is: the accent training never had, or a new voice of a trained
+    accent (the first holds most of the demo's misheard clips)."""
+    if voice.split("+")[0] in HELD_OUT_BASES:
+        return f"held-out accent ({'/'.join(HELD_OUT_BASES)})"
+    return "held-out voice, training accent"
+
+
 def _voice(base: str, variant: str) -> str:
     return f"{base}+{variant}" if variant else base
 
@@ -62,6 +70,10 @@ class RenderJob:
     pitch: int
     path: Path
     source: str = "synthetic"
+    # The wav is played back this much faster (resampled): tempo, pitch and formants move together, as in Kaldi's
+    # speed perturbation, so one espeak voice stands for a range of vocal-tract lengths.
+    rate_factor: float = 1.0
+    accent: tuple[str, ...] = ()  # simulated accent: `speechlm.demo.accents` processes applied to the voice's phonemes
 
 
 def _parse_wav(data: bytes) -> tuple[np.ndarray, int]:
@@ -111,11 +123,16 @@ def render(job: RenderJob) -> float:
     if job.voice.startswith("pico:"):
         return render_pico(job)
     command = ["espeak-ng", "-v", job.voice, "-s", str(job.speed), "-p", str(job.pitch), "--stdout"]
-    done = subprocess.run(command, input=job.text.encode(), capture_output=True, check=False)
+    spoken = job.text
+    if job.accent:
+        from .accents import accented_phonemes
+
+        spoken = accented_phonemes(job.text, job.voice, job.accent)
+    done = subprocess.run(command, input=spoken.encode(), capture_output=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"espeak-ng failed for {job.voice!r}: {done.stderr.decode(errors='replace')[-500:]}")
     audio, rate = _parse_wav(done.stdout)
-    return write16k(audio, rate, job.path)
+    return write16k(audio, round(rate * job.rate_factor), job.path)
 
 
 def convert(source: Path, target: Path) -> float:
@@ -138,18 +155,31 @@ def _parallel(fn: Callable, items: Sequence, workers: int, desc: str, progress: 
 
 def render_jobs(
     items: Sequence[tuple[str, str]], voice_pool: Sequence[str], folder: Path, split: str, seed: int,
-    natural_voices: Sequence[str] = (), natural_fraction: float = 0.0,
+    natural_voices: Sequence[str] = (), natural_fraction: float = 0.0, perturbation: float = 0.0,
+    accent_fraction: float = 0.0,
 ) -> list[RenderJob]:
     """Seeded voice, speed (130-190 wpm) and pitch (30-70) for each (text, source); wavs go to folder/source/split.
-    A `natural_fraction` share of the items is spoken by one of `natural_voices` instead."""
-    rng = random.Random(f"{split}-{seed}")
+    A `natural_fraction` share of the items is spoken by one of `natural_voices` instead. `perturbation` > 0 plays
+    each espeak clip back at a random rate in [1 - p, 1 + p] (`RenderJob.rate_factor`), drawn from a generator of
+    its own, so the texts and voices equal those of the run without it. An `accent_fraction` share of the espeak clips
+    gets a simulated accent (`speechlm.demo.accents`), from a third generator."""
+    from .accents import ACCENT_PROCESS_SHARE, sample_accent
+
+    rng, rates = random.Random(f"{split}-{seed}"), random.Random(f"perturb-{split}-{seed}")
+    accents = random.Random(f"accent-{split}-{seed}")
     jobs = []
     for i, (text, source) in enumerate(items):
         voice, speed, pitch = rng.choice(voice_pool), rng.randint(130, 190), rng.randint(30, 70)
         if natural_voices and rng.random() < natural_fraction:
             voice = rng.choice(natural_voices)
+        rate = round(1 + rates.uniform(-perturbation, perturbation), 3) if perturbation else 1.0
+        accent = ()
+        if accent_fraction and accents.random() < accent_fraction:
+            while not accent:
+                accent = sample_accent(accents, ACCENT_PROCESS_SHARE)
+        natural = voice.startswith("pico:")
         jobs.append(RenderJob(text, voice, speed, pitch, folder / source / split / f"{source}-{split}-{i:06d}.wav",
-                              source))
+                              source, rate_factor=1.0 if natural else rate, accent=() if natural else accent))
     return jobs
 
 
@@ -162,7 +192,9 @@ def manifest_row(root: Path, path: Path, text: str, uid: str, duration: float, s
 def synthetic_rows(root: Path, jobs: Sequence[RenderJob], workers: int, desc: str, progress: bool) -> list[dict]:
     """Render every job (in `workers` threads) and return their manifest rows, voice, speed and pitch included."""
     durations = _parallel(render, jobs, workers, desc, progress)
-    return [manifest_row(root, j.path, j.text, j.path.stem, d, j.source, voice=j.voice, speed=j.speed, pitch=j.pitch)
+    return [manifest_row(root, j.path, j.text, j.path.stem, d, j.source, voice=j.voice, speed=j.speed, pitch=j.pitch,
+                         **({"rate_factor": j.rate_factor} if j.rate_factor != 1 else {}),
+                         **({"accent": list(j.accent)} if j.accent else {}))
             for j, d in zip(jobs, durations, strict=True)]
 
 

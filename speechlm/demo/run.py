@@ -111,24 +111,41 @@ def held_out_curve_sets(manifests: dict[str, Path], clips: int) -> dict[str, tup
     return sets
 
 
+def corpus_kind(settings: DemoSettings) -> str:
+    return "fortunes" if settings.corpus == "open" else settings.corpus
+
+
+def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
+    """The corpus folder the settings train on (in the cache, one per corpus-changing setting) and its manifests,
+    built on first use."""
+    from .corpus import build_demo_corpus
+
+    corpus = corpus_kind(settings)
+    real = f"-real{settings.natural_fraction:g}" if settings.real_speech else ""
+    real += f"-vp{settings.voice_perturbation:g}" if settings.voice_perturbation else ""
+    real += f"-accent{settings.accent_fraction:g}" if settings.accent_fraction else ""
+    root = cache_dir("demo", f"corpus-{corpus}-{settings.n_train}-{settings.n_test}-{settings.seed}{real}")
+    return root, build_demo_corpus(root, corpus=corpus, n_train=settings.n_train, n_test=settings.n_test,
+                                   seed=settings.seed, real_speech=settings.real_speech,
+                                   natural_fraction=settings.natural_fraction if settings.real_speech else 0.0,
+                                   voice_perturbation=settings.voice_perturbation,
+                                   accent_fraction=settings.accent_fraction)
+
+
 def run(args) -> int:
     from ..inference import load_pretrained, transcribe_arrays
     from ..joint_ctc import joint_options
-    from .corpus import build_demo_corpus, manifest_records
+    from .corpus import manifest_records
     from .system_packages import ensure_system_packages
 
     try:
         settings = settings_from_args(args)
     except ValueError as error:
         raise SystemExit(f"speechlm demo: {error}") from None
-    corpus = "fortunes" if settings.corpus == "open" else settings.corpus
-    ensure_system_packages(install=args.install_system_packages, corpus=corpus, real_speech=settings.real_speech)
+    ensure_system_packages(install=args.install_system_packages, corpus=corpus_kind(settings),
+                           real_speech=settings.real_speech)
     print(f"[demo] 1/5 data: building or reusing the {settings.corpus} corpus", flush=True)
-    real = f"-real{settings.natural_fraction:g}" if settings.real_speech else ""
-    root = cache_dir("demo", f"corpus-{corpus}-{settings.n_train}-{settings.n_test}-{settings.seed}{real}")
-    manifests = build_demo_corpus(root, corpus=corpus, n_train=settings.n_train, n_test=settings.n_test,
-                                  seed=settings.seed, real_speech=settings.real_speech,
-                                  natural_fraction=settings.natural_fraction if settings.real_speech else 0.0)
+    root, manifests = demo_corpus(settings)
     output = args.output or cache_dir("demo", "runs", f"{settings.corpus}-{settings.fingerprint()}")
     output.mkdir(parents=True, exist_ok=True)
     model_dir = output / "model"
@@ -177,7 +194,7 @@ def run(args) -> int:
     joint = joint_options(processor.tokenizer, model.joint_ctc_weight, transcript=True)
     results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams, **joint)
     understanding = {}
-    if len(parse_tasks(settings.tasks)) > 1 and corpus != "fortunes":
+    if len(parse_tasks(settings.tasks)) > 1 and corpus_kind(settings) != "fortunes":
         _, decoder_path, gguf_file = resolve_parts(settings)
         understanding = evaluate_understanding(model, processor, manifests, parse_tasks(settings.tasks),
                                                settings.seed, settings.eval_limit, (decoder_path, gguf_file),

@@ -68,6 +68,12 @@ class DemoSettings:
     # characters are evaluated either way.
     real_speech: bool = False
     natural_fraction: float = 0.3  # share of the rendered sentences spoken by a natural (Pico) voice
+    # Each rendered training sentence played back at a random rate in [1 - p, 1 + p] (speed perturbation): the held-out
+    # voices are the bulk of the understanding tasks' errors (misheard words).
+    voice_perturbation: float = 0.0
+    # Share of the rendered training sentences spoken with a simulated accent (speechlm.demo.accents): most misheard
+    # held-out clips are in the accent training never had.
+    accent_fraction: float = 0.0
     # Understanding tasks trained beside transcription on the grammar's clips (speechlm.demo.understanding): each
     # clip gives its transcription plus one of the others.
     tasks: str = "transcribe"
@@ -89,9 +95,12 @@ class DemoSettings:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("ctc_fraction", "frame_masking", "llm_frame_masking", "lora_dropout", "natural_fraction"):
+        for name in ("ctc_fraction", "frame_masking", "llm_frame_masking", "lora_dropout", "natural_fraction",
+                     "accent_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.voice_perturbation <= 0.3:
+            raise ValueError(f"voice_perturbation must be in [0, 0.3], got {self.voice_perturbation}")
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if self.distill_agreeing_only and not self.distill_weight:
@@ -222,6 +231,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--natural-fraction", type=float, default=defaults.natural_fraction,
                         help="share of the rendered sentences spoken by a natural Pico voice instead of espeak-ng "
                         "(with --real-speech)")
+    parser.add_argument("--voice-perturbation", type=float, default=defaults.voice_perturbation,
+                        help="play each rendered training sentence back at a random rate in [1 - p, 1 + p] (speed "
+                        "perturbation: tempo, pitch and formants together; test clips never), e.g. 0.1; 0 is off")
+    parser.add_argument("--accent-fraction", type=float, default=defaults.accent_fraction,
+                        help="share of the rendered training sentences spoken with a simulated accent (a random set of "
+                        "sound changes found across Englishes, e.g. th-stopping, h-dropping, final devoicing, applied "
+                        "to the voice's own phonemes); 0 is off")
     parser.add_argument("--eval-every-minutes", type=float, default=defaults.eval_every_minutes)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N clips per set")
     parser.add_argument("--num-beams", type=int, default=defaults.num_beams,

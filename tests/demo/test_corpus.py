@@ -108,6 +108,15 @@ def test_changed_parameters_rebuild(tmp_path: Path) -> None:
     assert not orphan.exists() and (tmp_path / c.STAMP).is_file()
 
 
+@needs_packages
+def test_voice_perturbation_changes_training_clips_only(tmp_path: Path) -> None:
+    manifests = c.build_demo_corpus(tmp_path, n_train=6, n_test=3, progress=False, uqm_test=False,
+                                    voice_perturbation=0.2)
+    train = [row for row in lines(manifests["train"]) if row["source"] == "synthetic"]
+    assert len(train) == 6 and all(0.8 <= row["rate_factor"] <= 1.2 for row in train)
+    assert not any("rate_factor" in row for row in lines(manifests["test_synthetic"]))
+
+
 @pytest.mark.skipif(not fortune_files(), reason="Debian package fortunes missing (apt-get install -y fortunes)")
 def test_fortune_sentences() -> None:
     sentences = c.fortune_sentences()

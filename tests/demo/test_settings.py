@@ -21,12 +21,14 @@ def test_every_option_reaches_the_settings():
                      "--ctc-fraction", "0.25", "--frame-masking", "0.2", "--lora-learning-rate", "1e-4",
                      "--n-train", "50", "--no-ctc-compression", "--real-speech-repeats", "3",
                      "--real-speech-augment", "--joint-ctc-weight", "0.4", "--distill-weight", "0.5",
-                     "--distill-agreeing-only")
+                     "--distill-agreeing-only", "--voice-perturbation", "0.1",
+                     "--accent-fraction", "0.5")
     assert (settings.lora_targets, settings.stack_factor, settings.num_beams) == ("q_proj,k_proj", 8, 3)
     assert (settings.ctc_weight, settings.ctc_fraction, settings.frame_masking) == (0, 0.25, 0.2)
     assert (settings.lora_learning_rate, settings.n_train) == (1e-4, 50)
     assert (settings.ctc_compression, settings.real_speech_repeats, settings.real_speech_augment) == (False, 3, True)
     assert (settings.joint_ctc_weight, settings.distill_weight, settings.distill_agreeing_only) == (0.4, 0.5, True)
+    assert (settings.voice_perturbation, settings.accent_fraction) == (0.1, 0.5)
     assert parse("--ctc-compression").ctc_compression is True
 
 
@@ -34,14 +36,16 @@ def test_model_key_ignores_evaluation_only_settings():
     base = DemoSettings()
     assert DemoSettings(num_beams=4, eval_limit=5, joint_ctc_weight=0.2).fingerprint() == base.fingerprint()
     for changed in (DemoSettings(lora_targets="q_proj"), DemoSettings(stack_factor=8), DemoSettings(ctc_weight=0),
-                    DemoSettings(distill_weight=1.0)):
+                    DemoSettings(distill_weight=1.0), DemoSettings(voice_perturbation=0.1),
+                    DemoSettings(accent_fraction=0.5)):
         assert changed.fingerprint() != base.fingerprint()
 
 
 @pytest.mark.parametrize(("option", "value"), [("ctc_fraction", 1.0), ("frame_masking", -0.1), ("minutes", 0),
                                                ("real_speech_repeats", 0), ("llm_frame_masking", 1.0),
                                                ("lora_dropout", -0.5), ("joint_ctc_weight", 1.5),
-                                               ("distill_weight", -1.0)])
+                                               ("distill_weight", -1.0), ("voice_perturbation", 0.5),
+                                               ("accent_fraction", 1.0)])
 def test_out_of_range_settings_are_refused_by_name(option, value):
     with pytest.raises(ValueError, match=option):
         DemoSettings(**{option: value})
