@@ -22,13 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def group_rows(run: Path, corpus: Path) -> dict[str, list[dict]]:
     """The run's per-clip synthetic rows grouped by `voice_group`, the voice read from the corpus's test manifest."""
+    from speechlm.demo.corpus import manifest_records
     from speechlm.demo.render import voice_group
 
-    voices = {}
-    for line in (corpus / "test_synthetic.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            voices[row["id"]] = row["voice"]
+    voices = {row["id"]: row["extra"]["voice"] for row in manifest_records(corpus / "test_synthetic.jsonl")}
     groups = defaultdict(list)
     for line in (run / "test_synthetic.hypotheses.jsonl").read_text().splitlines():
         if line.strip():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import random
 import time
 
@@ -57,8 +56,8 @@ def main() -> None:
     root, manifests = demo.demo_corpus(settings)
     processor, model = demo.load_parts(settings)
     cache = EncoderCache.for_model(model, processor, dtype=torch.float16)
-    manifest_key = hashlib.sha1(manifests["train"].read_bytes()).hexdigest()[:8]
-    cache_file = cache_dir("demo", "ctc-head-wer") / f"frames-{cache.fingerprint[:10]}-{manifest_key}.safetensors"
+    key = demo.manifest_key(manifests["train"])
+    cache_file = cache_dir("demo", "ctc-head-wer") / f"frames-{cache.fingerprint[:10]}-{key}.safetensors"
     if cache_file.is_file():
         cache.load(cache_file)
     sets = {}

@@ -43,10 +43,11 @@ def sample_accent(rng: random.Random, share: float) -> tuple[str, ...]:
 
 
 def _rewrite_word(phonemes: list[str], accent: tuple[str, ...]) -> list[str]:
-    out = []
+    out, carried = [], ""  # the stress of a deleted phoneme, passed on to the next one
     for i, token in enumerate(phonemes):
-        stress = token[: len(token) - len(token.lstrip(STRESS))]
-        phoneme = token[len(stress):]
+        phoneme = token.lstrip(STRESS)
+        stress = carried or token[: len(token) - len(phoneme)]
+        carried = ""
         final = i == len(phonemes) - 1
         after_consonant = i > 0 and phonemes[i - 1].lstrip(STRESS) in CONSONANTS
         for name in accent:
@@ -57,8 +58,8 @@ def _rewrite_word(phonemes: list[str], accent: tuple[str, ...]) -> list[str]:
                 break
         if phoneme:
             out.append(stress + phoneme)
-        elif stress and i + 1 < len(phonemes):  # keep a deleted phoneme's stress on the next one
-            phonemes[i + 1] = stress + phonemes[i + 1].lstrip(STRESS)
+        else:
+            carried = stress
     return out
 
 

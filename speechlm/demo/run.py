@@ -115,6 +115,11 @@ def corpus_kind(settings: DemoSettings) -> str:
     return "fortunes" if settings.corpus == "open" else settings.corpus
 
 
+def manifest_key(manifest: Path) -> str:
+    """Eight hex digits of a manifest's content: frame caches named by it follow a rebuilt corpus."""
+    return hashlib.sha1(manifest.read_bytes()).hexdigest()[:8]
+
+
 def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
     """The corpus folder the settings train on (in the cache, one per corpus-changing setting) and its manifests,
     built on first use."""
@@ -170,10 +175,8 @@ def run(args) -> int:
         examples = training_records(train_records, settings.real_speech_repeats, tasks, meanings,
                                     augment=settings.real_speech_augment)
         # Next to the corpus, keyed by the encoder (weights, config, features) and the manifest: runs on both share it.
-        manifest_key = hashlib.sha1(manifests["train"].read_bytes()).hexdigest()[:8]
-        fingerprint = encoder_fingerprint(model, processor)[:10]
-        dataset = cached_training_set(model, processor, train_records, examples,
-                                      root / f"train-frames-{fingerprint}-{manifest_key}.safetensors")
+        frames = f"train-frames-{encoder_fingerprint(model, processor)[:10]}-{manifest_key(manifests['train'])}"
+        dataset = cached_training_set(model, processor, train_records, examples, root / f"{frames}.safetensors")
         repeats = f", real speech x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else ""
         repeats += " (copies augmented)" if repeats and settings.real_speech_augment else ""
         print(f"[demo] 3/5 training on {len(train_records)} clips{repeats} for {settings.describe_budget()}",
