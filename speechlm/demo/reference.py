@@ -51,8 +51,10 @@ def whisper_transcripts(paths: Sequence[str], cache_file: Path, batch_size: int 
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         audio = [load_audio(paths[i]) for i in index]
-        features = feature_extractor(audio, sampling_rate=16_000, return_tensors="pt").input_features
-        tokens = model.generate(features, max_new_tokens=128)
+        inputs = feature_extractor(audio, sampling_rate=16_000, return_tensors="pt", return_attention_mask=True)
+        # 128 tokens of text, asked as `max_length`: Whisper's generate adds its start tokens to it, while
+        # `max_new_tokens` clashes with the config's `max_length` and warns once per batch (same transcripts).
+        tokens = model.generate(inputs.input_features, attention_mask=inputs.attention_mask, max_length=128)
         for i, text in zip(index, tokenizer.batch_decode(tokens, skip_special_tokens=True)):
             hypotheses[i] = text.strip()
     cache_file.write_text(json.dumps({"key": key, "hypotheses": hypotheses}))

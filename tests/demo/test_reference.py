@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import pytest
 
@@ -29,3 +30,17 @@ def test_reference_reads_real_speech_and_is_cached_per_clip_list(tmp_path, monke
     assert reference.whisper_transcripts([str(p.path) for p in prompts], cache) == hyps
     with pytest.raises(AssertionError, match="reused"):  # another clip list is another key
         reference.whisper_transcripts([str(prompts[0].path)], cache)
+
+
+def test_reference_decodes_a_batch_without_transformers_warnings(tmp_path):
+    """The demo's log stays readable: no per-batch warning about `max_length` or a missing attention mask."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        reference.whisper_transcripts([str(p.path) for p in librivox_prompts()[:2]], tmp_path / "x.json")
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in messages if "max_length" in m or "attention mask" in m]
