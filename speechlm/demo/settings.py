@@ -163,7 +163,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="a named recipe that sets several options (those given beside it win): "
                         + "; ".join(f"{name}: {describe_preset(name)}" for name in sorted(PRESETS)))
-    parser.add_argument("--minutes", type=float, default=defaults.minutes, help="training time budget")
+    parser.add_argument("--minutes", type=float, default=defaults.minutes,
+                        help="training time budget (the held-out curve's evaluations pause it)")
     parser.add_argument("--corpus", choices=["structured", "open", "mixed"], default=defaults.corpus,
                         help="structured everyday domain (default), open-domain fortunes, or both")
     parser.add_argument("--n-train", type=int, default=defaults.n_train, help="synthetic training utterances")
@@ -238,7 +239,8 @@ def add_arguments(parser) -> None:
                         help="share of the rendered training sentences spoken with a simulated accent (a random set of "
                         "sound changes found across Englishes, e.g. th-stopping, h-dropping, final devoicing, applied "
                         "to the voice's own phonemes); 0 is off")
-    parser.add_argument("--eval-every-minutes", type=float, default=defaults.eval_every_minutes)
+    parser.add_argument("--eval-every-minutes", type=float, default=defaults.eval_every_minutes,
+                        help="training minutes between points of the held-out WER curve")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N clips per set")
     parser.add_argument("--num-beams", type=int, default=defaults.num_beams,
                         help="beam width of the final transcriptions and understanding answers (1: greedy, ~3x "

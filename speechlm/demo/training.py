@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,17 +100,39 @@ def float32_frozen_weights(model):
             parameter.data = parameter.data.to(torch.bfloat16)
 
 
+class TrainingClock:
+    """Seconds spent training. The held-out curve's evaluations pause it: they would otherwise take ~30 s of the
+    budget each (~9 % of the LLM phase in a 20-minute run), and the steps a budget buys would depend on how often
+    the curve is drawn."""
+
+    def __init__(self, now: Callable[[], float] = time.monotonic):
+        self.now = now
+        self.start = now()
+        self.paused_seconds = 0.0
+
+    def elapsed(self) -> float:
+        return self.now() - self.start - self.paused_seconds
+
+    @contextmanager
+    def paused(self):
+        began = self.now()
+        try:
+            yield
+        finally:
+            self.paused_seconds += self.now() - began
+
+
 def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 20, max_steps: int | None = None,
-                         first_step: int = 0):
-    """Warmup, then cosine decay to 10 % over the wall-clock budget (the step count is unknown in advance), or over
-    steps `first_step`..`max_steps` when that cap comes first. `first_step` is where a step-bounded CTC
+                         first_step: int = 0, clock: TrainingClock | None = None):
+    """Warmup, then cosine decay to 10 % over the training-time budget (the step count is unknown in advance), or
+    over steps `first_step`..`max_steps` when that cap comes first. `first_step` is where a step-bounded CTC
     pre-alignment ends: its steps are ~25x cheaper than LLM steps, and counting them would leave the LLM phase a
     decayed learning rate."""
-    start = time.monotonic()
+    clock = clock or TrainingClock()
 
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / warmup_steps)
-        progress = min(1.0, (time.monotonic() - start) / budget_seconds)
+        progress = min(1.0, clock.elapsed() / budget_seconds)
         if max_steps:
             progress = max(progress, min(1.0, max(0, step - first_step) / max(1, max_steps - first_step)))
         return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -142,8 +164,8 @@ def phase_frame_masking(settings: DemoSettings, ctc_phase: bool) -> float:
 
 def train_within_budget(model, processor, dataset, settings: DemoSettings, curve_sets: dict[str, tuple[list, list]],
                         output: Path, dtype_choice: DtypeChoice | None = None):
-    """transformers' Trainer on cached frames, stopped by the clock (or `max_steps`); returns the loss and WER
-    history, the steps reached in each phase and any warning about this machine's speed."""
+    """transformers' Trainer on cached frames, stopped by the training clock (or `max_steps`); returns the loss and
+    WER history, the steps reached in each phase and any warning about this machine's speed."""
     dtype_choice = dtype_choice or DtypeChoice(torch.float32, "float32")
     pre_align = settings.pre_aligns
     from tqdm.auto import tqdm
@@ -154,10 +176,10 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
 
     budget = settings.minutes * 60
     history = {"ctc_loss": [], "loss": [], "wer": [], "warnings": []}
+    clock = TrainingClock()
 
     class Budget(TrainerCallback):
         def __init__(self):
-            self.start = time.monotonic()
             self.next_eval = settings.eval_every_minutes * 60
             self.phase_changed = False
             self.llm_start: tuple[float, int] | None = None if pre_align else (0.0, 0)  # (seconds, step)
@@ -184,7 +206,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
                 self.bar.write(f"[demo] {message}")
 
         def _elapsed(self) -> float:
-            return time.monotonic() - self.start
+            return clock.elapsed()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
@@ -212,17 +234,21 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
                 control.should_training_stop = True
             elif elapsed >= self.next_eval and curve_sets:
                 self.next_eval += settings.eval_every_minutes * 60
-                model.eval()
-                for name, (audio, texts) in curve_sets.items():
-                    with float32_frozen_weights(model):
-                        hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(f"test_{name}", 48),
-                                                 batch_size=24)
-                    wer = word_error_rate(texts, hyps)["wer"]
-                    history.setdefault("wer" if name == "synthetic" else f"wer_{name}", []).append(
-                        (elapsed / 60, state.global_step, wer))
-                    self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: WER on "
-                                   f"{len(audio)} held-out {name} clips {wer:.1%}")
-                model.train()
+                with clock.paused():
+                    self._draw_curve(elapsed, state.global_step)
+
+        def _draw_curve(self, elapsed: float, step: int) -> None:
+            model.eval()
+            for name, (audio, texts) in curve_sets.items():
+                with float32_frozen_weights(model):
+                    hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(f"test_{name}", 48),
+                                             batch_size=24)
+                wer = word_error_rate(texts, hyps)["wer"]
+                curve = "wer" if name == "synthetic" else f"wer_{name}"
+                history.setdefault(curve, []).append((elapsed / 60, step, wer))
+                self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {step}: WER on {len(audio)} held-out {name} "
+                               f"clips {wer:.1%}")
+            model.train()
 
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
@@ -249,15 +275,14 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=collator,
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget, max_steps=settings.max_steps,
-                                                    first_step=settings.ctc_steps or 0)),
+                                                    first_step=settings.ctc_steps or 0, clock=clock)),
         callbacks=[Budget()],
         ctc_head=model.ctc_head, ctc_weight=settings.ctc_weight, ctc_only=pre_align,
         distill_weight=settings.distill_weight, distill_agreeing_only=settings.distill_agreeing_only,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar shows the loss; no log dict every 10 steps
-    started = time.monotonic()
     result = trainer.train()
-    llm_minutes = (time.monotonic() - started) / 60 - history.get("ctc_minutes", 0.0)
+    llm_minutes = clock.elapsed() / 60 - history.get("ctc_minutes", 0.0)
     if "ctc_steps" in history or not pre_align:
         overall = (result.global_step - history.get("ctc_steps", 0)) / max(llm_minutes, 1e-9)
         steps_left = settings.max_steps - result.global_step if settings.max_steps else None
@@ -266,6 +291,6 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
             history["warnings"].append(message)
     history["steps"] = result.global_step
     history["llm_steps"] = result.global_step - history.get("ctc_steps", result.global_step if pre_align else 0)
-    history["minutes"] = min(budget, time.monotonic() - started) / 60
+    history["minutes"] = min(budget, clock.elapsed()) / 60
     history["dtype"], history["dtype_reason"] = dtype_choice.name, dtype_choice.reason
     return history

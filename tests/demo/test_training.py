@@ -8,7 +8,13 @@ import torch
 from speechlm.data import EncoderCache, SpeechLMCollator, SpeechLMDataset
 from speechlm.demo.grammar import Utterance
 from speechlm.demo.settings import DemoSettings
-from speechlm.demo.training import float32_frozen_weights, phase_frame_masking, training_records
+from speechlm.demo.training import (
+    TrainingClock,
+    float32_frozen_weights,
+    phase_frame_masking,
+    time_cosine_schedule,
+    training_records,
+)
 
 
 def record(text: str, source: str, seed: int = 0) -> dict:
@@ -99,13 +105,41 @@ def test_a_slow_step_bounded_run_whose_steps_fit_its_budget_gets_no_warning():
 
 def test_step_bounded_schedule_gives_the_llm_phase_its_full_learning_rate():
     """With `--ctc-steps 80 --max-steps 100` the cosine runs over the 20 LLM steps, not over all 100."""
-    from speechlm.demo.training import time_cosine_schedule
-
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = time_cosine_schedule(optimizer, budget_seconds=1e9, warmup_steps=1, max_steps=100, first_step=80)
     factors = [schedule.lr_lambdas[0](step) for step in (0, 50, 80, 90, 100)]
     assert factors[:3] == [1.0, 1.0, 1.0]
     assert abs(factors[3] - 0.55) < 1e-9 and abs(factors[4] - 0.1) < 1e-9
+
+
+class FakeTime:
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def test_the_training_clock_leaves_out_time_spent_drawing_the_curve():
+    """A 20-minute budget buys 20 minutes of training however often the held-out curve is evaluated."""
+    now = FakeTime()
+    clock = TrainingClock(now)
+    now.seconds = 60.0
+    with clock.paused():
+        now.seconds = 90.0  # a curve evaluation
+    now.seconds = 100.0
+    assert clock.elapsed() == 70.0
+
+
+def test_the_time_budgeted_schedule_decays_over_training_time_only():
+    now = FakeTime()
+    clock = TrainingClock(now)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = time_cosine_schedule(optimizer, budget_seconds=100.0, warmup_steps=1, clock=clock)
+    with clock.paused():
+        now.seconds = 1000.0
+    now.seconds = 1050.0  # half the budget trained
+    assert abs(schedule.lr_lambdas[0](10) - 0.55) < 1e-9
 
 
 def test_float32_decoding_restores_bfloat16_weights_exactly(build):
