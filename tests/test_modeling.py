@@ -242,3 +242,33 @@ def test_training_mode_loss_equals_eval_mode_loss(build, clips):
     torch.testing.assert_close(train_out.loss, eval_loss)
     assert train_out.logits.shape[1] < model.eval()(**batch).logits.shape[1]
 
+
+
+def _lm_head_inputs(model):
+    """Records whether each input the LLM's LM head receives is contiguous."""
+    seen = []
+    hook = model.language_model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous())
+    )
+    return seen, hook
+
+
+def test_training_lm_head_reads_a_contiguous_input(build, clips):
+    """Skipping unlabelled positions must not hand the LM head a strided view: torch's CPU linear over one copies
+    the weight per sample (14x slower for SmolLM2 in bfloat16)."""
+    processor, model = build("whisper", "llama")
+    batch = processor(clips, text=["set an alarm", "call mom tomorrow morning", "play"], prompt=PROMPTS)
+    seen, hook = _lm_head_inputs(model.train())
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    assert seen == [True]
+
+
+def test_generation_lm_head_reads_contiguous_inputs(build, clips):
+    """The prefill keeps the last position's logits only; that position reaches the LM head gathered, not strided."""
+    processor, model = build("whisper", "llama")
+    seen, hook = _lm_head_inputs(model)
+    model.generate(**_generate_inputs(processor(clips, prompt=PROMPTS)), max_new_tokens=3, do_sample=False)
+    hook.remove()
+    assert seen and all(seen)
