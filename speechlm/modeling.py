@@ -86,7 +86,7 @@ def kept_positions(logits_to_keep: int | torch.Tensor, sequence: torch.Tensor) -
     """The last `logits_to_keep` positions as an index tensor rather than a count. Given a count, the LLM slices its
     hidden states, and its LM head then multiplies a non-contiguous view, which torch's CPU kernels do by copying the
     weight per sample: SmolLM2's head over the text of a batch of 8 took 1.9 s in bfloat16 instead of 0.13 s
-    (benchmarks/lm_head_input.py). Indexing gathers the rows into a contiguous tensor; the logits are the same."""
+    (benchmarks/cpu_training_step.py). Indexing gathers the rows into a contiguous tensor; the logits are the same."""
     length = sequence.shape[1]
     if isinstance(logits_to_keep, int) and 0 < logits_to_keep < length:
         return torch.arange(length - logits_to_keep, length, device=sequence.device)

@@ -69,7 +69,9 @@ def bundled_smollm2_dir() -> Path:
 
 
 def load_parts(settings: DemoSettings, llm_dtype: torch.dtype = torch.float32):
-    """(processor, model): frozen encoder in float32, frozen LLM in `llm_dtype`, float32 projector."""
+    """(processor, model): frozen encoder in float32, frozen LLM in `llm_dtype`, float32 projector. A bfloat16 LLM
+    trains with transformers' eager attention: torch's CPU flash attention (`sdpa`) runs its backward several times
+    slower in bfloat16 (benchmarks/cpu_training_step.py). Set after loading, so the saved model does not carry it."""
     from ..factory import create_speech_lm_model
 
     encoder, decoder, gguf_file = resolve_parts(settings)
@@ -78,6 +80,8 @@ def load_parts(settings: DemoSettings, llm_dtype: torch.dtype = torch.float32):
         encoder, decoder, projector_hidden_size=settings.projector_hidden_size, stack_factor=settings.stack_factor,
         gguf_file=gguf_file, decoder_kwargs={"dtype": llm_dtype}, projector_dtype=torch.float32,
     )
+    if llm_dtype == torch.bfloat16:
+        model.language_model.set_attn_implementation("eager")
     model.freeze_encoder()
     model.freeze_decoder()
     if settings.lora_rank:

@@ -50,6 +50,19 @@ def test_load_parts_initialises_the_projector_from_the_training_seed(model_dirs)
     assert not torch.equal(projector(train_seed=1), projector(train_seed=2))
 
 
+def test_a_bfloat16_llm_trains_with_eager_attention_and_saves_without_it(model_dirs, tmp_path):
+    """torch's CPU flash attention is slow in bfloat16; the choice is the demo's, not the saved model's."""
+    from speechlm.demo.run import load_parts
+    from speechlm.modeling import SpeechLMModel
+
+    parts = dict(encoder=str(model_dirs("encoder", "whisper")), decoder=str(model_dirs("decoder", "llama")))
+    attention = {dtype: load_parts(DemoSettings(**parts), dtype)[1] for dtype in (torch.bfloat16, torch.float32)}
+    assert {dtype: model.language_model.config._attn_implementation for dtype, model in attention.items()} == {
+        torch.bfloat16: "eager", torch.float32: "sdpa"}
+    attention[torch.bfloat16].save_pretrained(tmp_path)
+    assert SpeechLMModel.from_pretrained(tmp_path).language_model.config._attn_implementation == "sdpa"
+
+
 def test_the_saved_model_remembers_the_joint_decoding_its_transcriptions_were_measured_with(build, tmp_path):
     from speechlm.demo.run import remember_joint_decoding
     from speechlm.loading import load_pretrained
