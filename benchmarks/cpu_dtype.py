@@ -48,6 +48,24 @@ def step_seconds(model, processor, steps: int) -> list[float]:
     return seconds[1:]  # the first step warms up
 
 
+def demo_models() -> dict[torch.dtype, tuple]:
+    """The demo's parts, frozen LLM in bfloat16 and in float32, in training mode: dtype -> (processor, model)."""
+    torch.manual_seed(0)
+    models = {dtype: load_parts(DemoSettings(), dtype) for dtype in (torch.bfloat16, torch.float32)}
+    for _, model in models.values():
+        model.train()
+    return models
+
+
+def append_rows(output: Path, header: str, rows: list[str]) -> None:
+    """Appends `rows` to the results table at `output`, starting it with `header` if it does not exist yet."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not output.is_file():
+        output.write_text(header)
+    with output.open("a") as table:
+        table.write("\n".join(rows) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", default="this CPU", help="row label, e.g. the CPU kind or the ISA restriction")
@@ -55,10 +73,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "cpu_dtype.md")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    models = {dtype: load_parts(DemoSettings(), dtype) for dtype in (torch.bfloat16, torch.float32)}
-    for _, model in models.values():
-        model.train()
+    models = demo_models()
     times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in models}
     for _ in range(2):  # interleaved, so that a burst of load hits both alike
         for dtype, (processor, model) in models.items():
@@ -69,16 +84,12 @@ def main() -> int:
     row = (f"| {args.label} | {torch.backends.cpu.get_cpu_capability()} | {native} | {bf16:.2f} | {fp32:.2f} | "
            f"{bf16 / fp32:.2f} | {choice.name} |")
     print(row)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    if not args.output.is_file():
-        args.output.write_text(
-            "# Frozen-LLM dtype for demo training on CPU (benchmarks/cpu_dtype.py)\n\n"
-            f"Median seconds per training step, batch 8, {FRAMES} encoder frames + a 13-word transcript, SmolLM2-135M "
-            "frozen + LoRA r=8 (q/v) + projector; both dtypes interleaved in one run.\n\n"
-            "| CPU / kernels | torch kernels | native bf16 flags | bf16 s/step | fp32 s/step | bf16 / fp32 | "
-            "speechlm.hardware chooses |\n|---|---|---|---|---|---|---|\n")
-    with args.output.open("a") as table:
-        table.write(row + "\n")
+    header = ("# Frozen-LLM dtype for demo training on CPU (benchmarks/cpu_dtype.py)\n\n"
+              f"Median seconds per training step, batch 8, {FRAMES} encoder frames + a 13-word transcript, "
+              "SmolLM2-135M frozen + LoRA r=8 (q/v) + projector; both dtypes interleaved in one run.\n\n"
+              "| CPU / kernels | torch kernels | native bf16 flags | bf16 s/step | fp32 s/step | bf16 / fp32 | "
+              "speechlm.hardware chooses |\n|---|---|---|---|---|---|---|\n")
+    append_rows(args.output, header, [row])
     return 0
 
 

@@ -25,10 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_dtype import FRAMES, step_seconds  # noqa: E402
+from cpu_dtype import FRAMES, append_rows, demo_models, step_seconds  # noqa: E402
 
 import speechlm.modeling  # noqa: E402
-from speechlm.demo.run import DemoSettings, load_parts  # noqa: E402
 
 GATHERED = speechlm.modeling.kept_positions
 
@@ -52,10 +51,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "cpu_training_step.md")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    models = {dtype: load_parts(DemoSettings(), dtype) for dtype in (torch.bfloat16, torch.float32)}
-    for _, model in models.values():
-        model.train()
+    models = demo_models()
     times = {(dtype, side): [] for dtype in models for side in SIDES}
     for _ in range(2):  # interleaved, so that a burst of load hits every side alike
         for dtype, (processor, model) in models.items():
@@ -71,17 +67,13 @@ def main() -> int:
         rows.append(f"| {args.label} | {torch.get_num_threads()} | {str(dtype).removeprefix('torch.')} | "
                     f"{before:.2f} | {cells} |")
     print("\n".join(rows))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    if not args.output.is_file():
-        args.output.write_text(
-            "# Kernel paths in a demo training step on CPU (benchmarks/cpu_training_step.py)\n\n"
-            f"Median seconds per training step, batch 8, {FRAMES} encoder frames + a 13-word transcript, SmolLM2-135M "
-            "frozen + LoRA r=8 (q/v) + projector, in training mode (logits only where a label follows); all sides "
-            "interleaved in one run.\n\n"
-            "| CPU | threads | frozen LLM dtype | " + " | ".join(f"{side} s/step" for side in SIDES) + " |\n"
-            "|---|---|---|---|---|---|\n")
-    with args.output.open("a") as table:
-        table.write("\n".join(rows) + "\n")
+    header = ("# Kernel paths in a demo training step on CPU (benchmarks/cpu_training_step.py)\n\n"
+              f"Median seconds per training step, batch 8, {FRAMES} encoder frames + a 13-word transcript, "
+              "SmolLM2-135M frozen + LoRA r=8 (q/v) + projector, in training mode (logits only where a label "
+              "follows); all sides interleaved in one run.\n\n"
+              "| CPU | threads | frozen LLM dtype | " + " | ".join(f"{side} s/step" for side in SIDES) + " |\n"
+              "|---|---|---|---|---|---|\n")
+    append_rows(args.output, header, rows)
     return 0
 
 
