@@ -11,6 +11,7 @@ different actors from the held-out `test_uqm` characters), written into the cach
 
     python benchmarks/joint_ctc.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--weights 0 0.3 0.5]
         [--head-candidates 0 8] [--num-beams 4] [--sets test_synthetic test_asterisk] [--dev-uqm 60]
+        [--head-vocabulary full]
     # writes benchmarks/results/joint_ctc.md
 """
 
@@ -24,6 +25,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ("test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
+
+
+def widen_head(model, tokenizer) -> int:
+    """Gives the CTC head every token of the LLM's vocabulary but the special ones as classes (it scores audio tokens
+    by cosine against the LLM's input embeddings, so any token has a score), instead of its training transcripts'
+    tokens: can the head then write words its training never had? Returns the class count."""
+    size = model.language_model.get_input_embeddings().weight.shape[0]
+    special = set(tokenizer.all_special_ids)
+    model.ctc_head.vocabulary_ids = torch.tensor([i for i in range(size) if i not in special])
+    return len(model.ctc_head.vocabulary_ids)
 
 
 @torch.no_grad()
@@ -61,17 +72,14 @@ def development_uqm(count: int, seed: int = 0) -> Path:
 
 
 def main() -> None:
-    from speechlm.demo.corpus import manifest_records
-    from speechlm.demo.evaluate import evaluate_sets
-    from speechlm.evaluation import word_error_rate
-    from speechlm.evaluation.normalizers import normalize_text
     from speechlm.inference import load_pretrained
     from speechlm.joint_ctc import HEAD_CANDIDATES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, nargs="+", help="demo runs' model folders (trained with a CTC head)")
     parser.add_argument("--corpus", type=Path, required=True, help="the demo corpus folder (test_*.jsonl)")
-    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.3, 0.5])
+    parser.add_argument("--weights", type=float, nargs="*", default=[0.0, 0.3, 0.5],
+                        help="0: the LLM alone; none: the head alone only")
     parser.add_argument("--head-candidates", type=int, nargs="+", default=[HEAD_CANDIDATES],
                         help="the head's own best next tokens scored beside the LLM's 8 (0: the LLM's alone; "
                         f"default: {HEAD_CANDIDATES}, the library's)")
@@ -81,6 +89,9 @@ def main() -> None:
                         help="add N clips of the UQM training characters as set dev_uqm (choose settings on it)")
     parser.add_argument("--limit", type=int, default=None, help="at most N clips per set")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, greedy as the demo)")
+    parser.add_argument("--head-vocabulary", nargs="+", choices=("trained", "full"), default=["trained"],
+                        help="decode with each of these class sets: the head's training transcripts' tokens (as "
+                        "saved), the LLM's whole vocabulary but the special tokens")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "joint_ctc.md")
     args = parser.parse_args()
 
@@ -96,28 +107,45 @@ def main() -> None:
              "|---|---|" + "---|" * (len(manifests) + 1)]
     for model_dir in args.models:
         processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
-        label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-        for weight, head in [(0.0, 0)] * (0 in args.weights) + [(w, h) for w in args.weights if w
-                                                                 for h in args.head_candidates]:
-            start = time.perf_counter()
-            options = {"joint_ctc_weight": weight, "joint_ctc_head_candidates": head} if weight else {}
-            results = evaluate_sets(model, processor, manifests, args.limit, args.num_beams, reference=False,
-                                    sets=tuple(manifests), **options)
-            cells = [f"{100 * r['wer']:.1f} ({r['insertions']})" for r in results.values()]
-            name = "LLM alone" if not weight else f"joint, CTC weight {weight:g}"
-            name += f", head proposes {head}" if weight and head else ""
-            lines.append(f"| `{label}` | {name} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |")
-            print(lines[-1], flush=True)
-        start, cells = time.perf_counter(), []
-        for path in manifests.values():
-            rows = manifest_records(path)[: args.limit]
-            hyps = [normalize_text(h, spell_numbers=True) for h in ctc_alone(model, processor, rows)]
-            metrics = word_error_rate([row["text"] for row in rows], hyps)  # as evaluate_sets scores
-            cells.append(f"{100 * metrics['wer']:.1f} ({metrics['insertions']})")
-        lines.append(f"| `{label}` | CTC alone | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |")
-        print(lines[-1], flush=True)
+        trained = model.ctc_head.vocabulary_ids
+        for vocabulary in args.head_vocabulary:
+            model.ctc_head.vocabulary_ids = trained
+            label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
+            if vocabulary == "full":
+                label += f", head over {widen_head(model, processor.tokenizer)} tokens"
+            lines += decoding_rows(model, processor, manifests, label, args)
     args.output.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.output}")
+
+
+def decoding_rows(model, processor, manifests: dict[str, Path], label: str, args) -> list[str]:
+    """One table row per decoding of `args` (LLM alone, each joint weight x head proposals), then the head alone."""
+    from speechlm.demo.corpus import manifest_records
+    from speechlm.demo.evaluate import evaluate_sets
+    from speechlm.evaluation import word_error_rate
+    from speechlm.evaluation.normalizers import normalize_text
+
+    lines = []
+    for weight, head in [(0.0, 0)] * (0 in args.weights) + [(w, h) for w in args.weights if w
+                                                             for h in args.head_candidates]:
+        start = time.perf_counter()
+        options = {"joint_ctc_weight": weight, "joint_ctc_head_candidates": head} if weight else {}
+        results = evaluate_sets(model, processor, manifests, args.limit, args.num_beams, reference=False,
+                                sets=tuple(manifests), **options)
+        cells = [f"{100 * r['wer']:.1f} ({r['insertions']})" for r in results.values()]
+        name = "LLM alone" if not weight else f"joint, CTC weight {weight:g}"
+        name += f", head proposes {head}" if weight and head else ""
+        lines.append(f"| `{label}` | {name} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |")
+        print(lines[-1], flush=True)
+    start, cells = time.perf_counter(), []
+    for path in manifests.values():
+        rows = manifest_records(path)[: args.limit]
+        hyps = [normalize_text(h, spell_numbers=True) for h in ctc_alone(model, processor, rows)]
+        metrics = word_error_rate([row["text"] for row in rows], hyps)  # as evaluate_sets scores
+        cells.append(f"{100 * metrics['wer']:.1f} ({metrics['insertions']})")
+    lines.append(f"| `{label}` | CTC alone | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |")
+    print(lines[-1], flush=True)
+    return lines
 
 
 if __name__ == "__main__":
