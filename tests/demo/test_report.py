@@ -18,12 +18,12 @@ def test_report_states_loss_and_decoding(tmp_path):
     assert usage in text and "carries its joint CTC weight (0.6) with its head" in text
     assert "the first 15% of the time (3.0 minutes): CTC pre-alignment" in text
     assert "| test_synthetic | 1 | 50.0% | 25.0% | 0 | - | 1 |" in text
-    text = write_report(tmp_path, DemoSettings(ctc_weight=0.0, ctc_fraction=0.0, num_beams=1), history,
-                        results).read_text()
+    text = write_report(tmp_path, DemoSettings(ctc_weight=0.0, ctc_fraction=0.0, num_beams=1,
+                                                   real_speech_repeats=1), history, results).read_text()
     assert "CTC" not in text and "greedily" in text and "real-speech" not in text
     text = write_report(tmp_path, DemoSettings(ctc_compression=True, real_speech_repeats=3), history,
                         results).read_text()
-    assert "CTC-compressed audio" in text and "real-speech clips x3" in text
+    assert "CTC-compressed audio" in text and "real-speech clips x3 (copies augmented)" in text
     assert "distillation" not in text
     text = write_report(tmp_path, DemoSettings(distill_weight=0.5), history, results).read_text()
     assert "x CTC alignment loss + 0.5 x KL to the text-only LLM reading the transcript (distillation)" in text
