@@ -62,6 +62,12 @@ def test_a_preset_sets_its_recipe():
     assert settings.real_speech and settings.minutes == 100
 
 
+def test_the_real_speech_preset_repeats_its_real_clips_unaugmented_as_measured():
+    settings = parse("--preset", "real-speech")
+    assert (settings.real_speech_repeats, settings.real_speech_augment) == (3, False)
+    assert DemoSettings().real_speech_augment  # while the default augments them
+
+
 def test_the_augmented_preset_is_bounded_by_steps_with_a_time_cap():
     settings = parse("--preset", "augmented")
     assert settings == DemoSettings(**PRESETS["augmented"])
