@@ -11,7 +11,7 @@ different actors from the held-out `test_uqm` characters), written into the cach
 
     python benchmarks/joint_ctc.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--weights 0 0.3 0.5]
         [--head-candidates 0 8] [--num-beams 4] [--sets test_synthetic test_asterisk] [--dev-uqm 60]
-        [--head-vocabulary full]
+        [--head-vocabulary trained full]
     # writes benchmarks/results/joint_ctc.md
 """
 
