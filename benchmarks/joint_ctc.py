@@ -27,14 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SETS = ("test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
 
 
-def widen_head(model, tokenizer) -> int:
-    """Gives the CTC head every token of the LLM's vocabulary but the special ones as classes (it scores audio tokens
-    by cosine against the LLM's input embeddings, so any token has a score), instead of its training transcripts'
-    tokens: can the head then write words its training never had? Returns the class count."""
+def all_token_ids(model, tokenizer) -> torch.Tensor:
+    """Every token of the LLM's vocabulary but the special ones: classes for the CTC head instead of its training
+    transcripts' tokens (it scores audio tokens by cosine against the LLM's input embeddings, so any token has a
+    score). Can the head then write words its training never had?"""
     size = model.language_model.get_input_embeddings().weight.shape[0]
     special = set(tokenizer.all_special_ids)
-    model.ctc_head.vocabulary_ids = torch.tensor([i for i in range(size) if i not in special])
-    return len(model.ctc_head.vocabulary_ids)
+    return torch.tensor([i for i in range(size) if i not in special])
 
 
 @torch.no_grad()
@@ -107,12 +106,11 @@ def main() -> None:
              "|---|---|" + "---|" * (len(manifests) + 1)]
     for model_dir in args.models:
         processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
-        trained = model.ctc_head.vocabulary_ids
+        name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
+        classes = {"trained": model.ctc_head.vocabulary_ids, "full": all_token_ids(model, processor.tokenizer)}
         for vocabulary in args.head_vocabulary:
-            model.ctc_head.vocabulary_ids = trained
-            label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-            if vocabulary == "full":
-                label += f", head over {widen_head(model, processor.tokenizer)} tokens"
+            model.ctc_head.vocabulary_ids = classes[vocabulary]
+            label = name + (f", head over {len(classes['full'])} tokens" if vocabulary == "full" else "")
             lines += decoding_rows(model, processor, manifests, label, args)
     args.output.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.output}")
