@@ -27,6 +27,16 @@ def local_gguf_path(name_or_path: str | os.PathLike, gguf_file: str) -> Path | N
     return None
 
 
+def _dequantized() -> dict:
+    """Ask for plain tensors, since they are what we save. Unasked, transformers 5.x warns at every bfloat16
+    conversion that packed weights are "fastest in float32", even when, as here, it goes on to de-quantise them all."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers without packed GGUF weights: they are always de-quantised
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def cached_gguf_folder(name_or_path: str | os.PathLike, loading_kwargs: dict) -> tuple[Path, dict] | None:
     """(cached transformers folder, loading kwargs for it) for a local GGUF decoder, or None to load it as usual.
 
@@ -47,10 +57,10 @@ def cached_gguf_folder(name_or_path: str | os.PathLike, loading_kwargs: dict) ->
 
         folder, name = str(source.parent), source.name
         trust = {k: v for k, v in loading_kwargs.items() if k == "trust_remote_code"}
-        options = {**trust, **({"dtype": dtype} if dtype is not None else {})}
+        options = {**trust, **({"dtype": dtype} if dtype is not None else {}), **_dequantized()}
         AutoTokenizer.from_pretrained(folder, gguf_file=name, **trust).save_pretrained(target)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **options)
-        # The weights are already plain de-quantised tensors; the GGUF "quantizer" only blocks saving them.
+        # Older transformers de-quantise without being asked, and leave a GGUF "quantizer" that blocks saving.
         model.hf_quantizer = None
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config

@@ -6,6 +6,7 @@ pre-alignment of the projector first, with a held-out WER curve along the way.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -162,12 +163,19 @@ def phase_frame_masking(settings: DemoSettings, ctc_phase: bool) -> float:
     return settings.frame_masking if ctc_phase else settings.llm_frame_masking
 
 
+def tell_deepspeed_the_device() -> None:
+    """The demo trains on the CPU (`use_cpu=True`). DeepSpeed, when installed, is imported by the Trainer and looks
+    for a GPU first, then tells every user it "was unable to detect it"; naming the CPU spares them that line."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def train_within_budget(model, processor, dataset, settings: DemoSettings, curve_sets: dict[str, tuple[list, list]],
                         output: Path, dtype_choice: DtypeChoice | None = None):
     """transformers' Trainer on cached frames, stopped by the training clock (or `max_steps`); returns the loss and
     WER history, the steps reached in each phase and any warning about this machine's speed."""
     dtype_choice = dtype_choice or DtypeChoice(torch.float32, "float32")
     pre_align = settings.pre_aligns
+    tell_deepspeed_the_device()
     from tqdm.auto import tqdm
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 

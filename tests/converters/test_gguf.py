@@ -74,3 +74,13 @@ def test_the_cached_folder_is_loaded_with_every_option_except_where_the_file_cam
     assert kwargs == {"dtype": torch.float32, "attn_implementation": "eager", "trust_remote_code": False}
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
     assert "quantization_config" not in (folder / "config.json").read_text()  # a plain folder from_pretrained reads
+
+
+def test_converting_a_gguf_file_to_bfloat16_warns_of_no_packed_weights(cache, gguf_dir):
+    """The conversion keeps no packed weight, so transformers' advice to load packed ones in float32 is not for us."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    with CaptureLogger(logging.get_logger("transformers.quantizers.quantizer_gguf")) as captured:
+        load_decoder(str(gguf_dir), with_tokenizer=False, gguf_file=GGUF_NAME, dtype=torch.bfloat16)
+    assert "packed" not in captured.out

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 import torch
 
 from speechlm.data import EncoderCache, SpeechLMCollator, SpeechLMDataset
@@ -183,3 +188,14 @@ def test_the_cached_training_set_encodes_each_augmented_copy_once(build, tmp_pat
     assert all("audio" not in item for item in items)
     assert len({item["cache_key"] for item in items}) == 4
     assert len(dataset.encoder_cache) == 4
+
+
+def test_deepspeed_is_told_the_demo_trains_on_the_cpu():
+    """Installed by the set-up for sharded training, DeepSpeed would otherwise print that it found no GPU."""
+    pytest.importorskip("deepspeed")
+    code = ("from speechlm.demo.training import tell_deepspeed_the_device; tell_deepspeed_the_device(); "
+            "from deepspeed.accelerator import get_accelerator; print(get_accelerator().device_name())")
+    environment = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True)
+    assert done.stdout.split()[-1] == "cpu"
+    assert "unable to detect" not in done.stdout + done.stderr
