@@ -30,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = (("valid_json", "valid JSON"), ("intent_accuracy", "intent"), ("slot_f1", "slot F1"))
-VARIANTS = ("free", "ontology", "catalogue")
+VARIANTS = ("free", "ontology", "catalogue", "quoted")
 
 
 def main() -> None:
@@ -77,7 +77,8 @@ def main() -> None:
         parser.error("--joint-ctc-weights needs --task slu_transcript or --qa-task qa_transcript (the CTC head scores "
                      "the transcript field)")
 
-    schemas = {"free": None, "ontology": task_schema(args.task), "catalogue": task_schema(args.task, values=True)}
+    schemas = {"free": None, "ontology": task_schema(args.task), "catalogue": task_schema(args.task, values=True),
+               "quoted": task_schema(args.task, values=True, quoted=True)}
     test = manifest_records(args.corpus / "test_synthetic.jsonl")[: args.limit]
     meanings = utterances([row["text"] for row in test], 0)
     test = [row for row in test if row["text"] in meanings]
@@ -101,13 +102,18 @@ def main() -> None:
     asked = [(row, ex) for row in test for ex in examples(row["text"], meanings[row["text"]], [args.qa_task])
              if ex.task == args.qa_task]
     qa_audio = [load_audio(row["audio"]) for row, _ in asked]
-    catalogue_of = held_structure(args.qa_task, [meanings[row["text"]] for row, _ in asked])
+    said = [meanings[row["text"]] for row, _ in asked]
+    held = {"free": {}, "catalogue": held_structure(args.qa_task, said),
+            "quoted": held_structure(args.qa_task, said, quoted=True)}
+    # a plain answer has no transcript to quote
+    qa_variants = [v for v in held if v in args.variants and (v != "quoted" or args.qa_task == "qa_transcript")]
 
-    def qa_answers(model, processor, beams: int, catalogue: bool, joint: dict) -> list[str]:
-        """Each question's answer, free or held to its slot's catalogue (after the transcript for qa_transcript)."""
+    def qa_answers(model, processor, beams: int, variant: str, joint: dict) -> list[str]:
+        """Each question's answer, free or held to its slot's catalogue (after the transcript for qa_transcript,
+        and to its words with `quoted`)."""
         outputs = transcribe_arrays(model, processor, qa_audio, prompt=[ex.prompt for _, ex in asked],
                                     batch_size=16 // beams or 1, max_new_tokens=UNDERSTANDING_TOKENS[args.qa_task],
-                                    num_beams=beams, **(catalogue_of if catalogue else {}), **joint)
+                                    num_beams=beams, **held[variant], **joint)
         return [answer_of(args.qa_task, text) for text in outputs]
 
     rows, qa_table = [], []
@@ -128,8 +134,8 @@ def main() -> None:
                                             **joint)))
                 if args.qa and (args.qa_task == "qa_transcript" or not n):  # plain answers have no transcript
                     cells = []
-                    for catalogue in (False, True):
-                        answers = qa_answers(model, processor, beams, catalogue,
+                    for variant in qa_variants:
+                        answers = qa_answers(model, processor, beams, variant,
                                              joint if args.qa_task == "qa_transcript" else {})
                         metrics = score_task("answer", [answer_of(args.qa_task, ex.target) for _, ex in asked],
                                              answers)
@@ -157,7 +163,9 @@ def main() -> None:
         "synthetic clip (held-out voices and sentences), greedy unless the row names beams, decoded freely, held to "
         "the domain's ontology "
         "(`slu_schema()`: 140 frames of intent + slot keys, values free text) and held to the ontology and its entity "
-        "catalogue (`slu_schema(values=True)`: each slot value one the grammar can fill it with).",
+        "catalogue (`slu_schema(values=True)`: each slot value one the grammar can fill it with); `quoted` "
+        "(`slu_transcript` only): the catalogue, and each slot value words of the transcript field the model wrote "
+        "first (`x-speechlm-words-from`).",
         "",
         "| model | clips | " + " | ".join(header) + f" | decode s ({' / '.join(args.variants)}) |",
         "|---|---|" + "---|" * len(header) + "---|",
@@ -170,8 +178,8 @@ def main() -> None:
             "every value the asked slot can take in any template (`answer_pattern`; for `qa_transcript`, the answer "
             "field after a free transcript).",
             "",
-            "| model | questions | free: exact match | free: token F1 | catalogue: exact match | catalogue: token F1 |",
-            "|---|---|---|---|---|---|",
+            "| model | questions | " + " | ".join(f"{v}: exact match | {v}: token F1" for v in qa_variants) + " |",
+            "|---|---|" + "---|---|" * len(qa_variants),
             *qa_table,
         ]
     args.output.parent.mkdir(parents=True, exist_ok=True)

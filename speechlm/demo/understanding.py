@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..inference.structured import WORDS_FROM
 from ..tasks import parse_json_object
 from .grammar import TEMPLATES, Utterance, intent_of, slot_pattern, template_slots
 
@@ -60,11 +61,12 @@ def slu_target(utterance: Utterance, transcript: bool = False) -> str:
     return json.dumps({**words, "intent": utterance.intent, **dict(utterance.slots)})
 
 
-def slu_schema(values: bool = False, transcript: bool = False) -> dict:
+def slu_schema(values: bool = False, transcript: bool = False, quoted: bool = False) -> dict:
     """The domain's ontology as a JSON schema, what an SLU deployment would hand the decoder (`response_format`): one
     frame per (intent, slot keys) a template can say, the intent first, laid out as `slu_target` writes them. Slot
     values are free text, or with `values` only what the grammar can fill that slot with (an entity catalogue);
-    `transcript` puts a free-text transcript before the intent (the `slu_transcript` task)."""
+    `transcript` puts a free-text transcript before the intent (the `slu_transcript` task), and `quoted` holds each
+    slot value to words of it (every slot value of the grammar is words of its sentence)."""
     words = {"transcript": {"type": "string"}} if transcript else {}
 
     def value(name: str) -> dict:
@@ -78,15 +80,17 @@ def slu_schema(values: bool = False, transcript: bool = False) -> dict:
                    "properties": {**words, "intent": {"const": intent}, **{key: value(name) for key, name in slots}}}
                   for intent, slots in frames],
         "x-guidance": _LAYOUT,
+        **({WORDS_FROM: "transcript"} if quoted and transcript else {}),
     }
 
 
-def qa_transcript_schema(pattern: str | None = None) -> dict:
+def qa_transcript_schema(pattern: str | None = None, quoted: bool = False) -> dict:
     """The `qa_transcript` answer's schema: the transcript, then the answer, free text or held to `pattern` (one
-    question's `answer_pattern`)."""
+    question's `answer_pattern`), and with `quoted` to words of the transcript."""
     answer = {"type": "string", "pattern": f"^(?:{pattern})$"} if pattern else {"type": "string"}
     return {"type": "object", "additionalProperties": False, "required": ["transcript", "answer"],
-            "properties": {"transcript": {"type": "string"}, "answer": answer}, "x-guidance": _LAYOUT}
+            "properties": {"transcript": {"type": "string"}, "answer": answer}, "x-guidance": _LAYOUT,
+            **({WORDS_FROM: "transcript"} if quoted else {})}
 
 
 def answer_of(task: str, text: str) -> str:
@@ -110,15 +114,16 @@ def write_schemas(folder: Path, tasks: Sequence[str]) -> list[Path]:
     return paths
 
 
-def task_schema(task: str, values: bool = False) -> dict | None:
+def task_schema(task: str, values: bool = False, quoted: bool = False) -> dict | None:
     """The schema a JSON task's answers follow (`slu_schema`, with the transcript first for `slu_transcript`, slot
-    values held to the catalogue with `values`; `qa_transcript_schema` with a free answer, whose catalogue is per
-    question: `answer_pattern`); None for a task whose answer is not JSON."""
+    values held to the catalogue with `values` and to the transcript's words with `quoted`; `qa_transcript_schema`
+    with a free answer, whose catalogue is per question: `answer_pattern`); None for a task whose answer is not
+    JSON."""
     if task == "qa_transcript":
-        return qa_transcript_schema()
+        return qa_transcript_schema(quoted=quoted)
     if METRIC_KINDS[task] != "json":
         return None
-    return slu_schema(values=values, transcript=task == "slu_transcript")
+    return slu_schema(values=values, transcript=task == "slu_transcript", quoted=quoted)
 
 
 def _split_key(key: str) -> tuple[str, str]:

@@ -8,12 +8,17 @@ module only adapts it to `generate` as a `LogitsProcessor`.
 
 Used by `transcribe_arrays(..., json_schema=...)`, the server's `response_format` and the demo's SLU evaluation. A
 short free-text answer can be held to a regular expression the same way (`regex=...`, e.g. a time or a digit string).
+
+A schema whose answers begin with a transcript may also say that every other string is quoted from it
+(`"x-speechlm-words-from": "transcript"`): once the transcript field is written, each slot value is held to runs of
+its words (and to the slot's own enum or pattern), so the LLM cannot fill a slot with a word nobody said.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 # OpenAI's `response_format: {"type": "json_object"}`: any JSON object.
 JSON_OBJECT_SCHEMA: dict = {"type": "object"}
+# The schema keyword naming the (first) string field whose words the other string fields must quote.
+WORDS_FROM = "x-speechlm-words-from"
 
 
 def schema_grammar(schema: dict | str) -> str:
@@ -156,6 +163,75 @@ class JsonSchemaLogitsProcessor(LogitsProcessor):
         return scores
 
 
+def word_runs(text: str) -> list[str]:
+    """Every run of consecutive whole words of `text`, each once, shortest first."""
+    words = text.split()
+    runs = (" ".join(words[i : i + n]) for n in range(1, len(words) + 1) for i in range(len(words) - n + 1))
+    return list(dict.fromkeys(runs))
+
+
+@functools.lru_cache(maxsize=4096)
+def _fits(pattern: str, value: str) -> bool:
+    return re.fullmatch(pattern, value) is not None
+
+
+def _quoted(field_schema: dict, runs: list[str]) -> dict:
+    """A string field held to the runs it may take (its own enum, const or pattern still holds); a field no run fits
+    keeps its own schema: the transcript may have misheard the very word, and taking the frame away instead would
+    move the answer to another intent."""
+    if field_schema.get("type") != "string":
+        return field_schema
+    allowed = field_schema.get("enum", [field_schema["const"]] if "const" in field_schema else None)
+    pattern = field_schema.get("pattern")
+    fitting = [run for run in runs if (allowed is None or run in allowed) and (pattern is None or _fits(pattern, run))]
+    return {"type": "string", "enum": fitting} if fitting else field_schema
+
+
+def quoted_schema(schema: dict, text: str) -> dict:
+    """`schema` once its `WORDS_FROM` field reads `text`: that field fixed, every other string field held to the runs
+    of its words it may take (`_quoted`), in every `anyOf` frame."""
+    field, runs = schema[WORDS_FROM], word_runs(text)
+
+    def narrow(frame: dict) -> dict:
+        properties = {key: {"const": text} if key == field else _quoted(value, runs)
+                      for key, value in frame.get("properties", {}).items()}
+        return {**frame, "properties": properties}
+
+    return {**schema, "anyOf": [narrow(frame) for frame in schema["anyOf"]]} if "anyOf" in schema else narrow(schema)
+
+
+class QuotingJsonLogitsProcessor(JsonSchemaLogitsProcessor):
+    """A `JsonSchemaLogitsProcessor` for a schema with `WORDS_FROM`: a row whose answer has just closed that
+    (first) field switches to `quoted_schema(schema, what it wrote)`, replayed over the tokens so far; beams that
+    wrote different transcripts get different grammars."""
+
+    def __init__(self, tokenizer, schema: dict, eos_token_id: int | list[int] | None):
+        super().__init__(tokenizer, schema_grammar(schema), eos_token_id)
+        self.schema = schema
+        self.opening = re.compile(r'\s*\{\s*"' + re.escape(schema[WORDS_FROM]) + r'"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+    def _written(self, prefix: tuple) -> str | None:
+        """The words-from field's text once the answer has closed it, else None."""
+        found = self.opening.match(self.tokenizer.decode(list(prefix)))
+        return None if found is None else json.loads(f'"{found.group(1)}"')
+
+    def _state(self, prefix: tuple, vocab_size: int):
+        from llguidance import LLMatcher
+
+        state = super()._state(prefix, vocab_size)
+        if state is None or prefix in self.states or (text := self._written(prefix)) is None \
+                or self._written(prefix[:-1]) is not None:  # not the step that closed the field
+            return state
+        quoting = LLMatcher(_engine_tokenizer(self.tokenizer, vocab_size, self.eos_token_ids or None),
+                            schema_grammar(quoted_schema(self.schema, text)))
+        return quoting if quoting.consume_tokens(list(prefix)) and not quoting.is_error() else state
+
+
+def _schema_of(generate_kwargs: dict) -> dict | None:
+    schema = generate_kwargs.get("json_schema")
+    return json.loads(schema) if isinstance(schema, str) else schema
+
+
 def with_json_schema(generate_kwargs: dict, model, tokenizer) -> dict:
     """`generate` options with a `json_schema` option (a schema dict or its JSON text) or a `regex` option swapped
     for a fresh `JsonSchemaLogitsProcessor`; other options are passed through."""
@@ -166,7 +242,11 @@ def with_json_schema(generate_kwargs: dict, model, tokenizer) -> dict:
     eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)  # a chat may end at its end-of-turn
     eos = tokenizer.eos_token_id if eos is None else eos
     processors = LogitsProcessorList(kwargs.get("logits_processor") or [])
-    processors.append(JsonSchemaLogitsProcessor(tokenizer, grammar, eos))
+    schema = _schema_of(generate_kwargs)
+    if isinstance(schema, dict) and WORDS_FROM in schema:
+        processors.append(QuotingJsonLogitsProcessor(tokenizer, schema, eos))
+    else:
+        processors.append(JsonSchemaLogitsProcessor(tokenizer, grammar, eos))
     kwargs["logits_processor"] = processors
     return kwargs
 
@@ -174,9 +254,13 @@ def with_json_schema(generate_kwargs: dict, model, tokenizer) -> dict:
 __all__ = [
     "JSON_OBJECT_SCHEMA",
     "JsonSchemaLogitsProcessor",
+    "QuotingJsonLogitsProcessor",
+    "WORDS_FROM",
+    "quoted_schema",
     "read_schema_file",
     "regex_grammar",
     "schema_grammar",
     "structure_grammar",
     "with_json_schema",
+    "word_runs",
 ]

@@ -25,7 +25,7 @@ from speechlm.demo.understanding import (
     training_examples,
     write_schemas,
 )
-from speechlm.inference.structured import schema_grammar
+from speechlm.inference.structured import WORDS_FROM, schema_grammar, word_runs
 from tests.tiny_models import make_tokenizer
 
 ALARM = Utterance("set an alarm for seven thirty tomorrow", "set_alarm",
@@ -168,6 +168,21 @@ def qa_transcript_example(utterance):
     (example,) = [e for e in examples(utterance.text, utterance, ("transcribe", "qa_transcript"))
                   if e.task != "transcribe"]
     return example
+
+
+def test_every_slot_value_the_grammar_says_is_words_of_its_sentence():
+    """What lets a transcript-first answer quote its slot values from the words it has just written."""
+    from speechlm.demo.grammar import _utterance_stream
+
+    stream = _utterance_stream(0)
+    drawn = [next(stream) for _ in range(20000)]
+    assert all(value in word_runs(utterance.text) for utterance in drawn for _, value in utterance.slots)
+
+
+def test_only_transcript_first_schemas_can_quote_their_slot_values():
+    assert slu_schema(values=True, transcript=True, quoted=True)[WORDS_FROM] == "transcript"
+    assert qa_transcript_schema(quoted=True)[WORDS_FROM] == "transcript"
+    assert WORDS_FROM not in slu_schema(values=True, quoted=True)  # no transcript to quote
 
 
 def test_the_transcript_first_question_is_answered_after_the_words():

@@ -14,7 +14,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from speechlm.inference.decoding import transcribe_arrays
-from speechlm.inference.structured import schema_grammar, with_json_schema
+from speechlm.inference.structured import WORDS_FROM, quoted_schema, schema_grammar, with_json_schema, word_runs
 from tests.conftest import make_clips
 
 # Whitespace fixed (x-guidance): an untrained model would otherwise pad the JSON with spaces until max_new_tokens.
@@ -164,3 +164,94 @@ def test_one_bad_regex_in_a_list_fails_before_decoding(whisper_qwen):
     with pytest.raises(ValueError, match=re.escape("regex '(unclosed' is not usable")):
         transcribe_arrays(model, processor, make_clips((0.5, 0.5)), max_new_tokens=TOKENS, regex=[TIME, "(unclosed"])
 
+
+
+# ------------------------------------------------------------------------------- slot values quoted from a transcript
+COLOURS = "red|green|blue|black|white|pink|grey|brown|orange|purple|gold|silver"
+FRAMES = {
+    "anyOf": [
+        {"type": "object", "additionalProperties": False, "required": ["transcript", "intent", "colour"],
+         "properties": {"transcript": {"type": "string"}, "intent": {"const": "paint"},
+                        "colour": {"type": "string", "pattern": f"^(?:{COLOURS})$"}}},
+        {"type": "object", "additionalProperties": False, "required": ["transcript", "intent", "name"],
+         "properties": {"transcript": {"type": "string"}, "intent": {"const": "call"},
+                        "name": {"type": "string", "enum": ["mum", "dad", "anna lee"]}}},
+    ],
+    "x-guidance": {"whitespace_flexible": False},
+    WORDS_FROM: "transcript",
+}
+
+
+def test_word_runs_are_every_run_of_whole_words_once():
+    assert word_runs("call anna lee") == ["call", "anna", "lee", "call anna", "anna lee", "call anna lee"]
+
+
+def slot_values(schema: dict) -> dict:
+    """intent -> its slot field's schema, in each frame of a schema shaped like FRAMES."""
+    return {frame["properties"]["intent"]["const"]: next(v for k, v in frame["properties"].items()
+                                                        if k not in ("transcript", "intent"))
+            for frame in schema["anyOf"]}
+
+
+def test_a_quoted_schema_holds_each_slot_to_words_of_the_transcript():
+    narrowed = quoted_schema(FRAMES, "call anna lee or paint it red")
+    assert slot_values(narrowed) == {"paint": {"type": "string", "enum": ["red"]},
+                                     "call": {"type": "string", "enum": ["anna lee"]}}
+
+
+def test_a_quoted_schema_fixes_the_transcript_it_was_given():
+    narrowed = quoted_schema(FRAMES, "paint it red")
+    assert [frame["properties"]["transcript"] for frame in narrowed["anyOf"]] == [{"const": "paint it red"}] * 2
+
+
+def test_a_slot_no_words_fill_keeps_its_own_values():
+    """The frame stays: a misheard transcript must not move the answer to another intent."""
+    assert slot_values(quoted_schema(FRAMES, "paint it red"))["call"] == FRAMES["anyOf"][1]["properties"]["name"]
+
+
+# A transcript the untrained model can only write with these words, then a colour from a longer list; the tiny
+# tokenizer spends a token on about every character.
+SAID = "red|green|blue"
+QUOTED_TOKENS = 64
+QUOTED = {
+    "type": "object", "additionalProperties": False, "required": ["transcript", "colour"],
+    "properties": {"transcript": {"type": "string", "pattern": f"^(?:{SAID})(?: (?:{SAID})){{0,2}}$"},
+                   "colour": {"type": "string", "pattern": f"^(?:{COLOURS})$"}},
+    "x-guidance": {"whitespace_flexible": False},
+    WORDS_FROM: "transcript",
+}
+
+
+def quotes_its_transcript(text: str) -> bool:
+    answer = json.loads(text)
+    return answer["colour"] in word_runs(answer["transcript"])
+
+
+def test_untrained_model_quotes_its_own_transcript(whisper_qwen):
+    processor, model = whisper_qwen
+    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=QUOTED_TOKENS, json_schema=QUOTED)
+    assert all(map(quotes_its_transcript, answers)), answers
+
+
+def test_without_the_keyword_the_same_model_does_not(whisper_qwen):
+    """The contrast that makes the test above mean something."""
+    processor, model = whisper_qwen
+    schema = {k: v for k, v in QUOTED.items() if k != WORDS_FROM}
+    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=QUOTED_TOKENS, json_schema=schema)
+    assert not all(map(quotes_its_transcript, answers)), answers
+
+
+def test_beams_with_different_transcripts_each_quote_their_own(whisper_qwen):
+    processor, model = whisper_qwen
+    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=QUOTED_TOKENS, num_beams=3,
+                                json_schema=json.dumps(QUOTED))
+    assert all(map(quotes_its_transcript, answers)), answers
+
+
+def test_batched_quoted_answers_equal_one_by_one(whisper_qwen):
+    processor, model = whisper_qwen
+    clips = make_clips((0.55, 0.3, 0.8, 1.1), seed=3)
+    batched = transcribe_arrays(model, processor, clips, batch_size=4, max_new_tokens=QUOTED_TOKENS, json_schema=QUOTED)
+    alone = [transcribe_arrays(model, processor, [clip], max_new_tokens=QUOTED_TOKENS, json_schema=QUOTED)[0]
+             for clip in clips]
+    assert batched == alone
