@@ -120,10 +120,11 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         lines += ["", f"Understanding tasks (trained: {settings.tasks}) on the held-out synthetic clips (held-out "
                   f"voices and sentences), decoded {width} as the transcriptions are. JSON answers are held to the "
                   "domain's schema while decoding (its intents, their slots and the values the domain can fill each "
-                  "slot with: its entity catalogue), a question's answer to the values its slot can take; the same "
-                  "model decoding freely is beside. Cascade: Whisper tiny.en's transcript handed to the same base "
-                  "LLM (greedy) with the same instruction and the same schema or answer pattern, after eight "
-                  "examples (and, for JSON, the list of intent names).", "",
+                  "slot with: its entity catalogue), a question's answer to the values its slot can take; after a "
+                  "transcript field, each value is also held to words the model wrote there, where some fit "
+                  "(`x-speechlm-words-from`). The same model decoding freely is beside. Cascade: Whisper tiny.en's "
+                  "transcript handed to the same base LLM (greedy) with the same instruction and the same schema or "
+                  "answer pattern, after eight examples (and, for JSON, the list of intent names).", "",
                   "| task | clips | SpeechLM | SpeechLM, free decoding | cascade | decode s |",
                   "|---|---|---|---|---|---|"]
         for task, metrics in understanding.items():

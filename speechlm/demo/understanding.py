@@ -105,10 +105,11 @@ def answer_of(task: str, text: str) -> str:
 def write_schemas(folder: Path, tasks: Sequence[str]) -> list[Path]:
     """Next to a trained model, the schema of each JSON task it learned (`slu_schema.json`,
     `slu_transcript_schema.json`, `qa_transcript_schema.json`), with the domain's entity catalogue as the demo holds
-    its answers, for `speechlm evaluate --task-schema slu=...` and the server's `response_format`."""
+    its answers (values quoted from the transcript where one comes first), for `speechlm evaluate --task-schema
+    slu=...` and the server's `response_format`."""
     paths = []
     for task in tasks:
-        if (schema := task_schema(task, values=True)) is not None:
+        if (schema := task_schema(task, values=True, quoted=True)) is not None:
             paths.append(folder / f"{task}_schema.json")
             paths[-1].write_text(json.dumps(schema, indent=1) + "\n")
     return paths

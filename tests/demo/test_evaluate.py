@@ -62,7 +62,7 @@ def test_understanding_answers_are_decoded_with_the_callers_beams_and_slu_held_t
     evaluate_understanding(None, None, {"test_synthetic": tmp_path / "test_synthetic.jsonl"},
                            ("transcribe", "slu_transcript", "qa"), seed=0, limit=None, num_beams=4)
     assert [call["num_beams"] for call in calls] == [4, 4, 4, 4]  # held and free, for each task
-    assert calls[0]["json_schema"] == task_schema("slu_transcript", values=True)
+    assert calls[0]["json_schema"] == task_schema("slu_transcript", values=True, quoted=True)
 
 
 def test_each_question_is_held_to_the_values_of_its_own_slot():
@@ -73,13 +73,13 @@ def test_each_question_is_held_to_the_values_of_its_own_slot():
     assert held_structure("qa", [ALARM, FLIGHT]) == {"regex": [answer_pattern(ALARM), answer_pattern(FLIGHT)]}
 
 
-def test_each_transcript_first_question_is_held_to_the_values_of_its_own_slot_after_free_words():
+def test_each_transcript_first_question_is_held_to_its_slots_values_quoted_from_its_words():
     from speechlm.demo.evaluate import held_structure
     from speechlm.demo.understanding import answer_pattern, qa_transcript_schema
     from tests.demo.test_understanding import ALARM, FLIGHT
 
     held = held_structure("qa_transcript", [ALARM, FLIGHT, ALARM])
-    assert held["json_schema"] == [qa_transcript_schema(answer_pattern(u)) for u in (ALARM, FLIGHT, ALARM)]
+    assert held["json_schema"] == [qa_transcript_schema(answer_pattern(u), quoted=True) for u in (ALARM, FLIGHT, ALARM)]
     assert held["json_schema"][0] is held["json_schema"][2]  # one grammar per slot kind, not one per clip
 
 

@@ -161,7 +161,7 @@ def test_the_transcript_first_schema_admits_the_trained_answer_and_needs_the_tra
 def test_a_model_that_learned_both_slu_forms_gets_both_schemas(tmp_path):
     paths = write_schemas(tmp_path, ("transcribe", "slu", "slu_transcript"))
     assert [p.name for p in paths] == ["slu_schema.json", "slu_transcript_schema.json"]
-    assert json.loads(paths[1].read_text()) == slu_schema(values=True, transcript=True)
+    assert json.loads(paths[1].read_text()) == slu_schema(values=True, transcript=True, quoted=True)
 
 
 def qa_transcript_example(utterance):
@@ -210,4 +210,5 @@ def test_the_transcript_first_question_schema_holds_the_answer_to_its_slots_valu
 
 def test_a_model_that_learned_transcript_first_questions_gets_their_schema(tmp_path):
     (path,) = write_schemas(tmp_path, ("transcribe", "qa", "qa_transcript"))
-    assert path.name == "qa_transcript_schema.json" and json.loads(path.read_text()) == qa_transcript_schema()
+    assert path.name == "qa_transcript_schema.json"
+    assert json.loads(path.read_text()) == qa_transcript_schema(quoted=True)
