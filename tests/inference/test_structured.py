@@ -50,12 +50,15 @@ def test_free_decoding_of_the_same_model_does_not(whisper_qwen):
     assert not any(map(follows_schema, answers)), answers
 
 
-def test_batched_schema_answers_equal_one_by_one(whisper_qwen):
-    processor, model = whisper_qwen
+def batched_and_alone(processor, model, **options) -> tuple[list[str], list[str]]:
+    """Four clips' answers decoded as one batch, and each decoded alone."""
     clips = make_clips((0.55, 0.3, 0.8, 1.1), seed=3)
-    batched = transcribe_arrays(model, processor, clips, batch_size=4, max_new_tokens=TOKENS, json_schema=SCHEMA)
-    alone = [transcribe_arrays(model, processor, [clip], max_new_tokens=TOKENS, json_schema=SCHEMA)[0]
-             for clip in clips]
+    batched = transcribe_arrays(model, processor, clips, batch_size=4, **options)
+    return batched, [transcribe_arrays(model, processor, [clip], **options)[0] for clip in clips]
+
+
+def test_batched_schema_answers_equal_one_by_one(whisper_qwen):
+    batched, alone = batched_and_alone(*whisper_qwen, max_new_tokens=TOKENS, json_schema=SCHEMA)
     assert batched == alone
 
 
@@ -227,31 +230,27 @@ def quotes_its_transcript(text: str) -> bool:
     return answer["colour"] in word_runs(answer["transcript"])
 
 
-def test_untrained_model_quotes_its_own_transcript(whisper_qwen):
+def quoted_answers(whisper_qwen, **options) -> list[str]:
     processor, model = whisper_qwen
-    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=QUOTED_TOKENS, json_schema=QUOTED)
+    return transcribe_arrays(model, processor, make_clips(), max_new_tokens=QUOTED_TOKENS, **options)
+
+
+def test_untrained_model_quotes_its_own_transcript(whisper_qwen):
+    answers = quoted_answers(whisper_qwen, json_schema=QUOTED)
     assert all(map(quotes_its_transcript, answers)), answers
 
 
 def test_without_the_keyword_the_same_model_does_not(whisper_qwen):
     """The contrast that makes the test above mean something."""
-    processor, model = whisper_qwen
-    schema = {k: v for k, v in QUOTED.items() if k != WORDS_FROM}
-    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=QUOTED_TOKENS, json_schema=schema)
+    answers = quoted_answers(whisper_qwen, json_schema={k: v for k, v in QUOTED.items() if k != WORDS_FROM})
     assert not all(map(quotes_its_transcript, answers)), answers
 
 
 def test_beams_with_different_transcripts_each_quote_their_own(whisper_qwen):
-    processor, model = whisper_qwen
-    answers = transcribe_arrays(model, processor, make_clips(), max_new_tokens=QUOTED_TOKENS, num_beams=3,
-                                json_schema=json.dumps(QUOTED))
+    answers = quoted_answers(whisper_qwen, num_beams=3, json_schema=json.dumps(QUOTED))
     assert all(map(quotes_its_transcript, answers)), answers
 
 
 def test_batched_quoted_answers_equal_one_by_one(whisper_qwen):
-    processor, model = whisper_qwen
-    clips = make_clips((0.55, 0.3, 0.8, 1.1), seed=3)
-    batched = transcribe_arrays(model, processor, clips, batch_size=4, max_new_tokens=QUOTED_TOKENS, json_schema=QUOTED)
-    alone = [transcribe_arrays(model, processor, [clip], max_new_tokens=QUOTED_TOKENS, json_schema=QUOTED)[0]
-             for clip in clips]
+    batched, alone = batched_and_alone(*whisper_qwen, max_new_tokens=QUOTED_TOKENS, json_schema=QUOTED)
     assert batched == alone
