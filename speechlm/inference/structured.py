@@ -41,7 +41,20 @@ def schema_grammar(schema: dict | str) -> str:
             raise ValueError(f"json_schema is not valid JSON: {error}") from None
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"json_schema must be a JSON object, got {type(schema).__name__}")
+    if isinstance(schema, dict) and WORDS_FROM in schema:
+        _check_words_from(schema)
     return _checked_grammar("json_schema", json.dumps(schema))
+
+
+def _check_words_from(schema: dict) -> None:
+    """A `WORDS_FROM` field must open every object the schema allows, as a string: answers are quoted from it only
+    once it is written, so a field written later would quietly hold nothing."""
+    field = schema[WORDS_FROM]
+    for frame in schema.get("anyOf", [schema]):
+        first = next(iter(frame.get("properties", {}).items()), (None, {}))
+        if first[0] != field or first[1].get("type") != "string" or field not in frame.get("required", []):
+            raise ValueError(f"json_schema: {WORDS_FROM} names {field!r}, which must be the first property, a "
+                             "required string, of every object the schema allows")
 
 
 def read_schema_file(path: str | Path) -> dict:
@@ -189,7 +202,7 @@ def _quoted(field_schema: dict, runs: list[str]) -> dict:
 
 def quoted_schema(schema: dict, text: str) -> dict:
     """`schema` once its `WORDS_FROM` field reads `text`: that field fixed, every other string field held to the runs
-    of its words it may take (`_quoted`), in every `anyOf` frame."""
+    of its words it may take (`_quoted`), in every `anyOf` frame; the keyword itself is spent."""
     field, runs = schema[WORDS_FROM], word_runs(text)
 
     def narrow(frame: dict) -> dict:
@@ -197,7 +210,8 @@ def quoted_schema(schema: dict, text: str) -> dict:
                       for key, value in frame.get("properties", {}).items()}
         return {**frame, "properties": properties}
 
-    return {**schema, "anyOf": [narrow(frame) for frame in schema["anyOf"]]} if "anyOf" in schema else narrow(schema)
+    rest = {key: value for key, value in schema.items() if key != WORDS_FROM}  # quoted now
+    return {**rest, "anyOf": [narrow(frame) for frame in schema["anyOf"]]} if "anyOf" in schema else narrow(rest)
 
 
 class QuotingJsonLogitsProcessor(JsonSchemaLogitsProcessor):

@@ -254,3 +254,13 @@ def test_beams_with_different_transcripts_each_quote_their_own(whisper_qwen):
 def test_batched_quoted_answers_equal_one_by_one(whisper_qwen):
     batched, alone = batched_and_alone(*whisper_qwen, max_new_tokens=QUOTED_TOKENS, json_schema=QUOTED)
     assert batched == alone
+
+
+@pytest.mark.parametrize("schema", [
+    {**QUOTED, WORDS_FROM: "colour"},  # not the first property
+    {**QUOTED, "required": ["colour"]},  # the transcript may be left out
+    {**FRAMES, "anyOf": [FRAMES["anyOf"][0], {"type": "object", "properties": {"intent": {"const": "stop"}}}]},
+])
+def test_a_words_from_field_that_does_not_open_every_answer_is_refused(schema):
+    with pytest.raises(ValueError, match=f"{WORDS_FROM} names .* must be the first property"):
+        schema_grammar(schema)
