@@ -12,7 +12,9 @@ Writes benchmarks/results/gpu_check.md (and .json) with one row per check:
    the loss must stay finite and fall over `--steps` steps (the sweep diverged within 25-300).
 3. FSDP2 (`fully_shard`) on the GPU, 1 process over NCCL (world of one: the wrapping, mixed frozen/trainable units
    and the gathered state dict; the 2-process curve is tested on CPU).
-4. Batched transcription RTFx in bf16 (audio seconds per wall second, greedy, batch 16).
+4. The shipped `configs/accelerate/fsdp.yaml` through `accelerate launch -m speechlm.cli train` (accelerate enters
+   FSDP only on an accelerator, so this is where the file runs): sharded, finite, reloads.
+5. Batched transcription RTFx in bf16 (audio seconds per wall second, greedy, batch 16).
 Nothing is downloaded: every model is built from a config.
 """
 
@@ -22,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -242,6 +245,69 @@ def check_fsdp(tmp: Path, rows: list[dict]) -> None:
         torch.distributed.destroy_process_group()
 
 
+def check_accelerate_fsdp(tmp: Path, rows: list[dict], steps: int = 30) -> None:
+    """The shipped `configs/accelerate/fsdp.yaml` through `accelerate launch ... -m speechlm.cli train` (one process:
+    NCCL refuses two ranks on one GPU): FSDP2 entered (no whole-weight hash), loss finite, reload + generate."""
+    import subprocess
+
+    import soundfile as sf
+    import yaml
+
+    from speechlm import SpeechLMModel, SpeechLMProcessor
+    from speechlm.inference import transcribe_arrays
+
+    build(tmp, lora=False)  # writes the encoder and decoder folders
+    torch.cuda.empty_cache()
+    rng = np.random.default_rng(4)
+    data = tmp / "fsdp_data"
+    data.mkdir(exist_ok=True)
+    lines = []
+    for index, (clip, text) in enumerate(zip(clips(32, rng), texts(32, rng))):
+        sf.write(data / f"{index}.wav", clip, 16000)
+        lines.append(json.dumps({"audio": f"{index}.wav", "text": text, "id": f"c{index}"}) + "\n")
+    (data / "train.jsonl").write_text("".join(lines))
+    (data / "eval.jsonl").write_text("".join(lines[:4]))
+    output = tmp / "fsdp_run"
+    shutil.rmtree(output, ignore_errors=True)
+    config = {
+        "model": {"encoder": str(tmp / "encoder"), "decoder": str(tmp / "decoder"), "projector_hidden_size": 1024},
+        "data": {"train_manifest": str(data / "train.jsonl"), "eval_manifest": str(data / "eval.jsonl"),
+                 "prompt": "Transcribe the audio."},
+        "training": {"output_dir": str(output), "max_steps": steps, "per_device_train_batch_size": 4,
+                     "per_device_eval_batch_size": 4, "learning_rate": 2e-3, "logging_steps": 1,
+                     "eval_steps": steps, "save_steps": steps, "report_to": []},
+        "stages": [{"name": "lora", "lora": {"r": 8, "lora_alpha": 16}}],
+    }
+    (tmp / "fsdp.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "1",
+               "-m", "speechlm.cli", "train", "--config", str(tmp / "fsdp.yaml")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    started = time.time()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if result.returncode != 0:
+        print(result.stderr[-3000:], flush=True)
+        rows.append({"check": "configs/accelerate/fsdp.yaml through accelerate launch",
+                     "result": f"exit {result.returncode}: "
+                               + " ".join(line for line in result.stderr.splitlines() if "Error" in line)[-300:],
+                     "ok": False})
+        return
+    stage = json.loads((output / "training_summary.json").read_text())["stages"][0]
+    log = json.loads((output / "stages" / "01-lora" / "stage_done.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in log if "loss" in entry]
+    sharded = stage["trainable_weights_sha256"] is None  # speechlm train hashes the whole weights unless FSDP
+    model = SpeechLMModel.from_pretrained(output).cuda().eval()
+    hypotheses = transcribe_arrays(model, SpeechLMProcessor.from_pretrained(output), clips(2, rng), batch_size=2,
+                                   max_new_tokens=8)
+    finite = all(math.isfinite(x) for x in losses)
+    rows.append({"check": "configs/accelerate/fsdp.yaml through `accelerate launch -m speechlm.cli train` (1 process, "
+                          "bf16 mixed precision, LoRA)",
+                 "result": f"FSDP entered: {sharded}; {stage['global_step']} steps, loss {np.mean(losses[:5]):.3f} -> "
+                           f"{np.mean(losses[-5:]):.3f} ({time.time() - started:.0f} s with start-up); reloaded with "
+                           f"from_pretrained, transcribed {len(hypotheses)} clips",
+                 "ok": sharded and finite and stage["global_step"] == steps})
+
+
 def check_rtfx(tmp: Path, rows: list[dict]) -> None:
     from speechlm.inference import transcribe_arrays
 
@@ -277,6 +343,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="60 training steps, no flex_attention")
+    parser.add_argument("--only", nargs="+", default=None, metavar="CHECK",
+                        help="run only these checks (names as printed: 'exact width', attention, training, fsdp, "
+                        "'accelerate fsdp', rtfx)")
     parser.add_argument("--padding-ab", action="store_true",
                         help="only: bf16 training with the loss pass padded left (before the fix) vs right")
     args = parser.parse_args()
@@ -291,11 +360,14 @@ def main() -> int:
                         ("attention", lambda: check_attention(tmp, rows)),
                         ("training", lambda: check_training(tmp, steps, rows)),
                         ("fsdp", lambda: check_fsdp(tmp, rows)),
+                        ("accelerate fsdp", lambda: check_accelerate_fsdp(tmp, rows)),
                         ("rtfx", lambda: check_rtfx(tmp, rows)))
     if args.padding_ab:
         os.environ["GPU_CHECK_SHORT"] = "1"  # the same short clips on both sides
         checks = tuple((f"training {side}", lambda side=side: check_training(tmp, steps, rows, side))
                        for side in ("left", "right"))
+    if args.only:
+        checks = tuple((name, check) for name, check in checks if name in args.only)
     for name, check in checks:
         started = time.time()
         try:

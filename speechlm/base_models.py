@@ -22,6 +22,15 @@ PAD_TOKEN = "<|pad|>"
 _SHARED_LOADING_KEYS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code")
 
 
+def without_hub_kernels(loading_kwargs: dict) -> dict:
+    """`from_pretrained` keywords with transformers' hub kernels off unless asked for (`use_kernels=True`).
+
+    transformers (5.25) turns them on by default wherever the `kernels` package is installed (it now depends on it),
+    and on a GPU the next `train()` fetches kernel code from the hub: offline that raises, online it swaps layers for
+    downloaded code. SpeechLM works offline and the same on every machine, so they stay off by default."""
+    return {"use_kernels": False, **loading_kwargs}
+
+
 def load_encoder(name_or_path: str, **loading_kwargs):
     """(feature_extractor, encoder module, adapter) for a hub id, a local folder or a CTranslate2 Whisper folder."""
     from .converters.ctranslate2 import ctranslate2_feature_extractor, is_ctranslate2_whisper
@@ -34,7 +43,7 @@ def load_encoder(name_or_path: str, **loading_kwargs):
     shared = {k: v for k, v in loading_kwargs.items() if k in _SHARED_LOADING_KEYS}
     config = AutoConfig.from_pretrained(name_or_path, **shared)
     adapter = encoder_adapter(config)
-    encoder = adapter.load(name_or_path, **loading_kwargs)
+    encoder = adapter.load(name_or_path, **without_hub_kernels(loading_kwargs))
     feature_extractor = AutoFeatureExtractor.from_pretrained(name_or_path, **shared)
     return feature_extractor, encoder, adapter
 
@@ -57,7 +66,7 @@ def load_decoder(name_or_path: str, with_tokenizer: bool = True, **loading_kwarg
         raise ValueError(f"{name_or_path} is an encoder-decoder model; SpeechLM needs a decoder-only LLM as the "
                          "decoder (an audio encoder such as Whisper's goes in encoder_name)")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **file_kwargs) if with_tokenizer else None
-    language_model = AutoModelForCausalLM.from_pretrained(name_or_path, **loading_kwargs)
+    language_model = AutoModelForCausalLM.from_pretrained(name_or_path, **without_hub_kernels(loading_kwargs))
     return tokenizer, language_model
 
 

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from .base_models import build_from_config, make_portable, portable_base_model, restore_names
+from .base_models import build_from_config, make_portable, portable_base_model, restore_names, without_hub_kernels
 from .configuration import SpeechLMConfig
 
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
@@ -20,9 +20,10 @@ MODEL_CARD_MARK = "<!-- written by speechlm: save_pretrained rewrites this card;
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
-def save_trainable_only(model, save_directory: str) -> None:
+def save_trainable_only(model, save_directory: str, state_dict: dict | None = None) -> None:
     """Projector, audio start/end, CTC head and whatever else trains (LoRA goes to `LORA_ADAPTER_DIR`), plus a
-    config recording portable base model ids (`portable_base_model`)."""
+    config recording portable base model ids (`portable_base_model`). The values come from `state_dict` where given
+    (`_weights`)."""
     from safetensors.torch import save_file
 
     config = model.config.__class__.from_dict(model.config.to_dict())
@@ -35,7 +36,8 @@ def save_trainable_only(model, save_directory: str) -> None:
     names |= {n for n, _ in model.multi_modal_projector.named_parameters(prefix="multi_modal_projector")}
     names |= {"audio_start", "audio_end"}
     names |= {n for n, _ in model.named_parameters() if n.startswith("ctc_head.")}
-    state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if n in names and "lora_" not in n}
+    weights = _weights(model, state_dict)
+    state = {n: weights[n].detach().contiguous().cpu() for n in sorted(names) if "lora_" not in n}
     save_file(state, os.path.join(save_directory, TRAINABLE_WEIGHTS_NAME), metadata={"format": "pt"})
     config.trainable_only = True
     config.save_pretrained(save_directory)
@@ -85,6 +87,14 @@ def _lora_parameters(model) -> dict:
     return {n: p for n, p in model.language_model.named_parameters() if "lora_" in n}
 
 
+def _weights(model, state_dict: dict | None = None) -> dict:
+    """Parameter name -> value: from `state_dict` where the caller gathered one (transformers' Trainer hands the full
+    weights of an FSDP- or ZeRO-3-sharded model to `save_pretrained`; the live parameters are shards), else live."""
+    if state_dict is None:
+        return dict(model.named_parameters())
+    return {n: state_dict[n] for n, _ in model.named_parameters() if n in state_dict}
+
+
 def lora_state_to_peft(state: dict) -> dict:
     """Injected names (`...q_proj.lora_A.default.weight`) -> peft's saved ones (`base_model.model....lora_A.weight`)."""
     return {"base_model.model." + re.sub(r"\.(lora_[A-Za-z_]+)\.default(?=\.|$)", r".\1", k): v
@@ -96,7 +106,7 @@ def lora_state_from_peft(state: dict) -> dict:
             for k, v in state.items()}
 
 
-def save_lora_adapter(model, save_directory: str) -> None:
+def save_lora_adapter(model, save_directory: str, state_dict: dict | None = None) -> None:
     """The decoder's LoRA adapters in peft's format: `PeftModel.from_pretrained(language_model, folder)` reads them."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -109,7 +119,8 @@ def save_lora_adapter(model, save_directory: str) -> None:
     config = LoraConfig(**settings, task_type="CAUSAL_LM", base_model_name_or_path=decoder or None)
     folder = os.path.join(save_directory, LORA_ADAPTER_DIR)
     config.save_pretrained(folder)
-    state = {k: v.detach().contiguous().cpu() for k, v in _lora_parameters(model).items()}
+    weights = _weights(model, state_dict)
+    state = {k: weights["language_model." + k].detach().contiguous().cpu() for k in _lora_parameters(model)}
     save_file(lora_state_to_peft(state), os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
@@ -148,13 +159,13 @@ def write_model_card(model, save_directory: str, metrics: dict | None = None,
     card.save(path)
 
 
-def save_checkpoint_extras(model, save_directory: str, trainable_only: bool = False,
-                           metrics: dict | None = None, pipeline_tag: str | None = None) -> None:
+def save_checkpoint_extras(model, save_directory: str, trainable_only: bool = False, metrics: dict | None = None,
+                           pipeline_tag: str | None = None, state_dict: dict | None = None) -> None:
     """What every saved folder gets beside the weights: peft adapters, the `auto_map` module and the model card."""
     from .configuration import write_remote_code
 
     if model.config.lora and _lora_parameters(model):
-        save_lora_adapter(model, save_directory)
+        save_lora_adapter(model, save_directory, state_dict)
     write_remote_code(save_directory)
     write_model_card(model, save_directory, metrics, pipeline_tag, trainable_only)
 
@@ -175,15 +186,17 @@ class SpeechLMCheckpointMixin:
         folder also gets LoRA adapters in peft's format (`language_model_adapter/`), the module `auto_map` names
         and a model card (README.md: base models, `pipeline_tag`, `metrics` if given).
         """
+        # The gathered weights of a sharded model (FSDP, ZeRO-3); copied, since transformers' save empties the dict.
+        state_dict = None if kwargs.get("state_dict") is None else dict(kwargs["state_dict"])
         if trainable_only:
-            save_trainable_only(self, str(save_directory))
+            save_trainable_only(self, str(save_directory), state_dict)
         else:
             old_names = make_portable(self.config)  # no machine-specific paths in a folder that may be shared
             try:
                 super().save_pretrained(save_directory, *args, **kwargs)
             finally:
                 restore_names(self.config, old_names)
-        save_checkpoint_extras(self, str(save_directory), trainable_only, metrics, pipeline_tag)
+        save_checkpoint_extras(self, str(save_directory), trainable_only, metrics, pipeline_tag, state_dict)
 
     def push_to_hub(self, repo_id: str, *, trainable_only: bool = False, metrics: dict | None = None,
                     pipeline_tag: str | None = None, commit_message: str | None = None, private: bool | None = None,
@@ -217,7 +230,7 @@ class SpeechLMCheckpointMixin:
         if encoder is not None or decoder is not None:
             raise ValueError(f"encoder= / decoder= replace the base models of a trainable-only checkpoint, but {path} "
                              "is a full checkpoint that holds its base weights")
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **without_hub_kernels(kwargs))
 
 
 __all__ = ["LORA_ADAPTER_DIR", "MODEL_CARD_MARK", "TRAINABLE_WEIGHTS_NAME", "SpeechLMCheckpointMixin",

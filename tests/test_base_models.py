@@ -67,3 +67,15 @@ def test_an_encoder_decoder_folder_is_refused_as_the_decoder(model_dirs):
 
     with pytest.raises(ValueError, match="encoder-decoder"):
         load_decoder(str(model_dirs("encoder", "whisper")))
+
+
+def test_hub_kernels_stay_off_in_every_loaded_part(model_dirs, tmp_path):
+    """transformers turns its hub kernels on by default where `kernels` is installed; on a GPU the next `train()`
+    then fetches kernel code from the hub (offline: ValueError at `model.train()`). SpeechLM loads with them off."""
+    pytest.importorskip("kernels")
+    _, _, model = create_speech_lm_model(str(model_dirs("encoder", "whisper")), str(model_dirs("decoder", "llama")),
+                                         projection_hidden_size=32)
+    assert not model.language_model.use_kernels and not model.audio_tower.use_kernels
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert not reloaded.use_kernels and not reloaded.language_model.use_kernels

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor
 
 from speechlm import SpeechLMModel, SpeechLMProcessor, create_speech_lm_model
+from speechlm.checkpoint_files import lora_state_to_peft
 from speechlm.factory import BASE_MODELS_ROOT_ENV, LORA_ADAPTER_DIR, TRAINABLE_WEIGHTS_NAME
 from tests.conftest import make_clips
 
@@ -146,6 +147,24 @@ def test_lora_adapters_are_saved_in_peft_format_and_restored(model_dirs, tmp_pat
 
     loaded = AutoModel.from_pretrained(tmp_path / "model")
     assert loaded.config.lora["r"] == 4 and torch.equal(_logits(processor, loaded), expected)
+
+
+@pytest.mark.parametrize("trainable_only", [True, False])
+def test_a_given_state_dict_is_what_every_saved_file_holds(model_dirs, tmp_path, trainable_only):
+    """transformers' Trainer saves an FSDP- or ZeRO-3-sharded model as `save_pretrained(folder, state_dict=gathered)`:
+    the live parameters are shards (reading them failed on a GPU under accelerate's FSDP), so the projector and the
+    LoRA adapters must come from the given weights, in every file."""
+    _, model = _model(model_dirs("encoder", "whisper"), model_dirs("decoder", "qwen2"), lora=True)
+    given = {name: value + 1 if value.is_floating_point() else value for name, value in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "model", trainable_only=trainable_only, state_dict=dict(given))  # it is emptied
+    loaded = SpeechLMModel.from_pretrained(tmp_path / "model")
+    trained = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert any("lora_" in name for name in trained) and any("projector" in name for name in trained)
+    for name in trained:
+        assert torch.equal(loaded.state_dict()[name], given[name]), name
+    adapter = load_file(tmp_path / "model" / LORA_ADAPTER_DIR / "adapter_model.safetensors")  # peft's copy too
+    lora = {name.removeprefix("language_model."): given[name] for name in trained if "lora_" in name}
+    assert all(torch.equal(adapter[key], value) for key, value in lora_state_to_peft(lora).items())
 
 
 def test_trainable_only_folders_of_the_older_format_still_load_their_lora(model_dirs, tmp_path):

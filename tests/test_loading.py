@@ -68,16 +68,26 @@ def test_merged_and_int8_logits_stay_close_to_the_reference(variants):
     assert (logits[2] - logits[0]).abs().max() < 0.05 * scale  # int8: a few per cent of the logit range
 
 
-def test_int8_decodes_like_float32(variants):
+def test_int8_decodes_like_float32_wherever_float32_is_clear(variants):
+    """int8 picks float32's greedy token at every step where float32's top two logits are further apart than int8's
+    error bound (0.05 of the logit range each, test above). A near-tie may go either way, and every later token then
+    follows it: counting agreeing tokens across rows (>= 80 %) passed on AVX-512 CPUs and failed on AVX2 (78 %)."""
     processor, reference, _, int8 = variants
     clips = make_clips((0.6, 0.9, 0.4))
     batch = processor(clips)
-    kwargs = {"max_new_tokens": 6, "do_sample": False}
-    tokens = [m.generate(**batch, **kwargs) for m in (reference, int8)]
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    runs = [m.generate(**batch, **kwargs) for m in (reference, int8)]
+    tokens = [run.sequences[:, -len(run.scores):] for run in runs]
     assert tokens[1].shape == tokens[0].shape
     assert int(tokens[1].max()) < int8.config.text_config.vocab_size
-    agree = (tokens[1] == tokens[0]).float().mean().item()
-    assert agree >= 0.8, f"int8 greedy tokens agree with float32 on only {agree:.0%}"
+    scores = torch.stack(runs[0].scores, dim=1)  # float32's logits at each step of its own decoding
+    top = scores.topk(2, dim=-1).values
+    margin = top[..., 0] - top[..., 1]
+    same = (tokens[0] == tokens[1]).long()
+    shared_prefix = torch.cat([torch.ones_like(same[:, :1]), same.cumprod(1)[:, :-1]], dim=1).bool()
+    clear = shared_prefix & (margin > 0.1 * scores.abs().amax())
+    assert clear.any()
+    assert torch.equal(tokens[1][clear], tokens[0][clear])
     assert len(transcribe_arrays(int8, processor, clips, max_new_tokens=4)) == 3
 
 
