@@ -9,8 +9,14 @@ from torch import nn
 
 from speechlm.quantization import PerTokenInt8Linear, full_range_activations, quantize_linear_layers
 
+# 8-bit activations are exact only where int8 products accumulate in int32 (VNNI / AMX); on a plain AVX2 CPU their
+# u8 x s8 pair sums saturate in int16 (20-38 % error on these rows, seen on an AVX2-only EPYC), and the library uses 7
+# bits there (`quantize_linear_layers`; the last test here checks what it picks on this CPU).
+EIGHT_BITS = pytest.param(False, id="8-bit", marks=pytest.mark.skipif(
+    not full_range_activations(), reason="this CPU has no VNNI / AMX: 8-bit activations saturate, the library uses 7"))
 
-@pytest.fixture(params=[True, False], ids=["7-bit", "8-bit"])
+
+@pytest.fixture(params=[pytest.param(True, id="7-bit"), EIGHT_BITS])
 def layer(request):
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
@@ -68,3 +74,17 @@ def test_activations_use_8_bits_only_where_the_cpu_accumulates_int8_in_int32():
     assert full_range_activations({"avx2", "avx_vnni"})
     assert not full_range_activations({"avx2", "fma"})  # saturating 16-bit pair sums: 7 bits
     assert not full_range_activations(set())  # unknown CPU: the safe choice
+
+
+def test_the_layers_it_builds_are_accurate_on_this_cpu():
+    """Whatever this CPU's int8 kernels are, the layers `quantize_linear_layers` builds keep every row of mixed
+    loudness within 5 % of float32 (on AVX2 without VNNI, 8-bit activations would not)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    model = nn.Sequential(linear)
+    rows = rows_of_mixed_loudness()
+    with torch.no_grad():
+        expected = linear(rows) - linear.bias
+        quantize_linear_layers(model)
+        got = model(rows) - linear.bias
+    assert ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).max() < 0.05
