@@ -37,7 +37,8 @@ def save_trainable_only(model, save_directory: str, state_dict: dict | None = No
     names |= {"audio_start", "audio_end"}
     names |= {n for n, _ in model.named_parameters() if n.startswith("ctc_head.")}
     weights = _weights(model, state_dict)
-    state = {n: weights[n].detach().contiguous().cpu() for n in sorted(names) if "lora_" not in n}
+    state = {n: weights[n].detach().contiguous().cpu() for n, _ in model.named_parameters()
+             if n in names and "lora_" not in n}
     save_file(state, os.path.join(save_directory, TRAINABLE_WEIGHTS_NAME), metadata={"format": "pt"})
     config.trainable_only = True
     config.save_pretrained(save_directory)
