@@ -349,9 +349,6 @@ def main() -> int:
     parser.add_argument("--padding-ab", action="store_true",
                         help="only: bf16 training with the loss pass padded left (before the fix) vs right")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: this script is for a lent GPU", file=sys.stderr)
-        return 2
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "speechlm_gpu_check"
     tmp.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -367,7 +364,14 @@ def main() -> int:
         checks = tuple((f"training {side}", lambda side=side: check_training(tmp, steps, rows, side))
                        for side in ("left", "right"))
     if args.only:
+        unknown = sorted(set(args.only) - {name for name, _ in checks})
+        if unknown:
+            parser.error(f"--only: no check named {', '.join(map(repr, unknown))}; the checks: "
+                         + ", ".join(repr(name) for name, _ in checks))
         checks = tuple((name, check) for name, check in checks if name in args.only)
+    if not torch.cuda.is_available():
+        print("no CUDA device: this script is for a lent GPU", file=sys.stderr)
+        return 2
     for name, check in checks:
         started = time.time()
         try:
