@@ -25,8 +25,8 @@ EVALUATION_ONLY = ("eval_limit", "eval_every_minutes", "curve_clips", "num_beams
 # still win. real-speech: the settings of the README's "Real speech" rows (UQM voice acting, Asterisk x3, LoRA on
 # every linear layer of the LLM, 100 minutes). augmented: the step-bounded recipe that read Asterisk at 25.7, 23.4
 # and 23.2 % on three seeds with the older joint decoding and 21.1 % (seed 0) with today's (4 beams; Asterisk x3 with
-# augmented copies, 4,000 CTC + 1,200 LLM steps; 42-54 minutes on 2 quiet Zen 4 cores, capped at 120), with its
-# curve every 15 minutes.
+# augmented copies, 4,000 CTC + 1,200 LLM steps; 42-54 minutes on 2 quiet Zen 4 cores, 49 on an AVX2-only EPYC in
+# float32 where it read Asterisk at 21.7 %, capped at 120), with its curve every 15 minutes.
 PRESETS = {
     "augmented": {"real_speech_repeats": 3, "real_speech_augment": True, "ctc_steps": 4000, "max_steps": 5200,
                   "minutes": 120.0, "eval_every_minutes": 15.0},

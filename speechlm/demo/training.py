@@ -18,7 +18,7 @@ from ..data import EncoderCache, SpeechLMCollator, SpeechLMDataset
 from ..hardware import DtypeChoice
 from ..processing import SpeechLMProcessor
 from .evaluate import MAX_NEW_TOKENS, transcribe_capped
-from .settings import DemoSettings
+from .settings import PRESETS, DemoSettings
 from .understanding import training_examples
 
 # The defaults were tuned on a 2-core Xeon with AMX (bfloat16 LLM): ~50 LLM steps of batch 8 per minute. Far below
@@ -151,10 +151,13 @@ def slow_machine_warning(per_minute: float, settings: DemoSettings, dtype_choice
     if settings.max_steps and steps_left is not None and minutes_left is not None:
         if steps_left <= per_minute * minutes_left:
             return None
+    preset = PRESETS["augmented"]
+    llm_steps = preset["max_steps"] - preset["ctc_steps"]
     return (f"WARNING: this machine trains {per_minute:.1f} LLM steps per minute, less than half of the "
             f"~{EXPECTED_LLM_STEPS_PER_MINUTE} the defaults were tuned on; within --minutes {settings.minutes:g} the "
-            "model sees far fewer examples and its WER will be much worse than the README's (raise --minutes). "
-            f"Frozen weights are in {dtype_choice.reason}.")
+            "model sees far fewer examples and its WER will be much worse than the README's (raise --minutes, or "
+            f"run --preset augmented: bounded by steps, not minutes, its {llm_steps:,} LLM steps take about "
+            f"{llm_steps / per_minute:.0f} minutes here). Frozen weights are in {dtype_choice.reason}.")
 
 
 def phase_frame_masking(settings: DemoSettings, ctc_phase: bool) -> float:

@@ -95,6 +95,18 @@ def test_a_slow_machine_gets_a_loud_warning_and_a_normal_one_none():
     assert "--minutes 20" in message and "no native bfloat16" in message
 
 
+def test_a_slow_machines_warning_offers_the_step_bounded_preset_with_its_time_there():
+    """Raising --minutes is a guess; the augmented preset trains the steps its figures were measured with, and the
+    warning says how long its LLM steps would take at this machine's rate (1,200 steps at 24 a minute: 50)."""
+    from speechlm.demo.settings import DemoSettings
+    from speechlm.demo.training import slow_machine_warning
+    from speechlm.hardware import DtypeChoice
+
+    choice = DtypeChoice(torch.float32, "float32: this CPU has no native bfloat16")
+    message = slow_machine_warning(24.0, DemoSettings(minutes=20), choice)
+    assert "--preset augmented" in message and "1,200 LLM steps take about 50 minutes here" in message
+
+
 def test_a_slow_step_bounded_run_whose_steps_fit_its_budget_gets_no_warning():
     """`--max-steps` with a generous `--minutes`: slowness costs time, not training, so the report must not claim
     the model saw fewer examples; when the steps left do not fit, the warning stays."""
