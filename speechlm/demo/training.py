@@ -151,13 +151,16 @@ def slow_machine_warning(per_minute: float, settings: DemoSettings, dtype_choice
     if settings.max_steps and steps_left is not None and minutes_left is not None:
         if steps_left <= per_minute * minutes_left:
             return None
-    preset = PRESETS["augmented"]
-    llm_steps = preset["max_steps"] - preset["ctc_steps"]
+    remedy = "raise --minutes"
+    if not settings.max_steps:  # a run bounded by time: offer the recipe bounded by steps, timed at this rate
+        preset = PRESETS["augmented"]
+        llm_steps = preset["max_steps"] - preset["ctc_steps"]
+        remedy += (f", or run --preset augmented: bounded by steps, not minutes, its {llm_steps:,} LLM steps take "
+                   f"about {llm_steps / per_minute:.0f} minutes here")
     return (f"WARNING: this machine trains {per_minute:.1f} LLM steps per minute, less than half of the "
             f"~{EXPECTED_LLM_STEPS_PER_MINUTE} the defaults were tuned on; within --minutes {settings.minutes:g} the "
-            "model sees far fewer examples and its WER will be much worse than the README's (raise --minutes, or "
-            f"run --preset augmented: bounded by steps, not minutes, its {llm_steps:,} LLM steps take about "
-            f"{llm_steps / per_minute:.0f} minutes here). Frozen weights are in {dtype_choice.reason}.")
+            f"model sees far fewer examples and its WER will be much worse than the README's ({remedy}). "
+            f"Frozen weights are in {dtype_choice.reason}.")
 
 
 def phase_frame_masking(settings: DemoSettings, ctc_phase: bool) -> float:

@@ -120,6 +120,17 @@ def test_a_slow_step_bounded_run_whose_steps_fit_its_budget_gets_no_warning():
     assert slow_machine_warning(16.0, settings, choice, steps_left=1000, minutes_left=30) is not None
 
 
+def test_a_step_bounded_run_short_of_time_is_told_to_raise_minutes_not_to_run_a_preset():
+    from speechlm.demo.settings import DemoSettings
+    from speechlm.demo.training import slow_machine_warning
+    from speechlm.hardware import DtypeChoice
+
+    choice = DtypeChoice(torch.float32, "float32: this CPU has no native bfloat16")
+    settings = DemoSettings(minutes=30, ctc_steps=4000, max_steps=5200)
+    message = slow_machine_warning(16.0, settings, choice, steps_left=1000, minutes_left=30)
+    assert "(raise --minutes)" in message and "--preset" not in message
+
+
 def test_step_bounded_schedule_gives_the_llm_phase_its_full_learning_rate():
     """With `--ctc-steps 80 --max-steps 100` the cosine runs over the 20 LLM steps, not over all 100."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
