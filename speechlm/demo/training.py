@@ -176,12 +176,15 @@ def tell_deepspeed_the_device() -> None:
 
 
 def train_within_budget(model, processor, dataset, settings: DemoSettings, curve_sets: dict[str, tuple[list, list]],
-                        output: Path, dtype_choice: DtypeChoice | None = None):
+                        output: Path, dtype_choice: DtypeChoice | None = None, device: str = "cpu",
+                        callbacks: Sequence = ()):
     """transformers' Trainer on cached frames, stopped by the training clock (or `max_steps`); returns the loss and
-    WER history, the steps reached in each phase and any warning about this machine's speed."""
+    WER history, the steps reached in each phase and any warning about this machine's speed. `device` "cuda" trains
+    on the GPU (benchmarks/gpu_real_speech.py); `callbacks` join the Trainer's."""
     dtype_choice = dtype_choice or DtypeChoice(torch.float32, "float32")
     pre_align = settings.pre_aligns
-    tell_deepspeed_the_device()
+    if device == "cpu":
+        tell_deepspeed_the_device()
     from tqdm.auto import tqdm
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
@@ -279,7 +282,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     optimizer = torch.optim.AdamW([group for group in groups if group["params"]], weight_decay=0.0)
     arguments = TrainingArguments(
         output_dir=str(output / "trainer"), per_device_train_batch_size=settings.batch_size, max_steps=10**7,
-        logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
+        logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=device == "cpu",
         remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, seed=settings.training_seed,
         log_level="warning", train_sampling_strategy="group_by_length",
     )
@@ -290,7 +293,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
         model=model, args=arguments, train_dataset=dataset, data_collator=collator,
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget, max_steps=settings.max_steps,
                                                     first_step=settings.ctc_steps or 0, clock=clock)),
-        callbacks=[Budget()],
+        callbacks=[Budget(), *callbacks],
         ctc_head=model.ctc_head, ctc_weight=settings.ctc_weight, ctc_only=pre_align,
         distill_weight=settings.distill_weight, distill_agreeing_only=settings.distill_agreeing_only,
     )

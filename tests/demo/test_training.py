@@ -222,3 +222,24 @@ def test_deepspeed_is_told_the_demo_trains_on_the_cpu():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True)
     assert done.stdout.split()[-1] == "cpu"
     assert "unable to detect" not in done.stdout + done.stderr
+
+
+def test_callbacks_given_to_the_training_see_every_step(build, tmp_path):
+    """benchmarks/gpu_real_speech.py snapshots the trainable weights from a callback of its own."""
+    from transformers import TrainerCallback
+
+    from speechlm.demo.training import cached_training_set, train_within_budget
+
+    processor, model = build("whisper", "llama")
+    model.freeze_encoder()
+    records = [record("one two", "synthetic", 1), record("three four", "synthetic", 2)]
+    dataset = cached_training_set(model, processor, records, training_records(records), tmp_path / "frames.safetensors")
+    steps = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    settings = DemoSettings(batch_size=2, max_steps=3, ctc_fraction=0.0, ctc_weight=0.0, lora_rank=0)
+    train_within_budget(model, processor, dataset, settings, {}, tmp_path, callbacks=[Steps()])
+    assert steps == [1, 2, 3]
