@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,12 @@ PRESETS = {
                     "lora_targets": "all-linear", "minutes": 100.0, "eval_every_minutes": 20.0},
 }
 
+# The CTC pre-alignment's share where the frozen LLM trains in float32 (a CPU without native bf16): its LLM steps cost
+# about twice as much there while the CTC steps do not, so the cheap phase is worth more of the budget. On a real
+# AVX2-only EPYC the 20-minute default read Asterisk at 25.9 / 28.3 % with 0.15 (session 34) and at 22.5 / 23.1 % with
+# 0.3 (session 36), two seeds each (README, "On which CPU"); 0.15 stays where the LLM trains in bfloat16.
+FLOAT32_CTC_FRACTION = 0.3
+
 
 @dataclass
 class DemoSettings:
@@ -55,7 +61,9 @@ class DemoSettings:
     lora_rank: int = 8
     lora_targets: str = "q_proj,v_proj"
     lora_dropout: float = 0.0  # regularisation lever for the real-speech recipe, which overfits its few real clips
-    ctc_fraction: float = 0.15  # share of the budget spent on CTC pre-alignment of the projector alone
+    # Share of the budget spent on CTC pre-alignment of the projector alone; `speechlm demo` without a preset makes it
+    # FLOAT32_CTC_FRACTION where the LLM trains in float32, unless the CTC phase is given.
+    ctc_fraction: float = 0.15
     ctc_weight: float = 1.0
     ctc_compression: bool = False  # the LLM reads one audio token per label the CTC head hears (blanks dropped)
     distill_weight: float = 0.0  # + this weight x KL to the text-only LLM reading the transcript (Ultravox's recipe)
@@ -191,7 +199,8 @@ def add_arguments(parser) -> None:
                         help="encoder frames stacked into one audio token (Whisper: 50 frames/s)")
     parser.add_argument("--ctc-fraction", type=float, default=defaults.ctc_fraction,
                         help="share of the budget that first trains the projector alone with CTC against the LLM's "
-                        "embeddings (no LLM pass: ~25x more steps per second)")
+                        f"embeddings (no LLM pass: ~25x more steps per second; default {defaults.ctc_fraction:g}, "
+                        f"{FLOAT32_CTC_FRACTION:g} where the LLM trains in float32, whose steps cost twice as much)")
     parser.add_argument("--ctc-weight", type=float, default=defaults.ctc_weight,
                         help="afterwards, add this weight x the CTC loss to the LLM loss")
     parser.add_argument("--ctc-compression", action=argparse.BooleanOptionalAction, default=defaults.ctc_compression,
@@ -274,4 +283,8 @@ def settings_from_args(args) -> DemoSettings:
     over the preset's value, over the field's default."""
     given = {f.name: getattr(args, f.name) for f in fields(DemoSettings) if hasattr(args, f.name)}
     preset = PRESETS[args.preset] if getattr(args, "preset", None) else {}
-    return DemoSettings(**{**preset, **given})
+    settings = DemoSettings(**{**preset, **given})
+    if (not preset and not {"ctc_fraction", "ctc_steps"} & set(given)
+            and settings.training_dtype().dtype == torch.float32):  # presets stay the recipes as measured
+        settings = replace(settings, ctc_fraction=FLOAT32_CTC_FRACTION)
+    return settings

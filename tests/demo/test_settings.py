@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from speechlm.demo.settings import PRESETS, DemoSettings, add_arguments, settings_from_args
+from speechlm.demo.settings import FLOAT32_CTC_FRACTION, PRESETS, DemoSettings, add_arguments, settings_from_args
 
 
 def parse(*argv: str) -> DemoSettings:
@@ -16,7 +16,7 @@ def parse(*argv: str) -> DemoSettings:
 
 
 def test_every_option_reaches_the_settings():
-    assert parse() == DemoSettings()
+    assert parse("--dtype", "bfloat16") == DemoSettings(dtype="bfloat16")
     settings = parse("--lora-targets", "q_proj,k_proj", "--stack-factor", "8", "--num-beams", "3", "--ctc-weight", "0",
                      "--ctc-fraction", "0.25", "--frame-masking", "0.2", "--lora-learning-rate", "1e-4",
                      "--n-train", "50", "--no-ctc-compression", "--real-speech-repeats", "3",
@@ -115,3 +115,25 @@ def test_joint_ctc_decoding_needs_a_run_that_trains_the_ctc_head():
     assert DemoSettings().decoding_ctc_weight == DemoSettings().joint_ctc_weight > 0
     assert DemoSettings(ctc_weight=0, ctc_fraction=0).decoding_ctc_weight == 0  # no head: the LLM alone
     assert DemoSettings(ctc_weight=0, ctc_fraction=0, ctc_steps=10).decoding_ctc_weight > 0
+
+
+def test_a_run_training_the_llm_in_float32_pre_aligns_for_a_larger_share_of_its_budget():
+    """A CPU without native bf16 trains the LLM in float32, whose steps cost about twice as much; CTC steps do not."""
+    assert DemoSettings().ctc_fraction < FLOAT32_CTC_FRACTION
+    assert parse("--dtype", "float32").ctc_fraction == FLOAT32_CTC_FRACTION
+
+
+def test_a_run_training_the_llm_in_bfloat16_keeps_the_default_share():
+    assert parse("--dtype", "bfloat16").ctc_fraction == DemoSettings().ctc_fraction
+
+
+def test_a_ctc_fraction_given_on_the_command_line_wins_over_the_float32_share():
+    assert parse("--dtype", "float32", "--ctc-fraction", "0.2").ctc_fraction == 0.2
+
+
+def test_a_ctc_phase_given_in_steps_keeps_the_default_share():
+    assert parse("--dtype", "float32", "--ctc-steps", "500").ctc_fraction == DemoSettings().ctc_fraction
+
+
+def test_a_preset_keeps_its_recipe_as_measured_where_the_llm_trains_in_float32():
+    assert parse("--dtype", "float32", "--preset", "real-speech").ctc_fraction == DemoSettings().ctc_fraction
