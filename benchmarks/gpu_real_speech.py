@@ -95,6 +95,7 @@ def unpack_clips(folder: Path, target: Path, limit: int | None = None) -> Path:
     import soundfile as sf
 
     from speechlm.audio import load_audio
+    from speechlm.demo.corpus import write_manifest
 
     target.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in gzip.decompress((folder / MANIFEST).read_bytes()).splitlines()][:limit]
@@ -106,7 +107,7 @@ def unpack_clips(folder: Path, target: Path, limit: int | None = None) -> Path:
         path = target / f"{index:05d}.wav"
         sf.write(path, shards[row.pop("shard")][row.pop("start"):row.pop("end")], SAMPLING_RATE)
         manifest.append({"audio": str(path), **row})
-    (target / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in manifest))
+    write_manifest(target / "train.jsonl", manifest)
     return target / "train.jsonl"
 
 
@@ -137,6 +138,8 @@ def train(folder: Path, out: Path, minutes: float, ctc_steps: int, snapshots: in
           limit: int | None = None) -> None:
     """The demo's training (`train_within_budget`) on `device` over the packed clips (the first `limit` of them: a
     smoke test); the trainable weights at `snapshots` evenly spaced training times, the last in float32."""
+    import tempfile
+
     from safetensors.torch import save_file
     from transformers import TrainerCallback
 
@@ -152,10 +155,11 @@ def train(folder: Path, out: Path, minutes: float, ctc_steps: int, snapshots: in
     processor, model = load_parts(settings, dtype_choice.dtype)
     model.language_model.set_attn_implementation("sdpa")  # eager is the CPU's choice for bfloat16
     model.to(device)
-    records = read_manifest(unpack_clips(folder, Path("/tmp/clips"), limit), probe_audio=False).records
+    scratch = Path(tempfile.mkdtemp())  # this run's clips and frames: never another run's
+    records = read_manifest(unpack_clips(folder, scratch / "clips", limit), probe_audio=False).records
     examples = training_records(records, settings.real_speech_repeats, augment=settings.real_speech_augment)
     started = time.monotonic()
-    dataset = cached_training_set(model, processor, records, examples, Path("/tmp/train-frames.safetensors"))
+    dataset = cached_training_set(model, processor, records, examples, scratch / "train-frames.safetensors")
     encode_seconds = time.monotonic() - started
 
     def trainable_state(dtype) -> dict[str, torch.Tensor]:
@@ -222,7 +226,7 @@ def evaluate(out: Path, limit: int | None) -> None:
         processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
         decodings = [("greedy, LLM alone", 1, {})]
         if path is None:
-            decodings.append(("4 beams, joint CTC 0.7", settings.num_beams,
+            decodings.append((f"{settings.num_beams} beams, joint CTC {model.joint_ctc_weight:g}", settings.num_beams,
                               joint_options(processor.tokenizer, model.joint_ctc_weight, transcript=True)))
         for label, beams, joint in decodings:
             results = evaluate_sets(model, processor, manifests, limit, beams, **joint)
@@ -274,8 +278,8 @@ def main() -> None:
     t = commands.add_parser("train")
     t.add_argument("folder", type=Path)
     t.add_argument("out", type=Path)
-    t.add_argument("--minutes", type=float, default=6.0)
-    t.add_argument("--ctc-steps", type=int, default=1000)
+    t.add_argument("--minutes", type=float, default=5.2, help="training time (session 36's run: 5.2)")
+    t.add_argument("--ctc-steps", type=int, default=600, help="CTC pre-alignment steps (session 36's run: 600)")
     t.add_argument("--snapshots", type=int, default=4)
     t.add_argument("--device", default="cuda")
     t.add_argument("--limit", type=int, default=None, help="train on the first N clips only (a smoke test)")

@@ -4,6 +4,7 @@ the `speechlm demo` options that set them."""
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -40,6 +41,13 @@ PRESETS = {
 # AVX2-only EPYC the 20-minute default read Asterisk at 25.9 / 28.3 % with 0.15 (session 34) and at 22.5 / 23.1 % with
 # 0.3 (session 36), two seeds each (README, "On which CPU"); 0.15 stays where the LLM trains in bfloat16.
 FLOAT32_CTC_FRACTION = 0.3
+
+
+@functools.cache
+def automatic_cpu_dtype() -> DtypeChoice:
+    """`--dtype auto`'s choice, probed once per process: `speechlm demo` asks it for the CTC share and again for
+    training, and a second probe near the threshold could answer otherwise."""
+    return choose_training_dtype("cpu")
 
 
 @dataclass
@@ -162,7 +170,7 @@ class DemoSettings:
     def training_dtype(self) -> DtypeChoice:
         """The dtype of the frozen weights during training, and why (`auto` asks the hardware)."""
         if self.dtype == "auto":
-            return choose_training_dtype("cpu")
+            return automatic_cpu_dtype()
         return DtypeChoice(getattr(torch, self.dtype), f"{self.dtype}: chosen with --dtype")
 
     def fingerprint(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from speechlm.demo.settings import FLOAT32_CTC_FRACTION, PRESETS, DemoSettings, add_arguments, settings_from_args
 
@@ -137,3 +138,18 @@ def test_a_ctc_phase_given_in_steps_keeps_the_default_share():
 
 def test_a_preset_keeps_its_recipe_as_measured_where_the_llm_trains_in_float32():
     assert parse("--dtype", "float32", "--preset", "real-speech").ctc_fraction == DemoSettings().ctc_fraction
+
+
+def test_the_automatic_dtype_is_probed_once_for_the_ctc_share_and_the_training(monkeypatch):
+    from speechlm.demo import settings as module
+    from speechlm.hardware import DtypeChoice
+
+    answers = iter([DtypeChoice(torch.float32, "float32: first probe"), DtypeChoice(torch.bfloat16, "bf16: second")])
+    monkeypatch.setattr(module, "choose_training_dtype", lambda device: next(answers))
+    module.automatic_cpu_dtype.cache_clear()
+    try:
+        settings = parse()
+        assert settings.ctc_fraction == FLOAT32_CTC_FRACTION
+        assert settings.training_dtype().dtype == torch.float32
+    finally:
+        module.automatic_cpu_dtype.cache_clear()
