@@ -8,8 +8,10 @@ and its entity catalogue (`slu_schema(values=True)`: each slot value one the gra
 tiny.en's transcript -> the same base LLM, 8-shot, intent list in the prompt) is decoded the same three ways.
 With `--task slu_transcript --joint-ctc-weights ...`, the models' transcript field is also decoded jointly with
 their CTC head (`speechlm.joint_ctc.json_string_span`), the intent and slots after it by the LLM alone.
-With `--qa`, each model also answers the question about each clip freely and held to a regular expression of every
-value the asked slot can take (`answer_pattern`, the QA counterpart of the catalogue; models only); with
+`sentences` (transcript-first forms only) also holds the transcript field to the sentences the domain's grammar can
+say, as a command application that knows what it can be asked would. With `--qa`, each model also answers the
+question about each clip freely and held to a regular expression of every value the asked slot can take
+(`answer_pattern`, the QA counterpart of the catalogue; models only); with
 `--qa-task qa_transcript`, in the transcript-first form (the words, decoded jointly with the CTC head at each joint
 weight, then the answer, held to the same values).
 
@@ -30,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = (("valid_json", "valid JSON"), ("intent_accuracy", "intent"), ("slot_f1", "slot F1"))
-VARIANTS = ("free", "ontology", "catalogue", "quoted")
+VARIANTS = ("free", "ontology", "catalogue", "quoted", "sentences")
 
 
 def main() -> None:
@@ -78,7 +80,8 @@ def main() -> None:
                      "the transcript field)")
 
     schemas = {"free": None, "ontology": task_schema(args.task), "catalogue": task_schema(args.task, values=True),
-               "quoted": task_schema(args.task, values=True, quoted=True)}
+               "quoted": task_schema(args.task, values=True, quoted=True),
+               "sentences": task_schema(args.task, values=True, quoted=True, sentences=True)}
     test = manifest_records(args.corpus / "test_synthetic.jsonl")[: args.limit]
     meanings = utterances([row["text"] for row in test], 0)
     test = [row for row in test if row["text"] in meanings]
@@ -104,9 +107,11 @@ def main() -> None:
     qa_audio = [load_audio(row["audio"]) for row, _ in asked]
     said = [meanings[row["text"]] for row, _ in asked]
     held = {"free": {}, "catalogue": held_structure(args.qa_task, said),
-            "quoted": held_structure(args.qa_task, said, quoted=True)}
-    # a plain answer has no transcript to quote
-    qa_variants = [v for v in held if v in args.variants and (v != "quoted" or args.qa_task == "qa_transcript")]
+            "quoted": held_structure(args.qa_task, said, quoted=True),
+            "sentences": held_structure(args.qa_task, said, quoted=True, sentences=True)}
+    # a plain answer has no transcript to quote or hold
+    qa_variants = [v for v in held if v in args.variants and (v in ("free", "catalogue")
+                                                              or args.qa_task == "qa_transcript")]
 
     def qa_answers(model, processor, beams: int, variant: str, joint: dict) -> list[str]:
         """Each question's answer, free or held to its slot's catalogue (after the transcript for qa_transcript,
@@ -165,7 +170,8 @@ def main() -> None:
         "(`slu_schema()`: 140 frames of intent + slot keys, values free text) and held to the ontology and its entity "
         "catalogue (`slu_schema(values=True)`: each slot value one the grammar can fill it with); `quoted` "
         "(`slu_transcript` only): the catalogue, and each slot value words of the transcript field the model wrote "
-        "first (`x-speechlm-words-from`).",
+        "first (`x-speechlm-words-from`); `sentences`: quoted, and the transcript field itself held to the "
+        "sentences the domain's grammar can say (`grammar.sentence_pattern()`, defined once in `$defs`).",
         "",
         "| model | clips | " + " | ".join(header) + f" | decode s ({' / '.join(args.variants)}) |",
         "|---|---|" + "---|" * len(header) + "---|",

@@ -232,12 +232,14 @@ def transcript_opening(schema: dict | None) -> str | None:
     the schema allows (itself, or each of its `anyOf`/`oneOf`) has a string `transcript` as its first property (with
     the key separator of its `x-guidance`). None otherwise: the head reads the words said, and any other answer would
     only be pulled towards them."""
+    from .inference.structured import defined
+
     if not isinstance(schema, dict):
         return None
     for option in schema.get("anyOf") or schema.get("oneOf") or [schema]:
         properties = option.get("properties") if isinstance(option, dict) else None
         first = next(iter(properties), None) if isinstance(properties, dict) else None
-        field = properties[first] if first == "transcript" else None
+        field = defined(schema, properties[first]) if first == "transcript" else None
         if not isinstance(field, dict) or field.get("type") != "string":
             return None
     return '{"transcript"' + (schema.get("x-guidance") or {}).get("key_separator", ": ") + '"'

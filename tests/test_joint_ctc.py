@@ -260,6 +260,15 @@ def test_a_schema_whose_every_answer_opens_with_a_transcript_gets_that_fields_sp
     assert schema_transcript_span(tokenizer, either) == json_string_span(tokenizer, '{"transcript":"')
 
 
+def test_a_transcript_defined_by_reference_gets_the_same_span(build):
+    from speechlm.joint_ctc import schema_transcript_span
+
+    tokenizer = build("whisper", "qwen2")[0].tokenizer
+    referred = {**SPAN_SCHEMA, "properties": {**SPAN_SCHEMA["properties"], "transcript": {"$ref": "#/$defs/said"}},
+                "$defs": {"said": SPAN_SCHEMA["properties"]["transcript"]}}
+    assert schema_transcript_span(tokenizer, referred) == json_string_span(tokenizer)
+
+
 def test_a_schema_that_does_not_open_with_a_transcript_string_gets_no_span(build):
     from speechlm.joint_ctc import schema_transcript_span
 

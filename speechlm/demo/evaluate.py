@@ -142,16 +142,17 @@ def joint_decoding(model, processor, task: str) -> dict:
     return joint_options(processor.tokenizer, model.joint_ctc_weight, False, task_schema(task))
 
 
-def held_structure(task: str, utterances: list, quoted: bool = True) -> dict:
+def held_structure(task: str, utterances: list, quoted: bool = True, sentences: bool = False) -> dict:
     """How a deployment would hold each answer: SLU to the domain's schema with its entity catalogue (`task_schema`
     with `values`: each slot to the values the domain can fill it with, as a deployment holds a contact to its
     contact list), a question's answer to the values its slot can take (`answer_pattern`, one per clip; after a free
-    transcript for `qa_transcript`); after a transcript, each value also `quoted` from its words where some fit."""
+    transcript for `qa_transcript`); after a transcript, each value also `quoted` from its words where some fit, and
+    with `sentences` the transcript held to the domain's sentences."""
     if task == "qa_transcript":
         patterns = [answer_pattern(utterance) for utterance in utterances]
-        schemas = {p: qa_transcript_schema(p, quoted) for p in set(patterns)}  # one grammar per slot kind
+        schemas = {p: qa_transcript_schema(p, quoted, sentences) for p in set(patterns)}  # one per slot kind
         return {"json_schema": [schemas[pattern] for pattern in patterns]}
-    if (schema := task_schema(task, values=True, quoted=quoted)) is not None:
+    if (schema := task_schema(task, values=True, quoted=quoted, sentences=sentences)) is not None:
         return {"json_schema": schema}
     if task == "qa":
         return {"regex": [answer_pattern(utterance) for utterance in utterances]}

@@ -7,6 +7,7 @@ for every sentence it speaks, what was asked and with which values: transcriptio
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import zlib
@@ -300,15 +301,28 @@ def template_slots(template: str) -> list[tuple[str, str]]:
     return slots
 
 
+@functools.cache
 def slot_pattern(name: str) -> str:
     """A regular expression matching exactly the values slot `name` can take (its fillers expanded recursively)."""
+    return _alternatives(SLOTS[name])
+
+
+@functools.cache
+def sentence_pattern() -> str:
+    """A regular expression matching exactly the sentences the grammar can say (~460 kB): what a command application
+    knows it can be asked, for holding a transcript to it."""
+    return _alternatives([template for templates in TEMPLATES.values() for template in templates])
+
+
+def _alternatives(texts: Sequence[str]) -> str:
+    """Texts with `{slot}` references as one regular expression, each slot expanded to what it can say."""
     alternatives = []
-    for filler in SLOTS[name]:
+    for text in texts:
         pieces, last = [], 0
-        for match in _SLOT.finditer(filler):
-            pieces += [_literal(filler[last : match.start()]), f"(?:{slot_pattern(match.group(1))})"]
+        for match in _SLOT.finditer(text):
+            pieces += [_literal(text[last : match.start()]), f"(?:{slot_pattern(match.group(1))})"]
             last = match.end()
-        alternatives.append("".join([*pieces, _literal(filler[last:])]))
+        alternatives.append("".join([*pieces, _literal(text[last:])]))
     return "|".join(dict.fromkeys(alternatives))
 
 

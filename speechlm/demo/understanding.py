@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..inference.structured import WORDS_FROM
 from ..tasks import parse_json_object
-from .grammar import TEMPLATES, Utterance, intent_of, slot_pattern, template_slots
+from .grammar import TEMPLATES, Utterance, intent_of, sentence_pattern, slot_pattern, template_slots
 
 TASKS = ("transcribe", "slu", "slu_transcript", "qa", "qa_transcript")
 TRANSCRIBE_PROMPT = "Transcribe:"
@@ -61,13 +61,15 @@ def slu_target(utterance: Utterance, transcript: bool = False) -> str:
     return json.dumps({**words, "intent": utterance.intent, **dict(utterance.slots)})
 
 
-def slu_schema(values: bool = False, transcript: bool = False, quoted: bool = False) -> dict:
+def slu_schema(values: bool = False, transcript: bool = False, quoted: bool = False, sentences: bool = False
+               ) -> dict:
     """The domain's ontology as a JSON schema, what an SLU deployment would hand the decoder (`response_format`): one
     frame per (intent, slot keys) a template can say, the intent first, laid out as `slu_target` writes them. Slot
     values are free text, or with `values` only what the grammar can fill that slot with (an entity catalogue);
-    `transcript` puts a free-text transcript before the intent (the `slu_transcript` task), and `quoted` holds each
-    slot value to words of it (every slot value of the grammar is words of its sentence)."""
-    words = {"transcript": {"type": "string"}} if transcript else {}
+    `transcript` puts a free-text transcript before the intent (the `slu_transcript` task), `quoted` holds each
+    slot value to words of it (every slot value of the grammar is words of its sentence), and `sentences` holds the
+    transcript to the sentences the domain can say (`_sentence_definition`)."""
+    words = {"transcript": _transcript(sentences)} if transcript else {}
 
     def value(name: str) -> dict:
         return {"type": "string", "pattern": f"^(?:{slot_pattern(name)})$"} if values else {"type": "string"}
@@ -81,16 +83,31 @@ def slu_schema(values: bool = False, transcript: bool = False, quoted: bool = Fa
                   for intent, slots in frames],
         "x-guidance": _LAYOUT,
         **({WORDS_FROM: "transcript"} if quoted and transcript else {}),
+        **_sentence_definition(sentences and transcript),
     }
 
 
-def qa_transcript_schema(pattern: str | None = None, quoted: bool = False) -> dict:
+def _transcript(sentences: bool) -> dict:
+    """A transcript field: free text, or with `sentences` one of the domain's sentences (`_sentence_definition`)."""
+    return {"$ref": "#/$defs/sentence"} if sentences else {"type": "string"}
+
+
+def _sentence_definition(sentences: bool) -> dict:
+    """The definition a transcript held to the domain's sentences refers to: every sentence the grammar can say, as
+    a command application knows what it can be asked (a half-heard command is written as the nearest one it can
+    take). Defined once and referred to by every frame: llguidance builds it once, where it would build it per
+    frame inlined. The transcription task's own output stays free."""
+    return {"$defs": {"sentence": {"type": "string", "pattern": f"^(?:{sentence_pattern()})$"}}} if sentences else {}
+
+
+def qa_transcript_schema(pattern: str | None = None, quoted: bool = False, sentences: bool = False) -> dict:
     """The `qa_transcript` answer's schema: the transcript, then the answer, free text or held to `pattern` (one
-    question's `answer_pattern`), and with `quoted` to words of the transcript."""
+    question's `answer_pattern`), and with `quoted` to words of the transcript (itself held to the domain's
+    sentences with `sentences`)."""
     answer = {"type": "string", "pattern": f"^(?:{pattern})$"} if pattern else {"type": "string"}
     return {"type": "object", "additionalProperties": False, "required": ["transcript", "answer"],
-            "properties": {"transcript": {"type": "string"}, "answer": answer}, "x-guidance": _LAYOUT,
-            **({WORDS_FROM: "transcript"} if quoted else {})}
+            "properties": {"transcript": _transcript(sentences), "answer": answer}, "x-guidance": _LAYOUT,
+            **({WORDS_FROM: "transcript"} if quoted else {}), **_sentence_definition(sentences)}
 
 
 def answer_of(task: str, text: str) -> str:
@@ -115,16 +132,16 @@ def write_schemas(folder: Path, tasks: Sequence[str]) -> list[Path]:
     return paths
 
 
-def task_schema(task: str, values: bool = False, quoted: bool = False) -> dict | None:
+def task_schema(task: str, values: bool = False, quoted: bool = False, sentences: bool = False) -> dict | None:
     """The schema a JSON task's answers follow (`slu_schema`, with the transcript first for `slu_transcript`, slot
-    values held to the catalogue with `values` and to the transcript's words with `quoted`; `qa_transcript_schema`
-    with a free answer, whose catalogue is per question: `answer_pattern`); None for a task whose answer is not
-    JSON."""
+    values held to the catalogue with `values` and to the transcript's words with `quoted`, the transcript to the
+    domain's sentences with `sentences`; `qa_transcript_schema` with a free answer, whose catalogue is per question:
+    `answer_pattern`); None for a task whose answer is not JSON."""
     if task == "qa_transcript":
-        return qa_transcript_schema(quoted=quoted)
+        return qa_transcript_schema(quoted=quoted, sentences=sentences)
     if METRIC_KINDS[task] != "json":
         return None
-    return slu_schema(values=values, transcript=task == "slu_transcript", quoted=quoted)
+    return slu_schema(values=values, transcript=task == "slu_transcript", quoted=quoted, sentences=sentences)
 
 
 def _split_key(key: str) -> tuple[str, str]:

@@ -52,9 +52,34 @@ def _check_words_from(schema: dict) -> None:
     field = schema[WORDS_FROM]
     for frame in schema.get("anyOf", [schema]):
         first = next(iter(frame.get("properties", {}).items()), (None, {}))
-        if first[0] != field or first[1].get("type") != "string" or field not in frame.get("required", []):
+        if first[0] != field or defined(schema, first[1]).get("type") != "string" \
+                or field not in frame.get("required", []):
             raise ValueError(f"json_schema: {WORDS_FROM} names {field!r}, which must be the first property, a "
                              "required string, of every object the schema allows")
+
+
+def defined(schema: dict, node: dict) -> dict:
+    """`node`, or the definition in `schema` that its local reference (`{"$ref": "#/$defs/NAME"}`) names: a large
+    field every frame shares (a transcript held to a long pattern) is defined once, which llguidance builds once."""
+    reference = node.get("$ref") if isinstance(node, dict) else None
+    if isinstance(reference, str) and reference.startswith("#/$defs/"):
+        return schema.get("$defs", {}).get(reference.removeprefix("#/$defs/"), {})
+    return node
+
+
+def _referenced_definitions_only(schema: dict) -> dict:
+    """`schema` without the `$defs` entries nothing refers to any more (a quoted transcript is a `const`: the long
+    definition it referred to would otherwise be rebuilt in every per-transcript grammar)."""
+    definitions = schema.get("$defs")
+    if not definitions:
+        return schema
+    rest = {key: value for key, value in schema.items() if key != "$defs"}
+    kept, text = {}, json.dumps(rest)
+    while new := {name: value for name, value in definitions.items()
+                  if name not in kept and f'"#/$defs/{name}"' in text}:
+        kept.update(new)
+        text = json.dumps(list(new.values()))
+    return {**rest, "$defs": kept} if kept else rest
 
 
 def read_schema_file(path: str | Path) -> dict:
@@ -206,12 +231,13 @@ def quoted_schema(schema: dict, text: str) -> dict:
     field, runs = schema[WORDS_FROM], word_runs(text)
 
     def narrow(frame: dict) -> dict:
-        properties = {key: {"const": text} if key == field else _quoted(value, runs)
+        properties = {key: {"const": text} if key == field else _quoted(defined(schema, value), runs)
                       for key, value in frame.get("properties", {}).items()}
         return {**frame, "properties": properties}
 
     rest = {key: value for key, value in schema.items() if key != WORDS_FROM}  # quoted now
-    return {**rest, "anyOf": [narrow(frame) for frame in schema["anyOf"]]} if "anyOf" in schema else narrow(rest)
+    narrowed = {**rest, "anyOf": [narrow(frame) for frame in schema["anyOf"]]} if "anyOf" in schema else narrow(rest)
+    return _referenced_definitions_only(narrowed)
 
 
 class QuotingJsonLogitsProcessor(JsonSchemaLogitsProcessor):
@@ -270,6 +296,7 @@ __all__ = [
     "JsonSchemaLogitsProcessor",
     "QuotingJsonLogitsProcessor",
     "WORDS_FROM",
+    "defined",
     "quoted_schema",
     "read_schema_file",
     "regex_grammar",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from speechlm.demo import grammar as c
 
 WORDS = re.compile(r"[a-z']+( [a-z']+)*")
@@ -67,3 +69,20 @@ def test_intents_are_snake_case_names_for_every_template() -> None:
     assert all(re.fullmatch(r"[a-z]+(_[a-z]+)*", intent) for intent in intents)
     assert c.intent_of("set an alarm for {time}") == c.intent_of("set an alarm for {time} {date}") == "set_alarm"
     assert 80 <= len(set(intents)) <= len(intents)
+
+
+@pytest.fixture(scope="module")
+def sentence_pattern() -> re.Pattern:
+    return re.compile(c.sentence_pattern())
+
+
+def test_the_sentence_pattern_matches_every_sentence_the_grammar_makes(sentence_pattern) -> None:
+    train, test = c.split_sentences(3000, 200, seed=0)
+    assert all(sentence_pattern.fullmatch(s) for s in train + test)
+
+
+@pytest.mark.parametrize("text", ["set an alarm for seven thirteen tomorrow",  # no such minute
+                                  "press five for",  # unfinished
+                                  "set an alarm for seven thirty tomorrow please"])
+def test_the_sentence_pattern_refuses_what_the_grammar_cannot_say(sentence_pattern, text) -> None:
+    assert sentence_pattern.fullmatch(text) is None

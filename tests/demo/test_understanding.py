@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from speechlm.demo.grammar import Utterance
+from speechlm.demo.grammar import Utterance, split_sentences, utterances
 from speechlm.demo.understanding import (
     QA_TRANSCRIPT_INSTRUCTION,
     SLU_PROMPT,
@@ -212,3 +212,33 @@ def test_a_model_that_learned_transcript_first_questions_gets_their_schema(tmp_p
     (path,) = write_schemas(tmp_path, ("transcribe", "qa", "qa_transcript"))
     assert path.name == "qa_transcript_schema.json"
     assert json.loads(path.read_text()) == qa_transcript_schema(quoted=True)
+
+
+# ------------------------------------------------------------------------------- transcripts held to the sentences
+@pytest.fixture(scope="module")
+def sentence_matcher():
+    return schema_matcher(schema=slu_schema(values=True, transcript=True, quoted=True, sentences=True))
+
+
+def test_held_to_the_sentences_the_slu_schema_admits_every_held_out_answer(sentence_matcher):
+    meanings = utterances(split_sentences(10, 100, seed=0)[1], seed=0)
+    assert len(meanings) == 100
+    assert all(sentence_matcher(slu_target(u, transcript=True)) for u in meanings.values())
+
+
+def test_held_to_the_sentences_the_slu_schema_refuses_a_transcript_the_domain_cannot_say(sentence_matcher):
+    misheard = Utterance("set an alarm for seven thirteen tomorrow", "set_alarm", ALARM.slots)
+    assert not sentence_matcher(slu_target(misheard, transcript=True))
+    assert schema_matcher(values=True, transcript=True)(slu_target(misheard, transcript=True))  # free transcript
+
+
+def test_the_sentences_are_defined_once_for_every_frame():
+    schema = slu_schema(values=True, transcript=True, quoted=True, sentences=True)
+    assert {frame["properties"]["transcript"]["$ref"] for frame in schema["anyOf"]} == {"#/$defs/sentence"}
+    assert list(schema["$defs"]) == ["sentence"]
+
+
+def test_held_to_the_sentences_the_question_schema_admits_the_answer_and_refuses_other_words():
+    accepts = schema_matcher(schema=qa_transcript_schema(answer_pattern(FLIGHT), quoted=True, sentences=True))
+    assert accepts(qa_transcript_example(FLIGHT).target)
+    assert not accepts(json.dumps({"transcript": FLIGHT.text + " now", "answer": question(FLIGHT)[1]}))

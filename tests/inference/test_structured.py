@@ -256,7 +256,30 @@ def test_batched_quoted_answers_equal_one_by_one(whisper_qwen):
     assert batched == alone
 
 
+# The transcript defined once and referred to (what a schema whose frames share a long transcript pattern does).
+REFERRED = {**QUOTED, "properties": {**QUOTED["properties"], "transcript": {"$ref": "#/$defs/said"}},
+            "$defs": {"said": QUOTED["properties"]["transcript"]}}
+
+
+def test_untrained_model_quotes_a_transcript_defined_by_reference(whisper_qwen):
+    answers = quoted_answers(whisper_qwen, json_schema=REFERRED)
+    assert all(map(quotes_its_transcript, answers)), answers
+    assert all(re.fullmatch(f"(?:{SAID})(?: (?:{SAID})){{0,2}}", json.loads(a)["transcript"]) for a in answers)
+
+
+def test_a_quoted_schema_drops_the_definition_only_its_transcript_referred_to():
+    assert "$defs" not in quoted_schema(REFERRED, "red green")
+
+
+def test_a_quoted_schema_keeps_a_definition_something_else_still_refers_to():
+    nested = {"type": "object", "properties": {"shade": {"$ref": "#/$defs/shade"}}}
+    schema = {**REFERRED, "properties": {**REFERRED["properties"], "detail": nested},
+              "$defs": {**REFERRED["$defs"], "shade": {"enum": ["light", "dark"]}}}
+    assert quoted_schema(schema, "red green")["$defs"] == {"shade": {"enum": ["light", "dark"]}}
+
+
 @pytest.mark.parametrize("schema", [
+    {**REFERRED, "$defs": {"said": {"type": "integer"}}},  # refers to a number, not a string
     {**QUOTED, WORDS_FROM: "colour"},  # not the first property
     {**QUOTED, "required": ["colour"]},  # the transcript may be left out
     {**FRAMES, "anyOf": [FRAMES["anyOf"][0], {"type": "object", "properties": {"intent": {"const": "stop"}}}]},
