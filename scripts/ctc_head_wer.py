@@ -5,9 +5,10 @@ pre-alignment, run for STEPS batches (a fixed number, so a busy machine gives th
 frames of a `speechlm demo` corpus, then greedy CTC decoding of the training clips, the held-out synthetic set (WER
 and clips heard exactly per voice group and per espeak-ng accent) and the held-out Asterisk set. A cheap probe of
 the levers that change what the model hears (`--voice-perturbation`), minutes instead of a whole demo run.
+`--evaluate-at` also reports at earlier steps of the same run: the head's curve over pre-alignment length.
 
     python scripts/ctc_head_wer.py 4000 [--n-train 9000] [--masking 0.1] [--batch-size 8] [--seed 0]
-                                        [--voice-perturbation 0.1] [--accent-fraction 0.5]
+                                        [--voice-perturbation 0.1] [--accent-fraction 0.5] [--evaluate-at 2000 ...]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the head's initialisation and the batch order")
     parser.add_argument("--voice-perturbation", type=float, default=0.0)
     parser.add_argument("--accent-fraction", type=float, default=0.0)
+    parser.add_argument("--evaluate-at", type=int, nargs="*", default=[], help="earlier steps to report at as well")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -58,8 +60,10 @@ def main() -> None:
     cache = EncoderCache.for_model(model, processor, dtype=torch.float16)
     key = demo.manifest_key(manifests["train"])
     cache_file = cache_dir("demo", "ctc-head-wer") / f"frames-{cache.fingerprint[:10]}-{key}.safetensors"
-    if cache_file.is_file():
-        cache.load(cache_file)
+    # the demo's own training frames of this corpus, where a run encoded them (a file for another encoder loads none)
+    for frames in [cache_file, *sorted(root.glob("train-frames-*.safetensors"))]:
+        if frames.is_file():
+            cache.load(frames)
     sets = {}
     for name in ("train", "test_synthetic", "test_asterisk"):
         sets[name] = SpeechLMDataset(manifest_records(manifests[name]), processor.sampling_rate, encoder_cache=cache)
@@ -73,6 +77,8 @@ def main() -> None:
                             vocabulary_ids=demo.corpus_token_ids(processor, texts))
     parameters = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
+    first = SpeechLMDataset(dataset.records[:500], processor.sampling_rate, encoder_cache=cache)
+    evaluated = {"train (first 500)": first, "synthetic": sets["test_synthetic"], "asterisk": sets["test_asterisk"]}
     start = time.monotonic()
     for step in range(1, args.steps + 1):
         index = random.sample(range(len(dataset)), args.batch_size)
@@ -83,16 +89,20 @@ def main() -> None:
         optimizer.step()
         if step % 500 == 0:
             print(f"step {step}: CTC loss {loss.item():.3f} ({time.monotonic() - start:.0f} s)", flush=True)
+        if step in args.evaluate_at or step == args.steps:
+            report(step, model, head, collator, evaluated)
 
+
+def report(step: int, model, head: CTCAlignmentHead, collator: SpeechLMCollator, evaluated: dict) -> None:
+    """The head's greedy WER on each set after `step` steps (the synthetic set per voice group and accent)."""
+    training, masking, collator.frame_masking = model.training, collator.frame_masking, 0.0
     model.eval()
-    collator.frame_masking = 0.0
-    first = SpeechLMDataset(dataset.records[:500], processor.sampling_rate, encoder_cache=cache)
-    evaluated = {"train (first 500)": first, "synthetic": sets["test_synthetic"], "asterisk": sets["test_asterisk"]}
     for name, eval_set in evaluated.items():
         eval_rows = eval_set.records
         hypotheses = greedy_ctc(model, head, collator, eval_set)
         metrics = word_error_rate([row["text"] for row in eval_rows], hypotheses)
-        print(f"CTC head alone, {name}: WER {metrics['wer']:.1%}  CER {metrics['cer']:.1%}  ({len(eval_rows)} clips)")
+        print(f"step {step}, CTC head alone, {name}: WER {metrics['wer']:.1%}  CER {metrics['cer']:.1%}  "
+              f"({len(eval_rows)} clips)", flush=True)
         if name == "synthetic":
             groups = collections.defaultdict(list)
             for row, hypothesis in zip(eval_rows, hypotheses, strict=True):
@@ -103,7 +113,9 @@ def main() -> None:
             for group, pairs in sorted(groups.items()):
                 wer = word_error_rate([r for r, _ in pairs], [h for _, h in pairs])["wer"]
                 exact = sum(word_error_rate(r, h)["wer"] == 0 for r, h in pairs)
-                print(f"    {group}: {wer:.1%}, {exact} of {len(pairs)} clips exact")
+                print(f"    {group}: {wer:.1%}, {exact} of {len(pairs)} clips exact", flush=True)
+    collator.frame_masking = masking
+    model.train(training)
 
 
 if __name__ == "__main__":
