@@ -45,6 +45,18 @@ def curve_table(history: dict) -> list[str]:
     return [*lines, ""]
 
 
+def training_levers(settings: DemoSettings) -> list[str]:
+    """The regularisation and data levers a run set away from their off position: a report names what it measured."""
+    return [text for value, text in (
+        (settings.frame_masking, f"frames and channels masked at {settings.frame_masking:g} in the pre-alignment"),
+        (settings.llm_frame_masking, f"frames masked at {settings.llm_frame_masking:g} through the LLM phase"),
+        (settings.lora_dropout, f"LoRA dropout {settings.lora_dropout:g}"),
+        (settings.voice_perturbation, f"voice perturbation {settings.voice_perturbation:g}"),
+        (settings.accent_fraction, f"{settings.accent_fraction:.0%} of the sentences in a simulated accent"),
+        (settings.train_seed is not None, f"training seed {settings.train_seed}"),
+    ) if value]
+
+
 def write_report(output: Path, settings: DemoSettings, history: dict, results: dict[str, dict],
                  understanding: dict[str, dict] | None = None) -> Path:
     """report.md + curves.png + per-set hypotheses (JSONL) + metrics.json."""
@@ -91,6 +103,7 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         + ("; the LLM reads the CTC-compressed audio" if settings.ctc_compression else "")
         + (f"; real-speech clips x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else "")
         + (" (copies augmented)" if settings.real_speech_repeats > 1 and settings.real_speech_augment else "")
+        + "".join(f"; {lever}" for lever in training_levers(settings))
         + "). Held-out sets decoded "
         + (f"with beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily")
         + (f", jointly with the CTC head (weight {settings.decoding_ctc_weight:g}; the LLM and the head each propose "

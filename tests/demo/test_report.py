@@ -86,3 +86,15 @@ def test_report_shows_all_a_transcript_first_answer_wrote_beside_its_reference(t
     text = write_report(tmp_path, DemoSettings(tasks="transcribe,qa_transcript"), history, {},
                         understanding).read_text()
     assert f"| What city does the speaker mention? ... | paris | {output} |" in text
+
+
+def test_report_names_the_training_levers_a_run_set(tmp_path):
+    results = {"test_synthetic": {"n_utterances": 1, "wer": 0.5, "cer": 0.25, "seconds": 1.0, "insertions": 0,
+                                  "rows": [{"id": "a", "ref": "turn on", "hyp": "turn off", "wer": 0.5}]}}
+    history = {"steps": 20, "minutes": 1.0}
+    text = write_report(tmp_path, DemoSettings(), history, results).read_text()
+    assert "masked" not in text and "perturbation" not in text and "training seed" not in text
+    settings = DemoSettings(frame_masking=0.1, voice_perturbation=0.1, accent_fraction=0.25, train_seed=1)
+    text = write_report(tmp_path, settings, history, results).read_text()
+    assert ("frames and channels masked at 0.1 in the pre-alignment; voice perturbation 0.1; 25% of the sentences "
+            "in a simulated accent; training seed 1)." in text)
