@@ -49,7 +49,8 @@ def training_levers(settings: DemoSettings) -> list[str]:
     """The regularisation and data levers a run set away from their off position: a report names what it measured."""
     return [text for value, text in (
         (settings.frame_masking, f"frames and channels masked at {settings.frame_masking:g} in the pre-alignment"),
-        (settings.llm_frame_masking, f"frames and channels masked at {settings.llm_frame_masking:g} through the LLM phase"),
+        (settings.llm_frame_masking,
+         f"frames and channels masked at {settings.llm_frame_masking:g} through the LLM phase"),
         (settings.lora_dropout, f"LoRA dropout {settings.lora_dropout:g}"),
         (settings.voice_perturbation, f"voice perturbation {settings.voice_perturbation:g}"),
         (settings.accent_fraction, f"{settings.accent_fraction:.0%} of the sentences in a simulated accent"),
