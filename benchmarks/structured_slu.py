@@ -96,9 +96,10 @@ def main() -> None:
             start = time.monotonic()
             metrics = score_task("json", refs, answers_for(json_schema=schemas[variant]))
             seconds[variant] = time.monotonic() - start
-            cells += [f"{100 * metrics[key]:.1f}%" for key, _ in COLUMNS]
-            print(f"  {name}, {variant}: " + ", ".join(f"{label} {100 * metrics[key]:.1f}%" for key, label in COLUMNS)
-                  + f" ({seconds[variant]:.0f} s)", flush=True)  # a variant takes minutes: say each as it ends
+            figures = [f"{100 * metrics[key]:.1f}%" for key, _ in COLUMNS]
+            cells += figures
+            labelled = ", ".join(f"{label} {figure}" for (_, label), figure in zip(COLUMNS, figures, strict=True))
+            print(f"  {name}, {variant}: {labelled} ({seconds[variant]:.0f} s)", flush=True)  # say each as it ends
         timing = " / ".join(f"{seconds[v]:.0f}" for v in args.variants)
         line = f"| {name} | {len(pairs)} | " + " | ".join(cells) + f" | {timing} |"
         print(line, flush=True)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from speechlm.demo.report import write_report
 from speechlm.demo.settings import DemoSettings
 
+# one held-out clip, half its words wrong
+ONE_CLIP = {"test_synthetic": {"n_utterances": 1, "wer": 0.5, "cer": 0.25, "seconds": 1.0, "insertions": 0,
+                               "rows": [{"id": "a", "ref": "turn on", "hyp": "turn off", "wer": 0.5}]}}
+
 
 def test_report_states_loss_and_decoding(tmp_path):
-    results = {"test_synthetic": {"n_utterances": 1, "wer": 0.5, "cer": 0.25, "seconds": 1.0, "insertions": 0,
-                                  "rows": [{"id": "a", "ref": "turn on", "hyp": "turn off", "wer": 0.5}]}}
+    results = ONE_CLIP
     history = {"loss": [(0.1, 10, 3.0), (1.0, 20, 1.0)], "wer": [(0.5, 15, 0.8)], "steps": 20, "minutes": 1.0}
     settings = DemoSettings(ctc_weight=0.5, num_beams=3, joint_ctc_weight=0.6)
     text = write_report(tmp_path, settings, history, results).read_text()
@@ -89,8 +92,7 @@ def test_report_shows_all_a_transcript_first_answer_wrote_beside_its_reference(t
 
 
 def test_report_names_the_training_levers_a_run_set(tmp_path):
-    results = {"test_synthetic": {"n_utterances": 1, "wer": 0.5, "cer": 0.25, "seconds": 1.0, "insertions": 0,
-                                  "rows": [{"id": "a", "ref": "turn on", "hyp": "turn off", "wer": 0.5}]}}
+    results = ONE_CLIP
     history = {"steps": 20, "minutes": 1.0}
     text = write_report(tmp_path, DemoSettings(), history, results).read_text()
     assert "masked" not in text and "perturbation" not in text and "training seed" not in text
