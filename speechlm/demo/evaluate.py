@@ -43,10 +43,12 @@ def transcribe_capped(model, processor, audio: list, max_new_tokens: int, batch_
 
 
 def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None, num_beams: int = 1,
-                  reference: bool = True, sets: tuple[str, ...] = TEST_SETS, **generate_kwargs) -> dict[str, dict]:
+                  reference: bool = True, sets: tuple[str, ...] = TEST_SETS, on_result=None,
+                  **generate_kwargs) -> dict[str, dict]:
     """WER/CER and hypotheses on every held-out set, through the same path users take (audio in, text out), with
     Whisper tiny.en alone on the same clips beside it (`reference`), both through the corpus's normaliser.
-    `generate_kwargs` (e.g. `repetition_penalty`) override the model's saved decoding settings."""
+    `generate_kwargs` (e.g. `repetition_penalty`) override the model's saved decoding settings; `on_result(name,
+    metrics)` gets each set as it ends (the demo keeps it at once: a stopped evaluation keeps what it measured)."""
     from ..audio import load_audio
     from ..evaluation import per_utterance_rows, word_error_rate
     from ..evaluation.normalizers import normalize_text
@@ -70,6 +72,8 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
         if reference:
             metrics["whisper"] = word_error_rate(refs, whisper_for(manifests[name], rows))
         results[name] = metrics
+        if on_result:
+            on_result(name, metrics)
     return results
 
 
@@ -79,14 +83,15 @@ CASCADE_SHOTS = 8
 
 
 def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, seed: int, limit: int | None,
-                           decoder: tuple[str, str | None] | None = None, num_beams: int = 1) -> dict[str, dict]:
+                           decoder: tuple[str, str | None] | None = None, num_beams: int = 1,
+                           on_result=None) -> dict[str, dict]:
     """Each understanding task on the held-out synthetic clips (held-out voices and sentences), scored by its
     metric kind (`speechlm.tasks`), with the cascade (greedy) beside it when `decoder` (the base LLM's path, GGUF
     file) is given. Answers are held as a deployment would hold them (`held_structure`) and decoded with `num_beams`
     beams, as the transcriptions are; the same model decoding freely is scored beside (`free`). A model that carries
     a joint CTC weight decodes the transcript field of `slu_transcript` and `qa_transcript` answers jointly with its
     head (`joint_decoding`), as its transcriptions are; a `qa_transcript` answer is scored by its `answer` field
-    (`answer_of`), its whole output kept in the rows."""
+    (`answer_of`), its whole output kept in the rows. `on_result(task, metrics)` gets each task as it ends."""
     from ..audio import load_audio
     from ..inference import transcribe_arrays
     from ..tasks import score_task, task_rows
@@ -130,6 +135,8 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
                                       **held_structure(form, said))
             metrics["cascade"] = score_task(kind, refs, cascade)
         results[task] = metrics
+        if on_result:
+            on_result(task, metrics)
     return results
 
 

@@ -24,6 +24,28 @@ def task_summary(metrics: dict) -> str:
     return ", ".join(f"{label} {100 * metrics[key]:.1f}%" for key, label in names)
 
 
+def result_line(name: str, metrics: dict) -> str:
+    """One console line for a held-out set (`WER synthetic: 9.0% (CER ..., Whisper tiny.en ...)`) or an
+    understanding task (its figures, free decoding's and the cascade's beside)."""
+    if "wer" in metrics:
+        whisper = f", Whisper tiny.en {100 * metrics['whisper']['wer']:.1f}%" if "whisper" in metrics else ""
+        return (f"WER {name.removeprefix('test_')}: {100 * metrics['wer']:.1f}%  (CER {100 * metrics['cer']:.1f}%, "
+                f"{metrics['insertions']} inserted words, {metrics['n_utterances']} clips{whisper})")
+    anchors = (("free", "free decoding"), ("cascade", "cascade Whisper tiny.en -> same LLM few-shot"))
+    beside = [f"{what}: {task_summary(metrics[key])}" for key, what in anchors if key in metrics]
+    clips = f"{metrics['n_utterances']} held-out clips"
+    return f"{name.upper()} {task_summary(metrics)} ({'; '.join([clips, *beside])})"
+
+
+def keep_result(output: Path, name: str, metrics: dict) -> None:
+    """As a held-out set or task ends: its line on the console and its hypotheses on disk, so that an evaluation
+    stopped part way (the understanding tasks take most of an hour on a CPU) keeps what it measured."""
+    from ..evaluation import write_jsonl
+
+    print(f"[demo] {result_line(name, metrics)}", flush=True)
+    write_jsonl(metrics["rows"], output / f"{name}.hypotheses.jsonl")
+
+
 # The held-out WER curves training records (`history` keys) and their names.
 CURVES = {"wer": "synthetic", "wer_asterisk": "Asterisk (real phone prompts)", "wer_uqm": "UQM (real, unseen speakers)"}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from ..cache import cache_dir
 from ..data import encoder_fingerprint
 from ..processing import SpeechLMProcessor
 from .evaluate import evaluate_sets, evaluate_understanding, transcribe_capped  # noqa: F401 (demo.run's names)
-from .report import task_summary, write_report
+from .report import keep_result, result_line, write_report
 from .settings import (  # noqa: F401 (the CLI's names)
     BUNDLED,
     BUNDLED_BASE,
@@ -199,13 +200,15 @@ def run(args) -> int:
     # float32 for decoding: bfloat16 halves training time on this CPU, but its one-token decode steps are slower.
     processor, model = load_pretrained(str(model_dir), dtype=torch.float32)
     joint = joint_options(processor.tokenizer, model.joint_ctc_weight, transcript=True)
-    results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams, **joint)
+    kept = partial(keep_result, output)
+    results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams, on_result=kept,
+                            **joint)
     understanding = {}
     if len(parse_tasks(settings.tasks)) > 1 and corpus_kind(settings) != "fortunes":
         _, decoder_path, gguf_file = resolve_parts(settings)
         understanding = evaluate_understanding(model, processor, manifests, parse_tasks(settings.tasks),
                                                settings.seed, settings.eval_limit, (decoder_path, gguf_file),
-                                               settings.num_beams)
+                                               settings.num_beams, on_result=kept)
     report = write_report(output, settings, history, results, understanding)
     print(f"[demo] trained {history.get('steps', '?')} steps in {history.get('minutes', 0):.1f} min: "
           f"{history.get('ctc_steps', 0)} CTC pre-alignment + {history.get('llm_steps', '?')} through the LLM "
@@ -216,15 +219,8 @@ def run(args) -> int:
         points = history.get(curve, [])
         if len(points) >= 2:
             print(f"[demo] {what} {points[0][2]:.3f} -> {points[-1][2]:.3f} (steps {points[0][1]}-{points[-1][1]})")
-    for name, metrics in results.items():
-        label = name.removeprefix("test_")
-        whisper = f", Whisper tiny.en {100 * metrics['whisper']['wer']:.1f}%" if "whisper" in metrics else ""
-        print(f"WER {label}: {100 * metrics['wer']:.1f}%  (CER {100 * metrics['cer']:.1f}%, "
-              f"{metrics['insertions']} inserted words, {metrics['n_utterances']} clips{whisper})")
-    for task, metrics in understanding.items():
-        free = f"; free decoding: {task_summary(metrics['free'])}" if "free" in metrics else ""
-        print(f"{task.upper()} {task_summary(metrics)} ({metrics['n_utterances']} held-out clips{free}; cascade "
-              f"Whisper tiny.en -> same LLM few-shot: {task_summary(metrics['cascade'])})")
+    for name, metrics in {**results, **understanding}.items():
+        print(result_line(name, metrics))
     print(f"[demo] report: {report}")
 
     clip = manifest_records(manifests["test_librivox"])[0]

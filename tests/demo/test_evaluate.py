@@ -38,29 +38,71 @@ def test_held_out_sets_decode_with_the_callers_keywords_on_the_sets_asked(monkey
     assert [call["repetition_penalty"] for call in calls] == [1.2]
 
 
-def test_understanding_answers_are_decoded_with_the_callers_beams_and_slu_held_to_the_catalogue(monkeypatch, tmp_path):
-    # The demo decodes its understanding answers as its transcriptions (4 beams by default); a width that did not
-    # reach the decoder would report greedy figures under the demo's name.
+def test_each_held_out_set_is_handed_on_as_it_ends_before_the_next_is_decoded(monkeypatch, tmp_path):
+    # The demo keeps each set's figures and hypotheses through this (`keep_result`): handed on only at the end, a run
+    # stopped during a later set would lose them all.
     import json
 
     import soundfile as sf
 
     import speechlm.inference
-    from speechlm.demo.evaluate import evaluate_understanding
+    from speechlm.demo.evaluate import TEST_SETS, evaluate_sets
+    from tests.audio_files import tone
+
+    sf.write(tmp_path / "a.wav", tone(1.0, 16000), 16000)
+    for name in TEST_SETS:
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": "a", "audio": "a.wav", "text": "hello"}) + "\n")
+    events = []
+    monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
+                        lambda model, processor, audio, **kwargs: events.append("decode") or ["hello"] * len(audio))
+    manifests = {name: tmp_path / f"{name}.jsonl" for name in TEST_SETS}
+    evaluate_sets(None, None, manifests, None, reference=False, sets=("test_synthetic", "test_asterisk"),
+                  on_result=lambda name, metrics: events.append((name, metrics["wer"])))
+    assert events == ["decode", ("test_synthetic", 0.0), "decode", ("test_asterisk", 0.0)]
+
+
+def one_held_out_sentence(tmp_path) -> dict:
+    """Manifests with one held-out synthetic clip (a tone under a held-out sentence with slots)."""
+    import json
+
+    import soundfile as sf
+
     from speechlm.demo.grammar import TEST_SEED_OFFSET, _utterance_stream, is_held_out
-    from speechlm.demo.understanding import task_schema
     from tests.audio_files import tone
 
     sf.write(tmp_path / "a.wav", tone(1.0, 16000), 16000)
     held_out = next(u for u in _utterance_stream(TEST_SEED_OFFSET) if is_held_out(u.text) and u.slots)
     (tmp_path / "test_synthetic.jsonl").write_text(json.dumps({"id": "a", "audio": "a.wav", "text": held_out.text})
                                                    + "\n")
+    return {"test_synthetic": tmp_path / "test_synthetic.jsonl"}
+
+
+def test_each_understanding_task_is_handed_on_as_it_ends_before_the_next_is_decoded(monkeypatch, tmp_path):
+    import speechlm.inference
+    from speechlm.demo.evaluate import evaluate_understanding
+
+    events = []
+    monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
+                        lambda model, processor, audios, **kwargs: events.append("decode") or ["{}"] * len(audios))
+    monkeypatch.setattr("speechlm.demo.evaluate.joint_decoding", lambda *args: {})
+    evaluate_understanding(None, None, one_held_out_sentence(tmp_path), ("transcribe", "slu", "qa"), seed=0,
+                           limit=None, on_result=lambda task, metrics: events.append((task, metrics["n_utterances"])))
+    assert events == ["decode", "decode", ("slu", 1), "decode", "decode", ("qa", 1)]  # held, free, then the task
+
+
+def test_understanding_answers_are_decoded_with_the_callers_beams_and_slu_held_to_the_catalogue(monkeypatch, tmp_path):
+    # The demo decodes its understanding answers as its transcriptions (4 beams by default); a width that did not
+    # reach the decoder would report greedy figures under the demo's name.
+    import speechlm.inference
+    from speechlm.demo.evaluate import evaluate_understanding
+    from speechlm.demo.understanding import task_schema
+
     calls = []
     monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
                         lambda model, processor, audios, **kwargs: calls.append(kwargs) or ["{}"] * len(audios))
     monkeypatch.setattr("speechlm.demo.evaluate.joint_decoding", lambda *args: {})
-    evaluate_understanding(None, None, {"test_synthetic": tmp_path / "test_synthetic.jsonl"},
-                           ("transcribe", "slu_transcript", "qa"), seed=0, limit=None, num_beams=4)
+    evaluate_understanding(None, None, one_held_out_sentence(tmp_path), ("transcribe", "slu_transcript", "qa"),
+                           seed=0, limit=None, num_beams=4)
     assert [call["num_beams"] for call in calls] == [4, 4, 4, 4]  # held and free, for each task
     assert calls[0]["json_schema"] == task_schema("slu_transcript", values=True, quoted=True)
 

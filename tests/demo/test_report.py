@@ -100,3 +100,26 @@ def test_report_names_the_training_levers_a_run_set(tmp_path):
     text = write_report(tmp_path, settings, history, results).read_text()
     assert ("frames and channels masked at 0.1 in the pre-alignment; voice perturbation 0.1; 25% of the sentences "
             "in a simulated accent; training seed 1)." in text)
+
+
+def test_a_held_out_set_is_kept_on_disk_and_on_the_console_as_it_ends(tmp_path, capsys):
+    # The understanding tasks take most of an hour on a CPU: a run stopped there must keep the sets already decoded.
+    import json
+
+    from speechlm.demo.report import keep_result
+
+    keep_result(tmp_path, "test_synthetic", ONE_CLIP["test_synthetic"])
+    rows = [json.loads(line) for line in (tmp_path / "test_synthetic.hypotheses.jsonl").read_text().splitlines()]
+    assert rows == ONE_CLIP["test_synthetic"]["rows"]
+    assert "[demo] WER synthetic: 50.0%  (CER 25.0%, 0 inserted words, 1 clips)" in capsys.readouterr().out
+
+
+def test_an_understanding_task_line_puts_free_decoding_and_the_cascade_beside_it_when_measured():
+    from speechlm.demo.report import result_line
+
+    qa = {"exact_match": 0.8, "token_f1": 0.9, "n_utterances": 5}
+    assert result_line("qa", qa) == "QA exact match 80.0%, token F1 90.0% (5 held-out clips)"
+    line = result_line("qa", {**qa, "free": {"exact_match": 0.6, "token_f1": 0.7},
+                              "cascade": {"exact_match": 0.2, "token_f1": 0.3}})
+    assert line.endswith("(5 held-out clips; free decoding: exact match 60.0%, token F1 70.0%; cascade Whisper "
+                         "tiny.en -> same LLM few-shot: exact match 20.0%, token F1 30.0%)")
