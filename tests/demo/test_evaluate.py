@@ -14,24 +14,31 @@ def test_the_demo_caps_new_tokens_by_clip_length_at_its_rate(monkeypatch):
     assert calls == [{"batch_size": 4, "max_new_tokens": 96, "tokens_per_second": TOKENS_PER_SECOND}]
 
 
-def test_held_out_sets_decode_with_the_callers_keywords_on_the_sets_asked(monkeypatch, tmp_path):
-    # benchmarks/decoding_levers.py measures decoding levers through this: a keyword that did not reach the decoder
-    # would make every row of its table the baseline.
+def one_clip_per_set(tmp_path, text: str) -> dict:
+    """Manifests of every held-out set, each one clip (a tone under `text`)."""
     import json
 
     import soundfile as sf
 
-    import speechlm.inference
-    from speechlm.demo.evaluate import TEST_SETS, evaluate_sets
+    from speechlm.demo.evaluate import TEST_SETS
     from tests.audio_files import tone
 
     sf.write(tmp_path / "a.wav", tone(1.0, 16000), 16000)
     for name in TEST_SETS:
-        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": "a", "audio": "a.wav", "text": "hello there"}) + "\n")
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": "a", "audio": "a.wav", "text": text}) + "\n")
+    return {name: tmp_path / f"{name}.jsonl" for name in TEST_SETS}
+
+
+def test_held_out_sets_decode_with_the_callers_keywords_on_the_sets_asked(monkeypatch, tmp_path):
+    # benchmarks/decoding_levers.py measures decoding levers through this: a keyword that did not reach the decoder
+    # would make every row of its table the baseline.
+    import speechlm.inference
+    from speechlm.demo.evaluate import evaluate_sets
+
+    manifests = one_clip_per_set(tmp_path, "hello there")
     calls = []
     monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
                         lambda model, processor, audio, **kwargs: calls.append(kwargs) or ["hello there"] * len(audio))
-    manifests = {name: tmp_path / f"{name}.jsonl" for name in TEST_SETS}
     results = evaluate_sets(None, None, manifests, None, reference=False, sets=("test_asterisk",),
                             repetition_penalty=1.2)
     assert list(results) == ["test_asterisk"] and results["test_asterisk"]["wer"] == 0
@@ -41,21 +48,13 @@ def test_held_out_sets_decode_with_the_callers_keywords_on_the_sets_asked(monkey
 def test_each_held_out_set_is_handed_on_as_it_ends_before_the_next_is_decoded(monkeypatch, tmp_path):
     # The demo keeps each set's figures and hypotheses through this (`keep_result`): handed on only at the end, a run
     # stopped during a later set would lose them all.
-    import json
-
-    import soundfile as sf
-
     import speechlm.inference
-    from speechlm.demo.evaluate import TEST_SETS, evaluate_sets
-    from tests.audio_files import tone
+    from speechlm.demo.evaluate import evaluate_sets
 
-    sf.write(tmp_path / "a.wav", tone(1.0, 16000), 16000)
-    for name in TEST_SETS:
-        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": "a", "audio": "a.wav", "text": "hello"}) + "\n")
+    manifests = one_clip_per_set(tmp_path, "hello")
     events = []
     monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
                         lambda model, processor, audio, **kwargs: events.append("decode") or ["hello"] * len(audio))
-    manifests = {name: tmp_path / f"{name}.jsonl" for name in TEST_SETS}
     evaluate_sets(None, None, manifests, None, reference=False, sets=("test_synthetic", "test_asterisk"),
                   on_result=lambda name, metrics: events.append((name, metrics["wer"])))
     assert events == ["decode", ("test_synthetic", 0.0), "decode", ("test_asterisk", 0.0)]
