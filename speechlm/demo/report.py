@@ -82,13 +82,11 @@ def training_levers(settings: DemoSettings) -> list[str]:
 
 def write_report(output: Path, settings: DemoSettings, history: dict, results: dict[str, dict],
                  understanding: dict[str, dict] | None = None) -> Path:
-    """report.md + curves.png + per-set hypotheses (JSONL) + metrics.json."""
+    """report.md + curves.png + metrics.json (each set's and task's hypotheses were kept as it ended: `keep_result`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..evaluation import write_jsonl
 
     figure, (loss_axis, wer_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
     for curve, label in (("ctc_loss", "CTC pre-alignment"), ("loss", "training")):
@@ -145,7 +143,6 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         whisper = f"{metrics['whisper']['wer']:.1%}" if "whisper" in metrics else "-"
         lines.append(f"| {name} | {metrics['n_utterances']} | {metrics['wer']:.1%} | {metrics['cer']:.1%} | "
                      f"{metrics['insertions']} | {whisper} | {metrics['seconds']:.0f} |")
-        write_jsonl(metrics["rows"], output / f"{name}.hypotheses.jsonl")
     joint = (f"; the model carries its joint CTC weight ({settings.decoding_ctc_weight:g}) with its head, so both "
              "decode jointly unless given `--joint-ctc-weight 0`") if settings.decoding_ctc_weight else ""
     beams = f" --num-beams {settings.num_beams}" if settings.num_beams > 1 else ""
@@ -167,7 +164,6 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
             free, cascade = (task_summary(metrics[k]) if k in metrics else "-" for k in ("free", "cascade"))
             lines.append(f"| {task} | {metrics['n_utterances']} | {task_summary(metrics)} | {free} | {cascade} | "
                          f"{metrics['seconds']:.0f} |")
-            write_jsonl(metrics["rows"], output / f"{task}.hypotheses.jsonl")
     lines += ["", "![loss and WER](curves.png)", "", *curve_table(history)]
     for name, metrics in results.items():
         lines += [f"## {name}: reference vs hypothesis", "", "| reference | hypothesis | WER |", "|---|---|---|"]

@@ -42,6 +42,8 @@ def test_short_demo_trains_evaluates_and_reloads(tmp_path):
         assert len(losses) >= 2 and losses[-1] < losses[0], f"{curve} did not go down: {losses}"
     assert (output / "report.md").read_text().startswith("# SpeechLM demo report")
     assert (output / "curves.png").stat().st_size > 1000
+    for name in ("synthetic", "asterisk", "librivox"):  # each set's hypotheses, kept as it ended
+        assert len((output / f"test_{name}.hypotheses.jsonl").read_text().splitlines()) == 5
     assert (output / "model" / "trainable.safetensors").is_file()
 
     # Re-running reuses the trained model instead of training again.
