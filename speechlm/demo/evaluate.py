@@ -91,9 +91,11 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
     beams, as the transcriptions are; the same model decoding freely is scored beside (`free`). A model that carries
     a joint CTC weight decodes the transcript field of `slu_transcript` and `qa_transcript` answers jointly with its
     head (`joint_decoding`), as its transcriptions are; a `qa_transcript` answer is scored by its `answer` field
-    (`answer_of`), its whole output kept in the rows. `on_result(task, metrics)` gets each task as it ends."""
+    (`answer_of`), its whole output kept in the rows. With beams and values quoted from a transcript, the best
+    beam whose values are all quoted (`first_quoted`) is scored beside the best beam (`quoted_beam`), from the same
+    decoding. `on_result(task, metrics)` gets each task as it ends."""
     from ..audio import load_audio
-    from ..inference import transcribe_arrays
+    from ..inference import first_quoted, transcribe_arrays
     from ..tasks import score_task, task_rows
     from .corpus import manifest_records
     from .grammar import utterances
@@ -113,16 +115,24 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
         inputs = dict(audios=[audio[row["id"]] for row, _ in pairs], prompt=[ex.prompt for _, ex in pairs],
                       batch_size=16, max_new_tokens=UNDERSTANDING_TOKENS[task], num_beams=num_beams,
                       **joint_decoding(model, processor, task))
+        schemas = quoting_schemas(structure, len(pairs)) if num_beams > 1 else None
         start = time.monotonic()
-        outputs = transcribe_arrays(model, processor, **structure, **inputs)
+        outputs = transcribe_arrays(model, processor, **structure, **inputs,
+                                    num_return_sequences=num_beams if schemas else 1)
+        beams = outputs if schemas else None
+        outputs = [candidates[0] for candidates in beams] if beams else outputs
         hyps = [answer_of(task, text) for text in outputs]
         metrics = score_task(kind, refs, hyps)
         metrics["seconds"] = time.monotonic() - start
+        if beams:  # the best beam whose values are all quoted: measured beside the best beam
+            chosen = [first_quoted(schema, candidates) for schema, candidates in zip(schemas, beams, strict=True)]
+            metrics["quoted_beam"] = score_task(kind, refs, [answer_of(task, text) for text in chosen])
         if structure:  # the same model decoding freely: what the structure adds
             free = transcribe_arrays(model, processor, **inputs)
             metrics["free"] = score_task(kind, refs, [answer_of(task, text) for text in free])
-        metrics["rows"] = [{**scored, "output": output} for scored, output in
-                           zip(task_rows(kind, [row["id"] for row, _ in pairs], refs, hyps), outputs)]
+        scored = task_rows(kind, [row["id"] for row, _ in pairs], refs, hyps)
+        metrics["rows"] = [{**row, "output": output, **({"beams": beams[n]} if beams else {})}
+                           for n, (row, output) in enumerate(zip(scored, outputs))]
         metrics["prompts"] = [ex.prompt for _, ex in pairs]
         if decoder:
             transcripts = whisper_for(manifests["test_synthetic"], rows)
@@ -138,6 +148,15 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
         if on_result:
             on_result(task, metrics)
     return results
+
+
+def quoting_schemas(structure: dict, count: int) -> list[dict] | None:
+    """Each clip's schema when `structure` quotes values from a transcript field (`WORDS_FROM`), else None."""
+    from ..inference.structured import WORDS_FROM
+
+    schemas = structure.get("json_schema")
+    schemas = schemas if isinstance(schemas, list) else [schemas] * count
+    return schemas if all(isinstance(s, dict) and WORDS_FROM in s for s in schemas) else None
 
 
 def joint_decoding(model, processor, task: str) -> dict:

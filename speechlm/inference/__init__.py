@@ -23,8 +23,8 @@ _HOMES = {
         "position_limit", "prompt_positions", "transcribe_arrays",
     ),
     "speechlm.inference.structured": (
-        "JSON_OBJECT_SCHEMA", "JsonSchemaLogitsProcessor", "read_schema_file", "regex_grammar", "schema_grammar",
-        "with_json_schema",
+        "JSON_OBJECT_SCHEMA", "JsonSchemaLogitsProcessor", "first_quoted", "quoted_throughout", "read_schema_file",
+        "regex_grammar", "schema_grammar", "with_json_schema",
     ),
     "speechlm.inference.segmentation": (
         "SilenceSplitter", "SpeechChunk", "array_blocks", "iter_transcribe_chunks", "iter_transcribe_long",

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor
 
 from ..base_models import AUDIO_TOKEN
 from ..configuration import DEFAULT_GENERATION
@@ -172,8 +173,9 @@ def transcribe_arrays(
     prompt: str | Sequence[str] | None = None,
     batch_size: int = 8,
     tokens_per_second: float | None = None,
+    num_return_sequences: int = 1,
     **generate_kwargs,
-) -> list[str]:
+) -> list[str] | list[list[str]]:
     """Decode clips (1-D float arrays at the encoder's rate) in length-sorted batches; results keep input order.
 
     Sorting by length keeps padding (wasted compute) small; batched output equals one-by-one output by
@@ -185,6 +187,8 @@ def transcribe_arrays(
     A `json_schema` option (a schema dict or its JSON text) holds every answer to that schema, a `regex` option
     to that regular expression (`speechlm.inference.structured`); either may be a list, one per clip like
     `prompt` (e.g. each question's own answer pattern; None: free), and clips are batched with their own kind.
+    With `num_return_sequences` k > 1 each clip gets a list of its k finished beams' texts, best first (the first is
+    the text k = 1 gives), for a caller that knows better than the score which one to keep (`first_quoted`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -197,6 +201,7 @@ def transcribe_arrays(
     # Grouped by structure (one grammar per `generate` call), length-sorted within a group.
     order = sorted(range(len(audios)), key=lambda i: (structures[i][0], len(audios[i])))
     kwargs = default_generation_kwargs(model, **{k: v for k, v in generate_kwargs.items() if k not in STRUCTURES})
+    returned = check_return_sequences(num_return_sequences, kwargs)
     limit, new_tokens = position_limit(model), new_token_budget(kwargs, model)
     audio_token = processor.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
     device = next(model.parameters()).device
@@ -209,23 +214,67 @@ def transcribe_arrays(
             for row, i in enumerate(index):
                 check_positions(model, int(audio_lengths[row]), int(prompt_lengths[row]), new_tokens, f"clip {i}")
         batch = {k: v.to(device) for k, v in batch.items()}
-        caps = None
+        caps, capped = None, {}
         if tokens_per_second is not None:
             caps = [length_cap(len(audios[i]) / processor.sampling_rate, tokens_per_second, new_tokens) for i in index]
-            kwargs["max_new_tokens"] = max(caps)
+            kwargs["max_new_tokens"] = min(max(caps) + 1, new_tokens)  # + the end token forced at a cap
             kwargs.pop("max_length", None)
-        structured = {**kwargs, **structures[index[0]][1]}
+            eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+            if eos is not None:
+                capped = {"logits_processor": [*(kwargs.get("logits_processor") or []), ClipLengthCaps(caps, eos)]}
+        structured = {**kwargs, **structures[index[0]][1], **returned, **capped}
         tokens = model.generate(**batch, **with_json_schema(structured, model, processor.tokenizer))
-        rows = [row[:cap].tolist() for row, cap in zip(tokens, caps)] if caps else tokens
-        for i, text in zip(index, processor.batch_decode(rows)):
-            results[i] = text
+        if caps:  # row r is clip index[r // k]'s
+            tokens = [row[: caps[r // num_return_sequences]].tolist() for r, row in enumerate(tokens)]
+        texts = processor.batch_decode(tokens)
+        for row, i in enumerate(index):
+            if num_return_sequences == 1:
+                results[i] = texts[row]
+            else:
+                results[i] = texts[row * num_return_sequences : (row + 1) * num_return_sequences]
     return results
+
+
+class ClipLengthCaps(LogitsProcessor):
+    """Ends each clip's rows at its own cap (`length_cap`) by allowing only the end token there. A batch decodes to
+    one `max_new_tokens`, its longest cap; cutting the text afterwards is exact for greedy decoding but not for a
+    beam search, whose beams, cut at another length, rank differently: a clip's answer would depend on its
+    batch-mates. Runs after the caller's processors (a schema's grammar cannot hold a capped answer open)."""
+
+    def __init__(self, caps: Sequence[int], eos_token_id: int | Sequence[int]):
+        self.caps = torch.tensor(list(caps))
+        self.eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # `generate` hands the new tokens only (the audio and prompt go in as embeddings); rows are clip-major.
+        ended = (self.caps <= input_ids.shape[1]).repeat_interleave(input_ids.shape[0] // len(self.caps))
+        if ended.any():
+            rows = ended.nonzero().squeeze(-1).to(scores.device)
+            only_end = torch.full_like(scores[rows], float("-inf"))
+            only_end[:, self.eos.to(scores.device)] = 0.0
+            scores[rows] = only_end
+        return scores
+
+
+def check_return_sequences(count: int, kwargs: dict) -> dict:
+    """The `generate` option for `count` texts per clip; a clear `ValueError` where the decoding cannot give them
+    (greedy decoding has one answer; beam search keeps `num_beams`)."""
+    if count < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {count}")
+    if count == 1:
+        return {}
+    if not kwargs.get("do_sample") and kwargs.get("num_beams", 1) < count:
+        raise ValueError(f"num_return_sequences={count} needs num_beams >= {count} (beam search keeps num_beams "
+                         f"answers) or do_sample=True; got num_beams={kwargs.get('num_beams', 1)}")
+    return {"num_return_sequences": count}
 
 
 __all__ = [
     "MIN_AUDIO_SECONDS",
     "audio_positions",
+    "ClipLengthCaps",
     "check_positions",
+    "check_return_sequences",
     "DECODING_FIELDS",
     "FALLBACK_GENERATION",
     "LENGTH_CAP_MARGIN",

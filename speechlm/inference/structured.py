@@ -291,12 +291,38 @@ def with_json_schema(generate_kwargs: dict, model, tokenizer) -> dict:
     return kwargs
 
 
+def quoted_throughout(schema: dict, text: str) -> bool:
+    """Whether `text`, an answer to a `WORDS_FROM` schema, quotes every string it wrote after that field from the
+    field's words (constants such as an intent name aside). The quoting falls back to a slot's own values where no
+    run of the words fits, and a frame that needed that fallback is most often the wrong frame: on two demo models
+    the intent of a fully quoted frame was right 149 of 153 and 150 of 152 times, of one with a value from
+    elsewhere 16 of 47 and 30 of 48 times (README)."""
+    from ..tasks import parse_json_object
+
+    answer, field = parse_json_object(text), schema[WORDS_FROM]
+    if answer is None or not isinstance(answer.get(field), str):
+        return False
+    runs = set(word_runs(answer[field]))
+    constants = {key for frame in schema.get("anyOf", [schema]) for key, value in frame.get("properties", {}).items()
+                 if "const" in defined(schema, value)}
+    return all(value in runs for key, value in answer.items()
+               if key != field and key not in constants and isinstance(value, str))
+
+
+def first_quoted(schema: dict, candidates: list[str]) -> str:
+    """Among one clip's beams (best first, `transcribe_arrays(..., num_return_sequences=k)`), the best that is
+    `quoted_throughout`; the best of all when none is."""
+    return next((text for text in candidates if quoted_throughout(schema, text)), candidates[0])
+
+
 __all__ = [
     "JSON_OBJECT_SCHEMA",
     "JsonSchemaLogitsProcessor",
     "QuotingJsonLogitsProcessor",
     "WORDS_FROM",
     "defined",
+    "first_quoted",
+    "quoted_throughout",
     "quoted_schema",
     "read_schema_file",
     "regex_grammar",

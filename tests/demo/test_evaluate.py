@@ -97,13 +97,43 @@ def test_understanding_answers_are_decoded_with_the_callers_beams_and_slu_held_t
     from speechlm.demo.understanding import task_schema
 
     calls = []
-    monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
-                        lambda model, processor, audios, **kwargs: calls.append(kwargs) or ["{}"] * len(audios))
+
+    def decode(model, processor, audios, num_return_sequences=1, **kwargs):
+        calls.append(kwargs)
+        return [["{}"] * num_return_sequences if num_return_sequences > 1 else "{}" for _ in audios]
+
+    monkeypatch.setattr(speechlm.inference, "transcribe_arrays", decode)
     monkeypatch.setattr("speechlm.demo.evaluate.joint_decoding", lambda *args: {})
     evaluate_understanding(None, None, one_held_out_sentence(tmp_path), ("transcribe", "slu_transcript", "qa"),
                            seed=0, limit=None, num_beams=4)
     assert [call["num_beams"] for call in calls] == [4, 4, 4, 4]  # held and free, for each task
     assert calls[0]["json_schema"] == task_schema("slu_transcript", values=True, quoted=True)
+
+
+def test_the_best_beam_with_every_value_quoted_is_scored_beside_the_best_beam_from_one_decoding(monkeypatch, tmp_path):
+    import json
+
+    import speechlm.inference
+    from speechlm.demo.evaluate import evaluate_understanding
+    from speechlm.demo.grammar import utterances
+    from speechlm.demo.understanding import slu_target
+
+    manifests = one_held_out_sentence(tmp_path)
+    text = json.loads(manifests["test_synthetic"].read_text())["text"]
+    right = slu_target(utterances([text], 0)[text], transcript=True)
+    wrong = json.dumps({"transcript": text, "intent": "call", "contact": "nobody said this"})
+    calls = []
+
+    def decode(model, processor, audios, num_return_sequences=1, **kwargs):
+        calls.append(num_return_sequences)
+        return [[wrong, right, wrong, wrong] if num_return_sequences > 1 else wrong for _ in audios]
+
+    monkeypatch.setattr(speechlm.inference, "transcribe_arrays", decode)
+    monkeypatch.setattr("speechlm.demo.evaluate.joint_decoding", lambda *args: {})
+    metrics = evaluate_understanding(None, None, manifests, ("transcribe", "slu_transcript"), seed=0, limit=None,
+                                     num_beams=4)["slu_transcript"]
+    assert calls == [4, 1]  # the held answers' beams, then free decoding's best
+    assert (metrics["intent_accuracy"], metrics["quoted_beam"]["intent_accuracy"]) == (0.0, 1.0)
 
 
 def test_each_question_is_held_to_the_values_of_its_own_slot():

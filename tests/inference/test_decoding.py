@@ -87,6 +87,31 @@ def test_a_non_positive_token_rate_is_a_value_error(whisper_gpt2):
         transcribe_arrays(model, processor, make_clips((1.0,)), tokens_per_second=0)
 
 
+# ------------------------------------------------------------------------------------------ several answers
+def test_each_clip_gets_its_beams_best_first_the_first_being_its_single_answer(whisper_gpt2):
+    processor, model = whisper_gpt2
+    clips, options = make_clips((1.0, 2.5, 1.7)), {"num_beams": 3, "max_new_tokens": 6, "min_new_tokens": 6}
+    single = transcribe_arrays(model, processor, clips, **options)
+    beams = transcribe_arrays(model, processor, clips, num_return_sequences=3, batch_size=2, **options)
+    assert [len(candidates) for candidates in beams] == [3, 3, 3]
+    assert [candidates[0] for candidates in beams] == single
+
+
+def test_each_clips_beams_keep_its_own_length_cap(whisper_gpt2):
+    processor, model = whisper_gpt2
+    clips, options = make_clips((1.0, 4.0)), {"num_beams": 2, "min_new_tokens": 40, "max_new_tokens": 40}
+    together = transcribe_arrays(model, processor, clips, num_return_sequences=2, tokens_per_second=3.0, **options)
+    alone = [transcribe_arrays(model, processor, [clip], num_return_sequences=2, tokens_per_second=3.0, **options)[0]
+             for clip in clips]
+    assert together == alone
+
+
+def test_more_answers_than_beams_is_a_clear_value_error(whisper_gpt2):
+    processor, model = whisper_gpt2
+    with pytest.raises(ValueError, match=r"num_return_sequences=4 needs num_beams >= 4.*got num_beams=2"):
+        transcribe_arrays(model, processor, make_clips((1.0,)), num_return_sequences=4, num_beams=2)
+
+
 # ------------------------------------------------------------------------------------------ generation config
 def test_unset_options_come_from_the_generation_config_then_the_fallback(build):
     _, model = build("wav2vec2-layer", "qwen2")

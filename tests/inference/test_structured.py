@@ -14,7 +14,15 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from speechlm.inference.decoding import transcribe_arrays
-from speechlm.inference.structured import WORDS_FROM, quoted_schema, schema_grammar, with_json_schema, word_runs
+from speechlm.inference.structured import (
+    WORDS_FROM,
+    first_quoted,
+    quoted_schema,
+    quoted_throughout,
+    schema_grammar,
+    with_json_schema,
+    word_runs,
+)
 from tests.conftest import make_clips
 
 # Whitespace fixed (x-guidance): an untrained model would otherwise pad the JSON with spaces until max_new_tokens.
@@ -210,6 +218,37 @@ def test_a_quoted_schema_fixes_the_transcript_it_was_given():
 def test_a_slot_no_words_fill_keeps_its_own_values():
     """The frame stays: a misheard transcript must not move the answer to another intent."""
     assert slot_values(quoted_schema(FRAMES, "paint it red"))["call"] == FRAMES["anyOf"][1]["properties"]["name"]
+
+
+def frame(transcript: str, intent: str, **slots) -> str:
+    return json.dumps({"transcript": transcript, "intent": intent, **slots})
+
+
+def test_an_answer_whose_slot_values_are_all_words_of_its_transcript_is_quoted_throughout():
+    assert quoted_throughout(FRAMES, frame("please call anna lee", "call", name="anna lee"))
+
+
+def test_an_answer_with_a_value_from_its_catalogue_is_not():
+    assert not quoted_throughout(FRAMES, frame("please call anna", "call", name="mum"))
+
+
+def test_the_constant_intent_need_not_be_quoted():
+    assert quoted_throughout(FRAMES, frame("paint it red", "paint", colour="red"))
+
+
+@pytest.mark.parametrize("text", ["not json", '{"intent": "call", "name": "mum"}', '{"transcript": 3}'])
+def test_an_answer_without_its_transcript_is_not_quoted(text):
+    assert not quoted_throughout(FRAMES, text)
+
+
+def test_the_first_quoted_beam_is_kept_over_a_better_scored_unquoted_one():
+    beams = [frame("paint it red", "call", name="mum"), frame("paint it red", "paint", colour="red")]
+    assert first_quoted(FRAMES, beams) == beams[1]
+
+
+def test_the_best_beam_is_kept_when_none_is_quoted():
+    beams = [frame("paint it", "call", name="mum"), frame("paint it", "paint", colour="red")]
+    assert first_quoted(FRAMES, beams) == beams[0]
 
 
 # A transcript the untrained model can only write with these words, then a colour from a longer list; the tiny
