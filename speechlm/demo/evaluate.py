@@ -91,9 +91,10 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
     beams, as the transcriptions are; the same model decoding freely is scored beside (`free`). A model that carries
     a joint CTC weight decodes the transcript field of `slu_transcript` and `qa_transcript` answers jointly with its
     head (`joint_decoding`), as its transcriptions are; a `qa_transcript` answer is scored by its `answer` field
-    (`answer_of`), its whole output kept in the rows. With beams and values quoted from a transcript, the best
-    beam whose values are all quoted (`first_quoted`) is scored beside the best beam (`quoted_beam`), from the same
-    decoding. `on_result(task, metrics)` gets each task as it ends."""
+    (`answer_of`), its whole output kept in the rows. With beams and values quoted from a transcript, the answer
+    is the best beam whose values are all quoted (`first_quoted`; a frame that had to take a value from elsewhere is
+    most often the wrong frame), the best beam scored beside (`best_beam`) from the same decoding.
+    `on_result(task, metrics)` gets each task as it ends."""
     from ..audio import load_audio
     from ..inference import first_quoted, transcribe_arrays
     from ..tasks import score_task, task_rows
@@ -120,13 +121,13 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
         outputs = transcribe_arrays(model, processor, **structure, **inputs,
                                     num_return_sequences=num_beams if schemas else 1)
         beams = outputs if schemas else None
-        outputs = [candidates[0] for candidates in beams] if beams else outputs
+        if beams:  # the best beam whose values are all quoted, the best beam measured beside
+            outputs = [first_quoted(schema, candidates) for schema, candidates in zip(schemas, beams, strict=True)]
         hyps = [answer_of(task, text) for text in outputs]
         metrics = score_task(kind, refs, hyps)
         metrics["seconds"] = time.monotonic() - start
-        if beams:  # the best beam whose values are all quoted: measured beside the best beam
-            chosen = [first_quoted(schema, candidates) for schema, candidates in zip(schemas, beams, strict=True)]
-            metrics["quoted_beam"] = score_task(kind, refs, [answer_of(task, text) for text in chosen])
+        if beams:
+            metrics["best_beam"] = score_task(kind, refs, [answer_of(task, candidates[0]) for candidates in beams])
         if structure:  # the same model decoding freely: what the structure adds
             free = transcribe_arrays(model, processor, **inputs)
             metrics["free"] = score_task(kind, refs, [answer_of(task, text) for text in free])

@@ -110,7 +110,7 @@ def test_understanding_answers_are_decoded_with_the_callers_beams_and_slu_held_t
     assert calls[0]["json_schema"] == task_schema("slu_transcript", values=True, quoted=True)
 
 
-def test_the_best_beam_with_every_value_quoted_is_scored_beside_the_best_beam_from_one_decoding(monkeypatch, tmp_path):
+def test_the_answer_is_the_best_beam_with_every_value_quoted_the_best_beam_scored_beside(monkeypatch, tmp_path):
     import json
 
     import speechlm.inference
@@ -133,7 +133,8 @@ def test_the_best_beam_with_every_value_quoted_is_scored_beside_the_best_beam_fr
     metrics = evaluate_understanding(None, None, manifests, ("transcribe", "slu_transcript"), seed=0, limit=None,
                                      num_beams=4)["slu_transcript"]
     assert calls == [4, 1]  # the held answers' beams, then free decoding's best
-    assert (metrics["intent_accuracy"], metrics["quoted_beam"]["intent_accuracy"]) == (0.0, 1.0)
+    assert (metrics["intent_accuracy"], metrics["best_beam"]["intent_accuracy"]) == (1.0, 0.0)
+    assert metrics["rows"][0]["output"] == right
 
 
 def test_each_question_is_held_to_the_values_of_its_own_slot():
