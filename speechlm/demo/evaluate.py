@@ -84,7 +84,7 @@ CASCADE_SHOTS = 8
 
 def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, seed: int, limit: int | None,
                            decoder: tuple[str, str | None] | None = None, num_beams: int = 1,
-                           on_result=None) -> dict[str, dict]:
+                           on_result=None, free: bool = True) -> dict[str, dict]:
     """Each understanding task on the held-out synthetic clips (held-out voices and sentences), scored by its
     metric kind (`speechlm.tasks`), with the cascade (greedy) beside it when `decoder` (the base LLM's path, GGUF
     file) is given. Answers are held as a deployment would hold them (`held_structure`) and decoded with `num_beams`
@@ -94,7 +94,8 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
     (`answer_of`), its whole output kept in the rows. With beams and values quoted from a transcript, the answer
     is the best beam whose values are all quoted (`first_quoted`; a frame that had to take a value from elsewhere is
     most often the wrong frame), the best beam scored beside (`best_beam`) from the same decoding.
-    `on_result(task, metrics)` gets each task as it ends."""
+    `on_result(task, metrics)` gets each task as it ends; `free=False` leaves free decoding out (a benchmark of
+    the held decoding alone)."""
     from ..audio import load_audio
     from ..inference import first_quoted, transcribe_arrays
     from ..tasks import score_task, task_rows
@@ -128,7 +129,7 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
         metrics["seconds"] = time.monotonic() - start
         if beams:
             metrics["best_beam"] = score_task(kind, refs, [answer_of(task, candidates[0]) for candidates in beams])
-        if structure:  # the same model decoding freely: what the structure adds
+        if structure and free:  # the same model decoding freely: what the structure adds
             free = transcribe_arrays(model, processor, **inputs)
             metrics["free"] = score_task(kind, refs, [answer_of(task, text) for text in free])
         scored = task_rows(kind, [row["id"] for row, _ in pairs], refs, hyps)

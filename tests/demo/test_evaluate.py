@@ -137,6 +137,20 @@ def test_the_answer_is_the_best_beam_with_every_value_quoted_the_best_beam_score
     assert metrics["rows"][0]["output"] == right
 
 
+def test_free_decoding_is_left_out_when_asked(monkeypatch, tmp_path):
+    # benchmarks/quoted_beams.py decodes at 8 beams: the free decoding beside would double its time for nothing.
+    import speechlm.inference
+    from speechlm.demo.evaluate import evaluate_understanding
+
+    calls = []
+    monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
+                        lambda model, processor, audios, **kwargs: calls.append(kwargs) or ["{}"] * len(audios))
+    monkeypatch.setattr("speechlm.demo.evaluate.joint_decoding", lambda *args: {})
+    results = evaluate_understanding(None, None, one_held_out_sentence(tmp_path), ("transcribe", "slu"), seed=0,
+                                     limit=None, free=False)
+    assert len(calls) == 1 and "json_schema" in calls[0] and "free" not in results["slu"]
+
+
 def test_each_question_is_held_to_the_values_of_its_own_slot():
     from speechlm.demo.evaluate import held_structure
     from speechlm.demo.understanding import answer_pattern
