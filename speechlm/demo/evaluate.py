@@ -130,8 +130,8 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
         if beams:
             metrics["best_beam"] = score_task(kind, refs, [answer_of(task, candidates[0]) for candidates in beams])
         if structure and free:  # the same model decoding freely: what the structure adds
-            free = transcribe_arrays(model, processor, **inputs)
-            metrics["free"] = score_task(kind, refs, [answer_of(task, text) for text in free])
+            freely = transcribe_arrays(model, processor, **inputs)
+            metrics["free"] = score_task(kind, refs, [answer_of(task, text) for text in freely])
         scored = task_rows(kind, [row["id"] for row, _ in pairs], refs, hyps)
         metrics["rows"] = [{**row, "output": output, **({"beams": beams[n]} if beams else {})}
                            for n, (row, output) in enumerate(zip(scored, outputs))]
