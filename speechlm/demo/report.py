@@ -165,9 +165,9 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
                   "| SpeechLM, free decoding | cascade | decode s |",
                   "|---|---|---|---|---|---|---|"]
         for task, metrics in understanding.items():
-            quoted, free, cascade = (task_summary(metrics[k]) if k in metrics else "-"
-                                     for k in ("best_beam", "free", "cascade"))
-            lines.append(f"| {task} | {metrics['n_utterances']} | {task_summary(metrics)} | {quoted} | {free} | "
+            best, free, cascade = (task_summary(metrics[k]) if k in metrics else "-"
+                                   for k in ("best_beam", "free", "cascade"))
+            lines.append(f"| {task} | {metrics['n_utterances']} | {task_summary(metrics)} | {best} | {free} | "
                          f"{cascade} | {metrics['seconds']:.0f} |")
     lines += ["", "![loss and WER](curves.png)", "", *curve_table(history)]
     for name, metrics in results.items():
