@@ -112,6 +112,12 @@ def test_more_answers_than_beams_is_a_clear_value_error(whisper_gpt2):
         transcribe_arrays(model, processor, make_clips((1.0,)), num_return_sequences=4, num_beams=2)
 
 
+def test_no_answers_at_all_is_a_clear_value_error(whisper_gpt2):
+    processor, model = whisper_gpt2
+    with pytest.raises(ValueError, match="num_return_sequences must be >= 1, got 0"):
+        transcribe_arrays(model, processor, make_clips((1.0,)), num_return_sequences=0)
+
+
 # ------------------------------------------------------------------------------------------ generation config
 def test_unset_options_come_from_the_generation_config_then_the_fallback(build):
     _, model = build("wav2vec2-layer", "qwen2")
