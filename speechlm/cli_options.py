@@ -158,6 +158,25 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
 
 
+def add_prefer_quoted_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """--prefer-quoted: among a beam search's answers, the best whose values are all quoted from its transcript."""
+    parser.add_argument("--prefer-quoted", action="store_true",
+                        help=f"{what}: where the schema quotes its values from a transcript "
+                             "(x-speechlm-words-from), answer with the best beam whose values all are, else the best "
+                             "beam; needs beams (--num-beams)")
+
+
+def beams_for_prefer_quoted(args: argparse.Namespace, model) -> bool:
+    """False, after printing why, when --prefer-quoted is given and the model would decode without beams."""
+    from .inference.decoding import beam_width
+
+    if args.prefer_quoted and (beams := beam_width(model, args.num_beams)) < 2:
+        print(f"error: --prefer-quoted chooses among beams: give --num-beams >= 2 (this model decodes with {beams})",
+              file=sys.stderr)  # fmt: skip
+        return False
+    return True
+
+
 def resolve_device(device: str | None) -> str:
     """--device, or cuda when torch sees a GPU, else cpu."""
     import torch

@@ -18,6 +18,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         add_joint_ctc_argument,
         add_length_cap_argument,
         add_model_arguments,
+        add_prefer_quoted_argument,
     )
 
     parser.add_argument("manifest", help="JSONL manifest: {\"audio\": path, \"text\": reference, \"prompt\"?: ...}")
@@ -45,11 +46,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-schema", action="append", default=[], metavar="TASK=SCHEMA.json",
                         help="hold TASK's answers to this JSON schema while decoding (e.g. an SLU task's intents and "
                              "slots; see speechlm.inference.structured)")
+    add_prefer_quoted_argument(parser, "answers held to a --task-schema")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..cli_options import generation_options, joint_ctc_weight_for, load_or_explain
+    from ..cli_options import beams_for_prefer_quoted, generation_options, joint_ctc_weight_for, load_or_explain
     from ..data.manifests import ManifestError, read_manifest
 
     if args.batch_size < 1:
@@ -58,6 +60,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         manifest = read_manifest(args.manifest, on_error=args.on_error)
         task_prompts, task_metrics = _task_options(args, manifest)
         task_schemas = _task_schemas(args.task_schema)
+        _check_prefer_quoted(args, task_schemas)
         normalize = build_normalizer("none" if args.no_normalize else args.normalizer, args.whisper_spelling)
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -67,11 +70,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     processor, model = loaded
     if (joint_ctc_weight := joint_ctc_weight_for(args, model)) is None:
         return 2
+    if not beams_for_prefer_quoted(args, model):
+        return 2
     metrics = evaluate_model(
         model, processor, manifest, batch_size=args.batch_size, prompt=args.prompt, output_dir=args.output_dir,
         limit=args.limit, normalize=normalize, progress=not args.quiet, task_metrics=task_metrics,
         task_prompts=task_prompts or None, model_name=args.model, tokens_per_second=args.tokens_per_second,
-        task_schemas=task_schemas, joint_ctc_weight=joint_ctc_weight, **generation_options(args),
+        task_schemas=task_schemas, joint_ctc_weight=joint_ctc_weight, prefer_quoted=args.prefer_quoted,
+        **generation_options(args),
     )  # fmt: skip
     notes = [f"Normaliser: {normalizer_description(normalize)}"]
     print(format_report(metrics, f"{args.model} on {args.manifest}", notes))
@@ -83,6 +89,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         scores = "  ".join(f"{LABELS[key]}: {format_value(key, values[key])}" for key in HEADLINE[values["kind"]])
         print(f"{task} ({values['kind']}): {scores}")
     return 0
+
+
+def _check_prefer_quoted(args: argparse.Namespace, task_schemas: dict[str, dict]) -> None:
+    """--prefer-quoted with nothing to choose by is an error, not a silent no-op."""
+    from ..inference.decoding import quoting
+    from ..inference.structured import WORDS_FROM
+
+    if args.prefer_quoted and not any(map(quoting, task_schemas.values())):
+        raise ValueError(f"--prefer-quoted needs a --task-schema whose schema quotes its values from a transcript "
+                         f"({WORDS_FROM!r}); {'none does' if task_schemas else 'none was given'}")
 
 
 def _task_options(args: argparse.Namespace, records) -> tuple[dict[str, str], dict[str, str]]:

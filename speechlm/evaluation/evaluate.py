@@ -35,6 +35,7 @@ def transcribe_records(
     kinds: dict[str, str] | None = None,
     task_schemas: dict[str, dict] | None = None,
     joint_ctc_weight: float = 0.0,
+    prefer_quoted: bool = False,
     **generate_kwargs,
 ) -> list[str]:
     """Hypotheses for manifest records (see `speechlm.data`), in record order, through `transcribe_arrays`.
@@ -48,12 +49,13 @@ def transcribe_records(
     (`speechlm.inference.structured`), e.g. an SLU task to its intents and slots. `joint_ctc_weight` > 0 decodes the
     transcription records jointly with the model's CTC head (`speechlm.joint_ctc`), and the transcript field of a
     task whose schema opens its answers with one (`schema_transcript_span`); other answers are not the transcript the
-    head reads, so they are decoded by the LLM alone.
+    head reads, so they are decoded by the LLM alone. `prefer_quoted` answers each record of a task whose schema
+    quotes its values from a transcript with its best beam whose values all are (`transcribe_arrays`).
     """
     from tqdm.auto import tqdm
 
     from ..data.dataset import load_record_audio, resolve_prompt
-    from ..inference.decoding import transcribe_arrays
+    from ..inference.decoding import quoting, transcribe_arrays
     from ..joint_ctc import joint_options
     from ..tasks import UNTAGGED, resolve_kinds
 
@@ -83,11 +85,13 @@ def transcribe_records(
                 task = chunk[i].get("task")
                 groups.setdefault((transcription(chunk[i]), task if task in schemas else None), []).append(n)
             for (transcribed, schema_task), rows in groups.items():
-                joint = joint_options(processor.tokenizer, joint_ctc_weight, transcribed, schemas.get(schema_task))
+                schema = schemas.get(schema_task)
+                joint = joint_options(processor.tokenizer, joint_ctc_weight, transcribed, schema)
                 decoded = transcribe_arrays(model, processor, [audios[n] for n in rows],
                                             prompt=[prompts[n] for n in rows], batch_size=batch_size,
                                             tokens_per_second=tokens_per_second if transcribed else None,
-                                            json_schema=schemas.get(schema_task), **joint, **generate_kwargs)
+                                            json_schema=schema, prefer_quoted=prefer_quoted and quoting(schema),
+                                            **joint, **generate_kwargs)
                 texts.update(zip((plain[n] for n in rows), decoded))
             if chats:
                 conversations = [_chat_history(chunk[i], processor.sampling_rate) for i in chats]
@@ -144,6 +148,7 @@ def evaluate_model(
     tokens_per_second: float | None = None,
     task_schemas: dict[str, dict] | None = None,
     joint_ctc_weight: float = 0.0,
+    prefer_quoted: bool = False,
     **generate_kwargs,
 ) -> dict[str, Any]:
     """Transcribe a manifest (path, `speechlm.data.Manifest`, `datasets.Dataset` or list of record dicts) and score it.
@@ -157,8 +162,9 @@ def evaluate_model(
     are tasks, for error analysis), `metrics.json` and `summary.md` (naming `model_name` and the normaliser) there.
     `tokens_per_second` caps each transcription record's new tokens by its audio length (`transcribe_arrays`);
     `task_schemas` ({task: JSON schema}) holds a task's answers to its schema while decoding; `joint_ctc_weight` decodes
-    the transcription records jointly with the model's CTC head. `generate_kwargs` reach `model.generate`
-    (max_new_tokens, num_beams, ...).
+    the transcription records jointly with the model's CTC head; `prefer_quoted` answers a task whose schema quotes
+    from a transcript with each record's best quoted beam (`transcribe_records`). `generate_kwargs` reach
+    `model.generate` (max_new_tokens, num_beams, ...).
     """
     from ..data.manifests import load_records
     from ..tasks import UNTAGGED, resolve_kinds, score_records, transcription_scores
@@ -168,7 +174,8 @@ def evaluate_model(
     kinds = resolve_kinds(records, task_metrics)
     started = time.perf_counter()
     hypotheses = transcribe_records(model, processor, records, batch_size, prompt, task_prompts, progress,
-                                    tokens_per_second, kinds, task_schemas, joint_ctc_weight, **generate_kwargs)
+                                    tokens_per_second, kinds, task_schemas, joint_ctc_weight, prefer_quoted,
+                                    **generate_kwargs)
     elapsed = time.perf_counter() - started
     references = [record["text"] for record in records]
     per_task = bool(kinds) and kinds != {UNTAGGED: "transcription"}

@@ -20,6 +20,8 @@ from ..cli_options import (
     add_joint_ctc_argument,
     add_length_cap_argument,
     add_model_arguments,
+    add_prefer_quoted_argument,
+    beams_for_prefer_quoted,
     generation_options,
     joint_ctc_weight_for,
     load_or_explain,
@@ -297,13 +299,15 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
                       help="hold each answer to this regular expression while decoding (a short answer: a time, a "
                            "digit string, one of a list of names); files longer than --max-chunk-seconds are then "
                            "refused (default: free text)")
+    add_prefer_quoted_argument(parser, "answers held to --json-schema")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run_transcribe(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .decoding import audio_positions, check_positions, new_token_budget, prompt_positions
+    from .decoding import audio_positions, check_positions, new_token_budget, prompt_positions, quoting
+    from .structured import WORDS_FROM
 
     inputs, errors = collect_inputs(args.inputs)
     for message in errors:
@@ -331,10 +335,16 @@ def run_transcribe(args: argparse.Namespace) -> int:
             print(f"error: --regex: {error}", file=sys.stderr)
             return 2
         held["regex"] = args.regex
+    if args.prefer_quoted and not quoting(held.get("json_schema")):
+        print(f"error: --prefer-quoted needs a --json-schema that quotes its values from a transcript ({WORDS_FROM!r})",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if (loaded := load_or_explain(args)) is None:
         return 2
     processor, model = loaded
-    generate_kwargs = generation_options(args)
+    if not beams_for_prefer_quoted(args, model):
+        return 2
+    generate_kwargs = generation_options(args) | ({"prefer_quoted": True} if args.prefer_quoted else {})
     if args.tokens_per_second is not None:
         generate_kwargs["tokens_per_second"] = args.tokens_per_second
     if (joint_ctc_weight := joint_ctc_weight_for(args, model)) is None:

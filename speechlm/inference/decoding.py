@@ -19,7 +19,7 @@ from ..base_models import AUDIO_TOKEN
 from ..configuration import DEFAULT_GENERATION
 from ..modeling import SpeechLMModel
 from ..processing import SpeechLMProcessor
-from .structured import structure_grammar, with_json_schema
+from .structured import WORDS_FROM, first_quoted, schema_of, structure_grammar, with_json_schema
 
 # Shorter clips are below every encoder's receptive field / STFT window: refused with a clear message up front.
 MIN_AUDIO_SECONDS = 0.1
@@ -43,6 +43,11 @@ DECODING_FIELDS = (
     "length_penalty",
 )
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k")
+
+
+def beam_width(model: SpeechLMModel | None, num_beams: int | None = None) -> int:
+    """The beams a decoding searches with: `num_beams`, else the model's generation config's, else 1."""
+    return default_generation_kwargs(model, num_beams=num_beams).get("num_beams") or 1
 
 
 def saved_generation_settings(model: SpeechLMModel | None) -> dict:
@@ -174,6 +179,7 @@ def transcribe_arrays(
     batch_size: int = 8,
     tokens_per_second: float | None = None,
     num_return_sequences: int = 1,
+    prefer_quoted: bool = False,
     **generate_kwargs,
 ) -> list[str] | list[list[str]]:
     """Decode clips (1-D float arrays at the encoder's rate) in length-sorted batches; results keep input order.
@@ -189,6 +195,9 @@ def transcribe_arrays(
     `prompt` (e.g. each question's own answer pattern; None: free), and clips are batched with their own kind.
     With `num_return_sequences` k > 1 each clip gets a list of its k finished beams' texts, best first (the first is
     the text k = 1 gives), for a caller that knows better than the score which one to keep (`first_quoted`).
+    `prefer_quoted` is that choice made here: a clip held to a schema whose values are quoted from a transcript
+    (`WORDS_FROM`) is answered with its best beam whose values all are, its best beam when none is (other clips:
+    the best beam); it needs beams, and at least one such clip.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -201,6 +210,8 @@ def transcribe_arrays(
     # Grouped by structure (one grammar per `generate` call), length-sorted within a group.
     order = sorted(range(len(audios)), key=lambda i: (structures[i][0], len(audios[i])))
     kwargs = default_generation_kwargs(model, **{k: v for k, v in generate_kwargs.items() if k not in STRUCTURES})
+    if prefer_quoted:
+        num_return_sequences = quoted_choice_beams(num_return_sequences, kwargs, structures)
     returned = check_return_sequences(num_return_sequences, kwargs)
     limit, new_tokens = position_limit(model), new_token_budget(kwargs, model)
     audio_token = processor.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
@@ -232,7 +243,30 @@ def transcribe_arrays(
                 results[i] = texts[row]
             else:
                 results[i] = texts[row * num_return_sequences : (row + 1) * num_return_sequences]
+            if prefer_quoted:
+                schema = schema_of(structures[i][1])
+                results[i] = first_quoted(schema, results[i]) if quoting(schema) else results[i][0]
     return results
+
+
+def quoting(schema) -> bool:
+    """Whether a clip's schema quotes its values from a transcript field (`WORDS_FROM`)."""
+    return isinstance(schema, dict) and WORDS_FROM in schema
+
+
+def quoted_choice_beams(num_return_sequences: int, kwargs: dict, structures: list[tuple[str, dict]]) -> int:
+    """The beams `prefer_quoted` decodes per clip (all of them); a clear `ValueError` where it cannot choose."""
+    if num_return_sequences != 1:
+        raise ValueError("prefer_quoted answers each clip with one of its beams: give it or num_return_sequences, "
+                         "not both")
+    beams = kwargs.get("num_beams") or 1
+    if beams < 2 or kwargs.get("do_sample"):
+        raise ValueError(f"prefer_quoted chooses among a beam search's beams: it needs num_beams >= 2 and no "
+                         f"sampling, got num_beams={beams}{', do_sample=True' if kwargs.get('do_sample') else ''}")
+    if not any(quoting(schema_of(options)) for _, options in structures):
+        raise ValueError(f"prefer_quoted needs clips held to a json_schema with a {WORDS_FROM!r} field (values "
+                         "quoted from a transcript); no clip has one")
+    return beams
 
 
 class ClipLengthCaps(LogitsProcessor):
@@ -272,9 +306,12 @@ def check_return_sequences(count: int, kwargs: dict) -> dict:
 __all__ = [
     "MIN_AUDIO_SECONDS",
     "audio_positions",
+    "beam_width",
     "ClipLengthCaps",
     "check_positions",
     "check_return_sequences",
+    "quoted_choice_beams",
+    "quoting",
     "DECODING_FIELDS",
     "FALLBACK_GENERATION",
     "LENGTH_CAP_MARGIN",

@@ -267,7 +267,8 @@ class QuotingJsonLogitsProcessor(JsonSchemaLogitsProcessor):
         return quoting if quoting.consume_tokens(list(prefix)) and not quoting.is_error() else state
 
 
-def _schema_of(generate_kwargs: dict) -> dict | None:
+def schema_of(generate_kwargs: dict) -> dict | None:
+    """The `json_schema` option of `generate` options as a dict (it may come as JSON text); None without one."""
     schema = generate_kwargs.get("json_schema")
     return json.loads(schema) if isinstance(schema, str) else schema
 
@@ -282,7 +283,7 @@ def with_json_schema(generate_kwargs: dict, model, tokenizer) -> dict:
     eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)  # a chat may end at its end-of-turn
     eos = tokenizer.eos_token_id if eos is None else eos
     processors = LogitsProcessorList(kwargs.get("logits_processor") or [])
-    schema = _schema_of(generate_kwargs)
+    schema = schema_of(generate_kwargs)
     if isinstance(schema, dict) and WORDS_FROM in schema:
         processors.append(QuotingJsonLogitsProcessor(tokenizer, schema, eos))
     else:
@@ -326,6 +327,7 @@ __all__ = [
     "quoted_schema",
     "read_schema_file",
     "regex_grammar",
+    "schema_of",
     "schema_grammar",
     "structure_grammar",
     "with_json_schema",

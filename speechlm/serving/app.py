@@ -33,9 +33,21 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..cli_options import add_decoding_arguments, add_joint_ctc_argument, add_model_arguments, generation_options
+from ..cli_options import (
+    add_decoding_arguments,
+    add_joint_ctc_argument,
+    add_model_arguments,
+    add_prefer_quoted_argument,
+    generation_options,
+)
 from ..factory import AUDIO_TOKEN
-from ..inference.decoding import audio_positions, check_positions, new_token_budget, prompt_positions
+from ..inference.decoding import (
+    audio_positions,
+    beam_width,
+    check_positions,
+    new_token_budget,
+    prompt_positions,
+)
 from ..inference.formats import Segment, segments_text, segments_to_srt, segments_to_vtt
 from ..inference.segmentation import array_blocks, split_on_silence
 from .batcher import DynamicBatcher
@@ -108,6 +120,8 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
         settings = replace(settings, joint_ctc_weight=getattr(model, "joint_ctc_weight", 0.0))
     elif settings.joint_ctc_weight and getattr(model, "ctc_head", None) is None:
         raise ValueError("joint_ctc_weight needs a model with a CTC head; this one has none")
+    if settings.prefer_quoted and (beams := beam_width(model, settings.num_beams)) < 2:
+        raise ValueError(f"prefer_quoted chooses among beams: give num_beams >= 2 (this model decodes with {beams})")
     batcher = DynamicBatcher(model, processor, settings.max_batch_size, settings.batch_wait_ms,
                              settings.max_batch_audio_seconds)  # fmt: skip
     sampling_rate = processor.sampling_rate
@@ -419,6 +433,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the largest max_tokens a chat request may ask for")  # fmt: skip
     add_joint_ctc_argument(parser, what="transcriptions (/v1/audio/transcriptions), and the transcript field of chat "
                            "answers about one clip held to a schema that opens with one (else chat uses the LLM alone)")
+    add_prefer_quoted_argument(parser, "chat answers held to a response_format or structured_outputs schema")
     parser.add_argument(
         "--allow-origin",
         action="append",
@@ -448,6 +463,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         prompt=args.prompt,
         **generation_options(args),
         joint_ctc_weight=args.joint_ctc_weight,
+        prefer_quoted=args.prefer_quoted,
         max_prompt_chars=args.max_prompt_chars,
         max_prompt_tokens=args.max_prompt_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
@@ -478,7 +494,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if (joint_ctc_weight := joint_ctc_weight_for(args, model)) is None:
         return 2
     settings = replace(settings, joint_ctc_weight=joint_ctc_weight)
-    app = create_app(model, processor, settings)
+    try:
+        app = create_app(model, processor, settings)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     shown = {k: v for k, v in asdict(settings).items() if k != "api_key"}
     print(f"serving {args.model} on http://{args.host}:{args.port} ({device}); auth: {bool(settings.api_key)}; {shown}")
     if warning := exposure_warning(args.host, settings.api_key):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..inference.decoding import default_generation_kwargs, transcribe_arrays
-from ..inference.structured import with_json_schema
+from ..inference.structured import first_quoted, with_json_schema
 from ..joint_ctc import joint_options
 from .guard import request_flow
 from .streaming import BatchStreamer, TextDeltas, cut_at_stop, eos_token_ids
@@ -391,7 +391,10 @@ class DynamicBatcher:
         weight = options.pop("joint_ctc_weight", None)  # set only for one clip and a schema opening with a transcript
         if weight:
             options |= joint_options(processor.tokenizer, weight, False, json.loads(options["json_schema"]))
+        schema = json.loads(options["json_schema"]) if options.pop("prefer_quoted", False) else None
         kwargs = default_generation_kwargs(model, **options)
+        beams = kwargs["num_beams"] if schema else 1  # every beam of each answer, to keep the best quoted one
+        kwargs |= {"num_return_sequences": beams} if beams > 1 else {}
         if stops:
             kwargs.update(stop_strings=list(stops), tokenizer=processor.tokenizer)
         deltas = self._streamer(jobs, kwargs, stops)
@@ -412,8 +415,16 @@ class DynamicBatcher:
             count = len(row) if ended is None else ended + 1
             reason = "stop" if ended is not None or stopped or count < kwargs["max_new_tokens"] else "length"
             results.append(ChatResult(text, count, reason))
+        if beams > 1:  # row r is jobs[r // beams]'s
+            results = [quoted_result(schema, results[start : start + beams]) for start in range(0, len(results), beams)]
         self._finish(deltas, [result.text for result in results])
         return results
+
+
+def quoted_result(schema: dict, beams: list[ChatResult]) -> ChatResult:
+    """One answer's best beam whose values are all quoted (`first_quoted`), else its best beam."""
+    texts = [beam.text for beam in beams]
+    return beams[texts.index(first_quoted(schema, texts))]
 
 
 __all__ = ["ChatResult", "DynamicBatcher", "request_flow"]

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..chat import AudioPart, ChatError, parse_conversation
-from ..inference.decoding import audio_positions, check_positions, new_token_budget
+from ..inference.decoding import audio_positions, check_positions, new_token_budget, quoting
 from ..joint_ctc import transcript_opening
 from .guard import APIError, decode_upload, first_or_disconnect
 from .settings import ServerSettings
@@ -60,7 +60,8 @@ def _number(body: dict, key: str, low: float, high: float, integer: bool = False
 def generation_options(body: dict, settings: ServerSettings) -> dict:
     """OpenAI sampling parameters -> `generate` options; unsupported ones are a 400 naming them.
 
-    Without `temperature` decoding is greedy (the model's trained behaviour), unlike OpenAI's default of 1.
+    Without `temperature` decoding is greedy (the model's trained behaviour), unlike OpenAI's default of 1, or a beam
+    search with the server's `num_beams`, as its transcriptions are.
     """
     for key, value in body.items():
         if key in HONOURED or value is None:
@@ -85,6 +86,8 @@ def generation_options(body: dict, settings: ServerSettings) -> dict:
         options.update(do_sample=True, temperature=float(temperature))
         if top_p is not None and top_p < 1:
             options["top_p"] = float(top_p)
+    elif settings.num_beams:
+        options["num_beams"] = settings.num_beams
     seed = _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
     if seed is not None:
         options["seed"] = seed
@@ -277,6 +280,13 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
             return {}
         return {"joint_ctc_weight": settings.joint_ctc_weight}
 
+    def quoted_choice_option(options: dict) -> dict:
+        """`prefer_quoted` for an answer held to a schema that quotes its values from a transcript, decoded with
+        beams (the server's `prefer_quoted`; the batcher keeps the best beam whose values all are quoted)."""
+        if not settings.prefer_quoted or options.get("do_sample") or "json_schema" not in options:
+            return {}
+        return {"prefer_quoted": True} if quoting(json.loads(options["json_schema"])) else {}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
@@ -297,7 +307,7 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
             raise _bad("stream_options takes only include_usage, and only with stream=true", "stream_options")
         messages = openai_messages(body.get("messages"), settings)
         conversation, clips = await load_conversation(messages, sampling_rate, settings)
-        options |= joint_transcript_option(clips, options)
+        options |= joint_transcript_option(clips, options) | quoted_choice_option(options)
         budget = new_token_budget(options, model)
         text, audio = await run_in_threadpool(prompt_tokens, conversation, budget)
         usage = {"prompt_tokens": text + audio, "prompt_tokens_details": {"audio_tokens": audio, "cached_tokens": 0}}

@@ -32,6 +32,9 @@ class ServerSettings:
     # Transcriptions, and the transcript field of chat answers held to a schema that opens with one, decoded jointly
     # with the model's CTC head (speechlm.joint_ctc); None: the weight saved with it.
     joint_ctc_weight: float | None = None
+    # Chat answers held to a schema that quotes its values from a transcript (x-speechlm-words-from) are the best
+    # beam whose values all are quoted, else the best beam (`speechlm.inference.first_quoted`); needs beams.
+    prefer_quoted: bool = False
     # Limits that keep one client from stalling the others (every one has a `speechlm serve` flag).
     max_prompt_chars: int = 2000
     max_prompt_tokens: int = 256

@@ -84,3 +84,28 @@ def test_speechlm_evaluate_decodes_with_the_joint_ctc_weight_saved_with_the_mode
         return [json.loads(line)["hyp"] for line in (out / "predictions.jsonl").read_text().splitlines()]
 
     assert predictions() == predictions("--joint-ctc-weight", "0.5") != predictions("--joint-ctc-weight", "0")
+
+
+def test_speechlm_evaluate_refuses_prefer_quoted_without_a_quoting_schema_before_loading(two_task_manifest, tmp_path,
+                                                                                        capsys):
+    (tmp_path / "plain.json").write_text('{"type": "object"}')
+    argv = ["evaluate", str(two_task_manifest), "--model", str(tmp_path / "no-model"), "--quiet", "--prefer-quoted",
+            "--task-prompt", "slu=intent as json", "--task-prompt", "transcribe=transcribe"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "--prefer-quoted needs a --task-schema whose schema quotes" in capsys.readouterr().err
+    assert cli.main([*argv, "--task-schema", f"slu={tmp_path / 'plain.json'}"]) == 2
+    assert "x-speechlm-words-from'); none does" in capsys.readouterr().err
+
+
+def test_speechlm_evaluate_refuses_prefer_quoted_without_beams(build, two_task_manifest, tmp_path, capsys):
+    from tests.inference.test_structured import ROT
+
+    processor, model = build("whisper", "qwen2", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "rot.json").write_text(json.dumps(ROT))
+    argv = ["evaluate", str(two_task_manifest), "--model", str(tmp_path / "model"), "--quiet", "--prefer-quoted",
+            "--task-schema", f"slu={tmp_path / 'rot.json'}", "--task-prompt", "slu=intent as json",
+            "--task-prompt", "transcribe=transcribe", "--num-beams", "1"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "--prefer-quoted chooses among beams: give --num-beams >= 2" in capsys.readouterr().err

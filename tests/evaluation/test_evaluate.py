@@ -157,3 +157,19 @@ def test_joint_ctc_decoding_reads_the_transcript_field_of_a_task_whose_schema_op
                               joint_ctc_span=span, **options)
     assert joint != transcribe_arrays(model, processor, clips, prompt=PROMPTS["slu"], **options)
     assert hyps[1::2] == joint
+
+
+def test_prefer_quoted_chooses_among_a_quoting_tasks_beams_only(build, two_task_manifest, tmp_path):
+    from tests.inference.test_structured import ROT
+
+    processor, model = build("whisper", "qwen2", dtype=torch.float32)
+    clips = make_clips(seconds=(0.55, 0.3, 0.8, 0.4))
+    options = {"max_new_tokens": 64, "num_beams": 4}
+    evaluate_model(model, processor, two_task_manifest, task_prompts=PROMPTS, task_schemas={"slu": ROT},
+                   prefer_quoted=True, output_dir=tmp_path / "report", **options)
+    hyps = [json.loads(line)["hyp"] for line in (tmp_path / "report" / "predictions.jsonl").read_text().splitlines()]
+    assert hyps[1::2] == transcribe_arrays(model, processor, clips[1::2], prompt=PROMPTS["slu"], json_schema=ROT,
+                                           prefer_quoted=True, **options)
+    assert hyps[1::2] != transcribe_arrays(model, processor, clips[1::2], prompt=PROMPTS["slu"], json_schema=ROT,
+                                           **options)
+    assert hyps[0::2] == transcribe_arrays(model, processor, clips[0::2], prompt=PROMPTS["transcribe"], **options)

@@ -19,7 +19,7 @@ from speechlm.inference.decoding import transcribe_arrays
 from speechlm.loading import load_pretrained
 from tests.conftest import make_clips
 from tests.inference.conftest import SR, needs_espeak, save
-from tests.inference.test_structured import SCHEMA, TIME, TOKENS, follows_schema
+from tests.inference.test_structured import ROT, SCHEMA, TIME, TOKENS, follows_schema
 
 
 def write_wav(path, audio):
@@ -220,6 +220,36 @@ def test_cli_refuses_a_schema_and_a_regex_together(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["transcribe", str(clip), "--model", str(tmp_path / "m"), "--json-schema", "s.json", "--regex", TIME])
     assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_prefer_quoted_answers_with_the_best_quoted_beam(saved_model, tmp_path, capsys):
+    clips = make_clips((0.55, 0.3, 0.8, 1.1), seed=3)
+    paths = [write_wav(tmp_path / f"{name}.wav", clip) for name, clip in zip("abcd", clips)]
+    (tmp_path / "rot.json").write_text(json.dumps(ROT))
+    code = main(["transcribe", *map(str, paths), "--model", str(saved_model), "--json-schema",
+                 str(tmp_path / "rot.json"), "--prefer-quoted", "--num-beams", "4", "--max-new-tokens", "64",
+                 "--format", "json", "--quiet"])  # fmt: skip
+    texts = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+    processor, model = load_pretrained(str(saved_model))
+    options = {"max_new_tokens": 64, "num_beams": 4, "json_schema": ROT}
+    assert code == 0 and texts == transcribe_arrays(model, processor, clips, prefer_quoted=True, **options)
+    assert texts != transcribe_arrays(model, processor, clips, **options)
+
+
+def test_cli_refuses_prefer_quoted_without_a_quoting_schema_before_loading(tmp_path, capsys):
+    clip = write_wav(tmp_path / "a.wav", make_clips((0.5,))[0])
+    (tmp_path / "plain.json").write_text(json.dumps(SCHEMA))
+    for held in ([], ["--json-schema", str(tmp_path / "plain.json")]):
+        code = main(["transcribe", str(clip), "--model", str(tmp_path / "no-model"), "--prefer-quoted", *held])
+        assert code == 2 and "--prefer-quoted needs a --json-schema that quotes" in capsys.readouterr().err
+
+
+def test_cli_refuses_prefer_quoted_without_beams(saved_model, tmp_path, capsys):
+    clip = write_wav(tmp_path / "a.wav", make_clips((0.5,))[0])
+    (tmp_path / "rot.json").write_text(json.dumps(ROT))
+    code = main(["transcribe", str(clip), "--model", str(saved_model), "--json-schema", str(tmp_path / "rot.json"),
+                 "--prefer-quoted", "--num-beams", "1", "--quiet"])  # fmt: skip
+    assert code == 2 and "--prefer-quoted chooses among beams: give --num-beams >= 2" in capsys.readouterr().err
 
 
 def test_cli_joint_ctc_weight_is_checked_before_any_work(saved_model, tmp_path, capsys):

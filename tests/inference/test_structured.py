@@ -295,6 +295,48 @@ def test_batched_quoted_answers_equal_one_by_one(whisper_qwen):
     assert batched == alone
 
 
+# Words the untrained model writes both ways: on the fourth clip its best beam transcribes "rot" (no colour to
+# quote: the colour comes from the list) and a later beam "red red" (quoted).
+ROT = {**QUOTED, "properties": {**QUOTED["properties"],
+                                "transcript": {"type": "string", "pattern": "^(?:rot|red)(?: (?:rot|red)){0,2}$"}}}
+BEAMS = {"max_new_tokens": QUOTED_TOKENS, "num_beams": 4}
+
+
+def test_prefer_quoted_answers_each_clip_with_its_best_quoted_beam(whisper_qwen):
+    processor, model = whisper_qwen
+    clips = make_clips((0.55, 0.3, 0.8, 1.1), seed=3)
+    beams = transcribe_arrays(model, processor, clips, json_schema=ROT, num_return_sequences=4, **BEAMS)
+    chosen = transcribe_arrays(model, processor, clips, json_schema=ROT, prefer_quoted=True, **BEAMS)
+    assert chosen == [first_quoted(ROT, candidates) for candidates in beams]
+    assert chosen != [candidates[0] for candidates in beams]  # a clip whose best beam was not quoted
+
+
+def test_batched_prefer_quoted_answers_equal_one_by_one(whisper_qwen):
+    batched, alone = batched_and_alone(*whisper_qwen, json_schema=ROT, prefer_quoted=True, **BEAMS)
+    assert batched == alone
+
+
+def test_prefer_quoted_leaves_a_clip_without_quoting_its_best_beam(whisper_qwen):
+    processor, model = whisper_qwen
+    clips = make_clips((0.55, 1.1), seed=3)
+    plain = {k: v for k, v in ROT.items() if k != WORDS_FROM}
+    best = transcribe_arrays(model, processor, clips[1:], json_schema=plain, **BEAMS)
+    chosen = transcribe_arrays(model, processor, clips, json_schema=[ROT, plain], prefer_quoted=True, **BEAMS)
+    assert chosen[1:] == best
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"json_schema": ROT, "num_beams": 1}, "prefer_quoted chooses among a beam search's beams: it needs num_beams"),
+    ({"json_schema": ROT, "num_beams": 4, "num_return_sequences": 2}, "give it or num_return_sequences, not both"),
+    ({"json_schema": SCHEMA, "num_beams": 4}, "no clip has one"),  # held, but nothing quoted
+    ({"num_beams": 4}, "no clip has one"),
+])
+def test_prefer_quoted_where_it_cannot_choose_is_a_clear_value_error(whisper_qwen, options, message):
+    processor, model = whisper_qwen
+    with pytest.raises(ValueError, match=message):
+        transcribe_arrays(model, processor, make_clips((1.0,)), prefer_quoted=True, **options)
+
+
 # The transcript defined once and referred to (what a schema whose frames share a long transcript pattern does).
 REFERRED = {**QUOTED, "properties": {**QUOTED["properties"], "transcript": {"$ref": "#/$defs/said"}},
             "$defs": {"said": QUOTED["properties"]["transcript"]}}

@@ -17,11 +17,11 @@ import torch
 
 from speechlm import SpeechLMProcessor
 from speechlm.audio import load_audio
-from speechlm.inference.structured import with_json_schema
+from speechlm.inference.structured import first_quoted, with_json_schema
 from speechlm.joint_ctc import json_string_span
 from speechlm.serving import create_app
 from tests.conftest import make_clips
-from tests.inference.test_structured import SCHEMA, TIME, follows_schema
+from tests.inference.test_structured import ROT, SCHEMA, TIME, follows_schema
 from tests.serving.conftest import slow_down
 from tests.serving.test_app import live_server, settings, wav_bytes
 from tests.test_joint_ctc import SPAN_SCHEMA
@@ -56,8 +56,8 @@ def clip(seconds: float = 0.7, seed: int = 0) -> bytes:
 
 
 def alone(chat_model, messages: list[dict], max_new_tokens: int = TOKENS, **options) -> dict:
-    """The model on this conversation by itself: text, generated tokens and prompt positions (audio included);
-    `options`: more `generate` options (a `json_schema` among them)."""
+    """The model on this conversation by itself: text, generated tokens and prompt positions (audio included), and
+    every returned sequence's text (`num_return_sequences`); `options`: more `generate` options (a `json_schema`)."""
     processor, model = chat_model
     conversation = []
     for message in messages:
@@ -74,13 +74,14 @@ def alone(chat_model, messages: list[dict], max_new_tokens: int = TOKENS, **opti
     with torch.no_grad():
         options = with_json_schema(options | {"max_new_tokens": max_new_tokens, "do_sample": False}, model,
                                    processor.tokenizer)  # fmt: skip
-        tokens = model.generate(**inputs, **options)[0].tolist()
+        rows = model.generate(**inputs, **options)
+        tokens = rows[0].tolist()
         prompt = int(model.prepare_inputs(**inputs).attention_mask.sum()) if "attention_mask" in inputs else None
     text = int(inputs["decoder_attention_mask"].sum() - (inputs["input_ids"] == model.config.audio_token_id).sum())
     eos = processor.tokenizer.eos_token_id
     count = tokens.index(eos) + 1 if eos in tokens else len(tokens)
-    return {"text": processor.batch_decode([tokens])[0], "completion_tokens": count,
-            "prompt_tokens": prompt or text, "audio_tokens": (prompt or text) - text}  # fmt: skip
+    return {"text": processor.batch_decode([tokens])[0], "completion_tokens": count, "prompt_tokens": prompt or text,
+            "audio_tokens": (prompt or text) - text, "texts": processor.batch_decode(rows)}  # fmt: skip
 
 
 def ask(question: str, *clips: bytes, system: str | None = "Answer briefly.") -> list[dict]:
@@ -229,6 +230,42 @@ def test_chat_answers_the_head_cannot_transcribe_are_the_llms_alone(joint_served
         reply = client.chat.completions.create(model="m", messages=messages, max_tokens=40,
                                                response_format=held_to(schema))  # fmt: skip
         assert reply.choices[0].message.content == alone(chat_model, messages, 40, json_schema=schema)["text"]
+
+
+# Words the untrained chat model writes both ways: its best beam transcribes "red", not a colour here (the colour
+# comes from the list), its third beam "blue" (quoted).
+PICKY = {**ROT, "properties": {
+    "transcript": {"type": "string", "pattern": "^(?:reef|red|blue)(?: (?:reef|red|blue)){0,2}$"},
+    "colour": {"type": "string", "pattern": "^(?:rot|blue|pink)$"}}}
+
+
+@pytest.fixture(scope="module")
+def beams_client(chat_model):
+    """A client of the chat model served with 4 beams, chat answers that quote a transcript preferring quoted beams."""
+    processor, model = chat_model
+    app = create_app(model, processor, settings(max_new_tokens=64, num_beams=4, prefer_quoted=True))
+    with live_server(app) as url, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
+        yield client
+
+
+def test_chat_decodes_with_the_servers_beam_width(chat_model, beams_client):
+    messages = ask("What did the speaker say?", clip(seed=1))
+    reply = beams_client.chat.completions.create(model="m", messages=messages, max_tokens=TOKENS)
+    assert reply.choices[0].message.content == alone(chat_model, messages, num_beams=4)["text"]
+
+
+def test_prefer_quoted_answers_a_quoting_chat_with_its_best_quoted_beam(chat_model, beams_client):
+    messages = ask("The colour?", clip(seed=0), system=None)
+    reply = beams_client.chat.completions.create(model="m", messages=messages, max_tokens=64,
+                                                 response_format=held_to(PICKY))  # fmt: skip
+    beams = alone(chat_model, messages, 64, json_schema=PICKY, num_beams=4, num_return_sequences=4)["texts"]
+    assert reply.choices[0].message.content == first_quoted(PICKY, beams) != beams[0]
+
+
+def test_prefer_quoted_without_beams_is_refused_when_the_server_is_built(chat_model):
+    processor, model = chat_model
+    with pytest.raises(ValueError, match="prefer_quoted chooses among beams: give num_beams >= 2"):
+        create_app(model, processor, settings(prefer_quoted=True))
 
 
 def test_vllm_structured_outputs_regex_holds_the_answer(client):
