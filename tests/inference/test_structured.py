@@ -20,6 +20,7 @@ from speechlm.inference.structured import (
     quoted_schema,
     quoted_throughout,
     schema_grammar,
+    shared_fields,
     with_json_schema,
     word_runs,
 )
@@ -297,8 +298,8 @@ def test_batched_quoted_answers_equal_one_by_one(whisper_qwen):
 
 # Words the untrained model writes both ways: on the fourth clip its best beam transcribes "rot" (no colour to
 # quote: the colour comes from the list) and a later beam "red red" (quoted).
-ROT = {**QUOTED, "properties": {**QUOTED["properties"],
-                                "transcript": {"type": "string", "pattern": "^(?:rot|red)(?: (?:rot|red)){0,2}$"}}}
+ROT_TRANSCRIPT = {"type": "string", "pattern": "^(?:rot|red)(?: (?:rot|red)){0,2}$"}
+ROT = {**QUOTED, "properties": {**QUOTED["properties"], "transcript": ROT_TRANSCRIPT}}
 BEAMS = {"max_new_tokens": QUOTED_TOKENS, "num_beams": 4}
 
 
@@ -335,6 +336,40 @@ def test_prefer_quoted_where_it_cannot_choose_is_a_clear_value_error(whisper_qwe
     processor, model = whisper_qwen
     with pytest.raises(ValueError, match=message):
         transcribe_arrays(model, processor, make_clips((1.0,)), prefer_quoted=True, **options)
+
+
+# Two frames that repeat a long field (a catalogue of 400 names), as the demo's SLU frames repeat an amount pattern.
+NAMES = "|".join(f"name{i}" for i in range(400))
+CATALOGUE = {"type": "string", "pattern": f"^(?:{NAMES}|red)$"}
+REPEATED = {**FRAMES, "anyOf": [{**frame, "properties": {**frame["properties"], "name": CATALOGUE}}
+                                for frame in FRAMES["anyOf"]]}
+
+
+def test_a_long_field_several_frames_repeat_is_defined_once():
+    shared = shared_fields(REPEATED)
+    assert list(shared["$defs"].values()) == [CATALOGUE]
+    assert [frame["properties"]["name"] for frame in shared["anyOf"]] == [{"$ref": "#/$defs/shared_0"}] * 2
+
+
+def test_short_or_unrepeated_fields_stay_inline():
+    assert shared_fields(FRAMES) == FRAMES
+
+
+def test_a_quoted_schema_defines_the_repeated_catalogue_once():
+    assert list(quoted_schema(REPEATED, "paint it blue")["$defs"].values()) == [CATALOGUE]
+
+
+def test_answers_are_the_same_with_the_catalogue_defined_once_or_inline(whisper_qwen, monkeypatch):
+    import speechlm.inference.structured as structured
+
+    unquotable = {"type": "string", "pattern": "^(?:rot|reef)(?: (?:rot|reef)){0,2}$"}  # no name: the catalogue stays
+    schema = {**REPEATED, "anyOf": [{**frame, "properties": {**frame["properties"], "transcript": unquotable}}
+                                    for frame in REPEATED["anyOf"]]}
+    options = {"json_schema": schema, "num_beams": 3}
+    shared = quoted_answers(whisper_qwen, **options)
+    assert not any(quoted_throughout(schema, answer) for answer in shared), shared  # names from the catalogue
+    monkeypatch.setattr(structured, "SHARED_FIELD_CHARS", 10**9)
+    assert quoted_answers(whisper_qwen, **options) == shared
 
 
 # The transcript defined once and referred to (what a schema whose frames share a long transcript pattern does).
