@@ -150,9 +150,9 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
     lines += ["", f"Your own audio, decoded as here: `speechlm transcribe FILE --model {output / 'model'} "
               f"--tokens-per-second 5{beams}` (`speechlm serve` takes the same decoding flags{joint})."]
     if understanding:
-        width = f"beam width {settings.num_beams}" if settings.num_beams > 1 else "greedily"
+        width = f"beam width {settings.understanding_beams}" if settings.understanding_beams > 1 else "greedily"
         lines += ["", f"Understanding tasks (trained: {settings.tasks}) on the held-out synthetic clips (held-out "
-                  f"voices and sentences), decoded {width} as the transcriptions are. JSON answers are held to the "
+                  f"voices and sentences), decoded {width} (`--understanding-beams`). JSON answers are held to the "
                   "domain's schema while decoding (its intents, their slots and the values the domain can fill each "
                   "slot with: its entity catalogue), a question's answer to the values its slot can take; after a "
                   "transcript field, each value is also held to words the model wrote there, where some fit "

@@ -208,7 +208,7 @@ def run(args) -> int:
         _, decoder_path, gguf_file = resolve_parts(settings)
         understanding = evaluate_understanding(model, processor, manifests, parse_tasks(settings.tasks),
                                                settings.seed, settings.eval_limit, (decoder_path, gguf_file),
-                                               settings.num_beams, on_result=kept)
+                                               settings.understanding_beams, on_result=kept)
     report = write_report(output, settings, history, results, understanding)
     print(f"[demo] trained {history.get('steps', '?')} steps in {history.get('minutes', 0):.1f} min: "
           f"{history.get('ctc_steps', 0)} CTC pre-alignment + {history.get('llm_steps', '?')} through the LLM "

@@ -80,6 +80,15 @@ def test_report_puts_free_decoding_and_the_cascade_beside_each_understanding_tas
             "accuracy 75.0%, slot F1 60.0% | valid JSON 94.0%, intent accuracy 10.0%, slot F1 2.0% | 4 |") in text
 
 
+def test_report_states_the_understanding_answers_own_beam_width(tmp_path):
+    understanding = {"slu": {"valid_json": 1.0, "intent_accuracy": 1.0, "slot_f1": 1.0, "n_utterances": 1,
+                             "seconds": 1.0, "rows": [], "prompts": []}}
+    history = {"loss": [], "steps": 10, "minutes": 1.0}
+    settings = DemoSettings(tasks="transcribe,slu", num_beams=4, understanding_beams=6)
+    text = write_report(tmp_path, settings, history, {}, understanding).read_text()
+    assert "held-out voices and sentences), decoded beam width 6 (`--understanding-beams`)" in text
+
+
 def test_report_puts_the_best_beam_quoted_or_not_beside_the_answer(tmp_path):
     frame = {"valid_json": 1.0, "intent_accuracy": 0.9, "slot_f1": 0.8}
     understanding = {"slu_transcript": {**frame, "n_utterances": 2, "seconds": 4.0, "rows": [], "prompts": [],

@@ -33,9 +33,15 @@ def test_every_option_reaches_the_settings():
     assert parse("--ctc-compression").ctc_compression is True
 
 
+def test_understanding_answers_have_their_own_beam_width():
+    assert (DemoSettings().num_beams, DemoSettings().understanding_beams) == (4, 8)
+    assert parse("--understanding-beams", "2", "--num-beams", "3").understanding_beams == 2
+
+
 def test_model_key_ignores_evaluation_only_settings():
     base = DemoSettings()
-    assert DemoSettings(num_beams=4, eval_limit=5, joint_ctc_weight=0.2).fingerprint() == base.fingerprint()
+    assert DemoSettings(num_beams=4, understanding_beams=2, eval_limit=5,
+                        joint_ctc_weight=0.2).fingerprint() == base.fingerprint()
     for changed in (DemoSettings(lora_targets="q_proj"), DemoSettings(stack_factor=8), DemoSettings(ctc_weight=0),
                     DemoSettings(distill_weight=1.0), DemoSettings(voice_perturbation=0.1),
                     DemoSettings(accent_fraction=0.5)):
@@ -46,7 +52,8 @@ def test_model_key_ignores_evaluation_only_settings():
                                                ("real_speech_repeats", 0), ("llm_frame_masking", 1.0),
                                                ("lora_dropout", -0.5), ("joint_ctc_weight", 1.5),
                                                ("distill_weight", -1.0), ("voice_perturbation", 0.5),
-                                               ("accent_fraction", 1.0)])
+                                               ("accent_fraction", 1.0), ("num_beams", 0),
+                                               ("understanding_beams", 0)])
 def test_out_of_range_settings_are_refused_by_name(option, value):
     with pytest.raises(ValueError, match=option):
         DemoSettings(**{option: value})
