@@ -154,11 +154,11 @@ def evaluate_understanding(model, processor, manifests: dict[str, Path], tasks, 
 
 def quoting_schemas(structure: dict, count: int) -> list[dict] | None:
     """Each clip's schema when `structure` quotes values from a transcript field (`WORDS_FROM`), else None."""
-    from ..inference.structured import WORDS_FROM
+    from ..inference.structured import quoting
 
     schemas = structure.get("json_schema")
     schemas = schemas if isinstance(schemas, list) else [schemas] * count
-    return schemas if all(isinstance(s, dict) and WORDS_FROM in s for s in schemas) else None
+    return schemas if all(map(quoting, schemas)) else None
 
 
 def joint_decoding(model, processor, task: str) -> dict:

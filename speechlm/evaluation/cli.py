@@ -93,8 +93,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _check_prefer_quoted(args: argparse.Namespace, task_schemas: dict[str, dict]) -> None:
     """--prefer-quoted with nothing to choose by is an error, not a silent no-op."""
-    from ..inference.decoding import quoting
-    from ..inference.structured import WORDS_FROM
+    from ..inference.structured import WORDS_FROM, quoting
 
     if args.prefer_quoted and not any(map(quoting, task_schemas.values())):
         raise ValueError(f"--prefer-quoted needs a --task-schema whose schema quotes its values from a transcript "

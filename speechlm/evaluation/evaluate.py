@@ -55,7 +55,8 @@ def transcribe_records(
     from tqdm.auto import tqdm
 
     from ..data.dataset import load_record_audio, resolve_prompt
-    from ..inference.decoding import quoting, transcribe_arrays
+    from ..inference.decoding import transcribe_arrays
+    from ..inference.structured import quoting
     from ..joint_ctc import joint_options
     from ..tasks import UNTAGGED, resolve_kinds
 

@@ -306,8 +306,8 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
 def run_transcribe(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .decoding import audio_positions, check_positions, new_token_budget, prompt_positions, quoting
-    from .structured import WORDS_FROM
+    from .decoding import audio_positions, check_positions, new_token_budget, prompt_positions
+    from .structured import WORDS_FROM, quoting
 
     inputs, errors = collect_inputs(args.inputs)
     for message in errors:

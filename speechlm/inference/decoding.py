@@ -19,7 +19,7 @@ from ..base_models import AUDIO_TOKEN
 from ..configuration import DEFAULT_GENERATION
 from ..modeling import SpeechLMModel
 from ..processing import SpeechLMProcessor
-from .structured import WORDS_FROM, first_quoted, schema_of, structure_grammar, with_json_schema
+from .structured import WORDS_FROM, first_quoted, quoting, schema_of, structure_grammar, with_json_schema
 
 # Shorter clips are below every encoder's receptive field / STFT window: refused with a clear message up front.
 MIN_AUDIO_SECONDS = 0.1
@@ -225,6 +225,7 @@ def transcribe_arrays(
             for row, i in enumerate(index):
                 check_positions(model, int(audio_lengths[row]), int(prompt_lengths[row]), new_tokens, f"clip {i}")
         batch = {k: v.to(device) for k, v in batch.items()}
+        schema = schema_of(structures[index[0]][1]) if prefer_quoted else None  # a batch shares one structure
         caps, capped = None, {}
         if tokens_per_second is not None:
             caps = [length_cap(len(audios[i]) / processor.sampling_rate, tokens_per_second, new_tokens) for i in index]
@@ -244,14 +245,8 @@ def transcribe_arrays(
             else:
                 results[i] = texts[row * num_return_sequences : (row + 1) * num_return_sequences]
             if prefer_quoted:
-                schema = schema_of(structures[i][1])
                 results[i] = first_quoted(schema, results[i]) if quoting(schema) else results[i][0]
     return results
-
-
-def quoting(schema) -> bool:
-    """Whether a clip's schema quotes its values from a transcript field (`WORDS_FROM`)."""
-    return isinstance(schema, dict) and WORDS_FROM in schema
 
 
 def quoted_choice_beams(num_return_sequences: int, kwargs: dict, structures: list[tuple[str, dict]]) -> int:
@@ -263,7 +258,7 @@ def quoted_choice_beams(num_return_sequences: int, kwargs: dict, structures: lis
     if beams < 2 or kwargs.get("do_sample"):
         raise ValueError(f"prefer_quoted chooses among a beam search's beams: it needs num_beams >= 2 and no "
                          f"sampling, got num_beams={beams}{', do_sample=True' if kwargs.get('do_sample') else ''}")
-    if not any(quoting(schema_of(options)) for _, options in structures):
+    if not any(quoting(schema_of(options)) for options in dict(structures).values()):  # each distinct one once
         raise ValueError(f"prefer_quoted needs clips held to a json_schema with a {WORDS_FROM!r} field (values "
                          "quoted from a transcript); no clip has one")
     return beams
@@ -311,7 +306,6 @@ __all__ = [
     "check_positions",
     "check_return_sequences",
     "quoted_choice_beams",
-    "quoting",
     "DECODING_FIELDS",
     "FALLBACK_GENERATION",
     "LENGTH_CAP_MARGIN",

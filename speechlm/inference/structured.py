@@ -322,12 +322,17 @@ def with_json_schema(generate_kwargs: dict, model, tokenizer) -> dict:
     eos = tokenizer.eos_token_id if eos is None else eos
     processors = LogitsProcessorList(kwargs.get("logits_processor") or [])
     schema = schema_of(generate_kwargs)
-    if isinstance(schema, dict) and WORDS_FROM in schema:
+    if quoting(schema):
         processors.append(QuotingJsonLogitsProcessor(tokenizer, schema, eos))
     else:
         processors.append(JsonSchemaLogitsProcessor(tokenizer, grammar, eos))
     kwargs["logits_processor"] = processors
     return kwargs
+
+
+def quoting(schema) -> bool:
+    """Whether a schema quotes its values from a transcript field (`WORDS_FROM`)."""
+    return isinstance(schema, dict) and WORDS_FROM in schema
 
 
 def quoted_throughout(schema: dict, text: str) -> bool:
@@ -362,6 +367,7 @@ __all__ = [
     "defined",
     "first_quoted",
     "quoted_throughout",
+    "quoting",
     "quoted_schema",
     "read_schema_file",
     "regex_grammar",

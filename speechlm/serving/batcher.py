@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..inference.decoding import default_generation_kwargs, transcribe_arrays
-from ..inference.structured import first_quoted, with_json_schema
+from ..inference.structured import first_quoted, schema_of, with_json_schema
 from ..joint_ctc import joint_options
 from .guard import request_flow
 from .streaming import BatchStreamer, TextDeltas, cut_at_stop, eos_token_ids
@@ -391,7 +391,7 @@ class DynamicBatcher:
         weight = options.pop("joint_ctc_weight", None)  # set only for one clip and a schema opening with a transcript
         if weight:
             options |= joint_options(processor.tokenizer, weight, False, json.loads(options["json_schema"]))
-        schema = json.loads(options["json_schema"]) if options.pop("prefer_quoted", False) else None
+        schema = schema_of(options) if options.pop("prefer_quoted", False) else None
         kwargs = default_generation_kwargs(model, **options)
         beams = kwargs["num_beams"] if schema else 1  # every beam of each answer, to keep the best quoted one
         kwargs |= {"num_return_sequences": beams} if beams > 1 else {}

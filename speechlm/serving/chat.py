@@ -20,7 +20,8 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..chat import AudioPart, ChatError, parse_conversation
-from ..inference.decoding import audio_positions, check_positions, new_token_budget, quoting
+from ..inference.decoding import audio_positions, check_positions, new_token_budget
+from ..inference.structured import quoting, schema_of
 from ..joint_ctc import transcript_opening
 from .guard import APIError, decode_upload, first_or_disconnect
 from .settings import ServerSettings
@@ -283,9 +284,9 @@ def add_chat_routes(app: FastAPI, model, processor, settings: ServerSettings, ba
     def quoted_choice_option(options: dict) -> dict:
         """`prefer_quoted` for an answer held to a schema that quotes its values from a transcript, decoded with
         beams (the server's `prefer_quoted`; the batcher keeps the best beam whose values all are quoted)."""
-        if not settings.prefer_quoted or options.get("do_sample") or "json_schema" not in options:
+        if not settings.prefer_quoted or options.get("do_sample"):
             return {}
-        return {"prefer_quoted": True} if quoting(json.loads(options["json_schema"])) else {}
+        return {"prefer_quoted": True} if quoting(schema_of(options)) else {}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
