@@ -141,6 +141,10 @@ class SpeechLMDataset(torch.utils.data.Dataset):
         return messages
 
 
+# A batch's text-only rows (`SpeechLMCollator(text_rows=...)`): never inputs of the model's audio pass.
+TEXT_ROW_KEYS = ("text_input_ids", "text_attention_mask", "text_labels")
+
+
 class SpeechLMCollator:
     """Items -> exactly what `SpeechLMModel.forward` takes: the processor's output, or cached encoder frames + text.
 
@@ -153,16 +157,34 @@ class SpeechLMCollator:
     whole frames and of channels of cached encoder frames (SpecAugment on the encoder output; the labels stay).
     `distillation=True` adds the text-only teacher's rows (`speechlm.training.distillation`): the same prompt and
     answer with each item's transcript where its clip stands.
+
+    `text_examples` (`{"prompt", "text", "transcript"}` dicts) with `text_rows` > 0 add that many text-only rows to
+    every batch (`TEXT_ROW_KEYS`), drawn in turn from a seeded shuffle: the transcript stands where a clip would and
+    the model learns the answer from the words alone. Text is free where audio is not, so an instruction's mapping
+    (words -> intent and slots) can see many more sentences than the clips carry; the trainer adds their loss.
     """
 
     def __init__(self, processor, encoder_cache: EncoderCache | None = None, frame_masking: float = 0.0,
-                 distillation: bool = False):
+                 distillation: bool = False, text_examples: Sequence[Mapping[str, str]] = (), text_rows: int = 0,
+                 seed: int = 0):
         if not 0 <= frame_masking < 1:
             raise ValueError(f"frame_masking must be in [0, 1), got {frame_masking}")
+        if text_rows < 0:
+            raise ValueError(f"text_rows must be >= 0, got {text_rows}")
+        if text_rows and not text_examples:
+            raise ValueError(f"text_rows={text_rows} needs text_examples to draw them from")
+        for index, example in enumerate(text_examples):
+            missing = [key for key in ("prompt", "text", "transcript") if not example.get(key)]
+            if missing:
+                raise ValueError(f"text example {index} lacks {', '.join(missing)}: a text-only row needs the "
+                                 "instruction, the answer and the words that stand where the clip would")
         self.processor = processor
         self.encoder_cache = encoder_cache
         self.frame_masking = frame_masking
         self.distillation = distillation
+        self.text_examples, self.text_rows = list(text_examples), text_rows
+        self._text_order = np.random.default_rng(seed).permutation(len(self.text_examples)).tolist()
+        self._text_next = 0
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if any(f.get("messages") is not None for f in features):
@@ -187,7 +209,19 @@ class SpeechLMCollator:
         batch.update(self.processor.encode_text([self.processor.build_prompt(p) for p in prompts], texts))
         return self._with_transcripts(batch, features, prompts)
 
+    def next_text_rows(self) -> dict[str, torch.Tensor]:
+        """The next `text_rows` text-only examples as `TEXT_ROW_KEYS` tensors (the shuffle cycles)."""
+        chosen = []
+        for _ in range(self.text_rows):
+            chosen.append(self.text_examples[self._text_order[self._text_next % len(self._text_order)]])
+            self._text_next += 1
+        built = [self.processor.build_prompt(e["prompt"], audio_text=e["transcript"]) for e in chosen]
+        rows = self.processor.encode_text(built, [e["text"] for e in chosen])
+        return dict(zip(TEXT_ROW_KEYS, (rows["input_ids"], rows["decoder_attention_mask"], rows["labels"])))
+
     def _with_transcripts(self, batch: dict, features: Sequence[Mapping[str, Any]], prompts: list) -> dict:
+        if self.text_rows:
+            batch.update(self.next_text_rows())
         texts = [f["text"] for f in features]
         transcripts = [f.get("transcript") or f["text"] for f in features]
         if transcripts != texts:
@@ -231,4 +265,5 @@ class SpeechLMCollator:
                 clips += chat_clips
             rows.append(ids)
             label_rows.append(labels)
-        return processor._pack(clips, rows, label_rows)
+        batch = processor._pack(clips, rows, label_rows)
+        return {**batch, **self.next_text_rows()} if self.text_rows else batch

@@ -131,6 +131,48 @@ def read_manifest(path: str | os.PathLike, on_error: str = "raise", probe_audio:
     return _filter_durations(_finish(records, issues, str(path), on_error, total), min_seconds, max_seconds)
 
 
+def read_text_examples(path: str | os.PathLike, task_prompts: dict[str, str] | None = None,
+                       on_error: str = "raise") -> list[dict[str, str]]:
+    """A JSONL file of text-only examples, `{"transcript": the words, "text": the answer, "prompt"? or "task"?}`
+    a line (the prompt resolved as for clips: its own, else its task's), for `SpeechLMCollator(text_examples=...)`:
+    the words stand where a clip would. Problems are reported as `file:line: problem`, as for audio manifests."""
+    from .dataset import resolve_prompt
+
+    _check_on_error(on_error)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text examples not found: {path}")
+    examples, issues, total = [], [], 0
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        total += 1
+        location = f"{path}:{number}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as error:
+            issues.append(ManifestIssue(location, f"not valid JSON ({error.msg})"))
+            continue
+        if not isinstance(raw, dict):
+            issues.append(ManifestIssue(location, f"expected a JSON object, got {type(raw).__name__}"))
+            continue
+        missing = [key for key in ("transcript", "text") if not isinstance(raw.get(key), str) or not raw[key].strip()]
+        if missing:
+            issues.append(ManifestIssue(location, f"needs a non-empty {' and '.join(missing)}"))
+            continue
+        try:
+            prompt = resolve_prompt({**raw, "location": location}, task_prompts)
+        except KeyError as error:
+            issues.append(ManifestIssue(location, str(error.args[0]).split(": ", 1)[-1]))
+            continue
+        if not prompt:
+            issues.append(ManifestIssue(location, "needs a prompt, or a task with one in task_prompts"))
+            continue
+        examples.append({"transcript": raw["transcript"], "text": raw["text"], "prompt": prompt,
+                         "task": raw.get("task")})
+    return _finish(examples, issues, str(path), on_error, total).records
+
+
 def records_from_dataset(dataset, on_error: str = "raise", audio_column: str = "audio", text_column: str = "text",
                          sampling_rate: int | None = None, name: str | None = None, probe_audio: bool = True,
                          min_seconds: float | None = None, max_seconds: float | None = None) -> Manifest:

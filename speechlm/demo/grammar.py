@@ -372,6 +372,23 @@ def utterances(texts: Sequence[str], seed: int = 0) -> dict[str, Utterance]:
     return found
 
 
+TEXT_SEED_OFFSET = 2_000_003  # sentences for text-only training come from a third stream
+
+
+def text_only_utterances(n: int, seed: int = 0) -> list[Utterance]:
+    """`n` distinct grammar utterances for text-only training (no clip is rendered for them), from a stream of their
+    own; never a held-out string (`is_held_out`), so the held-out sentences stay unseen in any form."""
+    seen: dict[str, Utterance] = {}
+    for draws, utterance in enumerate(_utterance_stream(seed + TEXT_SEED_OFFSET)):
+        if len(seen) >= n:
+            break
+        if draws >= 100 * n + 1000:
+            raise ValueError(f"only {len(seen)} distinct sentences found for the {n} asked")
+        if not is_held_out(utterance.text):
+            seen.setdefault(utterance.text, utterance)
+    return list(seen.values())
+
+
 def is_held_out(text: str) -> bool:
     """Whether a sentence belongs to the test side: a property of the string itself, so train and test are
     exact-string disjoint whatever the seeds and sizes (about one sentence in eight is held out)."""

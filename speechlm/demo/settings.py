@@ -97,6 +97,9 @@ class DemoSettings:
     # Understanding tasks trained beside transcription on the grammar's clips (speechlm.demo.understanding): each
     # clip gives its transcription plus one of the others.
     tasks: str = "transcribe"
+    # Text-only understanding examples added to every LLM batch (the sentence's words where a clip would stand), from
+    # TEXT_ONLY_SENTENCES fresh grammar sentences: the words -> frame mapping sees text the clips do not carry.
+    text_rows: int = 0
     seed: int = 0  # the corpus (sentences, voices, held-out split); also training's, unless `train_seed` is given
     train_seed: int | None = None  # the projector's initialisation and the batch order alone: run-to-run spread
     dtype: str = "auto"  # frozen weights during training: "auto" = bfloat16 only where the CPU does it natively
@@ -138,6 +141,10 @@ class DemoSettings:
             raise ValueError(f"minutes must be positive, got {self.minutes}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.text_rows < 0:
+            raise ValueError(f"text_rows must be >= 0, got {self.text_rows}")
+        if self.text_rows and not set(parse_tasks(self.tasks)) - {"transcribe"}:
+            raise ValueError("text_rows teach understanding answers: give --tasks with an understanding task")
         for name in ("ctc_steps", "max_steps", "num_beams", "understanding_beams"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -240,6 +247,10 @@ def add_arguments(parser) -> None:
                         "slu_transcript (the same JSON after the words it was read from), qa (a question about one "
                         "slot), qa_transcript (the question answered after the words, as JSON); each grammar clip "
                         "gives its transcription + one of the others (default: transcribe)")
+    parser.add_argument("--text-rows", type=int, default=defaults.text_rows,
+                        help="text-only understanding examples added to every LLM batch: fresh grammar sentences "
+                        "whose words stand where a clip would (no audio rendered; needs --tasks; default: "
+                        f"{defaults.text_rows})")
     parser.add_argument("--train-seed", type=int, default=None,
                         help="seed of the initialisation and batch order only, on the same corpus (default: the "
                         "corpus seed): repeat a run with another to measure its run-to-run spread")

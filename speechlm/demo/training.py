@@ -19,12 +19,13 @@ from ..hardware import DtypeChoice
 from ..processing import SpeechLMProcessor
 from .evaluate import MAX_NEW_TOKENS, transcribe_capped
 from .settings import PRESETS, DemoSettings
-from .understanding import training_examples
+from .understanding import parse_tasks, text_only_examples, training_examples
 
 # The defaults were tuned on a 2-core Xeon with AMX (bfloat16 LLM): ~50 LLM steps of batch 8 per minute. Far below
 # that, a time-budgeted run trains a different, much weaker model, and the demo says so.
 EXPECTED_LLM_STEPS_PER_MINUTE = 50
 RATE_CHECK_STEPS = 10
+TEXT_ONLY_SENTENCES = 20_000  # fresh grammar sentences behind --text-rows (1,200 LLM steps x 8 rows: about half)
 REAL_SOURCES = ("asterisk", "uqm")  # manifest `source`s of real speech, repeated by --real-speech-repeats
 
 
@@ -180,7 +181,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
                         callbacks: Sequence = ()):
     """transformers' Trainer on cached frames, stopped by the training clock (or `max_steps`); returns the loss and
     WER history, the steps reached in each phase and any warning about this machine's speed. `device` "cuda" trains
-    on the GPU (benchmarks/gpu_real_speech.py); `callbacks` join the Trainer's."""
+    on the GPU (benchmarks/gpu_real_speech.py); `callbacks` join the Trainer's. With `settings.text_rows` every
+    batch also carries that many text-only understanding examples (`text_only_examples`)."""
     dtype_choice = dtype_choice or DtypeChoice(torch.float32, "float32")
     pre_align = settings.pre_aligns
     if device == "cpu":
@@ -286,9 +288,12 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
         remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, seed=settings.training_seed,
         log_level="warning", train_sampling_strategy="group_by_length",
     )
+    text_examples = text_only_examples(TEXT_ONLY_SENTENCES, parse_tasks(settings.tasks), settings.seed) \
+        if settings.text_rows else ()
     collator = SpeechLMCollator(processor, dataset.encoder_cache,
                                 frame_masking=phase_frame_masking(settings, ctc_phase=pre_align),
-                                distillation=settings.distill_weight > 0)
+                                distillation=settings.distill_weight > 0, text_examples=text_examples,
+                                text_rows=settings.text_rows, seed=settings.training_seed)
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=collator,
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget, max_steps=settings.max_steps,

@@ -21,7 +21,15 @@ from pathlib import Path
 
 from ..inference.structured import WORDS_FROM
 from ..tasks import parse_json_object
-from .grammar import TEMPLATES, Utterance, intent_of, sentence_pattern, slot_pattern, template_slots
+from .grammar import (
+    TEMPLATES,
+    Utterance,
+    intent_of,
+    sentence_pattern,
+    slot_pattern,
+    template_slots,
+    text_only_utterances,
+)
 
 TASKS = ("transcribe", "slu", "slu_transcript", "qa", "qa_transcript")
 TRANSCRIBE_PROMPT = "Transcribe:"
@@ -203,6 +211,16 @@ def training_examples(text: str, utterance: Utterance | None, tasks: Sequence[st
     if len(everything) <= 2:
         return everything
     return [everything[0], everything[1 + zlib.crc32(text.encode()) % (len(everything) - 1)]]
+
+
+def text_only_examples(count: int, tasks: Sequence[str], seed: int = 0) -> list[dict]:
+    """Understanding examples of `count` fresh grammar sentences, one task each as `training_examples` alternates,
+    for text-only rows (`SpeechLMCollator(text_examples=...)`): the sentence's words stand where its clip would."""
+    if not set(tasks) - {"transcribe"}:
+        raise ValueError("text-only examples teach an understanding task's answer; --tasks has none beside transcribe")
+    return [{"prompt": example.prompt, "text": example.target, "transcript": utterance.text, "task": example.task}
+            for utterance in text_only_utterances(count, seed)
+            for example in training_examples(utterance.text, utterance, tasks)[1:]]
 
 
 # ------------------------------------------------------------------------------------------------------ cascade

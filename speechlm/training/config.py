@@ -52,6 +52,8 @@ class DataConfig:
     task_prompts: dict[str, str] = field(default_factory=dict)
     encoder_cache: str | None = None
     encoder_cache_dir: str | None = None
+    # JSONL of text-only examples (`speechlm.data.read_text_examples`), drawn `training.text_rows` to a batch.
+    text_examples: str | None = None
 
 
 @dataclass
@@ -82,6 +84,9 @@ class TrainingOptions:
     # Weight of the KL to the text-only LLM reading the transcript (speechlm.training.distillation); one process only.
     distill_weight: float = 0.0
     distill_agreeing_only: bool = False  # the KL only on answer tokens whose label is the teacher's top token
+    # Text-only rows added to every batch from data.text_examples, their loss weighted by text_weight.
+    text_rows: int = 0
+    text_weight: float = 1.0
     overwrite_output_dir: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -156,6 +161,12 @@ class TrainConfig:
             raise ValueError(f"data.encoder_cache must be null, 'memory' or 'disk', got {self.data.encoder_cache!r}")
         if self.training.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"training.precision must be auto, fp32, bf16 or fp16, got {self.training.precision!r}")
+        if self.training.text_rows < 0 or self.training.text_weight < 0:
+            raise ValueError("training.text_rows and training.text_weight must be >= 0, got "
+                             f"{self.training.text_rows} and {self.training.text_weight}")
+        if self.training.text_rows and not self.data.text_examples:
+            raise ValueError("training.text_rows needs data.text_examples: a JSONL file of text-only examples "
+                             '({"transcript", "text", "prompt" or "task"} a line)')
         from ..tasks import parse_task_metrics
 
         parse_task_metrics([f"{task}={kind}" for task, kind in self.evaluation.task_metrics.items()])

@@ -156,6 +156,19 @@ def _eval_datasets(records, sampling_rate: int, task_prompts: dict[str, str], ca
             for name, indices in groups.items()}  # fmt: skip
 
 
+def _text_rows(config: TrainConfig, options, task_prompts: dict[str, str], rank: int) -> dict:
+    """The collator's text-only rows for a stage (`training.text_rows` from `data.text_examples`), each process
+    drawing its own order."""
+    if not options.text_rows:
+        return {}
+    if not config.data.text_examples:
+        raise ValueError("training.text_rows needs data.text_examples: a JSONL file of text-only examples")
+    from ..data import read_text_examples
+
+    examples = read_text_examples(config.data.text_examples, task_prompts, config.data.on_error)
+    return {"text_examples": examples, "text_rows": options.text_rows, "seed": options.seed + rank}
+
+
 def _previous_summaries(stage_dirs: list[Path]) -> list[dict]:
     summaries = []
     for stage_dir in stage_dirs:
@@ -194,11 +207,12 @@ def _run_stage(config: TrainConfig, stage: StageConfig, index: int, model, proce
     if not getattr(model, "_no_split_modules", None):
         # accelerate's TRANSFORMER_BASED_WRAP (FSDP) reads this: shard each encoder and decoder layer.
         model._no_split_modules = fsdp_layer_classes(model)
+    collator = SpeechLMCollator(processor, encoder_cache=cache, distillation=options.distill_weight > 0,
+                                **_text_rows(config, options, task_prompts, args.process_index))
     trainer = SpeechLMTrainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=SpeechLMCollator(processor, encoder_cache=cache, distillation=options.distill_weight > 0),
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         processing_class=processor, distill_weight=options.distill_weight,
-        distill_agreeing_only=options.distill_agreeing_only,
+        distill_agreeing_only=options.distill_agreeing_only, text_weight=options.text_weight,
         callbacks=list(callbacks or []), wer_records=list(data.eval) if data.eval is not None else None,
         evaluation=config.evaluation, task_prompts=task_prompts,
     )  # fmt: skip

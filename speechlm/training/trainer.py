@@ -36,12 +36,16 @@ def resolve_precision(requested: str) -> str:
 
 class SpeechLMTrainer(Trainer):
     """`Trainer` with duration-grouped batches, a WER/CER pass added to every evaluation, and optionally a CTC head's
-    loss (`ctc_head`, `ctc_weight`, `ctc_only`) and distillation against the text-only LLM (`distill_weight`)."""
+    loss (`ctc_head`, `ctc_weight`, `ctc_only`), distillation against the text-only LLM (`distill_weight`) and the
+    loss of a batch's text-only rows (`SpeechLMCollator(text_rows=...)`, weighted by `text_weight`)."""
 
     def __init__(self, *args, wer_records=None, evaluation: EvaluationConfig | None = None, task_prompts=None,
                  ctc_head=None, ctc_weight: float = 0.0, ctc_only: bool = False, distill_weight: float = 0.0,
-                 distill_agreeing_only: bool = False, **kwargs):
+                 distill_agreeing_only: bool = False, text_weight: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
+        if text_weight < 0:
+            raise ValueError(f"text_weight must be >= 0, got {text_weight}")
+        self.text_weight = text_weight
         self.wer_records = list(wer_records or [])
         self.evaluation_config = evaluation or EvaluationConfig()
         self._in_task_loop = False
@@ -117,10 +121,16 @@ class SpeechLMTrainer(Trainer):
         # `ctc_labels`: the transcript the CTC head aligns the audio with, when the LLM learns another answer
         # (an understanding task on the same clip); never an input of the model itself.
         # `teacher_*`: the text-only rows of distillation, read by the LLM alone.
+        # `text_*`: text-only rows (`TEXT_ROW_KEYS`), the transcript where a clip would stand, read by the same model.
+        from ..data.dataset import TEXT_ROW_KEYS
         from .distillation import TEACHER_KEYS
 
-        model_inputs = {key: value for key, value in inputs.items() if key not in ("ctc_labels", *TEACHER_KEYS)}
+        model_inputs = {key: value for key, value in inputs.items()
+                        if key not in ("ctc_labels", *TEACHER_KEYS, *TEXT_ROW_KEYS)}
         uses_ctc = self.ctc_head is not None and (self.ctc_only or self.ctc_weight)
+        if TEXT_ROW_KEYS[0] in inputs and self.text_weight and not self.ctc_only:
+            loss, outputs = self._loss_with_text_rows(model, inputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
         if not uses_ctc and not self.distill_weight:
             return super().compute_loss(model, model_inputs, return_outputs, num_items_in_batch)
         if uses_ctc:
@@ -134,6 +144,17 @@ class SpeechLMTrainer(Trainer):
         if uses_ctc:
             loss = loss + self.ctc_weight * ctc
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_with_text_rows(self, model, inputs: dict, num_items_in_batch):
+        """The batch's own loss (CTC and distillation as configured) plus `text_weight` x the mean token loss of its
+        text-only rows, read by the same model (its adapters on) with no audio."""
+        from ..data.dataset import TEXT_ROW_KEYS
+
+        audio_inputs = {key: value for key, value in inputs.items() if key not in TEXT_ROW_KEYS}
+        loss, outputs = self.compute_loss(model, audio_inputs, True, num_items_in_batch)
+        ids, mask, labels = (inputs[key] for key in TEXT_ROW_KEYS)
+        text = model(input_ids=ids, decoder_attention_mask=mask, labels=labels).loss
+        return loss + self.text_weight * text, outputs
 
     def _distilled_loss(self, model, model_inputs: dict, inputs: dict, num_items_in_batch):
         """The LLM loss on the merged audio + text, plus `distill_weight` x KL to the text-only LLM's predictions."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechlm.data.dataset import SpeechLMCollator, SpeechLMDataset
+from speechlm.data.dataset import TEXT_ROW_KEYS, SpeechLMCollator, SpeechLMDataset
 from speechlm.data.encoder_cache import EncoderCache
 from speechlm.data.manifests import read_manifest
 
@@ -133,3 +133,55 @@ def test_frame_masking_zeroes_whole_frames_and_channels_only(build):
 def test_given_lengths_replace_durations_for_batching(corpus):
     _, manifest, _ = corpus
     assert SpeechLMDataset(read_manifest(manifest), 16000, lengths=[7, 8, 9]).lengths == [7, 8, 9]
+
+
+TEXT_EXAMPLES = [{"prompt": "Intent as JSON:", "text": f'{{"intent": "call", "contact": "{name}"}}',
+                  "transcript": f"call {name} now"} for name in ("mom", "dad", "alice", "bob", "the office")]
+
+
+def _drawn(processor, batch) -> list[str]:
+    """The transcripts a batch's text rows read, in row order."""
+    prompts = [processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in
+               zip(batch["text_input_ids"], batch["text_attention_mask"])]
+    return [next(e["transcript"] for e in TEXT_EXAMPLES if e["transcript"] in prompt) for prompt in prompts]
+
+
+def test_text_rows_read_the_words_where_the_clip_stands_and_learn_the_answer(build):
+    processor, _ = build("whisper", "llama")
+    cache, items = cached_items(processor, ["turn on the lights", "call mom"])
+    batch = SpeechLMCollator(processor, cache, text_examples=TEXT_EXAMPLES, text_rows=3)(items)
+    for row, transcript in enumerate(_drawn(processor, batch)):
+        example = next(e for e in TEXT_EXAMPLES if e["transcript"] == transcript)
+        expected = processor.encode_text([processor.build_prompt(example["prompt"], audio_text=transcript)],
+                                         [example["text"]])
+        width = int(batch["text_attention_mask"][row].sum())
+        assert batch["text_input_ids"][row, :width].tolist() == expected["input_ids"][0].tolist()
+        assert batch["text_labels"][row, :width].tolist() == expected["labels"][0].tolist()
+    assert batch["encoder_frames"].shape[0] == 2  # the clips' rows are the batch's own
+
+
+def test_text_rows_go_through_every_example_before_one_repeats(build):
+    processor, _ = build("whisper", "llama")
+    cache, items = cached_items(processor, ["turn on the lights", "call mom"])
+    collator = SpeechLMCollator(processor, cache, text_examples=TEXT_EXAMPLES, text_rows=2, seed=3)
+    drawn = [transcript for _ in range(5) for transcript in _drawn(processor, collator(items))]
+    assert sorted(drawn[:5]) == sorted(e["transcript"] for e in TEXT_EXAMPLES)
+    assert sorted(drawn[5:]) == sorted(e["transcript"] for e in TEXT_EXAMPLES)
+
+
+def test_text_rows_join_a_chat_batch_too(build, chat_manifest):
+    processor, _ = build("whisper", "qwen2", layout="placeholder")
+    dataset = SpeechLMDataset(read_manifest(chat_manifest), processor.sampling_rate, audio_layout="placeholder")
+    batch = SpeechLMCollator(processor, text_examples=TEXT_EXAMPLES, text_rows=2)([dataset[0]])
+    assert batch["text_input_ids"].shape[0] == 2 and set(TEXT_ROW_KEYS) <= batch.keys()
+
+
+def test_text_rows_without_examples_are_refused():
+    with pytest.raises(ValueError, match="text_rows=4 needs text_examples"):
+        SpeechLMCollator(None, text_rows=4)
+
+
+def test_a_text_example_without_its_words_is_refused_by_position():
+    examples = [TEXT_EXAMPLES[0], {**TEXT_EXAMPLES[1], "transcript": ""}]
+    with pytest.raises(ValueError, match="text example 1 lacks transcript"):
+        SpeechLMCollator(None, text_examples=examples, text_rows=1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from speechlm.data.dataset import SpeechLMDataset
-from speechlm.data.manifests import ManifestError, read_manifest, records_from_dataset
+from speechlm.data.manifests import ManifestError, read_manifest, read_text_examples, records_from_dataset
 from tests.conftest import make_clips
 
 
@@ -135,3 +135,28 @@ def test_a_transcript_column_is_read_as_what_the_clip_says(corpus):
     answer = {**rows[0], "text": '{"intent": "call"}', "task": "slu", "transcript": "call mom"}
     manifest.write_text(json.dumps(answer) + "\n")
     assert read_manifest(manifest)[0]["transcript"] == "call mom"
+
+
+def _text_file(tmp_path, rows) -> str:
+    path = tmp_path / "text.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_text_examples_take_the_rows_prompt_or_their_tasks(tmp_path):
+    path = _text_file(tmp_path, [{"transcript": "call mom", "text": "call", "prompt": "Intent:"},
+                                 {"transcript": "play jazz", "text": "play", "task": "slu"}])
+    found = read_text_examples(path, {"slu": "Intent as JSON:"})
+    assert [(e["transcript"], e["text"], e["prompt"]) for e in found] == [("call mom", "call", "Intent:"),
+                                                                          ("play jazz", "play", "Intent as JSON:")]
+
+
+def test_text_example_problems_are_named_by_file_and_line(tmp_path):
+    path = _text_file(tmp_path, [{"transcript": "call mom", "text": "call", "prompt": "Intent:"}, "{oops",
+                                 {"transcript": "", "text": "x", "prompt": "p"}, {"transcript": "a", "text": "b"},
+                                 {"transcript": "a", "text": "b", "task": "translate"}])
+    with pytest.raises(ManifestError) as raised:
+        read_text_examples(path, {"slu": "Intent as JSON:"})
+    message = str(raised.value)
+    assert f"{path}:2: not valid JSON" in message and f"{path}:3: needs a non-empty transcript" in message
+    assert f"{path}:4: needs a prompt" in message and f"{path}:5: task 'translate' has no prompt" in message

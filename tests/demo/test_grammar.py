@@ -29,6 +29,19 @@ def test_train_test_sentences_are_disjoint() -> None:
     assert all(c.is_held_out(s) for s in test)
 
 
+def test_text_only_sentences_are_distinct_and_never_held_out() -> None:
+    found = c.text_only_utterances(3000, seed=0)
+    texts = [u.text for u in found]
+    assert len(set(texts)) == 3000
+    assert not any(c.is_held_out(t) for t in texts)
+
+
+def test_text_only_sentences_come_from_a_stream_of_their_own() -> None:
+    train, _ = c.split_sentences(3000, 10, seed=0)
+    fresh = [u.text for u in c.text_only_utterances(3000, seed=0)]
+    assert fresh[:50] != train[:50]  # not the training clips' sentences replayed in the same order
+
+
 def test_vocabulary_is_a_few_hundred_words() -> None:
     vocab = c.vocabulary()
     assert 300 <= len(vocab) <= 800

@@ -53,10 +53,21 @@ def test_model_key_ignores_evaluation_only_settings():
                                                ("lora_dropout", -0.5), ("joint_ctc_weight", 1.5),
                                                ("distill_weight", -1.0), ("voice_perturbation", 0.5),
                                                ("accent_fraction", 1.0), ("num_beams", 0),
-                                               ("understanding_beams", 0)])
+                                               ("understanding_beams", 0), ("text_rows", -1)])
 def test_out_of_range_settings_are_refused_by_name(option, value):
     with pytest.raises(ValueError, match=option):
         DemoSettings(**{option: value})
+
+
+def test_text_rows_reach_the_settings_and_name_another_model():
+    settings = parse("--tasks", "transcribe,slu_transcript", "--text-rows", "8")
+    assert settings.text_rows == 8
+    assert settings.fingerprint() != parse("--tasks", "transcribe,slu_transcript").fingerprint()
+
+
+def test_text_rows_without_an_understanding_task_are_refused():
+    with pytest.raises(ValueError, match="text_rows teach understanding answers"):
+        DemoSettings(text_rows=8)
 
 
 def test_distilling_only_where_the_teacher_agrees_needs_a_distillation_weight():

@@ -243,3 +243,26 @@ def test_callbacks_given_to_the_training_see_every_step(build, tmp_path):
     settings = DemoSettings(batch_size=2, max_steps=3, ctc_fraction=0.0, ctc_weight=0.0, lora_rank=0)
     train_within_budget(model, processor, dataset, settings, {}, tmp_path, callbacks=[Steps()])
     assert steps == [1, 2, 3]
+
+
+def test_text_rows_reach_every_batch_the_demo_trains_on(build, tmp_path, monkeypatch):
+    import speechlm.demo.training as training
+
+    seen = []
+
+    class Recording(training.SpeechLMCollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            seen.append(batch["text_input_ids"].shape[0])
+            return batch
+
+    monkeypatch.setattr(training, "SpeechLMCollator", Recording)
+    processor, model = build("whisper", "llama")
+    model.freeze_encoder()
+    records = [record("one two", "synthetic", 1), record("three four", "synthetic", 2)]
+    dataset = training.cached_training_set(model, processor, records, training_records(records),
+                                           tmp_path / "frames.safetensors")
+    settings = DemoSettings(batch_size=2, max_steps=2, ctc_fraction=0.0, ctc_weight=0.0, lora_rank=0,
+                            tasks="transcribe,slu_transcript", text_rows=3)
+    training.train_within_budget(model, processor, dataset, settings, {}, tmp_path)
+    assert seen == [3, 3]

@@ -22,6 +22,7 @@ from speechlm.demo.understanding import (
     question,
     slu_schema,
     slu_target,
+    text_only_examples,
     training_examples,
     write_schemas,
 )
@@ -242,3 +243,23 @@ def test_held_to_the_sentences_the_question_schema_admits_the_answer_and_refuses
     accepts = schema_matcher(schema=qa_transcript_schema(answer_pattern(FLIGHT), quoted=True, sentences=True))
     assert accepts(qa_transcript_example(FLIGHT).target)
     assert not accepts(json.dumps({"transcript": FLIGHT.text + " now", "answer": question(FLIGHT)[1]}))
+
+
+def test_text_only_examples_are_what_a_clip_of_the_same_sentence_would_teach():
+    from speechlm.demo.grammar import text_only_utterances
+
+    tasks = ["transcribe", "slu_transcript", "qa_transcript"]
+    for example, utterance in zip(text_only_examples(200, tasks), text_only_utterances(200), strict=True):
+        (taught,) = training_examples(utterance.text, utterance, tasks)[1:]
+        assert example == {"prompt": taught.prompt, "text": taught.target, "transcript": utterance.text,
+                           "task": taught.task}
+
+
+def test_text_only_examples_alternate_between_the_understanding_tasks():
+    found = text_only_examples(200, ["transcribe", "slu_transcript", "qa_transcript"])
+    assert {e["task"] for e in found} == {"slu_transcript", "qa_transcript"}
+
+
+def test_text_only_examples_need_an_understanding_task():
+    with pytest.raises(ValueError, match="--tasks has none beside transcribe"):
+        text_only_examples(10, ["transcribe"])

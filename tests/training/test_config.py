@@ -49,6 +49,12 @@ def test_a_config_needs_a_model():
         TrainConfig.from_dict({"data": {"train_manifest": "x"}})
 
 
+def test_text_rows_need_a_file_of_text_examples():
+    with pytest.raises(ValueError, match="training.text_rows needs data.text_examples"):
+        TrainConfig.from_dict({"model": {"encoder": "e", "decoder": "d"}, "data": {"train_manifest": "x"},
+                               "training": {"text_rows": 4}})
+
+
 def test_task_metric_kinds_are_validated():
     with pytest.raises(ValueError, match="unknown task metric kind 'bleu'"):
         TrainConfig.from_dict({"model": {"encoder": "e", "decoder": "d"}, "data": {"train_manifest": "x"},

@@ -192,3 +192,14 @@ def test_distill_weight_turns_distillation_on_for_every_batch(base_config, two_t
                          training={"max_steps": 2, "save_steps": 2, "report_to": [], "distill_weight": 1.0})
     with pytest.raises(ValueError, match="distillation needs the `transcript` of a 'slu' example"):
         train(config)
+
+
+def test_text_rows_are_read_from_the_configs_text_examples(base_config, corpus, tmp_path):
+    """`training.text_rows` reaches the collator through `data.text_examples`: a row without a prompt (its task
+    has none) is refused by file and line before a step is taken."""
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"transcript": "call mom", "text": "call", "task": "slu"}) + "\n")
+    config = base_config(tmp_path / "run", data={"eval_manifest": None, "text_examples": str(text)},
+                         training={"max_steps": 2, "save_steps": 2, "report_to": [], "text_rows": 2})
+    with pytest.raises(ValueError, match=f"{text}:1: needs a prompt, or a task with one in task_prompts"):
+        train(config)
