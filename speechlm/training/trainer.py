@@ -147,13 +147,21 @@ class SpeechLMTrainer(Trainer):
 
     def _loss_with_text_rows(self, model, inputs: dict, num_items_in_batch):
         """The batch's own loss (CTC and distillation as configured) plus `text_weight` x the mean token loss of its
-        text-only rows, read by the same model (its adapters on) with no audio."""
+        text-only rows, read by the same model (its adapters on) with no audio.
+
+        The rows go through the unwrapped model: DDP marks each parameter ready once per backward, and a second
+        pass through its wrapper would mark the LLM's twice (one backward through both passes sums their gradients
+        first). Sharded engines hold no whole parameters outside their wrapper, so they are refused by name."""
         from ..data.dataset import TEXT_ROW_KEYS
 
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError("text-only rows (text_rows) train in one process or under DDP (torchrun), not under "
+                             "FSDP or DeepSpeed yet: drop them for a sharded run")
         audio_inputs = {key: value for key, value in inputs.items() if key not in TEXT_ROW_KEYS}
         loss, outputs = self.compute_loss(model, audio_inputs, True, num_items_in_batch)
         ids, mask, labels = (inputs[key] for key in TEXT_ROW_KEYS)
-        text = model(input_ids=ids, decoder_attention_mask=mask, labels=labels).loss
+        unwrapped = self.accelerator.unwrap_model(model)
+        text = unwrapped(input_ids=ids, decoder_attention_mask=mask, labels=labels).loss
         return loss + self.text_weight * text, outputs
 
     def _distilled_loss(self, model, model_inputs: dict, inputs: dict, num_items_in_batch):

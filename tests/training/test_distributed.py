@@ -34,6 +34,24 @@ def test_ddp_two_cpu_processes_agree(base_config, tmp_path):
     assert any("eval_wer" in entry for entry in log)  # the sharded WER pass gathered both halves
 
 
+def test_ddp_with_text_rows_two_cpu_processes_agree(base_config, tmp_path):
+    """Text-only rows go through the unwrapped model beside the DDP forward: both ranks (each drawing its own rows)
+    end with the same weights."""
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"transcript": f"call {name}", "text": name, "prompt": "who?"}) + "\n"
+                            for name in ("mom", "dad", "alice", "bob")))
+    config = base_config(tmp_path / "ddp", data={"eval_manifest": None, "text_examples": str(text)},
+                         training={"max_steps": 3, "save_steps": 3, "report_to": [], "text_rows": 2})
+    config_path = tmp_path / "ddp.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "speechlm.cli", "train", "--config", str(config_path)]  # fmt: skip
+    result = subprocess.run(command, env=_env(), capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()[-4000:]
+    stage = _summary(tmp_path / "ddp")["stages"][0]
+    assert stage["world_size"] == 2 and stage["ranks_agree"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_accelerate_config_trains(stage, base_config, tmp_path_factory, tmp_path):

@@ -97,3 +97,11 @@ def test_a_negative_text_weight_is_refused(build, tmp_path):
     model, batch = _text_row_batch(build)
     with pytest.raises(ValueError, match="text_weight must be >= 0, got -1"):
         _trainer(model, batch, tmp_path, text_weight=-1)
+
+
+def test_text_rows_under_a_sharded_engine_are_refused_by_name(build, tmp_path):
+    model, batch = _text_row_batch(build)
+    trainer = _trainer(model, batch, tmp_path)
+    trainer.is_fsdp_enabled = True  # what accelerate sets for an FSDP run
+    with pytest.raises(ValueError, match="not under FSDP or DeepSpeed yet"):
+        trainer.compute_loss(model, batch)
