@@ -16,19 +16,24 @@ import yaml
 from tests.training.conftest import ROOT, _env, _summary
 
 
-def test_ddp_two_cpu_processes_agree(base_config, tmp_path):
-    config = base_config(tmp_path / "ddp", training={"max_steps": 3, "save_steps": 3, "eval_steps": 3,
-                                                     "report_to": []})  # fmt: skip
+def _train_on_two_processes(config: dict, tmp_path) -> dict:
+    """`speechlm train` under torchrun on 2 CPU processes; the run's first stage summary."""
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "speechlm.cli", "train", "--config", str(config_path)]  # fmt: skip
     result = subprocess.run(command, env=_env(), capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr.decode()[-4000:]
+    return _summary(tmp_path / "ddp")["stages"][0]
+
+
+def test_ddp_two_cpu_processes_agree(base_config, tmp_path):
+    config = base_config(tmp_path / "ddp", training={"max_steps": 3, "save_steps": 3, "eval_steps": 3,
+                                                     "report_to": []})  # fmt: skip
+    stage = _train_on_two_processes(config, tmp_path)
     stage_dir = tmp_path / "ddp" / "stages" / "01-lora"
     hashes = [(stage_dir / f"weights_sha256.rank{rank}.txt").read_text().strip() for rank in (0, 1)]
     assert hashes[0] == hashes[1]
-    stage = _summary(tmp_path / "ddp")["stages"][0]
     assert stage["world_size"] == 2 and stage["ranks_agree"] and stage["trainable_weights_sha256"] == hashes[0]
     log = json.loads((stage_dir / "stage_done.json").read_text())["log_history"]
     assert any("eval_wer" in entry for entry in log)  # the sharded WER pass gathered both halves
@@ -42,13 +47,7 @@ def test_ddp_with_text_rows_two_cpu_processes_agree(base_config, tmp_path):
                             for name in ("mom", "dad", "alice", "bob")))
     config = base_config(tmp_path / "ddp", data={"eval_manifest": None, "text_examples": str(text)},
                          training={"max_steps": 3, "save_steps": 3, "report_to": [], "text_rows": 2})
-    config_path = tmp_path / "ddp.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "speechlm.cli", "train", "--config", str(config_path)]  # fmt: skip
-    result = subprocess.run(command, env=_env(), capture_output=True, timeout=300)
-    assert result.returncode == 0, result.stderr.decode()[-4000:]
-    stage = _summary(tmp_path / "ddp")["stages"][0]
+    stage = _train_on_two_processes(config, tmp_path)
     assert stage["world_size"] == 2 and stage["ranks_agree"]
 
 
