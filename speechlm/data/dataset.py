@@ -161,7 +161,8 @@ class SpeechLMCollator:
     `text_examples` (`{"prompt", "text", "transcript"}` dicts) with `text_rows` > 0 add that many text-only rows to
     every batch (`TEXT_ROW_KEYS`), drawn in turn from a seeded shuffle: the transcript stands where a clip would and
     the model learns the answer from the words alone. Text is free where audio is not, so an instruction's mapping
-    (words -> intent and slots) can see many more sentences than the clips carry; the trainer adds their loss.
+    (words -> intent and slots) can see many more sentences than the clips carry; the trainer adds their loss. The
+    draw is the collator's own: a run resumed from a checkpoint starts the shuffle again.
     """
 
     def __init__(self, processor, encoder_cache: EncoderCache | None = None, frame_masking: float = 0.0,
