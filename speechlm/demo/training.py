@@ -170,6 +170,13 @@ def phase_frame_masking(settings: DemoSettings, ctc_phase: bool) -> float:
     return settings.frame_masking if ctc_phase else settings.llm_frame_masking
 
 
+def phase_text_rows(settings: DemoSettings, ctc_phase: bool) -> int:
+    """Text-only rows per batch: none while CTC pre-aligns the projector (no LLM pass reads them there), so the
+    LLM phase starts its shuffle at the first example and the CTC steps do not tokenize rows for nothing (the one
+    batch the data loader has already collated when the phase changes goes without)."""
+    return 0 if ctc_phase else settings.text_rows
+
+
 def tell_deepspeed_the_device() -> None:
     """The demo trains on the CPU (`use_cpu=True`). DeepSpeed, when installed, is imported by the Trainer and looks
     for a GPU first, then tells every user it "was unable to detect it"; naming the CPU spares them that line."""
@@ -242,6 +249,7 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
             if trainer.ctc_only and self._pre_alignment_done(elapsed, state.global_step):
                 trainer.ctc_only, self.phase_changed = False, True
                 collator.frame_masking = phase_frame_masking(settings, ctc_phase=False)
+                collator.text_rows = phase_text_rows(settings, ctc_phase=False)
                 self.llm_start = (elapsed, state.global_step)
                 history["ctc_steps"], history["ctc_minutes"] = state.global_step, elapsed / 60
                 self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: CTC pre-alignment done, "
@@ -293,7 +301,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     collator = SpeechLMCollator(processor, dataset.encoder_cache,
                                 frame_masking=phase_frame_masking(settings, ctc_phase=pre_align),
                                 distillation=settings.distill_weight > 0, text_examples=text_examples,
-                                text_rows=settings.text_rows, seed=settings.training_seed)
+                                text_rows=phase_text_rows(settings, ctc_phase=pre_align),
+                                seed=settings.training_seed)
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=collator,
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget, max_steps=settings.max_steps,

@@ -266,3 +266,29 @@ def test_text_rows_reach_every_batch_the_demo_trains_on(build, tmp_path, monkeyp
                             tasks="transcribe,slu_transcript", text_rows=3)
     training.train_within_budget(model, processor, dataset, settings, {}, tmp_path)
     assert seen == [3, 3]
+
+
+def test_text_rows_start_with_the_llm_phase(build, tmp_path, monkeypatch):
+    """CTC pre-alignment never reads text rows: its batches carry none, the LLM phase's do (all but the one batch the
+    data loader had already collated when the phase changed)."""
+    import speechlm.demo.training as training
+
+    seen = []
+
+    class Recording(training.SpeechLMCollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            seen.append(batch["text_input_ids"].shape[0] if "text_input_ids" in batch else 0)
+            return batch
+
+    monkeypatch.setattr(training, "SpeechLMCollator", Recording)
+    processor, model = build("whisper", "llama")
+    model.freeze_encoder()
+    records = [record(text, "synthetic", seed) for seed, text in enumerate(["one two", "three four", "five six",
+                                                                            "seven", "eight nine", "ten"])]
+    dataset = training.cached_training_set(model, processor, records, training_records(records),
+                                           tmp_path / "frames.safetensors")
+    settings = DemoSettings(batch_size=2, ctc_steps=2, max_steps=5, lora_rank=0,
+                            tasks="transcribe,slu_transcript", text_rows=3)
+    training.train_within_budget(model, processor, dataset, settings, {}, tmp_path)
+    assert seen[:2] == [0, 0] and seen[-3:] == [3, 3, 3]
