@@ -93,6 +93,14 @@ def test_the_augmented_preset_is_bounded_by_steps_with_a_time_cap():
     assert (settings.ctc_steps, settings.max_steps) == (4000, 5200) and settings.real_speech_augment
 
 
+def test_the_understanding_preset_trains_three_tasks_with_the_long_pre_alignment_and_text_rows():
+    settings = parse("--preset", "understanding")
+    assert settings == DemoSettings(**PRESETS["understanding"])
+    assert settings.tasks == "transcribe,slu_transcript,qa_transcript"
+    recipe = (settings.ctc_steps, settings.max_steps, settings.frame_masking, settings.text_rows)
+    assert recipe == (12000, 13200, 0.1, 8)
+
+
 def test_a_rerun_with_other_decoding_flags_names_the_same_model():
     # The model is reused, only decoded again (num_beams and the joint weight are evaluation-only).
     greedy = parse("--preset", "augmented", "--num-beams", "1", "--joint-ctc-weight", "0")
