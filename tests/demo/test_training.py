@@ -245,32 +245,8 @@ def test_callbacks_given_to_the_training_see_every_step(build, tmp_path):
     assert steps == [1, 2, 3]
 
 
-def test_text_rows_reach_every_batch_the_demo_trains_on(build, tmp_path, monkeypatch):
-    import speechlm.demo.training as training
-
-    seen = []
-
-    class Recording(training.SpeechLMCollator):
-        def __call__(self, features):
-            batch = super().__call__(features)
-            seen.append(batch["text_input_ids"].shape[0])
-            return batch
-
-    monkeypatch.setattr(training, "SpeechLMCollator", Recording)
-    processor, model = build("whisper", "llama")
-    model.freeze_encoder()
-    records = [record("one two", "synthetic", 1), record("three four", "synthetic", 2)]
-    dataset = training.cached_training_set(model, processor, records, training_records(records),
-                                           tmp_path / "frames.safetensors")
-    settings = DemoSettings(batch_size=2, max_steps=2, ctc_fraction=0.0, ctc_weight=0.0, lora_rank=0,
-                            tasks="transcribe,slu_transcript", text_rows=3)
-    training.train_within_budget(model, processor, dataset, settings, {}, tmp_path)
-    assert seen == [3, 3]
-
-
-def test_text_rows_start_with_the_llm_phase(build, tmp_path, monkeypatch):
-    """CTC pre-alignment never reads text rows: its batches carry none, the LLM phase's do (all but the one batch the
-    data loader had already collated when the phase changed)."""
+def text_rows_per_batch(build, tmp_path, monkeypatch, texts: list[str], settings: DemoSettings) -> list[int]:
+    """Train the demo on tiny clips of `texts` and return the text-only rows each collated batch carried."""
     import speechlm.demo.training as training
 
     seen = []
@@ -284,11 +260,24 @@ def test_text_rows_start_with_the_llm_phase(build, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "SpeechLMCollator", Recording)
     processor, model = build("whisper", "llama")
     model.freeze_encoder()
-    records = [record(text, "synthetic", seed) for seed, text in enumerate(["one two", "three four", "five six",
-                                                                            "seven", "eight nine", "ten"])]
+    records = [record(text, "synthetic", seed) for seed, text in enumerate(texts, start=1)]
     dataset = training.cached_training_set(model, processor, records, training_records(records),
                                            tmp_path / "frames.safetensors")
+    training.train_within_budget(model, processor, dataset, settings, {}, tmp_path)
+    return seen
+
+
+def test_text_rows_reach_every_batch_the_demo_trains_on(build, tmp_path, monkeypatch):
+    settings = DemoSettings(batch_size=2, max_steps=2, ctc_fraction=0.0, ctc_weight=0.0, lora_rank=0,
+                            tasks="transcribe,slu_transcript", text_rows=3)
+    assert text_rows_per_batch(build, tmp_path, monkeypatch, ["one two", "three four"], settings) == [3, 3]
+
+
+def test_text_rows_start_with_the_llm_phase(build, tmp_path, monkeypatch):
+    """CTC pre-alignment never reads text rows: its batches carry none, the LLM phase's do (all but the one batch the
+    data loader had already collated when the phase changed)."""
     settings = DemoSettings(batch_size=2, ctc_steps=2, max_steps=5, lora_rank=0,
                             tasks="transcribe,slu_transcript", text_rows=3)
-    training.train_within_budget(model, processor, dataset, settings, {}, tmp_path)
+    texts = ["one two", "three four", "five six", "seven", "eight nine", "ten"]
+    seen = text_rows_per_batch(build, tmp_path, monkeypatch, texts, settings)
     assert seen[:2] == [0, 0] and seen[-3:] == [3, 3, 3]
