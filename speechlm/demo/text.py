@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from ..evaluation.number_words import digits_to_words, number_to_words
 
-__all__ = ["digits_to_words", "number_to_words", "ordinal_words"]
+__all__ = ["WORDS_PATTERN", "digits_to_words", "number_to_words", "ordinal_words"]
+
+# That form as a regular expression: lower-case words (apostrophes inside) one space apart, nothing before or after;
+# what a transcript the model writes inside a JSON answer is held to (`understanding.slu_schema`).
+WORDS_PATTERN = r"[a-z']+(?: [a-z']+)*"
 
 _IRREGULAR_ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
                        "nine": "ninth", "twelve": "twelfth"}

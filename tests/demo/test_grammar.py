@@ -7,8 +7,9 @@ import re
 import pytest
 
 from speechlm.demo import grammar as c
+from speechlm.demo.text import WORDS_PATTERN
 
-WORDS = re.compile(r"[a-z']+( [a-z']+)*")
+WORDS = re.compile(WORDS_PATTERN)  # the form transcript fields of JSON answers are held to
 
 
 def test_sentences_are_deterministic_and_clean() -> None:

@@ -180,6 +180,15 @@ def test_every_slot_value_the_grammar_says_is_words_of_its_sentence():
     assert all(value in word_runs(utterance.text) for utterance in drawn for _, value in utterance.slots)
 
 
+@pytest.mark.parametrize("written", [f"{ALARM.text} ", f"{ALARM.text}.", ALARM.text.capitalize(),
+                                     ALARM.text.replace(" ", "  ", 1)],
+                         ids=["trailing space", "full stop", "capital", "double space"])
+def test_the_transcript_field_refuses_the_words_in_another_form_than_training_wrote(written):
+    # Free, beams spent themselves on the same words with a space or a full stop after them.
+    accepts, answer = schema_matcher(values=False, transcript=True), json.loads(slu_target(ALARM, transcript=True))
+    assert accepts(json.dumps(answer)) and not accepts(json.dumps({**answer, "transcript": written}))
+
+
 def test_only_transcript_first_schemas_can_quote_their_slot_values():
     assert slu_schema(values=True, transcript=True, quoted=True)[WORDS_FROM] == "transcript"
     assert qa_transcript_schema(quoted=True)[WORDS_FROM] == "transcript"
