@@ -98,8 +98,8 @@ def slu_schema(values: bool = False, transcript: bool = False, quoted: bool = Fa
 
 def _transcript(sentences: bool) -> dict:
     """A transcript field: words in the form every training transcript is written in (`text.WORDS_PATTERN`), or with
-    `sentences` one of the domain's sentences (`_sentence_definition`). Free, eight beams held 3-4 distinct answers
-    on many clips, the rest the same words with a space or a full stop after them (session 44)."""
+    `sentences` one of the domain's sentences (`_sentence_definition`). Free, 8 beams held 3.5 distinct answers a
+    clip on average, the rest the same words with a space or a full stop after them (session 44)."""
     return {"$ref": "#/$defs/sentence"} if sentences else {"type": "string", "pattern": f"^(?:{WORDS_PATTERN})$"}
 
 
