@@ -12,9 +12,10 @@ import soundfile as sf
 from speechlm.demo import corpus as c
 from speechlm.demo import render
 from speechlm.demo.system_packages import fortune_files, missing_system_packages
+from speechlm.demo.text import WORDS_PATTERN
 from speechlm.evaluation.normalizers import normalize_text
 
-WORDS = re.compile(r"[a-z']+( [a-z']+)*")
+WORDS = re.compile(WORDS_PATTERN)  # every manifest text in the demo's one text form
 
 
 def lines(manifest: Path) -> list[dict]:
