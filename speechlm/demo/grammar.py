@@ -349,6 +349,18 @@ def _utterance_stream(seed: int) -> Iterator[Utterance]:
         yield expand_template(rng.choice(TEMPLATES[rng.choice(categories)]), rng)
 
 
+def intent_shares() -> dict[str, float]:
+    """Each intent's share of `_utterance_stream`'s draws (a category uniformly, then one of its templates): what a
+    corpus gets when sentences may repeat. Distinct sentences cap a template at the strings it can say, so templates
+    with few fillings fall far below this share (benchmarks/intent_coverage.py)."""
+    shares: dict[str, float] = {}
+    for templates in TEMPLATES.values():
+        for template in templates:
+            intent = intent_of(template)
+            shares[intent] = shares.get(intent, 0.0) + 1 / len(TEMPLATES) / len(templates)
+    return shares
+
+
 def _sentence_stream(seed: int) -> Iterator[str]:
     return (utterance.text for utterance in _utterance_stream(seed))
 

@@ -78,6 +78,21 @@ def test_texts_the_grammar_did_not_make_have_no_meaning() -> None:
     assert c.utterances(["completely unrelated words here"], seed=0) == {}
 
 
+def test_intent_shares_are_the_streams_draw_frequencies() -> None:
+    """The benchmark compares training counts with these shares: they must be what the stream draws, repeats and all."""
+    draws = 40_000
+    stream = c._utterance_stream(5)
+    counts: dict[str, int] = {}
+    for _ in range(draws):
+        intent = next(stream).intent
+        counts[intent] = counts.get(intent, 0) + 1
+    shares = c.intent_shares()
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert set(counts) <= set(shares)
+    for intent, share in shares.items():  # 5 binomial standard deviations
+        assert abs(counts.get(intent, 0) - share * draws) <= 5 * (share * draws) ** 0.5 + 1, intent
+
+
 def test_intents_are_snake_case_names_for_every_template() -> None:
     intents = [c.intent_of(t) for templates in c.TEMPLATES.values() for t in templates]
     assert all(re.fullmatch(r"[a-z]+(_[a-z]+)*", intent) for intent in intents)
