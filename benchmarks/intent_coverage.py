@@ -57,7 +57,8 @@ def main() -> None:
     table = [
         "# Training coverage of the held-out clips' intents (benchmarks/intent_coverage.py)",
         "",
-        f"Corpus `{args.corpus.name}`: {n_train} training sentences, {len(rows)} text-only sentences, "
+        f"Corpus `{args.corpus.name}`: {n_train} distinct training sentences the grammar made (its synthetic "
+        f"clips' and any real prompt it can also say), {len(rows)} text-only sentences, "
         f"{sum(test.values())} held-out clips. *Grammar's share*: what the same number of draws would give the intent "
         "if sentences could repeat. Wrong: the intent answered wrong on that many of its held-out clips, per run.",
         "",
