@@ -387,18 +387,23 @@ def utterances(texts: Sequence[str], seed: int = 0) -> dict[str, Utterance]:
 TEXT_SEED_OFFSET = 2_000_003  # sentences for text-only training come from a third stream
 
 
-def text_only_utterances(n: int, seed: int = 0) -> list[Utterance]:
-    """`n` distinct grammar utterances for text-only training (no clip is rendered for them), from a stream of their
-    own; never a held-out string (`is_held_out`), so the held-out sentences stay unseen in any form."""
-    seen: dict[str, Utterance] = {}
+def text_only_utterances(n: int, seed: int = 0, distinct: bool = True) -> list[Utterance]:
+    """`n` grammar utterances for text-only training (no clip is rendered for them), from a stream of their own;
+    never a held-out string (`is_held_out`), so the held-out sentences stay unseen in any form. Distinct by default;
+    `distinct=False` keeps every draw, repeats included, so each intent gets its `intent_shares` share instead of the
+    few strings a template with few fillings can say."""
+    kept: list[Utterance] = []
+    seen: set[str] = set()
     for draws, utterance in enumerate(_utterance_stream(seed + TEXT_SEED_OFFSET)):
-        if len(seen) >= n:
+        if len(kept) >= n:
             break
         if draws >= 100 * n + 1000:
-            raise ValueError(f"only {len(seen)} distinct sentences found for the {n} asked")
-        if not is_held_out(utterance.text):
-            seen.setdefault(utterance.text, utterance)
-    return list(seen.values())
+            raise ValueError(f"only {len(kept)} distinct sentences found for the {n} asked")
+        if is_held_out(utterance.text) or (distinct and utterance.text in seen):
+            continue
+        seen.add(utterance.text)
+        kept.append(utterance)
+    return kept
 
 
 def is_held_out(text: str) -> bool:

@@ -105,6 +105,10 @@ class DemoSettings:
     # Text-only understanding examples added to every LLM batch (the sentence's words where a clip would stand), from
     # TEXT_ONLY_SENTENCES fresh grammar sentences: the words -> frame mapping sees text the clips do not carry.
     text_rows: int = 0
+    # Those sentences drawn with repeats, so every intent gets the grammar's share: distinct sentences cap a template
+    # with few fillings at the strings it can say (`queue_position`: 7 where its share is 70; session 45,
+    # benchmarks/intent_coverage.py). Not yet measured in a run.
+    text_rows_repeat: bool = False
     seed: int = 0  # the corpus (sentences, voices, held-out split); also training's, unless `train_seed` is given
     train_seed: int | None = None  # the projector's initialisation and the batch order alone: run-to-run spread
     dtype: str = "auto"  # frozen weights during training: "auto" = bfloat16 only where the CPU does it natively
@@ -150,6 +154,8 @@ class DemoSettings:
             raise ValueError(f"text_rows must be >= 0, got {self.text_rows}")
         if self.text_rows and not set(parse_tasks(self.tasks)) - {"transcribe"}:
             raise ValueError("text_rows teach understanding answers: give --tasks with an understanding task")
+        if self.text_rows_repeat and not self.text_rows:
+            raise ValueError("text_rows_repeat changes how the text-only rows are drawn: give --text-rows")
         for name in ("ctc_steps", "max_steps", "num_beams", "understanding_beams"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -256,6 +262,9 @@ def add_arguments(parser) -> None:
                         help="text-only understanding examples added to every LLM batch: fresh grammar sentences "
                         "whose words stand where a clip would (no audio rendered; needs --tasks; default: "
                         f"{defaults.text_rows})")
+    parser.add_argument("--text-rows-repeat", action="store_true",
+                        help="draw the text-only sentences with repeats, so every intent gets its share of the "
+                        "grammar (distinct sentences starve templates with few fillings; not yet measured)")
     parser.add_argument("--train-seed", type=int, default=None,
                         help="seed of the initialisation and batch order only, on the same corpus (default: the "
                         "corpus seed): repeat a run with another to measure its run-to-run spread")

@@ -296,8 +296,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
         remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, seed=settings.training_seed,
         log_level="warning", train_sampling_strategy="group_by_length",
     )
-    text_examples = (text_only_examples(TEXT_ONLY_SENTENCES, parse_tasks(settings.tasks), settings.seed)
-                     if settings.text_rows else ())
+    text_examples = (text_only_examples(TEXT_ONLY_SENTENCES, parse_tasks(settings.tasks), settings.seed,
+                                        distinct=not settings.text_rows_repeat) if settings.text_rows else ())
     collator = SpeechLMCollator(processor, dataset.encoder_cache,
                                 frame_masking=phase_frame_masking(settings, ctc_phase=pre_align),
                                 distillation=settings.distill_weight > 0, text_examples=text_examples,

@@ -216,13 +216,14 @@ def training_examples(text: str, utterance: Utterance | None, tasks: Sequence[st
     return [everything[0], everything[1 + zlib.crc32(text.encode()) % (len(everything) - 1)]]
 
 
-def text_only_examples(count: int, tasks: Sequence[str], seed: int = 0) -> list[dict]:
-    """Understanding examples of `count` fresh grammar sentences, one task each as `training_examples` alternates,
-    for text-only rows (`SpeechLMCollator(text_examples=...)`): the sentence's words stand where its clip would."""
+def text_only_examples(count: int, tasks: Sequence[str], seed: int = 0, distinct: bool = True) -> list[dict]:
+    """Understanding examples of `count` fresh grammar sentences (`text_only_utterances`: distinct, or drawn with
+    repeats), one task each as `training_examples` alternates, for text-only rows (`SpeechLMCollator(text_examples=
+    ...)`): the sentence's words stand where its clip would."""
     if not set(tasks) - {"transcribe"}:
         raise ValueError("text-only examples teach an understanding task's answer; --tasks has none beside transcribe")
     return [{"prompt": example.prompt, "text": example.target, "transcript": utterance.text, "task": example.task}
-            for utterance in text_only_utterances(count, seed)
+            for utterance in text_only_utterances(count, seed, distinct)
             for example in training_examples(utterance.text, utterance, tasks)[1:]]
 
 

@@ -37,6 +37,18 @@ def test_text_only_sentences_are_distinct_and_never_held_out() -> None:
     assert not any(c.is_held_out(t) for t in texts)
 
 
+def test_text_only_sentences_drawn_with_repeats_give_a_starved_template_its_share() -> None:
+    """Distinct sentences cap `queue_position` at the few strings it can say; drawn with repeats it gets its share."""
+    n = 20_000
+    share = c.intent_shares()["queue_position"] * n
+    distinct = sum(u.intent == "queue_position" for u in c.text_only_utterances(n, seed=0))
+    repeated = [u for u in c.text_only_utterances(n, seed=0, distinct=False)]
+    drawn = sum(u.intent == "queue_position" for u in repeated)
+    assert distinct < share / 4
+    assert abs(drawn - share) <= 5 * share**0.5
+    assert len(repeated) == n and not any(c.is_held_out(u.text) for u in repeated)
+
+
 def test_text_only_sentences_come_from_a_stream_of_their_own() -> None:
     train, _ = c.split_sentences(3000, 10, seed=0)
     fresh = [u.text for u in c.text_only_utterances(3000, seed=0)]

@@ -65,6 +65,17 @@ def test_text_rows_reach_the_settings_and_name_another_model():
     assert settings.fingerprint() != parse("--tasks", "transcribe,slu_transcript").fingerprint()
 
 
+def test_text_rows_drawn_with_repeats_reach_the_settings_and_name_another_model():
+    settings = parse("--tasks", "transcribe,slu_transcript", "--text-rows", "8", "--text-rows-repeat")
+    assert settings.text_rows_repeat is True
+    assert settings.fingerprint() != parse("--tasks", "transcribe,slu_transcript", "--text-rows", "8").fingerprint()
+
+
+def test_text_rows_drawn_with_repeats_without_text_rows_are_refused():
+    with pytest.raises(ValueError, match="text_rows_repeat changes how the text-only rows are drawn"):
+        DemoSettings(tasks="transcribe,slu_transcript", text_rows_repeat=True)
+
+
 def test_text_rows_without_an_understanding_task_are_refused():
     with pytest.raises(ValueError, match="text_rows teach understanding answers"):
         DemoSettings(text_rows=8)

@@ -273,6 +273,31 @@ def test_text_rows_reach_every_batch_the_demo_trains_on(build, tmp_path, monkeyp
     assert text_rows_per_batch(build, tmp_path, monkeypatch, ["one two", "three four"], settings) == [3, 3]
 
 
+def test_text_rows_drawn_with_repeats_give_the_collator_repeated_sentences(build, tmp_path, monkeypatch):
+    import speechlm.demo.training as training
+
+    transcripts = []
+
+    class Recording(training.SpeechLMCollator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            transcripts.append([example["transcript"] for example in self.text_examples])
+
+    monkeypatch.setattr(training, "SpeechLMCollator", Recording)
+    processor, model = build("whisper", "llama")
+    model.freeze_encoder()
+    records = [record(text, "synthetic", seed) for seed, text in enumerate(["one two", "three four"], start=1)]
+    dataset = training.cached_training_set(model, processor, records, training_records(records),
+                                           tmp_path / "frames.safetensors")
+    for repeat in (False, True):
+        settings = DemoSettings(batch_size=2, max_steps=1, ctc_fraction=0.0, ctc_weight=0.0, lora_rank=0,
+                                tasks="transcribe,slu_transcript", text_rows=2, text_rows_repeat=repeat)
+        training.train_within_budget(model, processor, dataset, settings, {}, tmp_path / str(repeat))
+    distinct, repeated = transcripts
+    assert len(set(distinct)) == len(distinct) == training.TEXT_ONLY_SENTENCES
+    assert len(repeated) == training.TEXT_ONLY_SENTENCES and len(set(repeated)) < len(repeated)
+
+
 def test_text_rows_start_with_the_llm_phase(build, tmp_path, monkeypatch):
     """CTC pre-alignment never reads text rows: its batches carry none, the LLM phase's do (all but the one batch the
     data loader had already collated when the phase changed)."""
