@@ -27,9 +27,9 @@ def intents(texts: list[str], seed: int) -> Counter:
 
 
 def wrong_intents(run: Path) -> Counter:
-    path = next(p for task in ("slu_transcript", "slu") if (p := run / f"{task}.hypotheses.jsonl").is_file())
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return Counter(json.loads(row["ref"])["intent"] for row in rows if not row["intent_correct"])
+    from slu_errors import json_field, slu_answers  # this folder's sibling script
+
+    return Counter(json_field(row["ref"], "intent") for row in slu_answers(run).values() if not row["intent_correct"])
 
 
 def main() -> None:

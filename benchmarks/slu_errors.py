@@ -59,12 +59,17 @@ def qa_cells(run: Path, heard: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+def slu_answers(run: Path) -> dict[str, dict]:
+    """The run's per-clip SLU answers, of whichever SLU task it learned (`slu` or `slu_transcript`)."""
+    return read_rows(next(path for task in ("slu", "slu_transcript")
+                          if (path := run / f"{task}.hypotheses.jsonl").is_file()))
+
+
 def analyse(run: Path) -> tuple[list[str], Counter, list[list[str]]]:
     """One table row for `run` (counts split by whether the transcription was exact), its intent confusions and its
     QA rows (`qa_cells`)."""
     heard = read_rows(run / "test_synthetic.hypotheses.jsonl")
-    slu = read_rows(next(path for task in ("slu", "slu_transcript") if (path := run / f"{task}.hypotheses.jsonl")
-                         .is_file()))
+    slu = slu_answers(run)
     counts, confusions = Counter(), Counter()
     for clip, row in slu.items():
         exact = heard[clip]["wer"] == 0

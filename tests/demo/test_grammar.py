@@ -42,7 +42,7 @@ def test_text_only_sentences_drawn_with_repeats_give_a_starved_template_its_shar
     n = 20_000
     share = c.intent_shares()["queue_position"] * n
     distinct = sum(u.intent == "queue_position" for u in c.text_only_utterances(n, seed=0))
-    repeated = [u for u in c.text_only_utterances(n, seed=0, distinct=False)]
+    repeated = c.text_only_utterances(n, seed=0, distinct=False)
     drawn = sum(u.intent == "queue_position" for u in repeated)
     assert distinct < share / 4
     assert abs(drawn - share) <= 5 * share**0.5

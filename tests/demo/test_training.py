@@ -245,13 +245,19 @@ def test_callbacks_given_to_the_training_see_every_step(build, tmp_path):
     assert steps == [1, 2, 3]
 
 
-def text_rows_per_batch(build, tmp_path, monkeypatch, texts: list[str], settings: DemoSettings) -> list[int]:
-    """Train the demo on tiny clips of `texts` and return the text-only rows each collated batch carried."""
+def train_recording_text_rows(build, tmp_path, monkeypatch, texts: list[str], settings: DemoSettings):
+    """Train the demo on tiny clips of `texts`; return the text-only rows each collated batch carried and the
+    sentences the collator was given to draw them from."""
     import speechlm.demo.training as training
+    from speechlm.data import SpeechLMCollator
 
-    seen = []
+    seen, given = [], []
 
-    class Recording(training.SpeechLMCollator):
+    class Recording(SpeechLMCollator):  # the library's, not a Recording an earlier call patched in
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            given.extend(example["transcript"] for example in self.text_examples)
+
         def __call__(self, features):
             batch = super().__call__(features)
             seen.append(batch["text_input_ids"].shape[0] if "text_input_ids" in batch else 0)
@@ -264,7 +270,12 @@ def text_rows_per_batch(build, tmp_path, monkeypatch, texts: list[str], settings
     dataset = training.cached_training_set(model, processor, records, training_records(records),
                                            tmp_path / "frames.safetensors")
     training.train_within_budget(model, processor, dataset, settings, {}, tmp_path)
-    return seen
+    return seen, given
+
+
+def text_rows_per_batch(build, tmp_path, monkeypatch, texts: list[str], settings: DemoSettings) -> list[int]:
+    """Train the demo on tiny clips of `texts` and return the text-only rows each collated batch carried."""
+    return train_recording_text_rows(build, tmp_path, monkeypatch, texts, settings)[0]
 
 
 def test_text_rows_reach_every_batch_the_demo_trains_on(build, tmp_path, monkeypatch):
@@ -274,28 +285,17 @@ def test_text_rows_reach_every_batch_the_demo_trains_on(build, tmp_path, monkeyp
 
 
 def test_text_rows_drawn_with_repeats_give_the_collator_repeated_sentences(build, tmp_path, monkeypatch):
-    import speechlm.demo.training as training
+    from speechlm.demo.training import TEXT_ONLY_SENTENCES
 
-    transcripts = []
-
-    class Recording(training.SpeechLMCollator):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            transcripts.append([example["transcript"] for example in self.text_examples])
-
-    monkeypatch.setattr(training, "SpeechLMCollator", Recording)
-    processor, model = build("whisper", "llama")
-    model.freeze_encoder()
-    records = [record(text, "synthetic", seed) for seed, text in enumerate(["one two", "three four"], start=1)]
-    dataset = training.cached_training_set(model, processor, records, training_records(records),
-                                           tmp_path / "frames.safetensors")
+    given = {}
     for repeat in (False, True):
         settings = DemoSettings(batch_size=2, max_steps=1, ctc_fraction=0.0, ctc_weight=0.0, lora_rank=0,
                                 tasks="transcribe,slu_transcript", text_rows=2, text_rows_repeat=repeat)
-        training.train_within_budget(model, processor, dataset, settings, {}, tmp_path / str(repeat))
-    distinct, repeated = transcripts
-    assert len(set(distinct)) == len(distinct) == training.TEXT_ONLY_SENTENCES
-    assert len(repeated) == training.TEXT_ONLY_SENTENCES and len(set(repeated)) < len(repeated)
+        (tmp_path / str(repeat)).mkdir()
+        given[repeat] = train_recording_text_rows(build, tmp_path / str(repeat), monkeypatch, ["one two", "three four"],
+                                                  settings)[1]
+    assert len(set(given[False])) == len(given[False]) == TEXT_ONLY_SENTENCES
+    assert len(given[True]) == TEXT_ONLY_SENTENCES and len(set(given[True])) < len(given[True])
 
 
 def test_text_rows_start_with_the_llm_phase(build, tmp_path, monkeypatch):
