@@ -398,7 +398,8 @@ def text_only_utterances(n: int, seed: int = 0, distinct: bool = True) -> list[U
         if len(kept) >= n:
             break
         if draws >= 100 * n + 1000:
-            raise ValueError(f"only {len(kept)} distinct sentences found for the {n} asked")
+            kind = "distinct " if distinct else ""
+            raise ValueError(f"only {len(kept)} {kind}training sentences found for the {n} asked")
         if is_held_out(utterance.text) or (distinct and utterance.text in seen):
             continue
         seen.add(utterance.text)
