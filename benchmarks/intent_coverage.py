@@ -4,8 +4,9 @@ The demo's corpus keeps *distinct* sentences (`speechlm.demo.grammar.split_sente
 (`text_only_utterances`). A template with few fillings ("you are caller number {count} in the queue") can say only a
 handful of strings, and some of them are held out, so training sees it far less often than the grammar draws it,
 while the 200 held-out sentences, too few to exhaust any template, keep its share. This counts, per intent: training
-clips, text-only rows (`--text-rows`, TEXT_ONLY_SENTENCES sentences), what the grammar's share would give each, the
-held-out clips, and the wrong intents each RUN answered there (its `slu_transcript.hypotheses.jsonl` or `slu...`).
+clips, text-only rows (`--text-rows`, TEXT_ONLY_SENTENCES sentences: distinct, and drawn with repeats as
+`--text-rows-repeat` draws them), what the grammar's share would give each, the held-out clips, and the wrong intents
+each RUN answered there (its `slu_transcript.hypotheses.jsonl` or `slu...`).
 
     python benchmarks/intent_coverage.py --corpus CORPUS [RUN ...]   # writes benchmarks/results/intent_coverage.md
 """
@@ -49,6 +50,7 @@ def main() -> None:
     train, test = intents(texts("train.jsonl"), args.seed), intents(texts("test_synthetic.jsonl"), args.seed)
     rows = text_only_utterances(TEXT_ONLY_SENTENCES, args.seed)
     text_rows = Counter(utterance.intent for utterance in rows)
+    repeated = Counter(utterance.intent for utterance in text_only_utterances(len(rows), args.seed, distinct=False))
     shares = intent_shares()
     wrong = [wrong_intents(run) for run in args.runs]
     n_train = sum(train.values())
@@ -62,13 +64,13 @@ def main() -> None:
         f"{sum(test.values())} held-out clips. *Grammar's share*: what the same number of draws would give the intent "
         "if sentences could repeat. Wrong: the intent answered wrong on that many of its held-out clips, per run.",
         "",
-        "| intent | training clips | grammar's share | text-only rows | grammar's share | held-out clips | wrong "
-        + " | ".join(f"`{run.name}`" for run in args.runs) + " |",
-        "|---|---|---|---|---|---|" + "---|" * max(len(args.runs), 1),
+        "| intent | training clips | grammar's share | text-only rows | with `--text-rows-repeat` | grammar's share "
+        "| held-out clips | wrong " + " | ".join(f"`{run.name}`" for run in args.runs) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * max(len(args.runs), 1),
     ]
     for intent in order:
         cells = [intent, str(train[intent]), f"{shares[intent] * n_train:.0f}", str(text_rows[intent]),
-                 f"{shares[intent] * len(rows):.0f}", str(test[intent]),
+                 str(repeated[intent]), f"{shares[intent] * len(rows):.0f}", str(test[intent]),
                  " | ".join(str(counts[intent]) for counts in wrong) or "-"]
         table.append("| " + " | ".join(cells) + " |")
     starved = [intent for intent in test if train[intent] < shares[intent] * n_train / 4]
