@@ -14,7 +14,6 @@ each RUN answered there (its `slu_transcript.hypotheses.jsonl` or `slu...`).
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +33,7 @@ def wrong_intents(run: Path) -> Counter:
 
 
 def main() -> None:
+    from speechlm.demo.corpus import manifest_records
     from speechlm.demo.grammar import intent_shares, text_only_utterances
     from speechlm.demo.training import TEXT_ONLY_SENTENCES
 
@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
 
     def texts(name: str) -> list[str]:
-        return [json.loads(line)["text"] for line in (args.corpus / name).read_text().splitlines() if line.strip()]
+        return [record["text"] for record in manifest_records(args.corpus / name)]
 
     train, test = intents(texts("train.jsonl"), args.seed), intents(texts("test_synthetic.jsonl"), args.seed)
     rows = text_only_utterances(TEXT_ONLY_SENTENCES, args.seed)
