@@ -30,7 +30,8 @@ EVALUATION_ONLY = ("eval_limit", "eval_every_minutes", "curve_clips", "num_beams
 # float32 where it read Asterisk at 21.7 %, capped at 120), with its curve every 15 minutes. understanding: the
 # three-task recipe that came nearest the understanding bars (session 43: intent 94.0 %, slot F1 86.9 %): 12,000 CTC
 # steps with frames masked hear more clips exactly, 8 text-only rows a batch keep the words-to-frame mapping that the
-# longer pre-alignment alone lost (session 39); ~56 minutes of training on 2 AMX Xeon cores, capped at 180.
+# longer pre-alignment alone lost (session 39); ~56 minutes of training on 2 AMX Xeon cores, capped at 180. Its
+# figures predate session 48's fix of which training questions it asks (`understanding._task_hash`).
 PRESETS = {
     "augmented": {"real_speech_repeats": 3, "real_speech_augment": True, "ctc_steps": 4000, "max_steps": 5200,
                   "minutes": 120.0, "eval_every_minutes": 15.0},

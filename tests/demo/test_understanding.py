@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import pytest
 
@@ -13,6 +14,7 @@ from speechlm.demo.understanding import (
     SLU_PROMPT,
     SLU_TRANSCRIPT_PROMPT,
     TRANSCRIBE_PROMPT,
+    Example,
     answer_of,
     answer_pattern,
     cascade_prompt,
@@ -252,6 +254,40 @@ def test_held_to_the_sentences_the_question_schema_admits_the_answer_and_refuses
     accepts = schema_matcher(schema=qa_transcript_schema(answer_pattern(FLIGHT), quoted=True, sentences=True))
     assert accepts(qa_transcript_example(FLIGHT).target)
     assert not accepts(json.dumps({"transcript": FLIGHT.text + " now", "answer": question(FLIGHT)[1]}))
+
+
+def _question_examples(texts: list[str], meanings: dict[str, Utterance],
+                       training: bool) -> list[tuple[Utterance, Example]]:
+    """(utterance, question example) of each sentence: the one its training clip teaches, or the one its held-out
+    clip is asked."""
+    tasks = ["transcribe", "slu_transcript", "qa_transcript"]
+    pick = training_examples if training else examples
+    return [(meanings[text], example) for text in texts for example in pick(text, meanings[text], tasks)
+            if example.task == "qa_transcript"]
+
+
+def _demo_split() -> tuple[list[str], list[str], dict[str, Utterance]]:
+    train, test = split_sentences(9000, 200, seed=0)
+    return train, test, utterances(train + test, seed=0)
+
+
+def test_training_questions_on_two_slot_sentences_ask_about_either_slot():
+    train, _, meanings = _demo_split()
+    asked = Counter()
+    for utterance, example in _question_examples(train, meanings, training=True):
+        values = [value for _, value in utterance.slots]
+        answer = json.loads(example.target)["answer"]
+        if len(values) == 2 and values.count(answer) == 1:
+            asked[values.index(answer)] += 1
+    assert min(asked[0], asked[1]) > 0.25 * (asked[0] + asked[1])
+
+
+def test_every_kind_of_held_out_question_is_asked_in_training():
+    """Each (intent, question) a held-out clip is asked, some training clip is taught."""
+    train, test, meanings = _demo_split()
+    taught = {(u.intent, example.prompt) for u, example in _question_examples(train, meanings, training=True)}
+    held_out = {(u.intent, example.prompt) for u, example in _question_examples(test, meanings, training=False)}
+    assert held_out and not held_out - taught
 
 
 def test_text_only_examples_are_what_a_clip_of_the_same_sentence_would_teach():
