@@ -8,6 +8,7 @@ tiny.en's transcript handed to the same base LLM with the same instruction, few-
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -66,15 +67,35 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
         hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(name, 48), num_beams=num_beams,
                                  **generate_kwargs)
         refs = [row["text"] for row in rows]
-        metrics = word_error_rate(refs, [normalize_text(h, spell_numbers=True) for h in hyps])
+        spelled = [normalize_text(h, spell_numbers=True) for h in hyps]
+        metrics = word_error_rate(refs, spelled)
         metrics["seconds"] = time.monotonic() - start
         metrics["rows"] = per_utterance_rows([row["id"] for row in rows], refs, hyps)
+        sources = [row["extra"].get("source") for row in rows]
+        metrics["by_source"] = by_source(sources, refs, spelled)
         if reference:
-            metrics["whisper"] = word_error_rate(refs, whisper_for(manifests[name], rows))
+            whisper = whisper_for(manifests[name], rows)
+            metrics["whisper"] = word_error_rate(refs, whisper)
+            for source, figures in by_source(sources, refs, whisper).items():
+                metrics["by_source"][source]["whisper"] = figures
         results[name] = metrics
         if on_result:
             on_result(name, metrics)
     return results
+
+
+def by_source(sources: Sequence[str | None], refs: Sequence[str], hyps: Sequence[str]) -> dict[str, dict]:
+    """WER/CER of each source in a held-out set that mixes several (`--corpus mixed`: grammar sentences and
+    fortunes), whose one figure would blend two domains; {} for a set of one source."""
+    from ..evaluation import word_error_rate
+
+    if len(set(sources)) < 2:
+        return {}
+    figures = {}
+    for source in sorted(set(sources), key=str):
+        kept = [n for n, s in enumerate(sources) if s == source]
+        figures[source] = word_error_rate([refs[n] for n in kept], [hyps[n] for n in kept])
+    return figures
 
 
 # A JSON frame of this domain is < 50 tokens (< 100 after its transcript), an answer < 10.

@@ -29,13 +29,21 @@ def result_line(name: str, metrics: dict) -> str:
     understanding task (its figures, free decoding's and the cascade's beside)."""
     if "wer" in metrics:
         whisper = f", Whisper tiny.en {100 * metrics['whisper']['wer']:.1f}%" if "whisper" in metrics else ""
+        parts = [f"{source_name(source)} {100 * figures['wer']:.1f}%"
+                 for source, figures in metrics.get("by_source", {}).items()]
+        split = f"; by source: {', '.join(parts)}" if parts else ""
         return (f"WER {name.removeprefix('test_')}: {100 * metrics['wer']:.1f}%  (CER {100 * metrics['cer']:.1f}%, "
-                f"{metrics['insertions']} inserted words, {metrics['n_utterances']} clips{whisper})")
+                f"{metrics['insertions']} inserted words, {metrics['n_utterances']} clips{whisper}{split})")
     anchors = (("best_beam", "the best beam, quoted or not"), ("free", "free decoding"),
                ("cascade", "cascade Whisper tiny.en -> same LLM few-shot"))
     beside = [f"{what}: {task_summary(metrics[key])}" for key, what in anchors if key in metrics]
     clips = f"{metrics['n_utterances']} held-out clips"
     return f"{name.upper()} {task_summary(metrics)} ({'; '.join([clips, *beside])})"
+
+
+def source_name(source: str | None) -> str:
+    """A corpus source as a reader knows it: the rendered grammar sentences are `synthetic` in the manifests."""
+    return {"synthetic": "grammar sentences", None: "no source"}.get(source, source)
 
 
 def keep_result(output: Path, name: str, metrics: dict) -> None:
@@ -145,6 +153,10 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         whisper = f"{metrics['whisper']['wer']:.1%}" if "whisper" in metrics else "-"
         lines.append(f"| {name} | {metrics['n_utterances']} | {metrics['wer']:.1%} | {metrics['cer']:.1%} | "
                      f"{metrics['insertions']} | {whisper} | {metrics['seconds']:.0f} |")
+        for source, figures in metrics.get("by_source", {}).items():
+            whisper = f"{figures['whisper']['wer']:.1%}" if "whisper" in figures else "-"
+            lines.append(f"| {name}: {source_name(source)} | {figures['n_utterances']} | {figures['wer']:.1%} | "
+                         f"{figures['cer']:.1%} | {figures['insertions']} | {whisper} | |")
     joint = (f"; the model carries its joint CTC weight ({settings.decoding_ctc_weight:g}) with its head, so both "
              "decode jointly unless given `--joint-ctc-weight 0`") if settings.decoding_ctc_weight else ""
     beams = f" --num-beams {settings.num_beams}" if settings.num_beams > 1 else ""
