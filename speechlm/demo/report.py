@@ -46,6 +46,13 @@ def source_name(source: str | None) -> str:
     return {"synthetic": "grammar sentences", None: "no source"}.get(source, source)
 
 
+def held_out_row(label: str, figures: dict, seconds: str = "") -> str:
+    """One row of the report's held-out table: a set, or one source of a set that mixes several (no time of its own)."""
+    whisper = f"{figures['whisper']['wer']:.1%}" if "whisper" in figures else "-"
+    return (f"| {label} | {figures['n_utterances']} | {figures['wer']:.1%} | {figures['cer']:.1%} | "
+            f"{figures['insertions']} | {whisper} |{f' {seconds}' if seconds else ''} |")
+
+
 def keep_result(output: Path, name: str, metrics: dict) -> None:
     """As a held-out set or task ends: its line on the console and its hypotheses on disk, so that an evaluation
     stopped part way (the understanding tasks take most of an hour on a CPU) keeps what it measured."""
@@ -150,13 +157,9 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         "|---|---|---|---|---|---|---|",
     ]
     for name, metrics in results.items():
-        whisper = f"{metrics['whisper']['wer']:.1%}" if "whisper" in metrics else "-"
-        lines.append(f"| {name} | {metrics['n_utterances']} | {metrics['wer']:.1%} | {metrics['cer']:.1%} | "
-                     f"{metrics['insertions']} | {whisper} | {metrics['seconds']:.0f} |")
-        for source, figures in metrics.get("by_source", {}).items():
-            whisper = f"{figures['whisper']['wer']:.1%}" if "whisper" in figures else "-"
-            lines.append(f"| {name}: {source_name(source)} | {figures['n_utterances']} | {figures['wer']:.1%} | "
-                         f"{figures['cer']:.1%} | {figures['insertions']} | {whisper} | |")
+        lines.append(held_out_row(name, metrics, f"{metrics['seconds']:.0f}"))
+        lines += [held_out_row(f"{name}: {source_name(source)}", figures)
+                  for source, figures in metrics.get("by_source", {}).items()]
     joint = (f"; the model carries its joint CTC weight ({settings.decoding_ctc_weight:g}) with its head, so both "
              "decode jointly unless given `--joint-ctc-weight 0`") if settings.decoding_ctc_weight else ""
     beams = f" --num-beams {settings.num_beams}" if settings.num_beams > 1 else ""

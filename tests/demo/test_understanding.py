@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -266,6 +267,7 @@ def _question_examples(texts: list[str], meanings: dict[str, Utterance],
             if example.task == "qa_transcript"]
 
 
+@functools.cache
 def _demo_split() -> tuple[list[str], list[str], dict[str, Utterance]]:
     train, test = split_sentences(9000, 200, seed=0)
     return train, test, utterances(train + test, seed=0)
