@@ -179,8 +179,10 @@ def write_manifest(path: Path, rows: Sequence[dict]) -> None:
     tmp.replace(path)
 
 
-def _texts(corpus: str, n_train: int, n_test: int, seed: int, exclude: Sequence[str]) -> tuple[list, list]:
-    """(text, source) pairs for train and test, by corpus kind."""
+def _texts(corpus: str, n_train: int, n_test: int, seed: int, exclude: Sequence[str],
+           open_share: float = 0.5) -> tuple[list, list]:
+    """(text, source) pairs for train and test, by corpus kind. "mixed" takes `open_share` of the training sentences
+    from the fortunes and half the test sentences whatever the share: runs with different shares face one test set."""
     if corpus == "structured":
         train, test = split_sentences(n_train, n_test, seed, exclude)
         return [(t, "synthetic") for t in train], [(t, "synthetic") for t in test]
@@ -188,8 +190,9 @@ def _texts(corpus: str, n_train: int, n_test: int, seed: int, exclude: Sequence[
         train, test = split_fortunes(n_train, n_test, seed)
         return [(t, "fortunes") for t in train], [(t, "fortunes") for t in test]
     if corpus == "mixed":
-        g_train, g_test = split_sentences(n_train - n_train // 2, n_test - n_test // 2, seed, exclude)
-        f_train, f_test = split_fortunes(n_train // 2, n_test // 2, seed)
+        n_open = round(n_train * open_share)
+        g_train, g_test = split_sentences(n_train - n_open, n_test - n_test // 2, seed, exclude)
+        f_train, f_test = split_fortunes(n_open, n_test // 2, seed)
         mix = random.Random(seed)
         train = [(t, "synthetic") for t in g_train] + [(t, "fortunes") for t in f_train]
         test = [(t, "synthetic") for t in g_test] + [(t, "fortunes") for t in f_test]
@@ -211,10 +214,12 @@ def build_demo_corpus(
     uqm_test: bool | None = None,
     voice_perturbation: float = 0.0,
     accent_fraction: float = 0.0,
+    open_share: float = 0.5,
 ) -> dict[str, Path]:
     """Render and collect the demo corpus; returns manifest paths keyed by `MANIFESTS`.
 
-    `corpus`: "structured" (grammar), "fortunes" (open-domain sentences) or "mixed" (half each); the real-speech
+    `corpus`: "structured" (grammar), "fortunes" (open-domain sentences) or "mixed" (`open_share` of the training
+    sentences from the fortunes, the rest from the grammar; half the test sentences from each); the real-speech
     sets are the same for all. `train` holds rendered sentences + the Asterisk training prompts. A stamp with the
     parameters makes a second call with the same ones free; different ones rebuild the folder.
 
@@ -239,6 +244,8 @@ def build_demo_corpus(
         params["voice_perturbation"] = voice_perturbation
     if accent_fraction:
         params["accent_fraction"] = accent_fraction
+    if corpus == "mixed" and open_share != 0.5:
+        params["open_share"] = open_share
     manifests = {name: root / f"{name}.jsonl" for name in MANIFESTS}
     stamp = root / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == params and all(p.is_file() for p in manifests.values()):
@@ -249,7 +256,8 @@ def build_demo_corpus(
         shutil.rmtree(root / "audio" / source, ignore_errors=True)
 
     prompts_train, prompts_test = split_asterisk(asterisk_prompts())
-    train_texts, test_texts = _texts(corpus, n_train, n_test, seed, exclude=[p.text for p in prompts_test])
+    train_texts, test_texts = _texts(corpus, n_train, n_test, seed, exclude=[p.text for p in prompts_test],
+                                     open_share=open_share)
     natural = PICO_VOICES if real_speech else ()
     train_jobs = render_jobs(train_texts, voices(held_out=False), root / "audio", "train", seed, natural,
                              natural_fraction, voice_perturbation, accent_fraction)

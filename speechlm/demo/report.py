@@ -92,6 +92,7 @@ def training_levers(settings: DemoSettings) -> list[str]:
         (settings.lora_dropout, f"LoRA dropout {settings.lora_dropout:g}"),
         (settings.voice_perturbation, f"voice perturbation {settings.voice_perturbation:g}"),
         (settings.accent_fraction, f"{settings.accent_fraction:.0%} of the sentences in a simulated accent"),
+        (settings.open_share != 0.5, f"{settings.open_share:.0%} of the training sentences from the fortunes"),
         (settings.text_rows_repeat, "text-only sentences drawn with repeats (each intent its grammar share)"),
         (settings.train_seed is not None, f"training seed {settings.train_seed}"),
     ) if value]

@@ -125,3 +125,16 @@ def test_fortune_sentences() -> None:
     assert all(4 <= len(s.split()) <= 20 and WORDS.fullmatch(s) for s in sentences)
     train, test = c.split_fortunes(100, 20, seed=0)
     assert len(train) == 100 and len(test) == 20 and not set(train) & set(test)
+
+
+@pytest.mark.skipif(not fortune_files(), reason="Debian package fortunes missing (apt-get install -y fortunes)")
+def test_mixed_corpus_takes_the_open_share_of_training_sentences_from_the_fortunes() -> None:
+    train, _ = c._texts("mixed", 40, 10, 0, (), open_share=0.25)
+    assert len(train) == 40 and sum(source == "fortunes" for _, source in train) == 10
+
+
+@pytest.mark.skipif(not fortune_files(), reason="Debian package fortunes missing (apt-get install -y fortunes)")
+def test_mixed_corpus_holds_out_the_same_sentences_whatever_the_open_share() -> None:
+    _, half = c._texts("mixed", 40, 10, 0, (), open_share=0.5)
+    _, quarter = c._texts("mixed", 40, 10, 0, (), open_share=0.25)
+    assert quarter == half and sum(source == "fortunes" for _, source in half) == 5

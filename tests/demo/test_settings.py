@@ -53,7 +53,8 @@ def test_model_key_ignores_evaluation_only_settings():
                                                ("lora_dropout", -0.5), ("joint_ctc_weight", 1.5),
                                                ("distill_weight", -1.0), ("voice_perturbation", 0.5),
                                                ("accent_fraction", 1.0), ("num_beams", 0),
-                                               ("understanding_beams", 0), ("text_rows", -1)])
+                                               ("understanding_beams", 0), ("text_rows", -1),
+                                               ("open_share", 1.0)])
 def test_out_of_range_settings_are_refused_by_name(option, value):
     with pytest.raises(ValueError, match=option):
         DemoSettings(**{option: value})
@@ -74,6 +75,17 @@ def test_text_rows_drawn_with_repeats_reach_the_settings_and_name_another_model(
 def test_text_rows_drawn_with_repeats_without_text_rows_are_refused():
     with pytest.raises(ValueError, match="text_rows_repeat changes how the text-only rows are drawn"):
         DemoSettings(tasks="transcribe,slu_transcript", text_rows_repeat=True)
+
+
+def test_an_open_share_reaches_the_settings_and_names_another_model():
+    settings = parse("--corpus", "mixed", "--open-share", "0.25")
+    assert settings.open_share == 0.25
+    assert settings.fingerprint() != parse("--corpus", "mixed").fingerprint()
+
+
+def test_an_open_share_without_the_mixed_corpus_is_refused():
+    with pytest.raises(ValueError, match="give --corpus mixed"):
+        DemoSettings(open_share=0.25)
 
 
 def test_text_rows_without_an_understanding_task_are_refused():
