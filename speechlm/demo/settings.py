@@ -62,8 +62,8 @@ class DemoSettings:
 
     minutes: float = 20.0
     corpus: str = "structured"
-    # With corpus "mixed": the share of the training sentences taken from the fortunes (open-domain text). Session 48
-    # measured 0.5 (README, "Open-domain sentences in the 20 minutes").
+    # With corpus "mixed": the share of the training sentences taken from the fortunes (open-domain text). Measured at
+    # 0.5 (session 48) and 0.25 (session 49; README, "Open-domain sentences in the 20 minutes").
     open_share: float = 0.5
     n_train: int = 9000
     n_test: int = 200
