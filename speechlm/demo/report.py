@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..joint_ctc import LLM_CANDIDATES
+from .corpus import MIXED_OPEN_SHARE
 from .settings import BUNDLED
 
 if TYPE_CHECKING:
@@ -92,7 +93,8 @@ def training_levers(settings: DemoSettings) -> list[str]:
         (settings.lora_dropout, f"LoRA dropout {settings.lora_dropout:g}"),
         (settings.voice_perturbation, f"voice perturbation {settings.voice_perturbation:g}"),
         (settings.accent_fraction, f"{settings.accent_fraction:.0%} of the sentences in a simulated accent"),
-        (settings.open_share != 0.5, f"{settings.open_share:.0%} of the training sentences from the fortunes"),
+        (settings.open_share != MIXED_OPEN_SHARE,
+         f"{settings.open_share:.0%} of the training sentences from the fortunes"),
         (settings.text_rows_repeat, "text-only sentences drawn with repeats (each intent its grammar share)"),
         (settings.train_seed is not None, f"training seed {settings.train_seed}"),
     ) if value]

@@ -128,13 +128,13 @@ def manifest_key(manifest: Path) -> str:
 def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
     """The corpus folder the settings train on (in the cache, one per corpus-changing setting) and its manifests,
     built on first use."""
-    from .corpus import build_demo_corpus
+    from .corpus import MIXED_OPEN_SHARE, build_demo_corpus
 
     corpus = corpus_kind(settings)
     real = f"-real{settings.natural_fraction:g}" if settings.real_speech else ""
     real += f"-vp{settings.voice_perturbation:g}" if settings.voice_perturbation else ""
     real += f"-accent{settings.accent_fraction:g}" if settings.accent_fraction else ""
-    real += f"-open{settings.open_share:g}" if settings.open_share != 0.5 else ""
+    real += f"-open{settings.open_share:g}" if settings.open_share != MIXED_OPEN_SHARE else ""
     root = cache_dir("demo", f"corpus-{corpus}-{settings.n_train}-{settings.n_test}-{settings.seed}{real}")
     return root, build_demo_corpus(root, corpus=corpus, n_train=settings.n_train, n_test=settings.n_test,
                                    seed=settings.seed, real_speech=settings.real_speech,

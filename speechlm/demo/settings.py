@@ -15,6 +15,7 @@ import torch
 from ..cli_options import add_joint_ctc_argument
 from ..hardware import DtypeChoice, choose_training_dtype
 from ..joint_ctc import HEAD_CANDIDATES
+from .corpus import MIXED_OPEN_SHARE
 from .understanding import parse_tasks
 
 BUNDLED = "bundled"
@@ -64,7 +65,7 @@ class DemoSettings:
     corpus: str = "structured"
     # With corpus "mixed": the share of the training sentences taken from the fortunes (open-domain text). Measured at
     # 0.5 (session 48) and 0.25 (session 49; README, "Open-domain sentences in the 20 minutes").
-    open_share: float = 0.5
+    open_share: float = MIXED_OPEN_SHARE
     n_train: int = 9000
     n_test: int = 200
     encoder: str = BUNDLED
@@ -142,7 +143,7 @@ class DemoSettings:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 < self.open_share < 1:
             raise ValueError(f"open_share must be in (0, 1), got {self.open_share}")
-        if self.open_share != 0.5 and self.corpus != "mixed":
+        if self.open_share != MIXED_OPEN_SHARE and self.corpus != "mixed":
             raise ValueError(f"open_share sets the mix of --corpus mixed; the {self.corpus} corpus has none: give "
                              "--corpus mixed")
         if not 0 <= self.voice_perturbation <= 0.3:
