@@ -161,7 +161,10 @@ def librivox_prompts() -> list[Prompt]:
 # share became an option): a corpus stamp and folder name record a share only when it differs, so older corpora stay
 # valid.
 MIXED_OPEN_SHARE = 0.5
-MANIFESTS = ("train", "test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
+MANIFESTS = ("train", "test_synthetic", "test_fortunes", "test_asterisk", "test_librivox", "test_uqm")
+# The rendered held-out sentences, one set per text source: a mixed corpus's grammar and fortunes are two domains,
+# each with its own `WER <set>` line (an empty manifest for the source a corpus kind lacks).
+HELD_OUT_BY_SOURCE = {"synthetic": "test_synthetic", "fortunes": "test_fortunes"}
 STAMP = "corpus.json"
 
 
@@ -224,7 +227,8 @@ def build_demo_corpus(
 
     `corpus`: "structured" (grammar), "fortunes" (open-domain sentences) or "mixed" (`open_share` of the training
     sentences from the fortunes, the rest from the grammar; half the test sentences from each); the real-speech
-    sets are the same for all. `train` holds rendered sentences + the Asterisk training prompts. A stamp with the
+    sets are the same for all. The held-out rendered sentences go to `test_synthetic` (grammar) and `test_fortunes`
+    by their source. `train` holds rendered sentences + the Asterisk training prompts. A stamp with the
     parameters makes a second call with the same ones free; different ones rebuild the folder.
 
     `real_speech` adds The Ur-Quan Masters voice acting (training characters' clips + Pico readings of their lines
@@ -252,8 +256,15 @@ def build_demo_corpus(
         params["open_share"] = open_share
     manifests = {name: root / f"{name}.jsonl" for name in MANIFESTS}
     stamp = root / STAMP
-    if stamp.is_file() and json.loads(stamp.read_text()) == params and all(p.is_file() for p in manifests.values()):
-        return manifests
+    if stamp.is_file() and json.loads(stamp.read_text()) == params:
+        if not manifests["test_fortunes"].is_file() and manifests["test_synthetic"].is_file():
+            # Built before the fortunes had their own set: the same clips, split without re-rendering (unstamped
+            # meanwhile, so that an interrupted split rebuilds rather than loses rows).
+            stamp.unlink()
+            split_held_out(manifests)
+            stamp.write_text(json.dumps(params, indent=2) + "\n")
+        if all(p.is_file() for p in manifests.values()):
+            return manifests
     # Stale or interrupted build: drop what we wrote (only our own folders) so no orphan wav survives.
     stamp.unlink(missing_ok=True)
     for source in SOURCES:
@@ -283,8 +294,21 @@ def build_demo_corpus(
         readings = render_jobs([(row["text"], "uqm_tts") for row in kept], PICO_VOICES, root / "audio", "train", seed)
         train_rows += synthetic_rows(root, readings, workers, "pico reads uqm lines", progress)
 
-    for name, rows in zip(MANIFESTS, (train_rows, test_rows, asterisk_rows, librivox_rows, uqm_rows), strict=True):
+    for name, rows in (("train", train_rows), ("test_asterisk", asterisk_rows), ("test_librivox", librivox_rows),
+                       ("test_uqm", uqm_rows), *held_out_by_source(test_rows).items()):
         write_manifest(manifests[name], rows)
     stamp.write_text(json.dumps(params, indent=2) + "\n")
     return manifests
+
+
+def held_out_by_source(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """The rendered held-out rows as `HELD_OUT_BY_SOURCE`'s manifests (each in the order given)."""
+    return {name: [row for row in rows if row["source"] == source] for source, name in HELD_OUT_BY_SOURCE.items()}
+
+
+def split_held_out(manifests: dict[str, Path]) -> None:
+    """Rewrites a corpus whose `test_synthetic` still holds every rendered source into one manifest per source."""
+    rows = [json.loads(line) for line in manifests["test_synthetic"].read_text().splitlines() if line.strip()]
+    for name, kept in held_out_by_source(rows).items():
+        write_manifest(manifests[name], kept)
 

@@ -8,7 +8,6 @@ tiny.en's transcript handed to the same base LLM with the same instruction, few-
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from .understanding import (
     task_schema,
 )
 
-TEST_SETS = ("test_synthetic", "test_asterisk", "test_librivox", "test_uqm")
+TEST_SETS = ("test_synthetic", "test_fortunes", "test_asterisk", "test_librivox", "test_uqm")
 # UQM lines (the test set and the development set of benchmarks/joint_ctc.py) run up to 15 s (~45 words); the
 # others are short.
 MAX_NEW_TOKENS = {"test_uqm": 96, "dev_uqm": 96}
@@ -71,31 +70,12 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
         metrics = word_error_rate(refs, spelled)
         metrics["seconds"] = time.monotonic() - start
         metrics["rows"] = per_utterance_rows([row["id"] for row in rows], refs, hyps)
-        sources = [row["extra"].get("source") for row in rows]
-        metrics["by_source"] = by_source(sources, refs, spelled)
         if reference:
-            whisper = whisper_for(manifests[name], rows)
-            metrics["whisper"] = word_error_rate(refs, whisper)
-            for source, figures in by_source(sources, refs, whisper).items():
-                metrics["by_source"][source]["whisper"] = figures
+            metrics["whisper"] = word_error_rate(refs, whisper_for(manifests[name], rows))
         results[name] = metrics
         if on_result:
             on_result(name, metrics)
     return results
-
-
-def by_source(sources: Sequence[str | None], refs: Sequence[str], hyps: Sequence[str]) -> dict[str, dict]:
-    """WER/CER of each source in a held-out set that mixes several (`--corpus mixed`: grammar sentences and
-    fortunes), whose one figure would blend two domains; {} for a set of one source."""
-    from ..evaluation import word_error_rate
-
-    if len(set(sources)) < 2:
-        return {}
-    figures = {}
-    for source in sorted(set(sources), key=str):
-        kept = [n for n, s in enumerate(sources) if s == source]
-        figures[source] = word_error_rate([refs[n] for n in kept], [hyps[n] for n in kept])
-    return figures
 
 
 # A JSON frame of this domain is < 50 tokens (< 100 after its transcript), an answer < 10.

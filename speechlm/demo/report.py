@@ -30,11 +30,8 @@ def result_line(name: str, metrics: dict) -> str:
     understanding task (its figures, free decoding's and the cascade's beside)."""
     if "wer" in metrics:
         whisper = f", Whisper tiny.en {100 * metrics['whisper']['wer']:.1f}%" if "whisper" in metrics else ""
-        parts = [f"{source_name(source)} {100 * figures['wer']:.1f}%"
-                 for source, figures in metrics.get("by_source", {}).items()]
-        split = f"; by source: {', '.join(parts)}" if parts else ""
         return (f"WER {name.removeprefix('test_')}: {100 * metrics['wer']:.1f}%  (CER {100 * metrics['cer']:.1f}%, "
-                f"{metrics['insertions']} inserted words, {metrics['n_utterances']} clips{whisper}{split})")
+                f"{metrics['insertions']} inserted words, {metrics['n_utterances']} clips{whisper})")
     anchors = (("best_beam", "the best beam, quoted or not"), ("free", "free decoding"),
                ("cascade", "cascade Whisper tiny.en -> same LLM few-shot"))
     beside = [f"{what}: {task_summary(metrics[key])}" for key, what in anchors if key in metrics]
@@ -42,16 +39,11 @@ def result_line(name: str, metrics: dict) -> str:
     return f"{name.upper()} {task_summary(metrics)} ({'; '.join([clips, *beside])})"
 
 
-def source_name(source: str | None) -> str:
-    """A corpus source as a reader knows it: the rendered grammar sentences are `synthetic` in the manifests."""
-    return {"synthetic": "grammar sentences", None: "no source"}.get(source, source)
-
-
-def held_out_row(label: str, figures: dict, seconds: str = "") -> str:
-    """One row of the report's held-out table: a set, or one source of a set that mixes several (no time of its own)."""
-    whisper = f"{figures['whisper']['wer']:.1%}" if "whisper" in figures else "-"
-    return (f"| {label} | {figures['n_utterances']} | {figures['wer']:.1%} | {figures['cer']:.1%} | "
-            f"{figures['insertions']} | {whisper} |{f' {seconds}' if seconds else ''} |")
+def held_out_row(name: str, metrics: dict) -> str:
+    """One row of the report's held-out table."""
+    whisper = f"{metrics['whisper']['wer']:.1%}" if "whisper" in metrics else "-"
+    return (f"| {name} | {metrics['n_utterances']} | {metrics['wer']:.1%} | {metrics['cer']:.1%} | "
+            f"{metrics['insertions']} | {whisper} | {metrics['seconds']:.0f} |")
 
 
 def keep_result(output: Path, name: str, metrics: dict) -> None:
@@ -64,7 +56,8 @@ def keep_result(output: Path, name: str, metrics: dict) -> None:
 
 
 # The held-out WER curves training records (`history` keys) and their names.
-CURVES = {"wer": "synthetic", "wer_asterisk": "Asterisk (real phone prompts)", "wer_uqm": "UQM (real, unseen speakers)"}
+CURVES = {"wer": "synthetic", "wer_fortunes": "fortunes (open-domain text)",
+          "wer_asterisk": "Asterisk (real phone prompts)", "wer_uqm": "UQM (real, unseen speakers)"}
 
 
 def curve_table(history: dict) -> list[str]:
@@ -159,10 +152,7 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         "| held-out set | clips | WER | CER | insertions | Whisper tiny.en WER | decode s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, metrics in results.items():
-        lines.append(held_out_row(name, metrics, f"{metrics['seconds']:.0f}"))
-        lines += [held_out_row(f"{name}: {source_name(source)}", figures)
-                  for source, figures in metrics.get("by_source", {}).items()]
+    lines += [held_out_row(name, metrics) for name, metrics in results.items()]
     joint = (f"; the model carries its joint CTC weight ({settings.decoding_ctc_weight:g}) with its head, so both "
              "decode jointly unless given `--joint-ctc-weight 0`") if settings.decoding_ctc_weight else ""
     beams = f" --num-beams {settings.num_beams}" if settings.num_beams > 1 else ""

@@ -103,13 +103,13 @@ def remember_joint_decoding(model_dir: Path, weight: float, head_candidates: int
 
 
 def held_out_curve_sets(manifests: dict[str, Path], clips: int) -> dict[str, tuple[list, list[str]]]:
-    """The clips the in-training curve decodes: the first `clips` synthetic ones and half as many of each real set
-    (Asterisk, the UQM actors), as (audio, texts) by set name; a set without clips is left out."""
+    """The clips the in-training curve decodes: the first `clips` synthetic ones and half as many of the fortunes
+    and of each real set (Asterisk, the UQM actors), as (audio, texts) by set name; a set without clips is left out."""
     from ..audio import load_audio
     from .corpus import manifest_records
 
     sets = {}
-    for name, count in (("synthetic", clips), ("asterisk", clips // 2), ("uqm", clips // 2)):
+    for name, count in (("synthetic", clips), ("fortunes", clips // 2), ("asterisk", clips // 2), ("uqm", clips // 2)):
         rows = manifest_records(manifests[f"test_{name}"])[:count]
         if rows:
             sets[name] = ([load_audio(row["audio"]) for row in rows], [row["text"] for row in rows])

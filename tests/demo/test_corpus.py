@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @needs_packages
 def test_tiny_corpus_audio_matches_manifests(tiny: dict[str, Path]) -> None:
-    assert set(tiny) == {"train", "test_synthetic", "test_asterisk", "test_librivox", "test_uqm"}
+    assert set(tiny) == {"train", "test_synthetic", "test_fortunes", "test_asterisk", "test_librivox", "test_uqm"}
     assert c.manifest_records(tiny["test_uqm"]) == []  # built without the UQM held-out set
+    assert c.manifest_records(tiny["test_fortunes"]) == []  # the structured corpus has no fortunes
     for name, manifest in tiny.items():
-        if name == "test_uqm":
+        if name in ("test_uqm", "test_fortunes"):
             continue
         rows = lines(manifest)
         assert rows and len({r["id"] for r in rows}) == len(rows)
@@ -82,18 +84,37 @@ def test_real_transcripts_are_normalised(tiny: dict[str, Path]) -> None:
     assert "he was not an ill disposed young man" in {r["text"] for r in librivox}
 
 
-@needs_packages
-def test_cache_is_reused(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    root = tiny["train"].parent
-    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+@pytest.fixture
+def no_rendering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any audio rendered or converted from here on fails the test."""
 
     def no_render(*args: object, **kwargs: object) -> None:
         raise AssertionError("re-rendered a cached corpus")
 
     monkeypatch.setattr(render, "render", no_render)
     monkeypatch.setattr(render, "convert", no_render)
+
+
+@needs_packages
+def test_cache_is_reused(tiny: dict[str, Path], no_rendering: None) -> None:
+    root = tiny["train"].parent
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     assert c.build_demo_corpus(root, n_train=20, n_test=5, progress=False, uqm_test=False) == tiny
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
+
+
+@needs_packages
+def test_a_corpus_built_before_the_fortunes_set_gets_it_without_re_rendering(tiny: dict[str, Path], tmp_path: Path,
+                                                                              no_rendering: None) -> None:
+    # Corpora built before session 50 held the mixed corpus's fortunes in test_synthetic and had no test_fortunes.
+    old = tmp_path / "old"
+    shutil.copytree(tiny["train"].parent, old)
+    grammar = lines(tiny["test_synthetic"])
+    fortune = {**grammar[0], "id": "fortune-0", "source": "fortunes", "text": "a penny saved is a penny earned"}
+    (old / "test_synthetic.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [*grammar, fortune]))
+    (old / "test_fortunes.jsonl").unlink()
+    manifests = c.build_demo_corpus(old, n_train=20, n_test=5, progress=False, uqm_test=False)
+    assert (lines(manifests["test_synthetic"]), lines(manifests["test_fortunes"])) == (grammar, [fortune])
 
 
 @needs_packages
@@ -138,3 +159,12 @@ def test_mixed_corpus_holds_out_the_same_sentences_whatever_the_open_share() -> 
     _, half = c._texts("mixed", 40, 10, 0, (), open_share=0.5)
     _, quarter = c._texts("mixed", 40, 10, 0, (), open_share=0.25)
     assert quarter == half and sum(source == "fortunes" for _, source in half) == 5
+
+
+@needs_packages
+@pytest.mark.skipif(not fortune_files(), reason="Debian package fortunes missing (apt-get install -y fortunes)")
+def test_mixed_corpus_holds_out_grammar_and_fortunes_in_a_set_each(tmp_path: Path) -> None:
+    # One `WER <set>` line per domain: a set blending both would hide how each is heard.
+    manifests = c.build_demo_corpus(tmp_path, corpus="mixed", n_train=4, n_test=4, progress=False, uqm_test=False)
+    assert [row["source"] for row in lines(manifests["test_synthetic"])] == ["synthetic"] * 2
+    assert [row["source"] for row in lines(manifests["test_fortunes"])] == ["fortunes"] * 2

@@ -60,47 +60,6 @@ def test_each_held_out_set_is_handed_on_as_it_ends_before_the_next_is_decoded(mo
     assert events == ["decode", ("test_synthetic", 0.0), "decode", ("test_asterisk", 0.0)]
 
 
-def two_sources(tmp_path) -> dict:
-    """A held-out synthetic set of two clips from two sources, as `--corpus mixed` writes it."""
-    import json
-
-    import soundfile as sf
-
-    from speechlm.demo.evaluate import TEST_SETS
-    from tests.audio_files import tone
-
-    sf.write(tmp_path / "a.wav", tone(1.0, 16000), 16000)
-    rows = [{"id": "g", "audio": "a.wav", "text": "turn on the lights", "source": "synthetic"},
-            {"id": "f", "audio": "a.wav", "text": "a penny saved is a penny earned", "source": "fortunes"}]
-    manifests = one_clip_per_set(tmp_path, "unused")
-    manifests["test_synthetic"].write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return {name: manifests[name] for name in TEST_SETS}
-
-
-def test_a_held_out_set_of_two_sources_is_scored_per_source_beside_its_whole(monkeypatch, tmp_path):
-    import speechlm.inference
-    from speechlm.demo.evaluate import evaluate_sets
-
-    monkeypatch.setattr(speechlm.inference, "transcribe_arrays", lambda model, processor, audio, **kwargs:
-                        ["turn on the lights", "a penny spent is a penny lost"])
-    (results,) = evaluate_sets(None, None, two_sources(tmp_path), None, reference=False,
-                               sets=("test_synthetic",)).values()
-    assert {source: figures["wer"] for source, figures in results["by_source"].items()} == {
-        "fortunes": 2 / 7, "synthetic": 0.0}
-    assert results["wer"] == 2 / 11
-
-
-def test_a_held_out_set_of_one_source_is_not_split(monkeypatch, tmp_path):
-    import speechlm.inference
-    from speechlm.demo.evaluate import evaluate_sets
-
-    monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
-                        lambda model, processor, audio, **kwargs: ["hello"] * len(audio))
-    results = evaluate_sets(None, None, one_clip_per_set(tmp_path, "hello"), None, reference=False,
-                            sets=("test_asterisk",))
-    assert results["test_asterisk"]["by_source"] == {}
-
-
 def one_held_out_sentence(tmp_path) -> dict:
     """Manifests with one held-out synthetic clip (a tone under a held-out sentence with slots)."""
     import json

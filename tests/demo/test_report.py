@@ -134,25 +134,6 @@ def test_a_held_out_set_is_kept_on_disk_and_on_the_console_as_it_ends(tmp_path, 
     assert "[demo] WER synthetic: 50.0%  (CER 25.0%, 0 inserted words, 1 clips)" in capsys.readouterr().out
 
 
-MIXED = {"test_synthetic": {"n_utterances": 2, "wer": 0.3, "cer": 0.2, "seconds": 4.0, "insertions": 1, "rows": [],
-                             "by_source": {"synthetic": {"n_utterances": 1, "wer": 0.1, "cer": 0.05, "insertions": 0},
-                                           "fortunes": {"n_utterances": 1, "wer": 0.5, "cer": 0.3, "insertions": 1}}}}
-
-
-def test_a_held_out_line_of_two_sources_gives_each_sources_wer():
-    from speechlm.demo.report import result_line
-
-    assert result_line("test_synthetic", MIXED["test_synthetic"]).endswith(
-        "(CER 20.0%, 1 inserted words, 2 clips; by source: grammar sentences 10.0%, fortunes 50.0%)")
-
-
-def test_report_tables_each_source_of_a_held_out_set_under_it(tmp_path):
-    text = write_report(tmp_path, DemoSettings(), {"loss": [], "steps": 1, "minutes": 0.1}, MIXED).read_text()
-    assert ("| test_synthetic | 2 | 30.0% | 20.0% | 1 | - | 4 |\n"
-            "| test_synthetic: grammar sentences | 1 | 10.0% | 5.0% | 0 | - | |\n"
-            "| test_synthetic: fortunes | 1 | 50.0% | 30.0% | 1 | - | |") in text
-
-
 def test_an_understanding_task_line_puts_free_decoding_and_the_cascade_beside_it_when_measured():
     from speechlm.demo.report import result_line
 

@@ -76,7 +76,7 @@ def test_the_saved_model_remembers_the_joint_decoding_its_transcriptions_were_me
     assert (loaded.joint_ctc_weight, loaded.joint_ctc_head_candidates) == (0.5, 3)
 
 
-def test_the_curve_decodes_the_first_synthetic_clips_and_half_as_many_of_each_real_set(tmp_path):
+def test_the_curve_decodes_the_first_synthetic_clips_and_half_as_many_of_the_others(tmp_path):
     import json
 
     import numpy as np
@@ -85,7 +85,7 @@ def test_the_curve_decodes_the_first_synthetic_clips_and_half_as_many_of_each_re
     from speechlm.demo.run import held_out_curve_sets
 
     manifests = {}
-    for name, count in (("synthetic", 6), ("asterisk", 5), ("uqm", 0)):
+    for name, count in (("synthetic", 6), ("fortunes", 3), ("asterisk", 5), ("uqm", 0)):
         rows = []
         for i in range(count):
             sf.write(tmp_path / f"{name}{i}.wav", np.full(1600, 0.01 * (i + 1), np.float32), 16000)
@@ -93,9 +93,10 @@ def test_the_curve_decodes_the_first_synthetic_clips_and_half_as_many_of_each_re
         manifests[f"test_{name}"] = tmp_path / f"test_{name}.jsonl"
         manifests[f"test_{name}"].write_text("\n".join(rows) + ("\n" if rows else ""))
     sets = held_out_curve_sets(manifests, 4)
-    assert list(sets) == ["synthetic", "asterisk"]  # no UQM clips: no UQM curve
+    assert list(sets) == ["synthetic", "fortunes", "asterisk"]  # no UQM clips: no UQM curve
     assert sets["synthetic"][1] == ["synthetic 0", "synthetic 1", "synthetic 2", "synthetic 3"]
     assert sets["asterisk"][1] == ["asterisk 0", "asterisk 1"] and len(sets["asterisk"][0]) == 2
+    assert sets["fortunes"][1] == ["fortunes 0", "fortunes 1"]
 
 
 def test_the_bundled_base_encoder_is_whisper_base_joined_from_its_two_wheels(tmp_path, monkeypatch):
