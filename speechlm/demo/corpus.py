@@ -157,9 +157,9 @@ def librivox_prompts() -> list[Prompt]:
 # Manifests and the corpus build
 # ----------------------------------------------------------------------------------------------------------------
 
-# `--corpus mixed`'s share of training sentences from the fortunes unless told (half, as the mix was built before the
-# share became an option): a corpus stamp and folder name record a share only when it differs, so older corpora stay
-# valid.
+# The mixed corpus's share of training sentences from the fortunes when `build_demo_corpus` is not told (half, as the
+# mix was built before the share became an option): a corpus stamp and folder name record a share only when it
+# differs, so older corpora stay valid. The demo's own default is `settings.DEFAULT_OPEN_SHARE`.
 MIXED_OPEN_SHARE = 0.5
 MANIFESTS = ("train", "test_synthetic", "test_fortunes", "test_asterisk", "test_librivox", "test_uqm")
 # The rendered held-out sentences, one set per text source: a mixed corpus's grammar and fortunes are two domains,

