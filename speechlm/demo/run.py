@@ -134,14 +134,14 @@ def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
     real = f"-real{settings.natural_fraction:g}" if settings.real_speech else ""
     real += f"-vp{settings.voice_perturbation:g}" if settings.voice_perturbation else ""
     real += f"-accent{settings.accent_fraction:g}" if settings.accent_fraction else ""
-    mixed_share = settings.corpus == "mixed" and settings.open_share != MIXED_OPEN_SHARE
-    real += f"-open{settings.open_share:g}" if mixed_share else ""
+    share = settings.open_share if settings.corpus == "mixed" else MIXED_OPEN_SHARE  # the other corpora have none
+    real += f"-open{share:g}" if share != MIXED_OPEN_SHARE else ""
     root = cache_dir("demo", f"corpus-{corpus}-{settings.n_train}-{settings.n_test}-{settings.seed}{real}")
     return root, build_demo_corpus(root, corpus=corpus, n_train=settings.n_train, n_test=settings.n_test,
                                    seed=settings.seed, real_speech=settings.real_speech,
                                    natural_fraction=settings.natural_fraction if settings.real_speech else 0.0,
                                    voice_perturbation=settings.voice_perturbation,
-                                   accent_fraction=settings.accent_fraction, open_share=settings.open_share)
+                                   accent_fraction=settings.accent_fraction, open_share=share)
 
 
 def run(args) -> int:

@@ -83,9 +83,9 @@ def test_an_open_share_reaches_the_settings_and_names_another_model():
     assert settings.fingerprint() != parse().fingerprint()
 
 
-def test_an_open_share_without_the_mixed_corpus_is_refused():
+def test_an_open_share_without_the_mixed_corpus_is_refused_even_at_the_mixs_default():
     with pytest.raises(ValueError, match="give --corpus mixed"):
-        DemoSettings(corpus="structured", open_share=0.5)
+        parse("--corpus", "structured", "--open-share", str(DemoSettings().open_share))
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
