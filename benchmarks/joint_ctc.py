@@ -6,8 +6,9 @@ head's prefix search with the LLM only proposing candidates), with the head prop
 at each `--head-candidates` value, and the CTC head alone (greedy, no LLM) beside them.
 
 `--dev-uqm N` adds a development set to choose settings on, never the test sets: N clips of The Ur-Quan Masters'
-training characters (real, open-domain speech; unseen by a demo model trained without `--real-speech`, and by
-different actors from the held-out `test_uqm` characters), written into the cache.
+training characters (real, open-domain speech; unseen by a demo model trained with `--no-real-speech`, and by
+different actors from the held-out `test_uqm` characters), written into the cache. A corpus that trains on them
+(`--real-speech`, the demo's default since session 51) is refused: its models have heard these actors.
 
     python benchmarks/joint_ctc.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--weights 0 0.3 0.5]
         [--head-candidates 0 8] [--num-beams 4] [--sets test_synthetic test_asterisk] [--dev-uqm 60]
@@ -18,6 +19,7 @@ different actors from the held-out `test_uqm` characters), written into the cach
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -72,6 +74,14 @@ def development_uqm(count: int, seed: int = 0) -> Path:
     return manifest
 
 
+def trains_on_uqm_actors(corpus: Path) -> bool:
+    """Whether a demo corpus's training set holds the UQM training actors' clips (its stamp says --real-speech)."""
+    from speechlm.demo.corpus import STAMP
+
+    stamp = corpus / STAMP
+    return stamp.is_file() and bool(json.loads(stamp.read_text()).get("real_speech"))
+
+
 def main() -> None:
     from speechlm.inference import load_pretrained
     from speechlm.joint_ctc import HEAD_CANDIDATES
@@ -98,6 +108,10 @@ def main() -> None:
 
     manifests = {name: args.corpus / f"{name}.jsonl" for name in args.sets if (args.corpus / f"{name}.jsonl").is_file()}
     if args.dev_uqm:
+        if trains_on_uqm_actors(args.corpus):
+            raise SystemExit(f"--dev-uqm draws from the UQM training actors, whom {args.corpus} trains on "
+                             "(--real-speech, the demo's default since session 51): its models have heard them, so "
+                             "they cannot choose settings; give the corpus of a --no-real-speech run")
         manifests["dev_uqm"] = development_uqm(args.dev_uqm)
     lines = ["# Joint CTC/LLM decoding on trained demo models (benchmarks/joint_ctc.py)", "",
              f"Corpus `{args.corpus.name}`; WER % (inserted words) per held-out set, "

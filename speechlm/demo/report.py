@@ -85,6 +85,8 @@ def training_levers(settings: DemoSettings) -> list[str]:
         (settings.lora_dropout, f"LoRA dropout {settings.lora_dropout:g}"),
         (settings.voice_perturbation, f"voice perturbation {settings.voice_perturbation:g}"),
         (settings.accent_fraction, f"{settings.accent_fraction:.0%} of the sentences in a simulated accent"),
+        (settings.real_speech, "the UQM training actors' clips and Pico readings of their lines"
+         + (f", {settings.natural_fraction:.0%} of the sentences by Pico voices" if settings.natural_fraction else "")),
         (settings.text_rows_repeat, "text-only sentences drawn with repeats (each intent its grammar share)"),
         (settings.train_seed is not None, f"training seed {settings.train_seed}"),
     ) if value]

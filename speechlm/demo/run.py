@@ -139,7 +139,7 @@ def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
     root = cache_dir("demo", f"corpus-{corpus}-{settings.n_train}-{settings.n_test}-{settings.seed}{real}")
     return root, build_demo_corpus(root, corpus=corpus, n_train=settings.n_train, n_test=settings.n_test,
                                    seed=settings.seed, real_speech=settings.real_speech,
-                                   natural_fraction=settings.natural_fraction if settings.real_speech else 0.0,
+                                   natural_fraction=settings.natural_fraction,
                                    voice_perturbation=settings.voice_perturbation,
                                    accent_fraction=settings.accent_fraction, open_share=share)
 
@@ -186,7 +186,9 @@ def run(args) -> int:
         dataset = cached_training_set(model, processor, train_records, examples, root / f"{frames}.safetensors")
         repeats = f", real speech x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else ""
         repeats += " (copies augmented)" if repeats and settings.real_speech_augment else ""
-        print(f"[demo] 3/5 training on {len(train_records)} clips{repeats} for {settings.describe_budget()}",
+        actors = sum(record["extra"].get("source") == "uqm" for record in train_records)
+        actors = f" ({actors} of them the UQM training actors')" if actors else ""
+        print(f"[demo] 3/5 training on {len(train_records)} clips{actors}{repeats} for {settings.describe_budget()}",
               flush=True)
         model.train()
         history = train_within_budget(model, processor, dataset, settings, curve_sets, output, dtype_choice)

@@ -121,10 +121,20 @@ def test_report_names_the_training_levers_a_run_set(tmp_path):
     history = {"steps": 20, "minutes": 1.0}
     text = write_report(tmp_path, DemoSettings(), history, results).read_text()
     assert "masked" not in text and "perturbation" not in text and "training seed" not in text
-    settings = DemoSettings(frame_masking=0.1, voice_perturbation=0.1, accent_fraction=0.25, train_seed=1)
+    settings = DemoSettings(frame_masking=0.1, voice_perturbation=0.1, accent_fraction=0.25, real_speech=False,
+                            train_seed=1)
     text = write_report(tmp_path, settings, history, results).read_text()
     assert ("frames and channels masked at 0.1 in the pre-alignment; voice perturbation 0.1; 25% of the sentences "
             "in a simulated accent; training seed 1)." in text)
+
+
+def test_report_names_the_real_speech_a_run_trained_on(tmp_path):
+    history = {"steps": 20, "minutes": 1.0}
+    assert "UQM" not in write_report(tmp_path, DemoSettings(real_speech=False), history, ONE_CLIP).read_text()
+    text = write_report(tmp_path, DemoSettings(), history, ONE_CLIP).read_text()
+    assert "; the UQM training actors' clips and Pico readings of their lines)." in text
+    text = write_report(tmp_path, DemoSettings(real_speech=True, natural_fraction=0.3), history, ONE_CLIP).read_text()
+    assert "; the UQM training actors' clips and Pico readings of their lines, 30% of the sentences by Pico" in text
 
 
 def test_a_held_out_set_is_kept_on_disk_and_on_the_console_as_it_ends(tmp_path, capsys):

@@ -7,7 +7,14 @@ import argparse
 import pytest
 import torch
 
-from speechlm.demo.settings import FLOAT32_CTC_FRACTION, PRESETS, DemoSettings, add_arguments, settings_from_args
+from speechlm.demo.settings import (
+    FLOAT32_CTC_FRACTION,
+    PRESETS,
+    DemoSettings,
+    add_arguments,
+    describe_preset,
+    settings_from_args,
+)
 
 
 def parse(*argv: str) -> DemoSettings:
@@ -92,6 +99,27 @@ def test_an_open_share_without_the_mixed_corpus_is_refused_even_at_the_mixs_defa
 def test_a_preset_trains_on_the_structured_corpus_it_was_measured_on(preset):
     # The default corpus became the mix in session 50; every preset's figures come from the grammar alone.
     assert parse("--preset", preset).corpus == "structured"
+
+
+@pytest.mark.parametrize(("preset", "real_speech", "natural_fraction"),
+                         [("augmented", False, 0.0), ("understanding", False, 0.0), ("real-speech", True, 0.3)])
+def test_a_preset_trains_on_the_real_speech_it_was_measured_with(preset, real_speech, natural_fraction):
+    # The default trains on the UQM actors without Pico sentences since session 51; the presets' figures predate it.
+    settings = parse("--preset", preset)
+    assert (settings.real_speech, settings.natural_fraction) == (real_speech, natural_fraction)
+
+
+def test_the_default_trains_on_the_uqm_actors_with_every_sentence_in_espeak_voices():
+    assert (parse().real_speech, parse().natural_fraction) == (True, 0.0)
+
+
+def test_pico_sentences_without_the_real_speech_are_refused():
+    with pytest.raises(ValueError, match="give --real-speech"):
+        parse("--no-real-speech", "--natural-fraction", "0.3")
+
+
+def test_a_preset_is_described_by_the_options_that_set_it():
+    assert describe_preset("augmented").startswith("--corpus structured, --no-real-speech, --real-speech-repeats 3")
 
 
 def test_text_rows_without_an_understanding_task_are_refused():
