@@ -186,8 +186,8 @@ def run(args) -> int:
         dataset = cached_training_set(model, processor, train_records, examples, root / f"{frames}.safetensors")
         repeats = f", real speech x{settings.real_speech_repeats}" if settings.real_speech_repeats > 1 else ""
         repeats += " (copies augmented)" if repeats and settings.real_speech_augment else ""
-        actors = sum(record["extra"].get("source") == "uqm" for record in train_records)
-        actors = f" ({actors} of them the UQM training actors')" if actors else ""
+        uqm_clips = sum(record["extra"].get("source") == "uqm" for record in train_records)
+        actors = f" ({uqm_clips} of them the UQM training actors')" if uqm_clips else ""
         print(f"[demo] 3/5 training on {len(train_records)} clips{actors}{repeats} for {settings.describe_budget()}",
               flush=True)
         model.train()
