@@ -218,6 +218,7 @@ def build_demo_corpus(
     progress: bool = True,
     real_speech: bool = False,
     natural_fraction: float = 0.0,
+    cut_long_clips: bool = False,
     uqm_test: bool | None = None,
     voice_perturbation: float = 0.0,
     accent_fraction: float = 0.0,
@@ -233,8 +234,10 @@ def build_demo_corpus(
 
     `real_speech` adds The Ur-Quan Masters voice acting (training characters' clips + Pico readings of their lines
     to `train`, held-out characters to `test_uqm`); `natural_fraction` of the training sentences are spoken by a
-    Pico voice instead of espeak-ng. `uqm_test` (default: whenever the UQM data is present) fills `test_uqm` with
-    the held-out characters even when `real_speech` is off: real speech is always measured, trained on or not.
+    Pico voice instead of espeak-ng; `cut_long_clips` adds the training characters' clips over 15 s, cut at
+    sentence ends in pauses (`uqm.cut_at_pauses`; Pico does not read these). `uqm_test` (default: whenever the UQM
+    data is present) fills `test_uqm` with the held-out characters even when `real_speech` is off: real speech is
+    always measured, trained on or not.
     `voice_perturbation` > 0 plays each rendered training sentence back at a random rate in [1 - p, 1 + p] (never
     the test sentences): more vocal tracts than espeak's voices have, for voices training never heard.
     `accent_fraction` of the rendered training sentences get a simulated accent (`speechlm.demo.accents`).
@@ -248,6 +251,8 @@ def build_demo_corpus(
               "real_speech": real_speech, "natural_fraction": natural_fraction, "uqm_test": uqm_test}
     if real_speech:  # its training clips changed when the split became one by actor (the test set did not)
         params["uqm_split"] = "actors"
+    if cut_long_clips:
+        params["uqm_cut_long"] = True
     if voice_perturbation:  # only when on, so that corpora built before the option stay valid
         params["voice_perturbation"] = voice_perturbation
     if accent_fraction:
@@ -289,9 +294,10 @@ def build_demo_corpus(
         uqm_train, uqm_held_out = uqm.split_lines(uqm.voiced_lines())
         uqm_rows = uqm.write_clips(root, uqm_held_out, "uqm/test")
     if real_speech:
-        kept = uqm.write_clips(root, uqm_train, "uqm/train")
+        kept = uqm.write_clips(root, uqm_train, "uqm/train", cut_long=cut_long_clips)
         train_rows += kept
-        readings = render_jobs([(row["text"], "uqm_tts") for row in kept], PICO_VOICES, root / "audio", "train", seed)
+        whole = [row for row in kept if "cut_from" not in row]
+        readings = render_jobs([(row["text"], "uqm_tts") for row in whole], PICO_VOICES, root / "audio", "train", seed)
         train_rows += synthetic_rows(root, readings, workers, "pico reads uqm lines", progress)
 
     for name, rows in (("train", train_rows), ("test_asterisk", asterisk_rows), ("test_librivox", librivox_rows),

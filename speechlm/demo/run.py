@@ -132,6 +132,7 @@ def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
 
     corpus = corpus_kind(settings)
     real = f"-real{settings.natural_fraction:g}" if settings.real_speech else ""
+    real += "-cut" if settings.cut_long_clips else ""
     real += f"-vp{settings.voice_perturbation:g}" if settings.voice_perturbation else ""
     real += f"-accent{settings.accent_fraction:g}" if settings.accent_fraction else ""
     share = settings.open_share if settings.corpus == "mixed" else MIXED_OPEN_SHARE  # the other corpora have none
@@ -139,7 +140,7 @@ def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
     root = cache_dir("demo", f"corpus-{corpus}-{settings.n_train}-{settings.n_test}-{settings.seed}{real}")
     return root, build_demo_corpus(root, corpus=corpus, n_train=settings.n_train, n_test=settings.n_test,
                                    seed=settings.seed, real_speech=settings.real_speech,
-                                   natural_fraction=settings.natural_fraction,
+                                   natural_fraction=settings.natural_fraction, cut_long_clips=settings.cut_long_clips,
                                    voice_perturbation=settings.voice_perturbation,
                                    accent_fraction=settings.accent_fraction, open_share=share)
 

@@ -48,6 +48,13 @@ MAX_SECONDS = 15.0
 # Speaking rates outside this band (words per second) mean the transcript is not what the clip says: some script
 # entries hold a whole speech while their clip holds its first sentence, some clips are a sob or a snort.
 WORDS_PER_SECOND = (0.7, 4.6)
+# Where a script line may be cut: its sentence ends (and "--" breaks). A clip over MAX_SECONDS is cut only at such
+# an end that falls in a pause of at least MIN_PAUSE_SECONDS (silero-vad), and only if every piece speaks its text's
+# characters within RATE_TOLERANCE of the clip's own rate: a cut one sentence off moves a piece's rate far more.
+SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\s+--\s+")
+MIN_PAUSE_SECONDS = 0.15
+RATE_TOLERANCE = 1.3
+EDGE_SECONDS = 0.1  # kept before the first and after the last word: the VAD's edges are tight
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class Line:
     character: str
     clip: str
     text: str
+    sentences: tuple[str, ...] = ()  # `text` cut at the script's sentence ends: where a long clip may be cut
 
 
 def same_actor(characters) -> frozenset[str]:
@@ -112,6 +120,13 @@ def clean_transcript(text: str) -> str:
     return normalize_text(text, spell_numbers=True)
 
 
+def sentences_of(raw: str, text: str) -> tuple[str, ...]:
+    """`raw`'s sentences, each cleaned; empty when they do not join back into `text` (the cleaned whole), so a
+    line is never cut where its words would not add up."""
+    sentences = tuple(s for s in (clean_transcript(part) for part in SENTENCE_END.split(raw)) if s)
+    return sentences if len(sentences) > 1 and " ".join(sentences) == text else ()
+
+
 def voiced_lines(root: Path | None = None) -> list[Line]:
     """Every voiced line with a cleaned, non-empty transcript, except those of the reserved characters' actors."""
     root = root or nonfree_root()
@@ -126,7 +141,7 @@ def voiced_lines(root: Path | None = None) -> list[Line]:
             for line in parse_transcripts(content.read(name).decode("utf-8", errors="replace"), character):
                 text = clean_transcript(line.text)
                 if text and f"3dovoice/{character}/{line.clip}" in clips:
-                    lines.append(Line(character, line.clip, text))
+                    lines.append(Line(character, line.clip, text, sentences_of(line.text, text)))
     return lines
 
 
@@ -154,20 +169,93 @@ def plausible(text: str, seconds: float) -> bool:
     return seconds > 0 and low <= len(text.split()) / seconds <= high
 
 
-def write_clips(root: Path, lines: list[Line], folder: str, max_seconds: float = MAX_SECONDS,
-                uqm_root: Path | None = None) -> list[dict]:
-    """Decode each clip, drop those over `max_seconds` or whose transcript is not `plausible`, write 16 kHz wavs
-    under root/audio/folder; manifest rows (source "uqm", with the character as speaker)."""
-    from .render import manifest_row, write16k
+def cut_at_pauses(sentences: tuple[str, ...], speech: list[tuple[float, float]], max_seconds: float
+                  ) -> list[tuple[float, float, str]]:
+    """Pieces (start, end in seconds, text) of a clip whose `speech` regions (from a VAD, in order) say
+    `sentences`, each piece at most `max_seconds`, cut in the middle of pauses; [] when no cut fits.
 
-    rows = []
+    The cuts are chosen together (dynamic programming over sentence ends x pauses): the pieces' durations must
+    follow their texts' lengths at the clip's own speaking rate, which a boundary one sentence off breaks.
+    """
+    pauses = [(a_end, b_start) for (_, a_end), (b_start, _) in zip(speech, speech[1:])
+              if b_start - a_end >= MIN_PAUSE_SECONDS]
+    if len(sentences) < 2 or not pauses:
+        return []
+    times = [max(0.0, speech[0][0] - EDGE_SECONDS)] + [(a + b) / 2 for a, b in pauses] + [speech[-1][1] + EDGE_SECONDS]
+    chars = np.cumsum([0] + [len(s) + 1 for s in sentences])
+    seconds_per_char = (times[-1] - times[0]) / chars[-1]
+    n_sentences, n_cuts = len(sentences), len(times) - 1
+
+    def cost(b0, p0, b1, p1):
+        seconds = times[p1] - times[p0]
+        return np.log(seconds / ((chars[b1] - chars[b0]) * seconds_per_char)) ** 2 if seconds <= max_seconds else None
+
+    best = {(0, 0): (0.0, None)}  # (sentences used, cut reached) -> (cost, previous state)
+    for b1 in range(1, n_sentences + 1):
+        for p1 in range(1, n_cuts + 1):
+            if (b1 == n_sentences) != (p1 == n_cuts):
+                continue  # the last sentence ends where the speech ends, and only there
+            options = [(c0 + c, (b0, p0)) for (b0, p0), (c0, _) in best.items()
+                       if b0 < b1 and p0 < p1 and (c := cost(b0, p0, b1, p1)) is not None]
+            if options:
+                best[(b1, p1)] = min(options)
+    if (n_sentences, n_cuts) not in best:
+        return []
+    pieces, state = [], (n_sentences, n_cuts)
+    while best[state][1] is not None:
+        (b0, p0), (b1, p1) = best[state][1], state
+        pieces.append((times[p0], times[p1], " ".join(sentences[b0:b1])))
+        state = (b0, p0)
+    pieces.reverse()
+    ratios = [(end - start) / ((len(text) + 1) * seconds_per_char) for start, end, text in pieces]
+    if any(not 1 / RATE_TOLERANCE <= r <= RATE_TOLERANCE for r in ratios):
+        return []
+    return pieces if all(plausible(text, end - start) for start, end, text in pieces) else []
+
+
+def speech_regions(audio16k: np.ndarray, vad_model) -> list[tuple[float, float]]:
+    """(start, end) seconds of each stretch of speech in a 16 kHz clip, by silero-vad, unpadded."""
+    import torch
+    from silero_vad import get_speech_timestamps
+
+    found = get_speech_timestamps(torch.from_numpy(np.ascontiguousarray(audio16k, dtype=np.float32)), vad_model,
+                                  min_silence_duration_ms=round(MIN_PAUSE_SECONDS * 1000), speech_pad_ms=0)
+    return [(region["start"] / 16_000, region["end"] / 16_000) for region in found]
+
+
+def write_clips(root: Path, lines: list[Line], folder: str, max_seconds: float = MAX_SECONDS,
+                uqm_root: Path | None = None, cut_long: bool = False) -> list[dict]:
+    """Decode each clip, drop those whose transcript is not `plausible`, write 16 kHz wavs under root/audio/folder;
+    manifest rows (source "uqm", with the character as speaker). A clip over `max_seconds` is dropped, or with
+    `cut_long` cut at its sentence ends into pieces that fit (`cut_at_pauses`; a clip that cannot be is dropped)."""
+    import soxr
+
+    from .render import SAMPLE_RATE, manifest_row, write16k
+
+    rows, vad_model = [], None
     with zipfile.ZipFile((uqm_root or nonfree_root()) / VOICE_ZIP) as voice:
         for line in lines:
             audio, rate = read_clip(voice, line)
-            if len(audio) / rate > max_seconds or not plausible(line.text, len(audio) / rate):
+            seconds, stem = len(audio) / rate, Path(line.clip).stem
+            if not plausible(line.text, seconds):
                 continue
-            path = root / "audio" / folder / f"{Path(line.clip).stem}.wav"
-            duration = write16k(audio, rate, path)
-            rows.append(manifest_row(root, path, line.text, f"uqm-{Path(line.clip).stem}", duration, "uqm",
-                             speaker=line.character))
+            if seconds <= max_seconds:
+                path = root / "audio" / folder / f"{stem}.wav"
+                duration = write16k(audio, rate, path)
+                rows.append(manifest_row(root, path, line.text, f"uqm-{stem}", duration, "uqm", speaker=line.character))
+                continue
+            if not cut_long or not line.sentences:
+                continue
+            if vad_model is None:
+                from ..inference.segmentation import load_vad_model
+
+                vad_model = load_vad_model()
+            audio16k = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ") if rate != SAMPLE_RATE else audio
+            pieces = cut_at_pauses(line.sentences, speech_regions(audio16k, vad_model), max_seconds)
+            for i, (start, end, text) in enumerate(pieces):
+                path = root / "audio" / folder / f"{stem}-{i}.wav"
+                piece = audio16k[round(start * SAMPLE_RATE):round(end * SAMPLE_RATE)]
+                duration = write16k(piece, SAMPLE_RATE, path)
+                rows.append(manifest_row(root, path, text, f"uqm-{stem}-{i}", duration, "uqm", speaker=line.character,
+                                         cut_from=stem))
     return rows

@@ -137,6 +137,11 @@ def test_report_names_the_real_speech_a_run_trained_on(tmp_path):
     assert "; the UQM training actors' clips and Pico readings of their lines, 30% of the sentences by Pico" in text
 
 
+def test_report_names_the_cut_long_clips(tmp_path):
+    text = write_report(tmp_path, DemoSettings(cut_long_clips=True), {"steps": 20, "minutes": 1.0}, ONE_CLIP)
+    assert "Pico readings of their lines, their clips over 15 s cut at sentence ends in pauses)." in text.read_text()
+
+
 def test_a_held_out_set_is_kept_on_disk_and_on_the_console_as_it_ends(tmp_path, capsys):
     # The understanding tasks take most of an hour on a CPU: a run stopped there must keep the sets already decoded.
     import json

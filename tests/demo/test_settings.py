@@ -118,6 +118,11 @@ def test_pico_sentences_without_the_real_speech_are_refused():
         parse("--no-real-speech", "--natural-fraction", "0.3")
 
 
+def test_cutting_long_clips_without_the_real_speech_is_refused():
+    with pytest.raises(ValueError, match="give --real-speech"):
+        parse("--no-real-speech", "--cut-long-clips")
+
+
 def test_a_preset_is_described_by_the_options_that_set_it():
     assert describe_preset("augmented").startswith("--corpus structured, --no-real-speech, --real-speech-repeats 3")
 

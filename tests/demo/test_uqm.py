@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from speechlm.demo import uqm
+from speechlm.demo.render import RenderJob, render
 
 SCRIPT = """#(HELLO_1)\tmelnorme-000.ogg
 I am Trade Master Greenish.
@@ -87,3 +90,59 @@ def test_clips_become_16k_wavs_and_long_ones_are_dropped(tmp_path):
     audio, rate = sf.read(tmp_path / "corpus" / rows[0]["audio"])
     assert rate == 16_000 and abs(len(audio) / rate - 1.5) < 0.01
     assert rows[0]["speaker"] == "melnorme" and rows[0]["source"] == "uqm"
+
+
+def test_sentences_of_a_line_join_back_into_its_cleaned_text():
+    raw = "We have *parties* -- 3 of them! Come in; sit down."
+    assert uqm.sentences_of(raw, uqm.clean_transcript(raw)) == ("we have parties", "three of them", "come in",
+                                                                "sit down")
+
+
+SENTENCES = tuple(" ".join([letter * 9] * 4) for letter in "abc")  # 4 words, 40 characters with the space after
+
+
+def test_a_long_clip_is_cut_in_the_pauses_at_its_sentence_ends():
+    # Speech at ~30 characters a second, a 0.4 s pause after each sentence and a 0.2 s one inside the second.
+    speech = [(0.0, 1.0), (1.4, 1.9), (2.1, 2.6), (3.0, 4.0)]
+    pieces = uqm.cut_at_pauses(SENTENCES, speech, max_seconds=2.0)
+    assert [text for _, _, text in pieces] == list(SENTENCES)
+    assert [end for _, end, _ in pieces[:-1]] == [1.2, 2.8]  # the pauses' middles, not the gap inside a sentence
+
+
+def test_a_long_clip_is_cut_only_as_often_as_its_pieces_need():
+    speech = [(0.0, 1.0), (1.4, 2.4), (2.8, 3.8)]
+    pieces = uqm.cut_at_pauses(SENTENCES, speech, max_seconds=3.0)
+    assert len(pieces) == 2 and all(end - start <= 3.0 for start, end, _ in pieces)
+
+
+def test_a_clip_without_a_pause_where_its_sentences_end_is_not_cut():
+    # The only pause falls after a fifth of the text: a cut there would give pieces at the wrong speaking rate.
+    speech = [(0.0, 0.6), (1.0, 4.0)]
+    assert uqm.cut_at_pauses(SENTENCES, speech, max_seconds=3.5) == []
+
+
+def test_a_clip_whose_pieces_cannot_fit_is_not_cut():
+    speech = [(0.0, 1.0), (1.4, 2.4), (2.8, 3.8)]
+    assert uqm.cut_at_pauses(SENTENCES, speech, max_seconds=0.9) == []
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian espeak-ng")
+def test_long_clips_are_cut_into_pieces_that_say_their_own_sentences(tmp_path):
+    game, spoken = tmp_path / "game", []
+    for i, sentence in enumerate(("The ship is ready to leave.", "We gather information about every star.")):
+        render(RenderJob(sentence, "en-us", 150, 50, tmp_path / f"{i}.wav"))
+        audio, rate = sf.read(tmp_path / f"{i}.wav", dtype="float32")
+        spoken += [audio, np.zeros(round(0.6 * rate), dtype=np.float32)]
+    clip = game / "melnorme-000.ogg"
+    (game / uqm.VOICE_ZIP).parent.mkdir(parents=True)
+    (game / uqm.CONTENT_ZIP).parent.mkdir(parents=True)
+    sf.write(clip, np.concatenate(spoken), rate, format="OGG", subtype="VORBIS")
+    with zipfile.ZipFile(game / uqm.VOICE_ZIP, "w") as voice, zipfile.ZipFile(game / uqm.CONTENT_ZIP, "w") as content:
+        voice.write(clip, f"3dovoice/melnorme/{clip.name}")
+        content.writestr("base/comm/melnorme/melnorme.txt", "#(HELLO)\tmelnorme-000.ogg\nThe ship is ready to "
+                         "leave. We gather information about every star.\n")
+    seconds = sum(len(part) for part in spoken) / rate
+    rows = uqm.write_clips(tmp_path / "corpus", uqm.voiced_lines(game), "uqm/train", max_seconds=seconds * 0.7,
+                           uqm_root=game, cut_long=True)
+    assert [row["text"] for row in rows] == ["the ship is ready to leave", "we gather information about every star"]
+    assert all(row["duration"] <= seconds * 0.7 and row["cut_from"] == "melnorme-000" for row in rows)
