@@ -8,10 +8,13 @@ at each `--head-candidates` value, and the CTC head alone (greedy, no LLM) besid
 `--dev-uqm N` adds a development set to choose settings on, never the test sets: N clips of The Ur-Quan Masters'
 training characters (real, open-domain speech; unseen by a demo model trained with `--no-real-speech`, and by
 different actors from the held-out `test_uqm` characters), written into the cache. A corpus that trains on them
-(`--real-speech`, the demo's default since session 51) is refused: its models have heard these actors.
+(`--real-speech`, the demo's default since session 51) is refused: its models have heard these actors. `--dev-uqm-long
+N` is the development set for such a model: N pieces of those actors' clips over 15 s (cut at sentence ends as
+`speechlm demo --cut-long-clips` cuts them), which the default leaves out of training; heard voices, unheard lines.
+A corpus built with `--cut-long-clips` is refused for it.
 
     python benchmarks/joint_ctc.py --models RUN/model [RUN2/model ...] --corpus CORPUS_DIR [--weights 0 0.3 0.5]
-        [--head-candidates 0 8] [--num-beams 4] [--sets test_synthetic test_asterisk] [--dev-uqm 60]
+        [--head-candidates 0 8] [--num-beams 4] [--sets test_synthetic test_asterisk] [--dev-uqm 60 | --dev-uqm-long 60]
         [--head-vocabulary trained full]
     # writes benchmarks/results/joint_ctc.md
 """
@@ -74,6 +77,25 @@ def development_uqm(count: int, seed: int = 0) -> Path:
     return manifest
 
 
+def development_uqm_long(count: int, seed: int = 0) -> Path:
+    """The manifest of `count` pieces of the UQM training characters' clips over 15 s (written once into the cache)."""
+    import random
+
+    from speechlm.cache import cache_dir
+    from speechlm.demo import uqm
+    from speechlm.demo.corpus import write_manifest
+
+    root = cache_dir("benchmarks") / f"dev_uqm_long_{count}_{seed}"
+    manifest = root / "dev_uqm_long.jsonl"
+    if not manifest.is_file():
+        train, _ = uqm.split_lines(uqm.voiced_lines())
+        long_lines = [line for line in train if line.sentences]  # only lines with several sentences can be cut
+        lines = random.Random(seed).sample(long_lines, min(len(long_lines), count))
+        rows = [row for row in uqm.write_clips(root, lines, "uqm/dev", cut_long=True) if "cut_from" in row]
+        write_manifest(manifest, random.Random(seed).sample(rows, min(len(rows), count)))
+    return manifest
+
+
 def trains_on_uqm_actors(corpus: Path) -> bool:
     """Whether a demo corpus's training set holds the UQM training actors' clips (its stamp says --real-speech)."""
     from speechlm.demo.corpus import STAMP
@@ -83,6 +105,7 @@ def trains_on_uqm_actors(corpus: Path) -> bool:
 
 
 def main() -> None:
+    from speechlm.demo.corpus import STAMP
     from speechlm.inference import load_pretrained
     from speechlm.joint_ctc import HEAD_CANDIDATES
 
@@ -98,6 +121,9 @@ def main() -> None:
                         help="held-out sets (none: --dev-uqm alone)")
     parser.add_argument("--dev-uqm", type=int, default=0, metavar="N",
                         help="add N clips of the UQM training characters as set dev_uqm (choose settings on it)")
+    parser.add_argument("--dev-uqm-long", type=int, default=0, metavar="N",
+                        help="add N pieces of the UQM training characters' clips over 15 s as set dev_uqm_long (for "
+                        "models that trained on those characters' shorter clips, the demo's default)")
     parser.add_argument("--limit", type=int, default=None, help="at most N clips per set")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, greedy as the demo)")
     parser.add_argument("--head-vocabulary", nargs="+", choices=("trained", "full"), default=["trained"],
@@ -113,6 +139,12 @@ def main() -> None:
                              "(--real-speech, the demo's default since session 51): its models have heard them, so "
                              "they cannot choose settings; give the corpus of a --no-real-speech run")
         manifests["dev_uqm"] = development_uqm(args.dev_uqm)
+    if args.dev_uqm_long:
+        stamp = args.corpus / STAMP
+        if stamp.is_file() and json.loads(stamp.read_text()).get("uqm_cut_long"):
+            raise SystemExit(f"--dev-uqm-long draws from the UQM training actors' long clips, which {args.corpus} "
+                             "trains on (--cut-long-clips): give the corpus of a run without it")
+        manifests["dev_uqm_long"] = development_uqm_long(args.dev_uqm_long)
     lines = ["# Joint CTC/LLM decoding on trained demo models (benchmarks/joint_ctc.py)", "",
              f"Corpus `{args.corpus.name}`; WER % (inserted words) per held-out set, "
              f"{'greedy' if args.num_beams == 1 else f'{args.num_beams} beams'}, new tokens capped by clip "
