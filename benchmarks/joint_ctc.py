@@ -96,16 +96,20 @@ def development_uqm_long(count: int, seed: int = 0) -> Path:
     return manifest
 
 
-def trains_on_uqm_actors(corpus: Path) -> bool:
-    """Whether a demo corpus's training set holds the UQM training actors' clips (its stamp says --real-speech)."""
+def corpus_stamp(corpus: Path) -> dict:
+    """The parameters a demo corpus was built with (its stamp; empty if it has none)."""
     from speechlm.demo.corpus import STAMP
 
     stamp = corpus / STAMP
-    return stamp.is_file() and bool(json.loads(stamp.read_text()).get("real_speech"))
+    return json.loads(stamp.read_text()) if stamp.is_file() else {}
+
+
+def trains_on_uqm_actors(corpus: Path) -> bool:
+    """Whether a demo corpus's training set holds the UQM training actors' clips (its stamp says --real-speech)."""
+    return bool(corpus_stamp(corpus).get("real_speech"))
 
 
 def main() -> None:
-    from speechlm.demo.corpus import STAMP
     from speechlm.inference import load_pretrained
     from speechlm.joint_ctc import HEAD_CANDIDATES
 
@@ -140,8 +144,7 @@ def main() -> None:
                              "they cannot choose settings; give the corpus of a --no-real-speech run")
         manifests["dev_uqm"] = development_uqm(args.dev_uqm)
     if args.dev_uqm_long:
-        stamp = args.corpus / STAMP
-        if stamp.is_file() and json.loads(stamp.read_text()).get("uqm_cut_long"):
+        if corpus_stamp(args.corpus).get("uqm_cut_long"):
             raise SystemExit(f"--dev-uqm-long draws from the UQM training actors' long clips, which {args.corpus} "
                              "trains on (--cut-long-clips): give the corpus of a run without it")
         manifests["dev_uqm_long"] = development_uqm_long(args.dev_uqm_long)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
-import soxr
+
+from ..audio import resample_audio
 
 if TYPE_CHECKING:
     from .corpus import Prompt
@@ -96,8 +97,7 @@ def _parse_wav(data: bytes) -> tuple[np.ndarray, int]:
 def write16k(audio: np.ndarray, rate: int, path: Path) -> float:
     if audio.ndim > 1:
         audio = audio.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
+    audio = resample_audio(audio, rate, SAMPLE_RATE)
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
     return len(audio) / SAMPLE_RATE

@@ -218,9 +218,12 @@ def speech_regions(audio16k: np.ndarray, vad_model) -> list[tuple[float, float]]
     import torch
     from silero_vad import get_speech_timestamps
 
+    from .render import SAMPLE_RATE
+
     found = get_speech_timestamps(torch.from_numpy(np.ascontiguousarray(audio16k, dtype=np.float32)), vad_model,
-                                  min_silence_duration_ms=round(MIN_PAUSE_SECONDS * 1000), speech_pad_ms=0)
-    return [(region["start"] / 16_000, region["end"] / 16_000) for region in found]
+                                  sampling_rate=SAMPLE_RATE, min_silence_duration_ms=round(MIN_PAUSE_SECONDS * 1000),
+                                  speech_pad_ms=0)
+    return [(region["start"] / SAMPLE_RATE, region["end"] / SAMPLE_RATE) for region in found]
 
 
 def write_clips(root: Path, lines: list[Line], folder: str, max_seconds: float = MAX_SECONDS,
@@ -228,8 +231,7 @@ def write_clips(root: Path, lines: list[Line], folder: str, max_seconds: float =
     """Decode each clip, drop those whose transcript is not `plausible`, write 16 kHz wavs under root/audio/folder;
     manifest rows (source "uqm", with the character as speaker). A clip over `max_seconds` is dropped, or with
     `cut_long` cut at its sentence ends into pieces that fit (`cut_at_pauses`; a clip that cannot be is dropped)."""
-    import soxr
-
+    from ..audio import resample_audio
     from .render import SAMPLE_RATE, manifest_row, write16k
 
     rows, vad_model = [], None
@@ -250,7 +252,7 @@ def write_clips(root: Path, lines: list[Line], folder: str, max_seconds: float =
                 from ..inference.segmentation import load_vad_model
 
                 vad_model = load_vad_model()
-            audio16k = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ") if rate != SAMPLE_RATE else audio
+            audio16k = resample_audio(audio, rate, SAMPLE_RATE)
             pieces = cut_at_pauses(line.sentences, speech_regions(audio16k, vad_model), max_seconds)
             for i, (start, end, text) in enumerate(pieces):
                 path = root / "audio" / folder / f"{stem}-{i}.wav"
