@@ -219,6 +219,7 @@ def build_demo_corpus(
     real_speech: bool = False,
     natural_fraction: float = 0.0,
     cut_long_clips: bool = False,
+    processed_voices: bool = False,
     uqm_test: bool | None = None,
     voice_perturbation: float = 0.0,
     accent_fraction: float = 0.0,
@@ -235,7 +236,8 @@ def build_demo_corpus(
     `real_speech` adds The Ur-Quan Masters voice acting (training characters' clips + Pico readings of their lines
     to `train`, held-out characters to `test_uqm`); `natural_fraction` of the training sentences are spoken by a
     Pico voice instead of espeak-ng; `cut_long_clips` adds the training characters' clips over 15 s, cut at
-    sentence ends in pauses (`uqm.cut_at_pauses`; Pico does not read these). `uqm_test` (default: whenever the UQM
+    sentence ends in pauses (`uqm.cut_at_pauses`; Pico does not read these); `processed_voices` adds the training
+    actors' robotic or pitched voices (`uqm.PROCESSED`; nor these). `uqm_test` (default: whenever the UQM
     data is present) fills `test_uqm` with the held-out characters even when `real_speech` is off: real speech is
     always measured, trained on or not.
     `voice_perturbation` > 0 plays each rendered training sentence back at a random rate in [1 - p, 1 + p] (never
@@ -253,6 +255,8 @@ def build_demo_corpus(
         params["uqm_split"] = "actors"
     if cut_long_clips:
         params["uqm_cut_long"] = True
+    if processed_voices:
+        params["uqm_processed"] = True
     if voice_perturbation:  # only when on, so that corpora built before the option stay valid
         params["voice_perturbation"] = voice_perturbation
     if accent_fraction:
@@ -291,13 +295,13 @@ def build_demo_corpus(
     if real_speech or uqm_test:
         from . import uqm
 
-        uqm_train, uqm_held_out = uqm.split_lines(uqm.voiced_lines())
+        uqm_train, uqm_held_out = uqm.split_lines(uqm.voiced_lines(), include_processed=processed_voices)
         uqm_rows = uqm.write_clips(root, uqm_held_out, "uqm/test")
     if real_speech:
         kept = uqm.write_clips(root, uqm_train, "uqm/train", cut_long=cut_long_clips)
         train_rows += kept
-        whole = [row for row in kept if "cut_from" not in row]
-        readings = render_jobs([(row["text"], "uqm_tts") for row in whole], PICO_VOICES, root / "audio", "train", seed)
+        readings = render_jobs([(text, "uqm_tts") for text in uqm.texts_for_pico(kept)], PICO_VOICES, root / "audio",
+                               "train", seed)
         train_rows += synthetic_rows(root, readings, workers, "pico reads uqm lines", progress)
 
     for name, rows in (("train", train_rows), ("test_asterisk", asterisk_rows), ("test_librivox", librivox_rows),

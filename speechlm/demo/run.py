@@ -133,6 +133,7 @@ def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
     corpus = corpus_kind(settings)
     real = f"-real{settings.natural_fraction:g}" if settings.real_speech else ""
     real += "-cut" if settings.cut_long_clips else ""
+    real += "-processed" if settings.processed_voices else ""
     real += f"-vp{settings.voice_perturbation:g}" if settings.voice_perturbation else ""
     real += f"-accent{settings.accent_fraction:g}" if settings.accent_fraction else ""
     share = settings.open_share if settings.corpus == "mixed" else MIXED_OPEN_SHARE  # the other corpora have none
@@ -141,6 +142,7 @@ def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
     return root, build_demo_corpus(root, corpus=corpus, n_train=settings.n_train, n_test=settings.n_test,
                                    seed=settings.seed, real_speech=settings.real_speech,
                                    natural_fraction=settings.natural_fraction, cut_long_clips=settings.cut_long_clips,
+                                   processed_voices=settings.processed_voices,
                                    voice_perturbation=settings.voice_perturbation,
                                    accent_fraction=settings.accent_fraction, open_share=share)
 

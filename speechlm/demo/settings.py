@@ -117,6 +117,9 @@ class DemoSettings:
     # (`uqm.cut_at_pauses`), instead of left out: 2.6 h more real speech. Off: in 20 minutes on the AVX2 EPYC its long
     # pieces cost a third of the steps, the grammar went to 21.4 % and UQM moved one point (session 52, README).
     cut_long_clips: bool = False
+    # With real_speech: the training actors' heavily processed voices (robotic or pitched: orz, mycon, probe, slylandro,
+    # urquan; 162 clips, 0.26 h) trained on too, instead of left out as not how people sound.
+    processed_voices: bool = False
     # Each rendered training sentence played back at a random rate in [1 - p, 1 + p] (speed perturbation): the held-out
     # voices are the bulk of the understanding tasks' errors (misheard words).
     voice_perturbation: float = 0.0
@@ -165,6 +168,8 @@ class DemoSettings:
                              "spoken by Pico: give --real-speech")
         if self.cut_long_clips and not self.real_speech:
             raise ValueError("cut_long_clips cuts the UQM training clips of --real-speech: give --real-speech")
+        if self.processed_voices and not self.real_speech:
+            raise ValueError("processed_voices adds UQM training clips to --real-speech: give --real-speech")
         if self.open_share is None:
             if self.corpus == "mixed":
                 self.open_share = DEFAULT_OPEN_SHARE
@@ -333,6 +338,11 @@ def add_arguments(parser) -> None:
                         "fall in pauses (silero-vad), pieces checked against the clip's speaking rate, instead of "
                         "leaving them out (893 pieces, 2.6 h, beside the 0.9 h under 15 s; off by default: in 20 "
                         "minutes it cost steps and the grammar more than it gave the unseen UQM actors, README)")
+    parser.add_argument("--processed-voices", action=argparse.BooleanOptionalAction,
+                        default=defaults.processed_voices,
+                        help="with --real-speech: train on the UQM training actors' robotic or pitched voices too "
+                        "(orz, mycon, probe, slylandro, urquan: 162 clips, 0.26 h; Pico does not read their lines); "
+                        "off by default")
     parser.add_argument("--voice-perturbation", type=float, default=defaults.voice_perturbation,
                         help="play each rendered training sentence back at a random rate in [1 - p, 1 + p] (speed "
                         "perturbation: tempo, pitch and formants together; test clips never), e.g. 0.1; 0 is off")

@@ -163,6 +163,12 @@ def split_lines(lines: list[Line], held_out: tuple[str, ...] = HELD_OUT, include
     return train, test
 
 
+def texts_for_pico(rows: list[dict]) -> list[str]:
+    """The training clips' texts that Pico reads beside them: whole lines only (a cut piece is part of one), and not
+    those of processed voices (an option that adds those voices would otherwise add Pico readings too)."""
+    return [row["text"] for row in rows if "cut_from" not in row and row["speaker"] not in PROCESSED]
+
+
 def plausible(text: str, seconds: float) -> bool:
     """Does a clip of `seconds` plausibly say `text`? (A speaking rate within `WORDS_PER_SECOND`.)"""
     low, high = WORDS_PER_SECOND

@@ -123,6 +123,16 @@ def test_cutting_long_clips_without_the_real_speech_is_refused():
         parse("--no-real-speech", "--cut-long-clips")
 
 
+def test_processed_voices_without_the_real_speech_are_refused():
+    with pytest.raises(ValueError, match="give --real-speech"):
+        parse("--no-real-speech", "--processed-voices")
+
+
+def test_processed_voices_reach_the_settings_and_name_another_model():
+    assert parse("--processed-voices").processed_voices and not DemoSettings().processed_voices
+    assert parse("--processed-voices").fingerprint() != parse().fingerprint()
+
+
 def test_a_preset_is_described_by_the_options_that_set_it():
     assert describe_preset("augmented").startswith("--corpus structured, --no-real-speech, --real-speech-repeats 3")
 

@@ -76,6 +76,12 @@ def test_split_holds_out_whole_speakers_and_drops_processed_voices():
     assert "orz" in [ln.character for ln in uqm.split_lines(lines, include_processed=True)[0]]
 
 
+def test_pico_reads_whole_lines_of_voices_as_people_sound():
+    rows = [{"text": "a", "speaker": "melnorme"}, {"text": "b", "speaker": "orz"},
+            {"text": "c", "speaker": "melnorme", "cut_from": "melnorme-001"}]
+    assert uqm.texts_for_pico(rows) == ["a"]
+
+
 def test_transcripts_that_cannot_fit_their_clip_are_implausible():
     assert uqm.plausible("how nice to see you again captain", 2.5)
     assert not uqm.plausible(" ".join(["word"] * 200), 3.3)  # a whole speech for one sentence's clip
