@@ -118,7 +118,8 @@ class DemoSettings:
     # pieces cost a third of the steps, the grammar went to 21.4 % and UQM moved one point (session 52, README).
     cut_long_clips: bool = False
     # With real_speech: the training actors' heavily processed voices (robotic or pitched: orz, mycon, probe, slylandro,
-    # urquan; 162 clips, 0.26 h) trained on too, instead of left out as not how people sound.
+    # urquan; 162 clips, 0.26 h) trained on too, instead of left out as not how people sound. Off: in 20 minutes on the
+    # AVX2 EPYC the unseen UQM actors read 57.9 % against the default's 58.3-58.8 %, a seed's spread (session 53).
     processed_voices: bool = False
     # Each rendered training sentence played back at a random rate in [1 - p, 1 + p] (speed perturbation): the held-out
     # voices are the bulk of the understanding tasks' errors (misheard words).
@@ -342,7 +343,7 @@ def add_arguments(parser) -> None:
                         default=defaults.processed_voices,
                         help="with --real-speech: train on the UQM training actors' robotic or pitched voices too "
                         "(orz, mycon, probe, slylandro, urquan: 162 clips, 0.26 h; Pico does not read their lines); "
-                        "off by default")
+                        "off by default: within the default's spread on the unseen UQM actors, README)")
     parser.add_argument("--voice-perturbation", type=float, default=defaults.voice_perturbation,
                         help="play each rendered training sentence back at a random rate in [1 - p, 1 + p] (speed "
                         "perturbation: tempo, pitch and formants together; test clips never), e.g. 0.1; 0 is off")
