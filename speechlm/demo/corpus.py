@@ -166,6 +166,17 @@ MANIFESTS = ("train", "test_synthetic", "test_fortunes", "test_asterisk", "test_
 # each with its own `WER <set>` line (an empty manifest for the source a corpus kind lacks).
 HELD_OUT_BY_SOURCE = {"synthetic": "test_synthetic", "fortunes": "test_fortunes"}
 STAMP = "corpus.json"
+# Stamp entries that name a corpus's cache folder too, with their suffix (in this order, after `-real<fraction>`):
+# optional ones, present only when set, so that a corpus built before its option stays valid under its old name.
+FOLDER_SUFFIXES = {"uqm_cut_long": "-cut", "uqm_processed": "-processed", "voice_perturbation": "-vp{:g}",
+                   "accent_fraction": "-accent{:g}", "open_share": "-open{:g}"}
+
+
+def corpus_folder(stamp: dict) -> str:
+    """The cache folder's name of the corpus a stamp describes: one folder per corpus-changing setting."""
+    name = f"corpus-{stamp['corpus']}-{stamp['n_train']}-{stamp['n_test']}-{stamp['seed']}"
+    name += f"-real{stamp['natural_fraction']:g}" if stamp["real_speech"] else ""
+    return name + "".join(suffix.format(stamp[key]) for key, suffix in FOLDER_SUFFIXES.items() if key in stamp)
 
 
 def manifest_records(path: Path | str) -> list[dict]:
@@ -231,7 +242,8 @@ def build_demo_corpus(
     sentences from the fortunes, the rest from the grammar; half the test sentences from each); the real-speech
     sets are the same for all. The held-out rendered sentences go to `test_synthetic` (grammar) and `test_fortunes`
     by their source. `train` holds rendered sentences + the Asterisk training prompts. A stamp with the
-    parameters makes a second call with the same ones free; different ones rebuild the folder.
+    parameters makes a second call with the same ones free; different ones rebuild the folder. Without a `root`, the
+    corpus goes to a cache folder named by its parameters (`corpus_folder`).
 
     `real_speech` adds The Ur-Quan Masters voice acting (training characters' clips + Pico readings of their lines
     to `train`, held-out characters to `test_uqm`); `natural_fraction` of the training sentences are spoken by a
@@ -247,8 +259,6 @@ def build_demo_corpus(
     if uqm_test is None:
         uqm_test = real_speech or uqm_is_available()
     check_system_packages(corpus, real_speech)
-    root = Path(root) if root is not None else cache_dir("demo", f"corpus-{corpus}")
-    root.mkdir(parents=True, exist_ok=True)
     params = {"version": CORPUS_VERSION, "corpus": corpus, "n_train": n_train, "n_test": n_test, "seed": seed,
               "real_speech": real_speech, "natural_fraction": natural_fraction, "uqm_test": uqm_test}
     if real_speech:  # its training clips changed when the split became one by actor (the test set did not)
@@ -263,6 +273,8 @@ def build_demo_corpus(
         params["accent_fraction"] = accent_fraction
     if corpus == "mixed" and open_share != MIXED_OPEN_SHARE:
         params["open_share"] = open_share
+    root = Path(root) if root is not None else cache_dir("demo", corpus_folder(params))
+    root.mkdir(parents=True, exist_ok=True)
     manifests = {name: root / f"{name}.jsonl" for name in MANIFESTS}
     stamp = root / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == params:

@@ -126,25 +126,18 @@ def manifest_key(manifest: Path) -> str:
 
 
 def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
-    """The corpus folder the settings train on (in the cache, one per corpus-changing setting) and its manifests,
-    built on first use."""
+    """The corpus folder the settings train on (in the cache, one per corpus-changing setting: `corpus_folder`) and
+    its manifests, built on first use."""
     from .corpus import MIXED_OPEN_SHARE, build_demo_corpus
 
-    corpus = corpus_kind(settings)
-    real = f"-real{settings.natural_fraction:g}" if settings.real_speech else ""
-    real += "-cut" if settings.cut_long_clips else ""
-    real += "-processed" if settings.processed_voices else ""
-    real += f"-vp{settings.voice_perturbation:g}" if settings.voice_perturbation else ""
-    real += f"-accent{settings.accent_fraction:g}" if settings.accent_fraction else ""
     share = settings.open_share if settings.corpus == "mixed" else MIXED_OPEN_SHARE  # the other corpora have none
-    real += f"-open{share:g}" if share != MIXED_OPEN_SHARE else ""
-    root = cache_dir("demo", f"corpus-{corpus}-{settings.n_train}-{settings.n_test}-{settings.seed}{real}")
-    return root, build_demo_corpus(root, corpus=corpus, n_train=settings.n_train, n_test=settings.n_test,
-                                   seed=settings.seed, real_speech=settings.real_speech,
-                                   natural_fraction=settings.natural_fraction, cut_long_clips=settings.cut_long_clips,
-                                   processed_voices=settings.processed_voices,
-                                   voice_perturbation=settings.voice_perturbation,
-                                   accent_fraction=settings.accent_fraction, open_share=share)
+    manifests = build_demo_corpus(None, corpus=corpus_kind(settings), n_train=settings.n_train,
+                                  n_test=settings.n_test, seed=settings.seed, real_speech=settings.real_speech,
+                                  natural_fraction=settings.natural_fraction, cut_long_clips=settings.cut_long_clips,
+                                  processed_voices=settings.processed_voices,
+                                  voice_perturbation=settings.voice_perturbation,
+                                  accent_fraction=settings.accent_fraction, open_share=share)
+    return manifests["train"].parent, manifests
 
 
 def run(args) -> int:

@@ -56,6 +56,11 @@ FLOAT32_CTC_FRACTION = 0.3
 # sentences under their bar on three seeds, where half did not (sessions 48-50, README "Open-domain sentences").
 DEFAULT_OPEN_SHARE = 0.25
 
+# Options that change only what --real-speech adds to the corpus, and how: refused without it rather than ignored.
+REAL_SPEECH_OPTIONS = {"natural_fraction": "sets the share of sentences spoken by the Pico voices",
+                       "cut_long_clips": "cuts the long UQM training clips",
+                       "processed_voices": "adds the processed voices' UQM training clips"}
+
 
 @functools.cache
 def automatic_cpu_dtype() -> DtypeChoice:
@@ -164,13 +169,10 @@ class DemoSettings:
                      "accent_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.natural_fraction and not self.real_speech:
-            raise ValueError("natural_fraction sets the Pico voices of --real-speech; without it no sentence is "
-                             "spoken by Pico: give --real-speech")
-        if self.cut_long_clips and not self.real_speech:
-            raise ValueError("cut_long_clips cuts the UQM training clips of --real-speech: give --real-speech")
-        if self.processed_voices and not self.real_speech:
-            raise ValueError("processed_voices adds UQM training clips to --real-speech: give --real-speech")
+        for name, what in REAL_SPEECH_OPTIONS.items():
+            if getattr(self, name) and not self.real_speech:
+                raise ValueError(f"{name} {what} of --real-speech; without it the option changes nothing: give "
+                                 "--real-speech")
         if self.open_share is None:
             if self.corpus == "mixed":
                 self.open_share = DEFAULT_OPEN_SHARE

@@ -130,6 +130,20 @@ def test_changed_parameters_rebuild(tmp_path: Path) -> None:
     assert not orphan.exists() and (tmp_path / c.STAMP).is_file()
 
 
+def test_a_corpus_folder_names_its_optional_settings_in_order() -> None:
+    stamp = {"corpus": "mixed", "n_train": 9000, "n_test": 200, "seed": 0, "real_speech": True, "natural_fraction": 0.0,
+             "uqm_test": True, "uqm_split": "actors", "open_share": 0.25, "uqm_cut_long": True}
+    assert c.corpus_folder(stamp) == "corpus-mixed-9000-200-0-real0-cut-open0.25"
+
+
+@needs_packages
+def test_a_corpus_without_a_root_is_built_in_the_cache_folder_its_stamp_names(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPEECHLM_CACHE", str(tmp_path))
+    manifests = c.build_demo_corpus(n_train=3, n_test=2, progress=False, uqm_test=False, voice_perturbation=0.1)
+    assert manifests["train"].parent == tmp_path / "demo" / "corpus-structured-3-2-0-vp0.1"
+
+
 @needs_packages
 def test_voice_perturbation_changes_training_clips_only(tmp_path: Path) -> None:
     manifests = c.build_demo_corpus(tmp_path, n_train=6, n_test=3, progress=False, uqm_test=False,
