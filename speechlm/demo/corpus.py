@@ -168,7 +168,8 @@ HELD_OUT_BY_SOURCE = {"synthetic": "test_synthetic", "fortunes": "test_fortunes"
 STAMP = "corpus.json"
 # Stamp entries that name a corpus's cache folder too, with their suffix (in this order, after `-real<fraction>`):
 # optional ones, present only when set, so that a corpus built before its option stays valid under its old name.
-FOLDER_SUFFIXES = {"uqm_cut_long": "-cut", "uqm_processed": "-processed", "voice_perturbation": "-vp{:g}",
+FOLDER_SUFFIXES = {"uqm_cut_long": "-cut", "uqm_processed": "-processed", "uqm_pico_all_lines": "-picoall",
+                   "voice_perturbation": "-vp{:g}",
                    "accent_fraction": "-accent{:g}", "open_share": "-open{:g}"}
 
 
@@ -231,6 +232,7 @@ def build_demo_corpus(
     natural_fraction: float = 0.0,
     cut_long_clips: bool = False,
     processed_voices: bool = False,
+    pico_all_lines: bool = False,
     uqm_test: bool | None = None,
     voice_perturbation: float = 0.0,
     accent_fraction: float = 0.0,
@@ -249,7 +251,9 @@ def build_demo_corpus(
     to `train`, held-out characters to `test_uqm`); `natural_fraction` of the training sentences are spoken by a
     Pico voice instead of espeak-ng; `cut_long_clips` adds the training characters' clips over 15 s, cut at
     sentence ends in pauses (`uqm.cut_at_pauses`; Pico does not read these); `processed_voices` adds the training
-    actors' robotic or pitched voices (`uqm.PROCESSED`; nor these). `uqm_test` (default: whenever the UQM
+    actors' robotic or pitched voices (`uqm.PROCESSED`; nor these); `pico_all_lines` has Pico read the training
+    actors' lines whose clips are not trained on too (`uqm.unheard_line_pieces`): their words without their voices.
+    `uqm_test` (default: whenever the UQM
     data is present) fills `test_uqm` with the held-out characters even when `real_speech` is off: real speech is
     always measured, trained on or not.
     `voice_perturbation` > 0 plays each rendered training sentence back at a random rate in [1 - p, 1 + p] (never
@@ -267,6 +271,8 @@ def build_demo_corpus(
         params["uqm_cut_long"] = True
     if processed_voices:
         params["uqm_processed"] = True
+    if pico_all_lines:
+        params["uqm_pico_all_lines"] = True
     if voice_perturbation:  # only when on, so that corpora built before the option stay valid
         params["voice_perturbation"] = voice_perturbation
     if accent_fraction:
@@ -312,8 +318,8 @@ def build_demo_corpus(
     if real_speech:
         kept = uqm.write_clips(root, uqm_train, "uqm/train", cut_long=cut_long_clips)
         train_rows += kept
-        readings = render_jobs([(text, "uqm_tts") for text in uqm.texts_for_pico(kept)], PICO_VOICES, root / "audio",
-                               "train", seed)
+        texts = uqm.texts_for_pico(kept) + (uqm.unheard_line_pieces(uqm_train, kept) if pico_all_lines else [])
+        readings = render_jobs([(text, "uqm_tts") for text in texts], PICO_VOICES, root / "audio", "train", seed)
         train_rows += synthetic_rows(root, readings, workers, "pico reads uqm lines", progress)
 
     for name, rows in (("train", train_rows), ("test_asterisk", asterisk_rows), ("test_librivox", librivox_rows),

@@ -88,6 +88,7 @@ def training_levers(settings: DemoSettings) -> list[str]:
         (settings.real_speech, "the UQM training actors' clips and Pico readings of their lines"
          + (", their clips over 15 s cut at sentence ends in pauses" if settings.cut_long_clips else "")
          + (", their processed (robotic, pitched) voices too" if settings.processed_voices else "")
+         + (", also of the lines whose clips are not trained on" if settings.pico_all_lines else "")
          + (f", {settings.natural_fraction:.0%} of the sentences by Pico voices" if settings.natural_fraction else "")),
         (settings.text_rows_repeat, "text-only sentences drawn with repeats (each intent its grammar share)"),
         (settings.train_seed is not None, f"training seed {settings.train_seed}"),

@@ -134,7 +134,7 @@ def demo_corpus(settings: DemoSettings) -> tuple[Path, dict[str, Path]]:
     manifests = build_demo_corpus(None, corpus=corpus_kind(settings), n_train=settings.n_train,
                                   n_test=settings.n_test, seed=settings.seed, real_speech=settings.real_speech,
                                   natural_fraction=settings.natural_fraction, cut_long_clips=settings.cut_long_clips,
-                                  processed_voices=settings.processed_voices,
+                                  processed_voices=settings.processed_voices, pico_all_lines=settings.pico_all_lines,
                                   voice_perturbation=settings.voice_perturbation,
                                   accent_fraction=settings.accent_fraction, open_share=share)
     return manifests["train"].parent, manifests

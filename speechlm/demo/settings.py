@@ -59,7 +59,8 @@ DEFAULT_OPEN_SHARE = 0.25
 # Options that change only what --real-speech adds to the corpus, and how: refused without it rather than ignored.
 REAL_SPEECH_OPTIONS = {"natural_fraction": "sets the share of sentences spoken by the Pico voices",
                        "cut_long_clips": "cuts the long UQM training clips",
-                       "processed_voices": "adds the processed voices' UQM training clips"}
+                       "processed_voices": "adds the processed voices' UQM training clips",
+                       "pico_all_lines": "has Pico read the UQM training lines whose clips are not trained on"}
 
 
 @functools.cache
@@ -126,6 +127,10 @@ class DemoSettings:
     # urquan; 162 clips, 0.26 h) trained on too, instead of left out as not how people sound. Off: in 20 minutes on the
     # AVX2 EPYC the unseen UQM actors read 57.9 % against the default's 58.3-58.8 %, a seed's spread (session 53).
     processed_voices: bool = False
+    # With real_speech: Pico reads the training actors' lines whose clips are not trained on too (over 15 s, or not
+    # what the clip says), cut into pieces of up to 20 words: their words without their voices. Most unseen-UQM words
+    # training says fewer than 10 times are missed (benchmarks/word_frequency.py); these lines say 34k more words.
+    pico_all_lines: bool = False
     # Each rendered training sentence played back at a random rate in [1 - p, 1 + p] (speed perturbation): the held-out
     # voices are the bulk of the understanding tasks' errors (misheard words).
     voice_perturbation: float = 0.0
@@ -346,6 +351,10 @@ def add_arguments(parser) -> None:
                         help="with --real-speech: train on the UQM training actors' robotic or pitched voices too "
                         "(orz, mycon, probe, slylandro, urquan: 162 clips, 0.26 h; Pico does not read their lines); "
                         "off by default: within the default's spread on the unseen UQM actors, README)")
+    parser.add_argument("--pico-all-lines", action=argparse.BooleanOptionalAction, default=defaults.pico_all_lines,
+                        help="with --real-speech: Pico reads the UQM training actors' lines whose clips are not "
+                        "trained on too (over 15 s or not what the clip says; 430 lines, 34k words, cut into pieces "
+                        "of up to 20 words): more of the game's words, without the actors' voices")
     parser.add_argument("--voice-perturbation", type=float, default=defaults.voice_perturbation,
                         help="play each rendered training sentence back at a random rate in [1 - p, 1 + p] (speed "
                         "perturbation: tempo, pitch and formants together; test clips never), e.g. 0.1; 0 is off")

@@ -54,6 +54,7 @@ WORDS_PER_SECOND = (0.7, 4.6)
 SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\s+--\s+")
 MIN_PAUSE_SECONDS = 0.15
 RATE_TOLERANCE = 1.3
+MAX_READING_WORDS = 20  # a Pico reading of an unheard line's piece: ~7 s, like the longer training clips
 EDGE_SECONDS = 0.1  # kept before the first and after the last word: the VAD's edges are tight
 
 
@@ -167,6 +168,30 @@ def texts_for_pico(rows: list[dict]) -> list[str]:
     """The training clips' texts that Pico reads beside them: whole lines only (a cut piece is part of one), and not
     those of processed voices (an option that adds those voices would otherwise add Pico readings too)."""
     return [row["text"] for row in rows if "cut_from" not in row and row["speaker"] not in PROCESSED]
+
+
+def unheard_line_pieces(lines: list[Line], rows: list[dict], max_words: int = MAX_READING_WORDS) -> list[str]:
+    """The texts of `lines` whose clips no training row holds (too long, or not what the clip says), for Pico to
+    read: each line cut at its sentence ends into pieces of at most `max_words` words (a longer sentence at a word
+    boundary). Processed voices' lines are left out, as in `texts_for_pico`."""
+    heard = {row.get("cut_from") or row["id"].removeprefix("uqm-") for row in rows}
+    pieces = []
+    for line in lines:
+        if Path(line.clip).stem in heard or line.character in PROCESSED:
+            continue
+        piece: list[str] = []
+        for sentence in line.sentences or (line.text,):
+            words = sentence.split()
+            if piece and len(piece) + len(words) > max_words:
+                pieces.append(" ".join(piece))
+                piece = []
+            piece += words
+            while len(piece) > max_words:
+                pieces.append(" ".join(piece[:max_words]))
+                piece = piece[max_words:]
+        if piece:
+            pieces.append(" ".join(piece))
+    return pieces
 
 
 def plausible(text: str, seconds: float) -> bool:

@@ -147,6 +147,11 @@ def test_report_names_the_processed_voices(tmp_path):
     assert "Pico readings of their lines, their processed (robotic, pitched) voices too)." in text.read_text()
 
 
+def test_report_names_the_pico_readings_of_all_lines(tmp_path):
+    text = write_report(tmp_path, DemoSettings(pico_all_lines=True), {"steps": 20, "minutes": 1.0}, ONE_CLIP)
+    assert "Pico readings of their lines, also of the lines whose clips are not trained on)." in text.read_text()
+
+
 def test_a_held_out_set_is_kept_on_disk_and_on_the_console_as_it_ends(tmp_path, capsys):
     # The understanding tasks take most of an hour on a CPU: a run stopped there must keep the sets already decoded.
     import json

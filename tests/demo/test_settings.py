@@ -128,6 +128,16 @@ def test_processed_voices_without_the_real_speech_are_refused():
         parse("--no-real-speech", "--processed-voices")
 
 
+def test_pico_reading_all_lines_without_the_real_speech_is_refused():
+    with pytest.raises(ValueError, match="give --real-speech"):
+        parse("--no-real-speech", "--pico-all-lines")
+
+
+def test_pico_reading_all_lines_reaches_the_settings_and_names_another_model():
+    assert parse("--pico-all-lines").pico_all_lines and not DemoSettings().pico_all_lines
+    assert parse("--pico-all-lines").fingerprint() != parse().fingerprint()
+
+
 def test_processed_voices_reach_the_settings_and_name_another_model():
     assert parse("--processed-voices").processed_voices and not DemoSettings().processed_voices
     assert parse("--processed-voices").fingerprint() != parse().fingerprint()

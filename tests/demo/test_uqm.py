@@ -82,6 +82,23 @@ def test_pico_reads_whole_lines_of_voices_as_people_sound():
     assert uqm.texts_for_pico(rows) == ["a"]
 
 
+def test_pico_reads_only_lines_whose_clips_are_not_trained_on():
+    lines = [uqm.Line("melnorme", "melnorme-001.ogg", "heard"), uqm.Line("melnorme", "melnorme-002.ogg", "cut"),
+             uqm.Line("orz", "orz-001.ogg", "processed"), uqm.Line("melnorme", "melnorme-003.ogg", "unheard")]
+    rows = [{"id": "uqm-melnorme-001"}, {"id": "uqm-melnorme-002-0", "cut_from": "melnorme-002"}]
+    assert uqm.unheard_line_pieces(lines, rows) == ["unheard"]
+
+
+def test_an_unheard_line_is_read_in_pieces_cut_at_its_sentence_ends():
+    line = uqm.Line("melnorme", "melnorme-001.ogg", "one two three four five", ("one two", "three", "four five"))
+    assert uqm.unheard_line_pieces([line], [], max_words=3) == ["one two three", "four five"]
+
+
+def test_an_unheard_sentence_longer_than_a_piece_is_cut_between_words():
+    line = uqm.Line("melnorme", "melnorme-001.ogg", "one two three four five six seven")
+    assert uqm.unheard_line_pieces([line], [], max_words=3) == ["one two three", "four five six", "seven"]
+
+
 def test_transcripts_that_cannot_fit_their_clip_are_implausible():
     assert uqm.plausible("how nice to see you again captain", 2.5)
     assert not uqm.plausible(" ".join(["word"] * 200), 3.3)  # a whole speech for one sentence's clip
