@@ -6,7 +6,8 @@ transcript keeps it (jiwer's "equal" spans). Whisper tiny.en's transcripts of th
 reference, the same normaliser) go through the same buckets: its errors do not depend on our training counts, so a
 bucket where the model is far behind Whisper is a bucket where the data, not the audio, is missing.
 
-    python benchmarks/word_frequency.py --corpus CORPUS RUN [RUN ...]   # writes benchmarks/results/word_frequency.md
+    python benchmarks/word_frequency.py --corpus CORPUS RUN [RUN ...] [--labels NAME ...]
+    # writes benchmarks/results/word_frequency.md
 """
 
 from __future__ import annotations
@@ -70,9 +71,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, nargs="+", help="demo output folders (with test_<set>.hypotheses.jsonl)")
     parser.add_argument("--corpus", type=Path, required=True, help="the corpus folder the runs trained on")
+    parser.add_argument("--labels", nargs="+", help="the runs' names in the table (default: their paths)")
     parser.add_argument("--sets", nargs="+", default=["uqm", "librivox", "fortunes"])
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "word_frequency.md")
     args = parser.parse_args()
+    labels = args.labels or [str(run) for run in args.runs]
+    if len(labels) != len(args.runs):
+        parser.error(f"{len(labels)} labels for {len(args.runs)} runs")
     from speechlm.demo.corpus import manifest_records
 
     counts = Counter(word for row in manifest_records(args.corpus / "train.jsonl") for word in row["text"].split())
@@ -82,10 +87,10 @@ def main() -> None:
     for name in args.sets:
         whisper = whisper_pairs(args.corpus, name)
         sources = {"Whisper tiny.en alone": list(whisper.values())}
-        for run in args.runs:
+        for run, label in zip(args.runs, labels):
             rows = [json.loads(line) for line in (run / f"test_{name}.hypotheses.jsonl").read_text().splitlines()
                     if line.strip()]
-            sources[str(run)] = [(row["ref"], row["hyp"]) for row in rows]
+            sources[label] = [(row["ref"], row["hyp"]) for row in rows]
         for source, pairs in sources.items():
             table = missed_by_bucket(pairs, counts)
             words, missed = (sum(cell[i] for cell in table.values()) for i in (0, 1))
