@@ -128,8 +128,10 @@ class DemoSettings:
     # AVX2 EPYC the unseen UQM actors read 57.9 % against the default's 58.3-58.8 %, a seed's spread (session 53).
     processed_voices: bool = False
     # With real_speech: Pico reads the training actors' lines whose clips are not trained on too (over 15 s, or not
-    # what the clip says), cut into pieces of up to 20 words: their words without their voices. Most unseen-UQM words
-    # training says fewer than 10 times are missed (benchmarks/word_frequency.py); these lines say 34k more words.
+    # what the clip says), cut into pieces of up to 20 words: their words without their voices. The unseen UQM actors'
+    # words that training says fewer than 10 times are nearly all missed (benchmarks/word_frequency.py); these lines
+    # say 34k more words. Off: in 20 minutes on the AVX2 EPYC, UQM 55.9 % against the default's 58.3-58.8 %, but a
+    # third fewer steps and the grammar at 22.8 % (session 54, one seed).
     pico_all_lines: bool = False
     # Each rendered training sentence played back at a random rate in [1 - p, 1 + p] (speed perturbation): the held-out
     # voices are the bulk of the understanding tasks' errors (misheard words).
@@ -354,7 +356,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pico-all-lines", action=argparse.BooleanOptionalAction, default=defaults.pico_all_lines,
                         help="with --real-speech: Pico reads the UQM training actors' lines whose clips are not "
                         "trained on too (over 15 s or not what the clip says; 430 lines, 34k words, cut into pieces "
-                        "of up to 20 words): more of the game's words, without the actors' voices")
+                        "of up to 20 words): more of the game's words, without the actors' voices; off by default: "
+                        "in 20 minutes it cost the grammar more than it gave the unseen UQM actors, README)")
     parser.add_argument("--voice-perturbation", type=float, default=defaults.voice_perturbation,
                         help="play each rendered training sentence back at a random rate in [1 - p, 1 + p] (speed "
                         "perturbation: tempo, pitch and formants together; test clips never), e.g. 0.1; 0 is off")
