@@ -169,8 +169,7 @@ STAMP = "corpus.json"
 # Stamp entries that name a corpus's cache folder too, with their suffix (in this order, after `-real<fraction>`):
 # optional ones, present only when set, so that a corpus built before its option stays valid under its old name.
 FOLDER_SUFFIXES = {"uqm_cut_long": "-cut", "uqm_processed": "-processed", "uqm_pico_all_lines": "-picoall",
-                   "voice_perturbation": "-vp{:g}",
-                   "accent_fraction": "-accent{:g}", "open_share": "-open{:g}"}
+                   "voice_perturbation": "-vp{:g}", "accent_fraction": "-accent{:g}", "open_share": "-open{:g}"}
 
 
 def corpus_folder(stamp: dict) -> str:
@@ -253,9 +252,8 @@ def build_demo_corpus(
     sentence ends in pauses (`uqm.cut_at_pauses`; Pico does not read these); `processed_voices` adds the training
     actors' robotic or pitched voices (`uqm.PROCESSED`; nor these); `pico_all_lines` has Pico read the training
     actors' lines whose clips are not trained on too (`uqm.unheard_line_pieces`): their words without their voices.
-    `uqm_test` (default: whenever the UQM
-    data is present) fills `test_uqm` with the held-out characters even when `real_speech` is off: real speech is
-    always measured, trained on or not.
+    `uqm_test` (default: whenever the UQM data is present) fills `test_uqm` with the held-out characters even when
+    `real_speech` is off: real speech is always measured, trained on or not.
     `voice_perturbation` > 0 plays each rendered training sentence back at a random rate in [1 - p, 1 + p] (never
     the test sentences): more vocal tracts than espeak's voices have, for voices training never heard.
     `accent_fraction` of the rendered training sentences get a simulated accent (`speechlm.demo.accents`).

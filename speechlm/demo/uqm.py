@@ -54,7 +54,7 @@ WORDS_PER_SECOND = (0.7, 4.6)
 SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\s+--\s+")
 MIN_PAUSE_SECONDS = 0.15
 RATE_TOLERANCE = 1.3
-MAX_READING_WORDS = 20  # a Pico reading of an unheard line's piece: ~7 s, like the longer training clips
+MAX_READING_WORDS = 20  # a Pico reading of an unheard line's piece: up to ~7 s, like the longer training clips
 EDGE_SECONDS = 0.1  # kept before the first and after the last word: the VAD's edges are tight
 
 
