@@ -130,8 +130,8 @@ class DemoSettings:
     # With real_speech: Pico reads the training actors' lines whose clips are not trained on too (over 15 s, or not
     # what the clip says), cut into pieces of up to 20 words: their words without their voices. The unseen UQM actors'
     # words that training says fewer than 10 times are nearly all missed (benchmarks/word_frequency.py); these lines
-    # say 34k more words. Off: in 20 minutes on the AVX2 EPYC, UQM 55.9 % against the default's 58.3-58.8 %, but a
-    # third fewer steps and the grammar at 22.8 % (session 54, one seed).
+    # say 34k more words. Off: in 20 minutes on the AVX2 EPYC, UQM 55.9 / 56.4 % against the default's 58.3-58.8 %,
+    # but a third fewer steps and the grammar at 22.8 / 21.4 % (session 54, two seeds).
     pico_all_lines: bool = False
     # Each rendered training sentence played back at a random rate in [1 - p, 1 + p] (speed perturbation): the held-out
     # voices are the bulk of the understanding tasks' errors (misheard words).
