@@ -53,14 +53,14 @@ def missed_by_bucket(pairs: list[tuple[str, str]], counts: Counter) -> dict[str,
     return {name: (words, missed) for name, (words, missed) in table.items()}
 
 
-def whisper_pairs(corpus: Path, name: str) -> dict[str, tuple[str, str]]:
-    """{clip id: (reference, Whisper tiny.en's normalised transcript)} of a held-out set."""
+def whisper_pairs(corpus: Path, name: str) -> list[tuple[str, str]]:
+    """(reference, Whisper tiny.en's normalised transcript) for each clip of a held-out set."""
     from speechlm.demo.corpus import manifest_records
     from speechlm.demo.evaluate import whisper_for
 
     manifest = corpus / f"test_{name}.jsonl"
     rows = manifest_records(manifest)
-    return {row["id"]: (row["text"], hyp) for row, hyp in zip(rows, whisper_for(manifest, rows))}
+    return [(row["text"], hyp) for row, hyp in zip(rows, whisper_for(manifest, rows), strict=True)]
 
 
 def row_cells(table: dict[str, tuple[int, int]]) -> list[str]:
@@ -85,8 +85,7 @@ def main() -> None:
     lines = ["| set | transcripts by | " + " | ".join(f"words heard {n}x in training: missed" for n in names)
              + " | missed in all |", "|---|---|" + "---|" * (len(names) + 1)]
     for name in args.sets:
-        whisper = whisper_pairs(args.corpus, name)
-        sources = {"Whisper tiny.en alone": list(whisper.values())}
+        sources = {"Whisper tiny.en alone": whisper_pairs(args.corpus, name)}
         for run, label in zip(args.runs, labels):
             rows = [json.loads(line) for line in (run / f"test_{name}.hypotheses.jsonl").read_text().splitlines()
                     if line.strip()]
