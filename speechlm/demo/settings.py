@@ -357,7 +357,7 @@ def add_arguments(parser) -> None:
                         help="with --real-speech: Pico reads the UQM training actors' lines whose clips are not "
                         "trained on too (over 15 s or not what the clip says; 430 lines, 34k words, cut into pieces "
                         "of up to 20 words): more of the game's words, without the actors' voices; off by default: "
-                        "in 20 minutes it cost the grammar more than it gave the unseen UQM actors, README)")
+                        "in 20 minutes it cost the grammar more than it gave the unseen UQM actors (README)")
     parser.add_argument("--voice-perturbation", type=float, default=defaults.voice_perturbation,
                         help="play each rendered training sentence back at a random rate in [1 - p, 1 + p] (speed "
                         "perturbation: tempo, pitch and formants together; test clips never), e.g. 0.1; 0 is off")
