@@ -38,6 +38,8 @@ class SpeechLMConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`): the decoder-only LLM's config. Named `text_config` because
             transformers' generation utilities look for the text side under that name.
         projector_hidden_size (`int`): hidden width of the projector MLP.
+        projector_layers (`int`): transformer layers inside the projector, reading each clip as a whole (0: the
+            MLP alone, token by token).
         projector_dropout (`float`): dropout on the encoder output before the projector (the seed's
             `encoder_dropout`).
         stack_factor (`int`, *optional*): consecutive encoder frames concatenated into one LLM token. `None` picks
@@ -66,6 +68,7 @@ class SpeechLMConfig(PreTrainedConfig):
         projector_hidden_size: int = 1024,
         projector_dropout: float = 0.0,
         projector_act: str = "gelu",
+        projector_layers: int = 0,
         stack_factor: int | None = None,
         audio_layout: str = "prefix",
         audio_token_id: int | None = None,
@@ -87,6 +90,9 @@ class SpeechLMConfig(PreTrainedConfig):
         self.projector_hidden_size = projector_hidden_size
         self.projector_dropout = projector_dropout
         self.projector_act = projector_act
+        if projector_layers < 0:
+            raise ValueError(f"projector_layers must be >= 0, got {projector_layers}")
+        self.projector_layers = projector_layers
         self.stack_factor = stack_factor
         self.audio_layout = audio_layout
         self.audio_token_id = audio_token_id

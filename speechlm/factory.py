@@ -43,6 +43,7 @@ def create_speech_lm_model(
     projector_dtype: torch.dtype | None = None,
     projector_hidden_size: int | None = None,
     projector_dropout: float | None = None,
+    projector_layers: int = 0,
 ):
     """Join a pretrained audio encoder and a pretrained decoder-only LLM with a fresh projector.
 
@@ -51,7 +52,8 @@ def create_speech_lm_model(
     `encoder_kwargs` / `decoder_kwargs` reach only one side. The projector takes the LLM's dtype unless
     `projector_dtype` says otherwise (float32 master weights beside a bf16 LLM train more stably).
     `projector_hidden_size` / `projector_dropout` are the config's names for the seed's `projection_hidden_size` /
-    `encoder_dropout` (one concept, both spellings accepted).
+    `encoder_dropout` (one concept, both spellings accepted); `projector_layers` adds transformer layers inside
+    the projector (`SpeechLMProjector`).
     Returns `(feature_extractor, tokenizer, model)`; the feature extractor gives every clip of a padded batch
     exactly what it gets alone (`encoders.ExactWhisperFeatureExtractor`), so batched generation == one by one.
     """
@@ -73,6 +75,7 @@ def create_speech_lm_model(
         projector_hidden_size=hidden,
         projector_dropout=dropout,
         projector_act=projector_act,
+        projector_layers=projector_layers,
         stack_factor=stack_factor,
         audio_layout=audio_layout,
         audio_token_id=audio_token_id,

@@ -37,7 +37,7 @@ from .checkpoint_files import SpeechLMCheckpointMixin
 from .configuration import IGNORE_INDEX, SpeechLMConfig
 from .encoders import encoder_adapter, validated_audio_lengths
 from .merging import MergedInputs, merge_audio_and_text, position_ids_from_mask
-from .projector import SpeechLMProjector, default_stack_factor
+from .projector import SpeechLMProjector, SpeechLMProjectorLayer, default_stack_factor
 
 # The audio prompt is embeddings without ids, so `no_repeat_ngram_size` (the repetition guard in our generation
 # config) can only ever see the generated text, which is what it is meant for: transformers' warning says no more.
@@ -65,6 +65,15 @@ class SpeechLMPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(linear.bias)
             nn.init.ones_(module.norm.weight)
             nn.init.zeros_(module.norm.bias)
+        elif isinstance(module, SpeechLMProjectorLayer):
+            for linear in (module.qkv, module.out_proj, module.fc1, module.fc2):
+                nn.init.normal_(linear.weight, std=std)
+                nn.init.zeros_(linear.bias)
+            for norm in (module.attention_norm, module.mlp_norm):
+                nn.init.ones_(norm.weight)
+                nn.init.zeros_(norm.bias)
+            nn.init.zeros_(module.attention_gate)  # the identity: see SpeechLMProjectorLayer
+            nn.init.zeros_(module.mlp_gate)
         elif isinstance(module, SpeechLMModel):
             nn.init.normal_(module.audio_start, std=std)
             nn.init.normal_(module.audio_end, std=std)
@@ -122,7 +131,7 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
         text_hidden = config.text_config.hidden_size
         self.multi_modal_projector = SpeechLMProjector(
             self.adapter.hidden_size, text_hidden, config.projector_hidden_size, config.stack_factor,
-            dropout=config.projector_dropout, act=config.projector_act,
+            dropout=config.projector_dropout, act=config.projector_act, num_layers=config.projector_layers,
         )
         self.audio_start = nn.Parameter(torch.zeros(text_hidden))
         self.audio_end = nn.Parameter(torch.zeros(text_hidden))
@@ -181,7 +190,7 @@ class SpeechLMModel(SpeechLMCheckpointMixin, SpeechLMAdaptationMixin, SpeechLMPr
             ].to(encoder_frames.device)
             encoder_frames = encoder_frames * valid[..., None].to(encoder_frames.dtype)
         projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
-        embeds = self.multi_modal_projector(encoder_frames.to(projector_dtype))
+        embeds = self.multi_modal_projector(encoder_frames.to(projector_dtype), encoder_frame_lengths)
         return embeds, self.multi_modal_projector.output_lengths(encoder_frame_lengths.to(embeds.device))
 
     # ------------------------------------------------------------------------------------------------ merge

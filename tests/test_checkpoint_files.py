@@ -19,9 +19,9 @@ from tests.conftest import make_clips
 SHA = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, so the hub cache is read by revision
 
 
-def _model(encoder_dir, decoder_dir, lora: bool = False):
+def _model(encoder_dir, decoder_dir, lora: bool = False, **kwargs):
     feature_extractor, tokenizer, model = create_speech_lm_model(str(encoder_dir), str(decoder_dir),
-                                                                 projection_hidden_size=32)
+                                                                 projection_hidden_size=32, **kwargs)
     torch.manual_seed(0)
     for param in [*model.multi_modal_projector.parameters(), model.audio_start, model.audio_end]:
         param.data.normal_(0, 0.5)  # a trained-looking projector: audio drives the output

@@ -82,6 +82,17 @@ def test_batched_generate_equals_one_by_one(build, clips, encoder, decoder, num_
         assert all(t == pad for t in batched[i].tolist()[len(expected):])
 
 
+@pytest.mark.parametrize("encoder", ["whisper", "wav2vec2-group"])
+def test_projector_layers_keep_batched_generate_equal_to_one_by_one(build, clips, encoder):
+    processor, model = build(encoder, "qwen2", projector_layers=2)
+    batch = processor(clips, prompt=PROMPTS)
+    batched = model.generate(**_generate_inputs(batch), max_new_tokens=6, do_sample=False)
+    for i in range(len(clips)):
+        expected = model.generate(**_trim(processor([clips[i]], prompt=PROMPTS[i])), max_new_tokens=6,
+                                  do_sample=False)[0].tolist()
+        assert batched[i].tolist()[: len(expected)] == expected, f"clip {i}"
+
+
 @pytest.mark.parametrize("encoder", list(ENCODERS))
 def test_padded_audio_cannot_change_the_output(build, clips, encoder):
     processor, model = build(encoder, "llama")

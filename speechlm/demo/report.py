@@ -82,6 +82,7 @@ def training_levers(settings: DemoSettings) -> list[str]:
         (settings.frame_masking, f"frames and channels masked at {settings.frame_masking:g} in the pre-alignment"),
         (settings.llm_frame_masking,
          f"frames and channels masked at {settings.llm_frame_masking:g} through the LLM phase"),
+        (settings.projector_layers, f"{settings.projector_layers} transformer layers in the projector"),
         (settings.lora_dropout, f"LoRA dropout {settings.lora_dropout:g}"),
         (settings.voice_perturbation, f"voice perturbation {settings.voice_perturbation:g}"),
         (settings.accent_fraction, f"{settings.accent_fraction:.0%} of the sentences in a simulated accent"),

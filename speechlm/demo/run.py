@@ -79,7 +79,8 @@ def load_parts(settings: DemoSettings, llm_dtype: torch.dtype = torch.float32):
     torch.manual_seed(settings.training_seed)  # the projector's (and adapters') initialisation
     feature_extractor, tokenizer, model = create_speech_lm_model(
         encoder, decoder, projector_hidden_size=settings.projector_hidden_size, stack_factor=settings.stack_factor,
-        gguf_file=gguf_file, decoder_kwargs={"dtype": llm_dtype}, projector_dtype=torch.float32,
+        projector_layers=settings.projector_layers, gguf_file=gguf_file, decoder_kwargs={"dtype": llm_dtype},
+        projector_dtype=torch.float32,
     )
     if llm_dtype == torch.bfloat16:
         model.language_model.set_attn_implementation("eager")

@@ -93,6 +93,7 @@ class DemoSettings:
     lora_learning_rate: float = 2e-3
     stack_factor: int = 4
     projector_hidden_size: int = 1024
+    projector_layers: int = 0  # transformer layers inside the projector (SpeechLMProjector)
     lora_rank: int = 8
     lora_targets: str = "q_proj,v_proj"
     lora_dropout: float = 0.0  # regularisation lever for the real-speech recipe, which overfits its few real clips
@@ -196,6 +197,8 @@ class DemoSettings:
             raise ValueError("distill_agreeing_only without distill_weight > 0 changes nothing: give --distill-weight")
         if not 0 <= self.joint_ctc_weight <= 1:
             raise ValueError(f"joint_ctc_weight must be in [0, 1], got {self.joint_ctc_weight}")
+        if self.projector_layers < 0:
+            raise ValueError(f"projector_layers must be >= 0, got {self.projector_layers}")
         if self.joint_ctc_head_candidates < 0:
             raise ValueError(f"joint_ctc_head_candidates must be >= 0, got {self.joint_ctc_head_candidates}")
         if self.real_speech_repeats < 1:
@@ -286,6 +289,10 @@ def add_arguments(parser) -> None:
                         help="dropout on the LoRA adapters' input")
     parser.add_argument("--stack-factor", type=int, default=defaults.stack_factor,
                         help="encoder frames stacked into one audio token (Whisper: 50 frames/s)")
+    parser.add_argument("--projector-hidden-size", type=int, default=defaults.projector_hidden_size,
+                        help="width of the projector's MLP (and of its transformer layers)")
+    parser.add_argument("--projector-layers", type=int, default=defaults.projector_layers,
+                        help="transformer layers inside the projector, reading each clip whole (0: the MLP alone)")
     parser.add_argument("--ctc-fraction", type=float, default=defaults.ctc_fraction,
                         help="share of the budget that first trains the projector alone with CTC against the LLM's "
                         f"embeddings (no LLM pass: ~25x more steps per second; default {defaults.ctc_fraction:g}, "

@@ -27,6 +27,7 @@ class ModelConfig:
     init_from: str | None = None
     projector_hidden_size: int = 1024
     projector_dropout: float = 0.0
+    projector_layers: int = 0
     stack_factor: int | None = None
     audio_layout: str = "prefix"
     dtype: str | None = "float32"

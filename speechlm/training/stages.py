@@ -24,7 +24,7 @@ def build_model_and_processor(config: TrainConfig, init_from: str | os.PathLike 
     m = config.model
     feature_extractor, tokenizer, model = create_speech_lm_model(
         m.encoder, m.decoder, projection_hidden_size=m.projector_hidden_size, encoder_dropout=m.projector_dropout,
-        stack_factor=m.stack_factor, audio_layout=m.audio_layout, dtype=dtype,
+        projector_layers=m.projector_layers, stack_factor=m.stack_factor, audio_layout=m.audio_layout, dtype=dtype,
         attn_implementation=m.attn_implementation, gguf_file=m.gguf_file,
     )  # fmt: skip
     prompt = config.data.prompt if config.data.prompt is not None else DEFAULT_PROMPT
