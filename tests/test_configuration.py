@@ -79,3 +79,8 @@ def test_registration_maps_the_model_type_to_our_classes():
     assert CONFIG_MAPPING["speechlm"] is SpeechLMConfig and MODEL_MAPPING[SpeechLMConfig] is SpeechLMModel
     assert PROCESSOR_MAPPING[SpeechLMConfig] is SpeechLMProcessor and AutoProcessor is not None
     assert MODEL_FOR_MULTIMODAL_LM_MAPPING[SpeechLMConfig] is SpeechLMModel  # what the any-to-any pipeline loads
+
+
+def test_a_negative_projector_layer_count_is_refused_by_name():
+    with pytest.raises(ValueError, match="projector_layers"):
+        SpeechLMConfig(projector_layers=-1)

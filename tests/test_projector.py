@@ -73,6 +73,21 @@ def test_layers_let_each_token_depend_on_the_rest_of_its_clip(projector, layered
         assert not torch.allclose(layered(frames, lengths)[0, 0], layered(changed, lengths)[0, 0])
 
 
+def test_fresh_layers_start_as_the_identity():
+    """Zero-gated branches: a new projector with layers maps every clip token as the MLP alone does, so adding layers
+    does not throw away what the MLP would learn from its first step."""
+    torch.manual_seed(0)
+    projector = SpeechLMProjector(DIM, TEXT, hidden_size=128, stack_factor=4, num_layers=2).double().eval()
+    frames = torch.randn(2, 12, DIM, dtype=torch.float64)
+    frames[1, 5:] = 0.0
+    with torch.no_grad():
+        layered = projector(frames, torch.tensor([12, 5]))
+        projector.layers = torch.nn.ModuleList()
+        alone = projector(frames)
+    torch.testing.assert_close(layered[0], alone[0], rtol=0, atol=0)
+    torch.testing.assert_close(layered[1, :2], alone[1, :2], rtol=0, atol=0)
+
+
 def test_layers_without_frame_counts_are_refused(layered):
     with pytest.raises(ValueError, match="frame_lengths"):
         layered(torch.randn(1, 8, DIM, dtype=torch.float64))
