@@ -41,7 +41,7 @@ class SpeechLMConfig(PreTrainedConfig):
         projector_layers (`int`): transformer layers inside the projector, reading each clip as a whole (0: the
             MLP alone, token by token).
         projector_dropout (`float`): dropout on the encoder output before the projector (the seed's
-            `encoder_dropout`).
+            `encoder_dropout`), and inside the projector's layers if it has any.
         stack_factor (`int`, *optional*): consecutive encoder frames concatenated into one LLM token. `None` picks
             the smallest factor giving <= 12.5 audio tokens per second for the encoder's frame rate; 1 disables it.
         audio_layout (`str`): `"prefix"` puts `[audio_start | audio | audio_end | text]`; `"placeholder"` replaces
