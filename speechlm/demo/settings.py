@@ -48,8 +48,8 @@ PRESETS = {
 }
 
 # The CTC pre-alignment's share where the frozen LLM trains in float32 (a CPU without native bf16): its LLM steps cost
-# about twice as much there while the CTC steps do not, so the cheap phase is worth more of the budget. 0.3 since
-# session 36 (on an AVX2-only EPYC it took Asterisk from 25.9 / 28.3 % at 0.15 to 22.5 / 23.1 %); 0.5 since session
+# about twice as much there while the CTC steps do not, so the cheap phase is worth more of the budget. 0.3 from
+# session 36 (on an AVX2-only EPYC it took Asterisk from 25.9 / 28.3 % at 0.15 to 22.5 / 23.1 %); 0.5 in session
 # 57: on a Xeon without AMX, three seeds each, the grammar 12.2-13.7 % against 13.8-17.0 %, Asterisk 16.9-18.0 %
 # against 19.0-22.7 %, the unseen UQM actors 55.4-56.8 % against 56.4-59.0 %; 0.7 read UQM at 53.9-55.9 % but
 # the grammar over its bar on one seed of three (README, "The demo"). 0.6 since session 58: three seeds each, UQM
