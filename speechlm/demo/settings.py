@@ -106,6 +106,9 @@ class DemoSettings:
     # FLOAT32_CTC_FRACTION where the LLM trains in float32, unless the CTC phase is given.
     ctc_fraction: float = 0.15
     ctc_weight: float = 1.0
+    # A time-bounded pre-alignment and the LLM phase after it each get their own warmup and cosine decay, instead of one
+    # cosine over the whole budget (`training.PhaseWindow`).
+    phase_schedules: bool = False
     ctc_compression: bool = False  # the LLM reads one audio token per label the CTC head hears (blanks dropped)
     distill_weight: float = 0.0  # + this weight x KL to the text-only LLM reading the transcript (Ultravox's recipe)
     distill_agreeing_only: bool = False  # that KL only on answer tokens whose label is the teacher's top token
@@ -296,6 +299,9 @@ def add_arguments(parser) -> None:
                         help="encoder frames stacked into one audio token (Whisper: 50 frames/s)")
     parser.add_argument("--projector-hidden-size", type=int, default=defaults.projector_hidden_size,
                         help="width of the projector's MLP (and of its transformer layers)")
+    parser.add_argument("--phase-schedules", action=argparse.BooleanOptionalAction, default=defaults.phase_schedules,
+                        help="a time-bounded CTC pre-alignment and the LLM phase each get their own warmup and cosine "
+                        "decay of the learning rate (default: one cosine over the whole budget)")
     parser.add_argument("--projector-layers", type=int, default=defaults.projector_layers,
                         help="transformer layers inside the projector, reading each clip whole (0: the MLP alone)")
     parser.add_argument("--ctc-fraction", type=float, default=defaults.ctc_fraction,

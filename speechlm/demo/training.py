@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -124,15 +125,35 @@ class TrainingClock:
             self.paused_seconds += self.now() - began
 
 
+@dataclass
+class PhaseWindow:
+    """Where the current training phase began (seconds on the training clock, step) and how many seconds it has:
+    with `phase_schedules` a time-bounded CTC pre-alignment and the LLM phase after it each get their own warmup and
+    cosine (`time_cosine_schedule(window=...)`); the demo moves the window when the phase changes."""
+
+    seconds: float
+    start_seconds: float = 0.0
+    start_step: int = 0
+
+    def move(self, start_seconds: float, start_step: int, seconds: float) -> None:
+        self.start_seconds, self.start_step, self.seconds = start_seconds, start_step, seconds
+
+
 def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 20, max_steps: int | None = None,
-                         first_step: int = 0, clock: TrainingClock | None = None):
+                         first_step: int = 0, clock: TrainingClock | None = None, window: PhaseWindow | None = None):
     """Warmup, then cosine decay to 10 % over the training-time budget (the step count is unknown in advance), or
     over steps `first_step`..`max_steps` when that cap comes first. `first_step` is where a step-bounded CTC
     pre-alignment ends: its steps are ~25x cheaper than LLM steps, and counting them would leave the LLM phase a
-    decayed learning rate."""
+    decayed learning rate. A `window` does the same for a time-bounded pre-alignment: warmup and decay run over the
+    current phase's steps and seconds instead of the whole budget's (without it, the LLM phase after a 60 % share
+    starts at 41 % of the learning rate, and its fresh LoRA adapters never see more)."""
     clock = clock or TrainingClock()
 
     def factor(step: int) -> float:
+        if window is not None:
+            warm = min(1.0, (step - window.start_step + 1) / warmup_steps)
+            progress = min(1.0, (clock.elapsed() - window.start_seconds) / max(window.seconds, 1e-9))
+            return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         warm = min(1.0, (step + 1) / warmup_steps)
         progress = min(1.0, clock.elapsed() / budget_seconds)
         if max_steps:
@@ -203,6 +224,9 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     budget = settings.minutes * 60
     history = {"ctc_loss": [], "loss": [], "wer": [], "warnings": []}
     clock = TrainingClock()
+    # Only a time-bounded pre-alignment: a step-bounded one (the presets) already starts the LLM phase's cosine afresh.
+    window = (PhaseWindow(settings.ctc_fraction * budget)
+              if settings.phase_schedules and pre_align and settings.ctc_steps is None else None)
 
     class Budget(TrainerCallback):
         def __init__(self):
@@ -251,6 +275,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
                 collator.frame_masking = phase_frame_masking(settings, ctc_phase=False)
                 collator.text_rows = phase_text_rows(settings, ctc_phase=False)
                 self.llm_start = (elapsed, state.global_step)
+                if window is not None:
+                    window.move(elapsed, state.global_step, budget - elapsed)
                 history["ctc_steps"], history["ctc_minutes"] = state.global_step, elapsed / 60
                 self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {state.global_step}: CTC pre-alignment done, "
                                "training through the LLM")
@@ -306,7 +332,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     trainer = SpeechLMTrainer(
         model=model, args=arguments, train_dataset=dataset, data_collator=collator,
         optimizers=(optimizer, time_cosine_schedule(optimizer, budget, max_steps=settings.max_steps,
-                                                    first_step=settings.ctc_steps or 0, clock=clock)),
+                                                    first_step=settings.ctc_steps or 0, clock=clock,
+                                                    window=window)),
         callbacks=[Budget(), *callbacks],
         ctc_head=model.ctc_head, ctc_weight=settings.ctc_weight, ctc_only=pre_align,
         distill_weight=settings.distill_weight, distill_agreeing_only=settings.distill_agreeing_only,

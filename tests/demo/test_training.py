@@ -14,6 +14,7 @@ from speechlm.data import EncoderCache, SpeechLMCollator, SpeechLMDataset
 from speechlm.demo.grammar import Utterance
 from speechlm.demo.settings import DemoSettings
 from speechlm.demo.training import (
+    PhaseWindow,
     TrainingClock,
     float32_frozen_weights,
     phase_frame_masking,
@@ -168,6 +169,25 @@ def test_the_time_budgeted_schedule_decays_over_training_time_only():
         now.seconds = 1000.0
     now.seconds = 1050.0  # half the budget trained
     assert abs(schedule.lr_lambdas[0](10) - 0.55) < 1e-9
+
+
+def test_a_phase_window_gives_the_llm_phase_its_own_warmup_and_cosine():
+    """With `phase_schedules`, the LLM phase after a 60 % pre-alignment starts at the full learning rate and decays over
+    its own seconds, not from where the whole budget's cosine stands (41 %)."""
+    now = FakeTime()
+    clock = TrainingClock(now)
+    window = PhaseWindow(60.0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = time_cosine_schedule(optimizer, budget_seconds=100.0, warmup_steps=2, clock=clock, window=window)
+    factor = schedule.lr_lambdas[0]
+    now.seconds = 30.0
+    assert abs(factor(500) - 0.55) < 1e-9  # halfway through the pre-alignment's own 60 seconds
+    now.seconds = 60.0
+    window.move(60.0, 1000, 40.0)
+    assert abs(factor(1000) - 0.5) < 1e-9  # warmup again: the first of two steps
+    assert abs(factor(1001) - 1.0) < 1e-9
+    now.seconds = 80.0
+    assert abs(factor(1100) - 0.55) < 1e-9
 
 
 def test_float32_decoding_restores_bfloat16_weights_exactly(build):
