@@ -222,6 +222,9 @@ class DemoSettings:
             raise ValueError("text_rows teach understanding answers: give --tasks with an understanding task")
         if self.text_rows_repeat and not self.text_rows:
             raise ValueError("text_rows_repeat changes how the text-only rows are drawn: give --text-rows")
+        if self.phase_schedules and (self.ctc_steps is not None or not self.ctc_fraction):
+            raise ValueError("phase_schedules starts the LLM phase's schedule afresh after a pre-alignment bounded by "
+                             "time (--ctc-fraction > 0); with --ctc-steps, or none, it would change nothing")
         for name in ("ctc_steps", "max_steps", "num_beams", "understanding_beams"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

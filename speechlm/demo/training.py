@@ -224,7 +224,8 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     budget = settings.minutes * 60
     history = {"ctc_loss": [], "loss": [], "wer": [], "warnings": []}
     clock = TrainingClock()
-    # Only a time-bounded pre-alignment: a step-bounded one (the presets) already starts the LLM phase's cosine afresh.
+    # Only after a time-bounded pre-alignment (the settings refuse it otherwise): with --ctc-steps and --max-steps (the
+    # presets) the LLM phase's cosine already runs over its own steps.
     window = (PhaseWindow(settings.ctc_fraction * budget)
               if settings.phase_schedules and pre_align and settings.ctc_steps is None else None)
 

@@ -240,6 +240,13 @@ def test_a_ctc_fraction_given_on_the_command_line_wins_over_the_float32_share():
     assert parse("--dtype", "float32", "--ctc-fraction", "0.2").ctc_fraction == 0.2
 
 
+@pytest.mark.parametrize("phase", [{"ctc_steps": 500}, {"ctc_fraction": 0.0}])
+def test_phase_schedules_without_a_time_bounded_pre_alignment_are_refused(phase):
+    """The option restarts the schedule where a time-bounded pre-alignment ends: elsewhere it would be silently idle."""
+    with pytest.raises(ValueError, match="phase_schedules starts the LLM phase's schedule afresh"):
+        DemoSettings(phase_schedules=True, **phase)
+
+
 def test_a_ctc_phase_given_in_steps_keeps_the_default_share():
     assert parse("--dtype", "float32", "--ctc-steps", "500").ctc_fraction == DemoSettings().ctc_fraction
 
