@@ -153,11 +153,11 @@ def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 2
         if window is not None:
             warm = min(1.0, (step - window.start_step + 1) / warmup_steps)
             progress = min(1.0, (clock.elapsed() - window.start_seconds) / max(window.seconds, 1e-9))
-            return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        warm = min(1.0, (step + 1) / warmup_steps)
-        progress = min(1.0, clock.elapsed() / budget_seconds)
-        if max_steps:
-            progress = max(progress, min(1.0, max(0, step - first_step) / max(1, max_steps - first_step)))
+        else:
+            warm = min(1.0, (step + 1) / warmup_steps)
+            progress = min(1.0, clock.elapsed() / budget_seconds)
+            if max_steps:
+                progress = max(progress, min(1.0, max(0, step - first_step) / max(1, max_steps - first_step)))
         return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -224,10 +224,9 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
     budget = settings.minutes * 60
     history = {"ctc_loss": [], "loss": [], "wer": [], "warnings": []}
     clock = TrainingClock()
-    # Only after a time-bounded pre-alignment (the settings refuse it otherwise): with --ctc-steps and --max-steps (the
-    # presets) the LLM phase's cosine already runs over its own steps.
-    window = (PhaseWindow(settings.ctc_fraction * budget)
-              if settings.phase_schedules and pre_align and settings.ctc_steps is None else None)
+    # The settings allow it only after a time-bounded pre-alignment: with --ctc-steps and --max-steps (the presets) the
+    # LLM phase's cosine already runs over its own steps.
+    window = PhaseWindow(settings.ctc_fraction * budget) if settings.phase_schedules else None
 
     class Budget(TrainerCallback):
         def __init__(self):
