@@ -265,6 +265,31 @@ def test_callbacks_given_to_the_training_see_every_step(build, tmp_path):
     assert steps == [1, 2, 3]
 
 
+def test_with_phase_schedules_the_llm_phase_warms_up_afresh_where_the_pre_alignment_ends(build, tmp_path):
+    """The demo moves the schedule's window when its time-bounded pre-alignment ends (here after the first step): the
+    LLM phase's learning rate starts its warmup again instead of going on from the pre-alignment's."""
+    from transformers import TrainerCallback
+
+    from speechlm.demo.training import cached_training_set, train_within_budget
+
+    processor, model = build("whisper", "llama")
+    model.freeze_encoder()
+    records = [record("one two", "synthetic", 1), record("three four", "synthetic", 2)]
+    dataset = cached_training_set(model, processor, records, training_records(records), tmp_path / "frames.safetensors")
+    rates = {}
+
+    class Rates(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            rates[state.global_step] = optimizer.param_groups[0]["lr"]
+
+    settings = DemoSettings(batch_size=2, max_steps=3, ctc_fraction=1e-9, lora_rank=0, phase_schedules=True,
+                            eval_every_minutes=1e6)
+    train_within_budget(model, processor, dataset, settings, {}, tmp_path, callbacks=[Rates()])
+    # Warmup over 20 steps counted from the phase change at step 1 (the cosine over 20 minutes has barely begun).
+    assert rates[2] == pytest.approx(settings.learning_rate * 2 / 20, rel=0.02)
+    assert rates[3] == pytest.approx(settings.learning_rate * 3 / 20, rel=0.02)
+
+
 def train_recording_text_rows(build, tmp_path, monkeypatch, texts: list[str], settings: DemoSettings):
     """Train the demo on tiny clips of `texts`; return the text-only rows each collated batch carried and the
     sentences the collator was given to draw them from."""
