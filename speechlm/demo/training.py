@@ -146,18 +146,20 @@ def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 2
     pre-alignment ends: its steps are ~25x cheaper than LLM steps, and counting them would leave the LLM phase a
     decayed learning rate. A `window` does the same for a time-bounded pre-alignment: warmup and decay run over the
     current phase's steps and seconds instead of the whole budget's (without it, the LLM phase after a 60 % share
-    starts at 41 % of the learning rate, and its fresh LoRA adapters never see more)."""
+    starts at 41 % of the learning rate, and its fresh LoRA adapters never see more); a `max_steps` cap still ends
+    the current phase's decay when it comes before the phase's seconds run out."""
     clock = clock or TrainingClock()
 
     def factor(step: int) -> float:
+        start_step = window.start_step if window is not None else first_step
         if window is not None:
-            warm = min(1.0, (step - window.start_step + 1) / warmup_steps)
+            warm = min(1.0, (step - start_step + 1) / warmup_steps)
             progress = min(1.0, (clock.elapsed() - window.start_seconds) / max(window.seconds, 1e-9))
         else:
             warm = min(1.0, (step + 1) / warmup_steps)
             progress = min(1.0, clock.elapsed() / budget_seconds)
-            if max_steps:
-                progress = max(progress, min(1.0, max(0, step - first_step) / max(1, max_steps - first_step)))
+        if max_steps:  # whichever comes first, the phase's seconds or the step cap
+            progress = max(progress, min(1.0, max(0, step - start_step) / max(1, max_steps - start_step)))
         return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

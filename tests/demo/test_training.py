@@ -190,6 +190,21 @@ def test_a_phase_window_gives_the_llm_phase_its_own_warmup_and_cosine():
     assert abs(factor(1100) - 0.55) < 1e-9
 
 
+def test_a_step_cap_ends_the_phase_windows_decay_when_it_comes_first():
+    """`--phase-schedules --max-steps 1100`: the LLM phase from step 1000 decays over its 100 steps to the cap, not
+    over its 40 seconds alone, of which only a quarter has passed."""
+    now = FakeTime()
+    clock = TrainingClock(now)
+    window = PhaseWindow(60.0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = time_cosine_schedule(optimizer, budget_seconds=100.0, warmup_steps=1, max_steps=1100, clock=clock,
+                                    window=window)
+    window.move(60.0, 1000, 40.0)
+    now.seconds = 70.0
+    assert abs(schedule.lr_lambdas[0](1050) - 0.55) < 1e-9  # halfway through the steps to the cap
+    assert abs(schedule.lr_lambdas[0](1100) - 0.1) < 1e-9
+
+
 def test_float32_decoding_restores_bfloat16_weights_exactly(build):
     _, model = build("whisper", "llama", dtype=torch.bfloat16)
     model.freeze_encoder()
@@ -285,9 +300,10 @@ def test_with_phase_schedules_the_llm_phase_warms_up_afresh_where_the_pre_alignm
     settings = DemoSettings(batch_size=2, max_steps=3, ctc_fraction=1e-9, lora_rank=0, phase_schedules=True,
                             eval_every_minutes=1e6)
     train_within_budget(model, processor, dataset, settings, {}, tmp_path, callbacks=[Rates()])
-    # Warmup over 20 steps counted from the phase change at step 1 (the cosine over 20 minutes has barely begun).
-    assert rates[2] == pytest.approx(settings.learning_rate * 2 / 20, rel=0.02)
-    assert rates[3] == pytest.approx(settings.learning_rate * 3 / 20, rel=0.02)
+    # Warmup over 20 steps counted from the phase change at step 1, times the cosine over the phase's steps to the cap
+    # of 3 (halfway at step 2: 0.55; its floor of 0.1 at step 3), which comes long before its 20 minutes.
+    assert rates[2] == pytest.approx(settings.learning_rate * 2 / 20 * 0.55, rel=0.02)
+    assert rates[3] == pytest.approx(settings.learning_rate * 3 / 20 * 0.1, rel=0.02)
 
 
 def train_recording_text_rows(build, tmp_path, monkeypatch, texts: list[str], settings: DemoSettings):
