@@ -16,7 +16,7 @@ transcripts have no punctuation). A prototype measured here, not yet a library o
     python benchmarks/char_ctc.py train [--steps 4000] [--seed 0]
     python benchmarks/char_ctc.py decode --models RUN/model [...] [--weight 0.5] [--bonus 1] [--no-lexicon]
         [--sets test_uqm ...] [--limit N]
-    # writes benchmarks/results/char_ctc.md
+    # decode writes benchmarks/results/char_ctc_decode.md (the analysis of session 60 is char_ctc.md)
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def main() -> None:
     options.add_argument("--sets", nargs="+", default=list(TEST_SETS))
     options.add_argument("--limit", type=int, help="the first N clips of each set (no results file)")
     options.add_argument("--num-beams", type=int, default=4)
-    options.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "char_ctc.md")
+    options.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "char_ctc_decode.md")
     args = parser.parse_args()
     train(args) if args.command == "train" else decode(args)
 
