@@ -142,6 +142,17 @@ def greedy(head: CharCTCHead, frames: torch.Tensor) -> str:
     return " ".join("".join(CHARS[c - 1] for c in kept).split())
 
 
+def spelled_tokens(tokenizer) -> dict[str, list[int]]:
+    """A token's text (letters and single spaces only, lower-cased) -> its ids: what the letter beam can propose.
+    Decodes the whole vocabulary, so it is built once per tokenizer, not per clip."""
+    tokens_of: dict[str, list[int]] = {}
+    for token in range(len(tokenizer)):
+        text = tokenizer.decode([token]).lower()
+        if text.strip() and all(c in INDEX for c in text) and "  " not in text and not text.endswith(" "):
+            tokens_of.setdefault(text, []).append(token)
+    return tokens_of
+
+
 class CharPrefixScorer(LogitsProcessor):
     """Joint decoding of one clip (any number of beams) with a character CTC head: see the module's docstring.
 
@@ -153,7 +164,7 @@ class CharPrefixScorer(LogitsProcessor):
 
     def __init__(self, log_probs: torch.Tensor, tokenizer, weight: float, eos_ids: list[int], bonus: float = 1.0,
                  lexicon: tuple[set, set] | None = None, llm_candidates: int = 8, head_candidates: int = 16,
-                 depth: int = 10, beam: int = 8):
+                 depth: int = 10, beam: int = 8, tokens_of: dict[str, list[int]] | None = None):
         self.x = log_probs.double()  # (frames, 1 + letters)
         self.blank_sum = torch.cumsum(self.x[:, 0], 0)
         self.tokenizer, self.weight, self.eos_ids, self.bonus = tokenizer, weight, set(eos_ids), bonus
@@ -161,11 +172,7 @@ class CharPrefixScorer(LogitsProcessor):
         self.depth, self.beam = depth, beam
         self.states = {"": (torch.full_like(self.blank_sum, NEG), self.blank_sum.clone(), 0.0)}
         self.texts: dict[tuple, str | None] = {}
-        self.tokens_of: dict[str, list[int]] = {}  # a token's text (letters and spaces only) -> its ids
-        for token in range(len(tokenizer)):
-            text = tokenizer.decode([token]).lower()
-            if text.strip() and all(c in INDEX for c in text) and "  " not in text and not text.endswith(" "):
-                self.tokens_of.setdefault(text, []).append(token)
+        self.tokens_of = tokens_of if tokens_of is not None else spelled_tokens(tokenizer)
 
     def text(self, ids: list[int]) -> str | None:
         """The letters a token sequence spells (other characters dropped, whitespace as one space; None: digits)."""
@@ -296,6 +303,7 @@ def decode(args) -> None:
         model.eval()
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
+        tokens_of = spelled_tokens(processor.tokenizer)
         cells = []
         for name in args.sets:
             rows = manifest_records(manifests[name])[: args.limit]
@@ -303,7 +311,8 @@ def decode(args) -> None:
             for row, frames in zip(rows, frames_of(cache, encoder_model, processor, rows), strict=True):
                 with torch.no_grad():
                     log_probs = head(frames).log_softmax(-1)
-                scorer = CharPrefixScorer(log_probs, processor.tokenizer, args.weight, eos, args.bonus, lexicon)
+                scorer = CharPrefixScorer(log_probs, processor.tokenizer, args.weight, eos, args.bonus, lexicon,
+                                          tokens_of=tokens_of)
                 text = transcribe_arrays(model, processor, [load_audio(row["audio"])], batch_size=1,
                                          max_new_tokens=MAX_NEW_TOKENS.get(name, 48),
                                          tokens_per_second=TOKENS_PER_SECOND, num_beams=args.num_beams,

@@ -151,11 +151,12 @@ def time_cosine_schedule(optimizer, budget_seconds: float, warmup_steps: int = 2
     clock = clock or TrainingClock()
 
     def factor(step: int) -> float:
-        start_step = window.start_step if window is not None else first_step
         if window is not None:
+            start_step = window.start_step
             warm = min(1.0, (step - start_step + 1) / warmup_steps)
             progress = min(1.0, (clock.elapsed() - window.start_seconds) / max(window.seconds, 1e-9))
         else:
+            start_step = first_step
             warm = min(1.0, (step + 1) / warmup_steps)
             progress = min(1.0, clock.elapsed() / budget_seconds)
         if max_steps:  # whichever comes first, the phase's seconds or the step cap
