@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from speechlm.demo.evaluate import TEST_SETS
+from speechlm.audio import load_audio
+from speechlm.demo.evaluate import TEST_SETS, ctc_head_transcripts
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = TEST_SETS  # the demo's held-out sets, the fortunes' among them since session 50
@@ -41,19 +42,6 @@ def all_token_ids(model, tokenizer) -> torch.Tensor:
     size = model.language_model.get_input_embeddings().weight.shape[0]
     special = set(tokenizer.all_special_ids)
     return torch.tensor([i for i in range(size) if i not in special])
-
-
-@torch.no_grad()
-def ctc_alone(model, processor, rows: list[dict]) -> list[str]:
-    """The CTC head's greedy transcripts (best class per audio token, repeats merged, blanks dropped)."""
-    from speechlm.audio import load_audio
-
-    texts = []
-    for start in range(0, len(rows), 16):
-        batch = processor.extract_audio([load_audio(row["audio"]) for row in rows[start : start + 16]])
-        ids = model.ctc_head.greedy_token_ids(*model.ctc_head.logits(model, dict(batch)))
-        texts += [text.strip() for text in processor.tokenizer.batch_decode(ids)]
-    return texts
 
 
 def development_uqm(count: int, seed: int = 0) -> Path:
@@ -189,7 +177,8 @@ def decoding_rows(model, processor, manifests: dict[str, Path], label: str, args
     start, cells = time.perf_counter(), []
     for path in manifests.values():
         rows = manifest_records(path)[: args.limit]
-        hyps = [normalize_text(h, spell_numbers=True) for h in ctc_alone(model, processor, rows)]
+        audio = [load_audio(row["audio"]) for row in rows]
+        hyps = [normalize_text(h, spell_numbers=True) for h in ctc_head_transcripts(model, processor, audio)]
         metrics = word_error_rate([row["text"] for row in rows], hyps)  # as evaluate_sets scores
         cells.append(f"{100 * metrics['wer']:.1f} ({metrics['insertions']})")
     lines.append(f"| `{label}` | CTC alone | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |")

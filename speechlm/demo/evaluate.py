@@ -42,6 +42,19 @@ def transcribe_capped(model, processor, audio: list, max_new_tokens: int, batch_
                              tokens_per_second=TOKENS_PER_SECOND, **kwargs)
 
 
+@torch.no_grad()
+def ctc_head_transcripts(model, processor, audio: list, batch_size: int = 16) -> list[str]:
+    """The CTC head's greedy transcripts (best class per audio token, repeats merged, blanks dropped): what the
+    projector alone carries, without the LLM, for one encoder pass. The curve draws it beside the LLM's answers,
+    which say little while the pre-alignment has not yet trained anything the LLM reads."""
+    texts = []
+    for start in range(0, len(audio), batch_size):
+        batch = processor.extract_audio(audio[start : start + batch_size])
+        ids = model.ctc_head.greedy_token_ids(*model.ctc_head.logits(model, dict(batch)))
+        texts += [text.strip() for text in processor.tokenizer.batch_decode(ids)]
+    return texts
+
+
 def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None, num_beams: int = 1,
                   reference: bool = True, sets: tuple[str, ...] = TEST_SETS, on_result=None,
                   **generate_kwargs) -> dict[str, dict]:

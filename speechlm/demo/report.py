@@ -54,19 +54,24 @@ def keep_result(output: Path, name: str, metrics: dict) -> None:
     write_jsonl(metrics["rows"], output / f"{name}.hypotheses.jsonl")
 
 
-# The held-out WER curves training records (`history` keys) and their names.
+# The held-out WER curves training records (`history` keys) and their names; the same keys behind HEAD_CURVE are the
+# CTC head's own greedy reading of the same clips.
 CURVES = {"wer": "synthetic", "wer_fortunes": "fortunes (open-domain text)",
           "wer_asterisk": "Asterisk (real phone prompts)", "wer_uqm": "UQM (real, unseen speakers)"}
+HEAD_CURVE = "head_"
+CURVE_TITLES = {"": "Held-out WER during training (the first clips of each set, greedy, the LLM alone):",
+                HEAD_CURVE: "The same clips read by the CTC head alone (greedy, no LLM: what the projector carries, "
+                            "the pre-alignment's progress while the LLM's answers say little yet):"}
 
 
-def curve_table(history: dict) -> list[str]:
+def curve_table(history: dict, prefix: str = "") -> list[str]:
     """The held-out WER curve as markdown lines (one row per evaluation: minutes, step, each set's WER); none
-    without one."""
-    curves = {curve: {step: (minutes, wer) for minutes, step, wer in history[curve]}
-              for curve in CURVES if history.get(curve)}  # fmt: skip
+    without one. `prefix` HEAD_CURVE tables the CTC head's curve instead of the LLM's."""
+    curves = {curve: {step: (minutes, wer) for minutes, step, wer in history[prefix + curve]}
+              for curve in CURVES if history.get(prefix + curve)}  # fmt: skip
     if not curves:
         return []
-    lines = ["Held-out WER during training (the first clips of each set, greedy, the LLM alone):", "",
+    lines = [CURVE_TITLES[prefix], "",
              "| minutes | step | " + " | ".join(CURVES[curve] for curve in curves) + " |",
              "|---|---|" + "---|" * len(curves)]
     for step in sorted({step for points in curves.values() for step in points}):
@@ -112,13 +117,14 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
     loss_axis.set(xlabel="training minutes", ylabel="loss", title="training loss")
     if history.get("ctc_loss"):
         loss_axis.legend()
-    for curve, label in CURVES.items():
-        if history.get(curve):
-            minutes, _, wers = zip(*history[curve])
-            wer_axis.plot(minutes, [100 * w for w in wers], marker="o", label=label)
+    for color, (curve, label) in enumerate(CURVES.items()):
+        for prefix, style, name in (("", "-", label), (HEAD_CURVE, "--", f"{label}, CTC head")):
+            if history.get(prefix + curve):
+                minutes, _, wers = zip(*history[prefix + curve])
+                wer_axis.plot(minutes, [100 * w for w in wers], style, marker="o", color=f"C{color}", label=name)
     wer_axis.set(xlabel="training minutes", ylabel="WER %", title="held-out WER during training")
-    if sum(bool(history.get(curve)) for curve in CURVES) > 1:
-        wer_axis.legend()
+    if len(wer_axis.get_lines()) > 1:
+        wer_axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(output / "curves.png", dpi=100)
     plt.close(figure)
@@ -183,7 +189,7 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
                                    for k in ("best_beam", "free", "cascade"))
             lines.append(f"| {task} | {metrics['n_utterances']} | {task_summary(metrics)} | {best} | {free} | "
                          f"{cascade} | {metrics['seconds']:.0f} |")
-    lines += ["", "![loss and WER](curves.png)", "", *curve_table(history)]
+    lines += ["", "![loss and WER](curves.png)", "", *curve_table(history), *curve_table(history, HEAD_CURVE)]
     for name, metrics in results.items():
         lines += [f"## {name}: reference vs hypothesis", "", "| reference | hypothesis | WER |", "|---|---|---|"]
         for row in metrics["rows"][:8]:

@@ -18,7 +18,8 @@ import torch
 from ..data import EncoderCache, SpeechLMCollator, SpeechLMDataset
 from ..hardware import DtypeChoice
 from ..processing import SpeechLMProcessor
-from .evaluate import MAX_NEW_TOKENS, transcribe_capped
+from .evaluate import MAX_NEW_TOKENS, ctc_head_transcripts, transcribe_capped
+from .report import HEAD_CURVE
 from .settings import PRESETS, DemoSettings
 from .understanding import parse_tasks, text_only_examples, training_examples
 
@@ -299,11 +300,17 @@ def train_within_budget(model, processor, dataset, settings: DemoSettings, curve
                 with float32_frozen_weights(model):
                     hyps = transcribe_capped(model, processor, audio, MAX_NEW_TOKENS.get(f"test_{name}", 48),
                                              batch_size=24)
+                    head = ctc_head_transcripts(model, processor, audio) if model.ctc_head is not None else None
                 wer = word_error_rate(texts, hyps)["wer"]
                 curve = "wer" if name == "synthetic" else f"wer_{name}"
                 history.setdefault(curve, []).append((elapsed / 60, step, wer))
-                self.bar.write(f"[demo] {elapsed / 60:.1f} min, step {step}: WER on {len(audio)} held-out {name} "
-                               f"clips {wer:.1%}")
+                line = f"[demo] {elapsed / 60:.1f} min, step {step}: WER on {len(audio)} held-out {name} clips "
+                line += f"{wer:.1%}"
+                if head is not None:
+                    head_wer = word_error_rate(texts, head)["wer"]
+                    history.setdefault(HEAD_CURVE + curve, []).append((elapsed / 60, step, head_wer))
+                    line += f" (the CTC head alone {head_wer:.1%})"
+                self.bar.write(line)
             model.train()
 
         def on_train_end(self, args, state, control, **kwargs):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_the_demo_caps_new_tokens_by_clip_length_at_its_rate(monkeypatch):
     # The cap itself is the library's (tests/inference/test_decoding.py); the demo must ask for it, at its rate.
@@ -205,3 +207,17 @@ def test_transcript_first_answers_to_questions_decode_their_transcript_jointly(b
     model.config.ctc_head["joint_weight"] = 0.5
     expected = {"joint_ctc_weight": 0.5, "joint_ctc_span": json_string_span(processor.tokenizer)}
     assert joint_decoding(model, processor, "qa_transcript") == expected
+
+
+@pytest.mark.parametrize("encoder", ["wav2vec2-layer", "whisper"])
+def test_the_ctc_heads_transcripts_of_a_batch_equal_those_of_each_clip_alone(build, encoder):
+    """A padded batch-mate must not change what the head reads: its padded audio tokens are past each clip's length."""
+    from speechlm.demo.evaluate import ctc_head_transcripts
+    from tests.conftest import make_clips
+
+    processor, model = build(encoder, "llama")
+    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    clips = make_clips()
+    batched = ctc_head_transcripts(model, processor, clips, batch_size=3)
+    alone = [ctc_head_transcripts(model, processor, [clip])[0] for clip in clips]
+    assert batched == alone and all(batched), batched

@@ -64,6 +64,14 @@ def test_report_tables_the_held_out_curve_of_every_set_by_minutes_and_step(tmp_p
     assert "| 1.0 | 20 | 50.0% | 75.0% | - |" in text and "| 2.0 | 40 | 25.0% | 40.0% | 90.0% |" in text
 
 
+def test_report_tables_the_ctc_heads_curve_under_the_llms(tmp_path):
+    history = {"loss": [], "steps": 40, "minutes": 2.0, "wer": [(1.0, 20, 1.2), (2.0, 40, 0.25)],
+               "head_wer": [(1.0, 20, 0.6), (2.0, 40, 0.3)]}
+    text = write_report(tmp_path, DemoSettings(), history, {}).read_text()
+    llm, head = text.index("greedy, the LLM alone"), text.index("read by the CTC head alone")
+    assert llm < head and "| 1.0 | 20 | 120.0% |" in text[llm:head] and "| 1.0 | 20 | 60.0% |" in text[head:]
+
+
 def test_report_has_no_curve_table_without_a_curve(tmp_path):
     text = write_report(tmp_path, DemoSettings(), {"loss": [], "steps": 1, "minutes": 0.1}, {}).read_text()
     assert "| minutes | step |" not in text

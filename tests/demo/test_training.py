@@ -280,6 +280,30 @@ def test_callbacks_given_to_the_training_see_every_step(build, tmp_path):
     assert steps == [1, 2, 3]
 
 
+def train_drawing_the_curve_every_step(build, tmp_path, **settings) -> dict:
+    """Three steps of the demo's training on two tiny clips, the held-out curve drawn after each; its history."""
+    from speechlm.demo.training import cached_training_set, train_within_budget
+    from tests.conftest import make_clips
+
+    processor, model = build("whisper", "llama")
+    model.freeze_encoder()
+    records = [record("one two", "synthetic", 1), record("three four", "synthetic", 2)]
+    dataset = cached_training_set(model, processor, records, training_records(records), tmp_path / "frames.safetensors")
+    curve_sets = {"synthetic": (make_clips(), ["one two", "three", "four five six"])}
+    settings = DemoSettings(batch_size=2, max_steps=3, lora_rank=0, eval_every_minutes=1e-9, **settings)
+    return train_within_budget(model, processor, dataset, settings, curve_sets, tmp_path)
+
+
+def test_the_curve_reads_the_same_clips_with_the_ctc_head_alone_at_each_point(build, tmp_path):
+    history = train_drawing_the_curve_every_step(build, tmp_path, ctc_fraction=1e-9)
+    assert [step for _, step, _ in history["head_wer"]] == [step for _, step, _ in history["wer"]] == [1, 2]
+
+
+def test_a_model_without_a_ctc_head_draws_the_llms_curve_alone(build, tmp_path):
+    history = train_drawing_the_curve_every_step(build, tmp_path, ctc_fraction=0.0, ctc_weight=0.0)
+    assert len(history["wer"]) == 2 and "head_wer" not in history
+
+
 def test_with_phase_schedules_the_llm_phase_warms_up_afresh_where_the_pre_alignment_ends(build, tmp_path):
     """The demo moves the schedule's window when its time-bounded pre-alignment ends (here after the first step): the
     LLM phase's learning rate starts its warmup again instead of going on from the pre-alignment's."""
