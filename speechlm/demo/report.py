@@ -118,15 +118,18 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
     if history.get("ctc_loss"):
         loss_axis.legend()
     for color, (curve, label) in enumerate(CURVES.items()):
-        for prefix, style, name in (("", "-", label), (HEAD_CURVE, "--", f"{label}, CTC head")):
+        for prefix, style in (("", "-"), (HEAD_CURVE, "--")):
             if history.get(prefix + curve):
                 minutes, _, wers = zip(*history[prefix + curve])
-                wer_axis.plot(minutes, [100 * w for w in wers], style, marker="o", color=f"C{color}", label=name)
+                wer_axis.plot(minutes, [100 * w for w in wers], style, marker="o", color=f"C{color}",
+                              label=None if prefix else label)
+    if any(history.get(HEAD_CURVE + curve) for curve in CURVES):
+        wer_axis.plot([], [], "k--", label="dashed: the CTC head alone")
     wer_axis.set(xlabel="training minutes", ylabel="WER %", title="held-out WER during training")
-    if len(wer_axis.get_lines()) > 1:
-        wer_axis.legend(fontsize="small")
+    if len(wer_axis.get_lines()) > 1:  # beside the plot: eight lines leave no free corner inside it
+        wer_axis.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
-    figure.savefig(output / "curves.png", dpi=100)
+    figure.savefig(output / "curves.png", dpi=100, bbox_inches="tight")
     plt.close(figure)
 
     dtype_reason = history.get("dtype_reason", history.get("dtype", "?"))
