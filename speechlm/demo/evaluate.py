@@ -56,10 +56,12 @@ def ctc_head_transcripts(model, processor, audio: list, batch_size: int = 16) ->
 
 
 def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | None, num_beams: int = 1,
-                  reference: bool = True, sets: tuple[str, ...] = TEST_SETS, on_result=None,
+                  reference: bool = True, sets: tuple[str, ...] = TEST_SETS, on_result=None, ctc_head: bool = False,
                   **generate_kwargs) -> dict[str, dict]:
     """WER/CER and hypotheses on every held-out set, through the same path users take (audio in, text out), with
-    Whisper tiny.en alone on the same clips beside it (`reference`), both through the corpus's normaliser.
+    Whisper tiny.en alone on the same clips beside it (`reference`), both through the corpus's normaliser. With
+    `ctc_head` (and a model that has one) the head's own greedy reading is scored too (`metrics["ctc_head"]`): how
+    much of the answer the projector carries and how much the LLM adds.
     `generate_kwargs` (e.g. `repetition_penalty`) override the model's saved decoding settings; `on_result(name,
     metrics)` gets each set as it ends (the demo keeps it at once: a stopped evaluation keeps what it measured)."""
     from ..audio import load_audio
@@ -83,6 +85,9 @@ def evaluate_sets(model, processor, manifests: dict[str, Path], limit: int | Non
         metrics = word_error_rate(refs, spelled)
         metrics["seconds"] = time.monotonic() - start
         metrics["rows"] = per_utterance_rows([row["id"] for row in rows], refs, hyps)
+        if ctc_head and model.ctc_head is not None:
+            head = ctc_head_transcripts(model, processor, audio)
+            metrics["ctc_head"] = word_error_rate(refs, [normalize_text(h, spell_numbers=True) for h in head])
         if reference:
             metrics["whisper"] = word_error_rate(refs, whisper_for(manifests[name], rows))
         results[name] = metrics

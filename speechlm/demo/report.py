@@ -28,9 +28,10 @@ def result_line(name: str, metrics: dict) -> str:
     """One console line for a held-out set (`WER synthetic: 9.0% (CER ..., Whisper tiny.en ...)`) or an
     understanding task (its figures, free decoding's and the cascade's beside)."""
     if "wer" in metrics:
+        head = f", the CTC head alone {100 * metrics['ctc_head']['wer']:.1f}%" if "ctc_head" in metrics else ""
         whisper = f", Whisper tiny.en {100 * metrics['whisper']['wer']:.1f}%" if "whisper" in metrics else ""
         return (f"WER {name.removeprefix('test_')}: {100 * metrics['wer']:.1f}%  (CER {100 * metrics['cer']:.1f}%, "
-                f"{metrics['insertions']} inserted words, {metrics['n_utterances']} clips{whisper})")
+                f"{metrics['insertions']} inserted words, {metrics['n_utterances']} clips{head}{whisper})")
     anchors = (("best_beam", "the best beam, quoted or not"), ("free", "free decoding"),
                ("cascade", "cascade Whisper tiny.en -> same LLM few-shot"))
     beside = [f"{what}: {task_summary(metrics[key])}" for key, what in anchors if key in metrics]
@@ -38,11 +39,12 @@ def result_line(name: str, metrics: dict) -> str:
     return f"{name.upper()} {task_summary(metrics)} ({'; '.join([clips, *beside])})"
 
 
-def held_out_row(name: str, metrics: dict) -> str:
-    """One row of the report's held-out table."""
-    whisper = f"{metrics['whisper']['wer']:.1%}" if "whisper" in metrics else "-"
+def held_out_row(name: str, metrics: dict, head: bool) -> str:
+    """One row of the report's held-out table (with the CTC head's own column where the model has a head)."""
+    whisper, head_wer = (f"{metrics[key]['wer']:.1%}" if key in metrics else "-" for key in ("whisper", "ctc_head"))
     return (f"| {name} | {metrics['n_utterances']} | {metrics['wer']:.1%} | {metrics['cer']:.1%} | "
-            f"{metrics['insertions']} | {whisper} | {metrics['seconds']:.0f} |")
+            f"{metrics['insertions']} | " + (f"{head_wer} | " if head else "")
+            + f"{whisper} | {metrics['seconds']:.0f} |")
 
 
 def keep_result(output: Path, name: str, metrics: dict) -> None:
@@ -133,6 +135,7 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
     plt.close(figure)
 
     dtype_reason = history.get("dtype_reason", history.get("dtype", "?"))
+    head = any("ctc_head" in metrics for metrics in results.values())
     lines = [
         "# SpeechLM demo report", "",
         f"Encoder `{settings.encoder}`, decoder `{settings.decoder}`, corpus `{settings.corpus}`"
@@ -162,11 +165,13 @@ def write_report(output: Path, settings: DemoSettings, history: dict, results: d
         "Whisper tiny.en alone " + ("(the same encoder with its own decoder) " if settings.encoder == BUNDLED else "")
         + "reads the same clips as the reference; both "
         "go through the corpus's normaliser (digits spelled). Insertions are words the model added: a high count "
-        "means it made text up.", "",
-        "| held-out set | clips | WER | CER | insertions | Whisper tiny.en WER | decode s |",
-        "|---|---|---|---|---|---|---|",
+        "means it made text up." + (" The CTC head alone is its greedy reading of the same clips without the LLM "
+                                    "(how much of the answer the projector carries)." if head else ""), "",
+        "| held-out set | clips | WER | CER | insertions | " + ("CTC head alone WER | " if head else "")
+        + "Whisper tiny.en WER | decode s |",
+        "|---|---|---|---|---|---|---|" + ("---|" if head else ""),
     ]
-    lines += [held_out_row(name, metrics) for name, metrics in results.items()]
+    lines += [held_out_row(name, metrics, head) for name, metrics in results.items()]
     joint = (f"; the model carries its joint CTC weight ({settings.decoding_ctc_weight:g}) with its head, so both "
              "decode jointly unless given `--joint-ctc-weight 0`") if settings.decoding_ctc_weight else ""
     beams = f" --num-beams {settings.num_beams}" if settings.num_beams > 1 else ""

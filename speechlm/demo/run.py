@@ -203,7 +203,7 @@ def run(args) -> int:
     joint = joint_options(processor.tokenizer, model.joint_ctc_weight, transcript=True)
     kept = partial(keep_result, output)
     results = evaluate_sets(model, processor, manifests, settings.eval_limit, settings.num_beams, on_result=kept,
-                            **joint)
+                            ctc_head=True, **joint)
     understanding = {}
     if len(parse_tasks(settings.tasks)) > 1 and corpus_kind(settings) != "fortunes":
         _, decoder_path, gguf_file = resolve_parts(settings)

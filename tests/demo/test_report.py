@@ -72,6 +72,16 @@ def test_report_tables_the_ctc_heads_curve_under_the_llms(tmp_path):
     assert llm < head and "| 1.0 | 20 | 120.0% |" in text[llm:head] and "| 1.0 | 20 | 60.0% |" in text[head:]
 
 
+def test_a_held_out_set_shows_the_ctc_heads_reading_beside_the_models_and_whisper(tmp_path):
+    from speechlm.demo.report import result_line
+
+    metrics = {"wer": 0.2, "cer": 0.1, "insertions": 3, "n_utterances": 4, "seconds": 5.0, "rows": [],
+               "ctc_head": {"wer": 0.25}, "whisper": {"wer": 0.05}}
+    assert result_line("test_uqm", metrics).endswith("4 clips, the CTC head alone 25.0%, Whisper tiny.en 5.0%)")
+    text = write_report(tmp_path, DemoSettings(), {"loss": [], "steps": 1, "minutes": 0.1}, {"test_uqm": metrics})
+    assert "| test_uqm | 4 | 20.0% | 10.0% | 3 | 25.0% | 5.0% | 5 |" in text.read_text()
+
+
 def test_report_has_no_curve_table_without_a_curve(tmp_path):
     text = write_report(tmp_path, DemoSettings(), {"loss": [], "steps": 1, "minutes": 0.1}, {}).read_text()
     assert "| minutes | step |" not in text
