@@ -47,30 +47,31 @@ def test_held_out_sets_decode_with_the_callers_keywords_on_the_sets_asked(monkey
     assert [call["repetition_penalty"] for call in calls] == [1.2]
 
 
-def test_held_out_sets_score_the_ctc_heads_own_reading_beside_the_models_when_asked(build, monkeypatch, tmp_path):
-    """The head's figure comes from its own transcripts: here the answers are exact while a random head's are not."""
+def score_exact_answers_asking_for_the_head(build, monkeypatch, tmp_path, with_head: bool) -> dict:
+    """One UQM clip scored with `ctc_head=True` where every answer is the reference, by a tiny model with a random
+    CTC head or none; its metrics."""
     import speechlm.inference
     from speechlm.demo.evaluate import evaluate_sets
 
     processor, model = build("whisper", "llama")
-    model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
+    if with_head:
+        model.add_ctc_head(list(range(3, 80)), processor.tokenizer.all_special_ids)
     monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
                         lambda model, processor, audio, **kwargs: ["hello there"] * len(audio))
     manifests = one_clip_per_set(tmp_path, "hello there")
-    results = evaluate_sets(model, processor, manifests, None, reference=False, sets=("test_uqm",), ctc_head=True)
-    assert results["test_uqm"]["wer"] == 0 and results["test_uqm"]["ctc_head"]["wer"] > 0
+    return evaluate_sets(model, processor, manifests, None, reference=False, sets=("test_uqm",), ctc_head=True)[
+        "test_uqm"]
+
+
+def test_held_out_sets_score_the_ctc_heads_own_reading_beside_the_models_when_asked(build, monkeypatch, tmp_path):
+    """The head's figure comes from its own transcripts: here the answers are exact while a random head's are not."""
+    metrics = score_exact_answers_asking_for_the_head(build, monkeypatch, tmp_path, with_head=True)
+    assert metrics["wer"] == 0 and metrics["ctc_head"]["wer"] > 0
 
 
 def test_a_model_without_a_ctc_head_is_scored_without_one_when_asked(build, monkeypatch, tmp_path):
-    import speechlm.inference
-    from speechlm.demo.evaluate import evaluate_sets
-
-    processor, model = build("whisper", "llama")
-    monkeypatch.setattr(speechlm.inference, "transcribe_arrays",
-                        lambda model, processor, audio, **kwargs: ["hello there"] * len(audio))
-    results = evaluate_sets(model, processor, one_clip_per_set(tmp_path, "hello there"), None, reference=False,
-                            sets=("test_uqm",), ctc_head=True)
-    assert "ctc_head" not in results["test_uqm"]
+    metrics = score_exact_answers_asking_for_the_head(build, monkeypatch, tmp_path, with_head=False)
+    assert metrics["wer"] == 0 and "ctc_head" not in metrics
 
 
 def test_each_held_out_set_is_handed_on_as_it_ends_before_the_next_is_decoded(monkeypatch, tmp_path):
