@@ -23,8 +23,9 @@ from .report import HEAD_CURVE
 from .settings import PRESETS, DemoSettings
 from .understanding import parse_tasks, text_only_examples, training_examples
 
-# The defaults were tuned on a 2-core Xeon with AMX (bfloat16 LLM): ~50 LLM steps of batch 8 per minute. Far below
-# that, a time-budgeted run trains a different, much weaker model, and the demo says so.
+# The defaults were first tuned on a 2-core Xeon with AMX (bfloat16 LLM): ~50 LLM steps of batch 8 per minute (since:
+# ~32 in float32 on a Xeon without AMX, 36-44 in bfloat16 on a Zen 4). Far below that, a time-budgeted run trains a
+# different, much weaker model, and the demo says so.
 EXPECTED_LLM_STEPS_PER_MINUTE = 50
 RATE_CHECK_STEPS = 10
 TEXT_ONLY_SENTENCES = 20_000  # fresh grammar sentences behind --text-rows (1,200 LLM steps x 8 rows: about half)
