@@ -237,7 +237,8 @@ def test_joint_ctc_decoding_needs_a_run_that_trains_the_ctc_head():
 
 def test_the_default_pre_aligns_for_the_same_share_of_its_budget_whatever_the_training_dtype():
     """Measured in float32 (session 58) and in bfloat16 (session 63): the larger share wins on both."""
-    assert parse("--dtype", "float32").ctc_fraction == parse("--dtype", "bfloat16").ctc_fraction
+    shares = {parse("--dtype", dtype).ctc_fraction for dtype in ("float32", "bfloat16", "auto")}
+    assert shares == {DemoSettings().ctc_fraction}
 
 
 def test_a_ctc_fraction_given_on_the_command_line_wins_over_the_default():
