@@ -13,13 +13,13 @@ ONE_CLIP = {"test_synthetic": {"n_utterances": 1, "wer": 0.5, "cer": 0.25, "seco
 def test_report_states_loss_and_decoding(tmp_path):
     results = ONE_CLIP
     history = {"loss": [(0.1, 10, 3.0), (1.0, 20, 1.0)], "wer": [(0.5, 15, 0.8)], "steps": 20, "minutes": 1.0}
-    settings = DemoSettings(ctc_weight=0.5, num_beams=3, joint_ctc_weight=0.6)
+    settings = DemoSettings(ctc_weight=0.5, ctc_fraction=0.25, num_beams=3, joint_ctc_weight=0.6)
     text = write_report(tmp_path, settings, history, results).read_text()
     assert "LLM loss + 0.5 x CTC alignment loss" in text and "beam width 3" in text
     assert "jointly with the CTC head (weight 0.6; the LLM and the head each propose" in text
     usage = f"speechlm transcribe FILE --model {tmp_path / 'model'} --tokens-per-second 5 --num-beams 3`"
     assert usage in text and "carries its joint CTC weight (0.6) with its head" in text
-    assert "the first 15% of the time (3.0 minutes): CTC pre-alignment" in text
+    assert "the first 25% of the time (5.0 minutes): CTC pre-alignment" in text
     assert "| test_synthetic | 1 | 50.0% | 25.0% | 0 | - | 1 |" in text
     text = write_report(tmp_path, DemoSettings(ctc_weight=0.0, ctc_fraction=0.0, num_beams=1,
                                                    real_speech_repeats=1), history, results).read_text()
