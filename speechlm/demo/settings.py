@@ -4,7 +4,6 @@ the `speechlm demo` options that set them."""
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -58,12 +57,6 @@ REAL_SPEECH_OPTIONS = {"natural_fraction": "sets the share of sentences spoken b
                        "cut_long_clips": "cuts the long UQM training clips",
                        "processed_voices": "adds the processed voices' UQM training clips",
                        "pico_all_lines": "has Pico read the UQM training lines whose clips are not trained on"}
-
-
-@functools.cache
-def automatic_cpu_dtype() -> DtypeChoice:
-    """`--dtype auto`'s choice, probed once per process: a second probe near the threshold could answer otherwise."""
-    return choose_training_dtype("cpu")
 
 
 @dataclass
@@ -260,7 +253,7 @@ class DemoSettings:
     def training_dtype(self) -> DtypeChoice:
         """The dtype of the frozen weights during training, and why (`auto` asks the hardware)."""
         if self.dtype == "auto":
-            return automatic_cpu_dtype()
+            return choose_training_dtype("cpu")
         return DtypeChoice(getattr(torch, self.dtype), f"{self.dtype}: chosen with --dtype")
 
     def fingerprint(self) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 import pytest
-import torch
 
 from speechlm.demo.settings import (
     PRESETS,
@@ -255,18 +254,3 @@ def test_phase_schedules_without_a_time_bounded_pre_alignment_are_refused(phase)
 def test_the_real_speech_preset_keeps_the_ctc_share_it_was_measured_with():
     """Sessions 9-10 measured it with 15 % of the budget in pre-alignment, the default of then."""
     assert parse("--preset", "real-speech").ctc_fraction == 0.15
-
-
-def test_the_automatic_dtype_is_probed_once_per_process(monkeypatch):
-    """A second probe near the threshold could answer otherwise: every question gets the first answer."""
-    from speechlm.demo import settings as module
-    from speechlm.hardware import DtypeChoice
-
-    answers = iter([DtypeChoice(torch.float32, "float32: first probe"), DtypeChoice(torch.bfloat16, "bf16: second")])
-    monkeypatch.setattr(module, "choose_training_dtype", lambda device: next(answers))
-    module.automatic_cpu_dtype.cache_clear()
-    try:
-        first = parse().training_dtype()
-        assert parse().training_dtype() == first
-    finally:
-        module.automatic_cpu_dtype.cache_clear()
